@@ -1,0 +1,203 @@
+"""metadata.py: spans, tags, alignment rules, losslessness, the CLI, resource errors.
+Uses the real NLTK models and tiktoken (NLTK_DATA / TIKTOKEN_CACHE_DIR, see README)."""
+import os
+import sys
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import metadata as md  # noqa: E402
+
+TRICKY = [
+    "Hello,\r\nworld.\r\nCRLF line endings\r\n",
+    "\ttabs\tinside\t\tand  runs   of    spaces\n\n\n\nand newlines",
+    'She said "yes" and \u201cno\u201d and \u2018maybe\u2019 \'ok\' -- ``odd\'\' quotes.',
+    "I can't, won't, didn't; y'all'd've O'Neill's rock 'n' roll.",
+    "See https://example.com/a?b=1&c=2#frag or mail me@x.org at 3:45pm.",
+    "Numbers: 3.14, -2, 1,000,000, $20.50, 50%, 1e-9, 2024-01-01.",
+    "Emoji \U0001F600\U0001F44D\U0001F3FD and CJK \u4e2d\u6587 and \u00e9l\u00e8ve caf\u00e9 na\u00efve \u00fc\u00df.",
+    "no final newline",
+    "   \n  leading whitespace and trailing   ",
+    "Mr. Smith went to Washington D.C. on Jan. 5. He met Dr. Jones of the U.S. Army!",
+    "\u00a0non\u00a0breaking\u2003spaces\u200b and zero width",
+    "",
+    "   ",
+]
+
+def nltk_reference(text, binary=True):
+    """Words and tags computed directly with NLTK (punkt + span tokenizer + pos_tag + ne_chunk)."""
+    import nltk
+    from nltk.tokenize import PunktTokenizer, NLTKWordTokenizer
+    from nltk.chunk import tree2conlltags
+    words, pos, ner = [], [], []
+    for s, e in PunktTokenizer('english').span_tokenize(text):
+        ws = [text[s + a:s + b] for a, b in NLTKWordTokenizer().span_tokenize(text[s:e])]
+        if not ws:
+            continue
+        tagged = nltk.pos_tag(ws)
+        words += ws
+        pos += [t for _, t in tagged]
+        ner += [iob for _, _, iob in tree2conlltags(nltk.ne_chunk(tagged, binary=binary))]
+    return words, pos, ner
+
+@pytest.mark.parametrize('tokenization', md.TOKENIZATIONS)
+@pytest.mark.parametrize('text', TRICKY)
+def test_lossless_and_lengths(text, tokenization):
+    ids, streams = md.annotate_text(text, tokenization, 'binary')
+    assert md._encoding().decode_bytes(ids.tolist()) == text.encode('utf-8')
+    assert set(streams) == {'pos', 'ner', 'word'}
+    for v in streams.values():
+        assert v.dtype == np.uint16 and len(v) == len(ids)
+    if tokenization == 'plain':
+        assert ids.tolist() == md._encoding().encode_ordinary(text)
+
+def test_tags_equal_nltk():
+    text = " ".join(TRICKY[2:7] + TRICKY[9:10]) + " Barack Obama visited New York and Paris with Angela Merkel."
+    starts, ends, pos_ids, ner_ids = md.analyze(text, 'binary', reference=True)
+    words, pos, ner = nltk_reference(text)
+    assert [text[a:b] for a, b in zip(starts, ends)] == words
+    names_pos, names_ner = md.stream_tags('pos', 'binary'), md.stream_tags('ner', 'binary')
+    assert [names_pos[i] for i in pos_ids] == pos
+    assert [names_ner[i] for i in ner_ids] == ner
+    assert 'B-NE' in ner and 'I-NE' in ner
+    # the default (fast) path gives the same tags as the reference
+    s2, e2, p2, n2 = md.analyze(text, 'binary')
+    assert (s2 == starts).all() and (p2 == pos_ids).all() and (n2 == ner_ids).all()
+
+def test_lime_tokens_carry_their_words_tags():
+    text = "The unbelievably antidisestablishmentarian Mr. O'Neill didn't visit New York."
+    ids, st = md.annotate_text(text, 'lime', 'binary')
+    starts, ends, pos_ids, ner_ids = md.analyze(text, 'binary')
+    # rebuild per-token word index from the BPE pieces: every token lies inside one chunk
+    enc = md._encoding()
+    off, w = 0, []
+    for t in ids.tolist():
+        n = len(enc.decode_single_token_bytes(t).decode('utf-8'))
+        mid = [i for i in range(len(starts)) if starts[i] < off + n and ends[i] > off]
+        assert len(mid) <= 1, 'a lime token crosses a word boundary'
+        w.append(mid[0] if mid else -1)
+        off += n
+    for i, wi in enumerate(w):
+        exp_pos = md.SPACE if wi < 0 else pos_ids[wi]
+        assert st['pos'][i] == exp_pos and st['ner'][i] == (md.SPACE if wi < 0 else ner_ids[wi])
+    # repeat rule: a multi-token word gives every piece its tag; word stream is B then I...
+    long = [i for i, wi in enumerate(w) if wi == 2]  # antidisestablishmentarian
+    assert len(long) > 2
+    assert st['word'][long[0]] == 3 and all(st['word'][i] == 4 for i in long[1:])
+    tags = md.stream_tags('ner', 'binary')
+    assert [tags[st['ner'][i]] for i, wi in enumerate(w) if text[starts[wi]:ends[wi]] in ('New', 'York')] \
+        == ['B-NE', 'I-NE']
+
+def test_whitespace_tokens_get_space():
+    for tok in ('lime', 'plain'):
+        ids, st = md.annotate_text("a\n\n\n\nb\t\t c", tok, 'binary')
+        enc = md._encoding()
+        for i, t in enumerate(ids.tolist()):
+            if enc.decode_single_token_bytes(t).decode('utf-8').isspace():
+                assert st['pos'][i] == md.SPACE and st['ner'][i] == md.SPACE and st['word'][i] == md.SPACE
+                assert md.stream_tags('pos', 'binary')[md.SPACE] == '<space>'
+
+def test_plain_alignment_largest_overlap():
+    # "didn't" is one word chunk pair did|n't; plain BPE gives "didn" + "'t"
+    text = "He didn't."
+    ids, st = md.annotate_text(text, 'plain', 'binary')
+    enc = md._encoding()
+    pieces = [enc.decode_single_token_bytes(t).decode() for t in ids.tolist()]
+    assert pieces == ['He', ' didn', "'t", '.']
+    names = md.stream_tags('pos', 'binary')
+    # ' didn' overlaps 'did' (3 chars) and "n't" (1 char): takes did's tag VBD; "'t" -> n't: RB
+    assert [names[i] for i in st['pos']] == ['PRP', 'VBD', 'RB', '.']
+    assert [st['word'][i] for i in range(4)] == [3, 3, 3, 3]  # "'t" starts the word n't
+
+def test_align_rule_ties_and_no_word():
+    starts, ends = np.array([0, 2, 10]), np.array([2, 4, 12])
+    ts, te = np.array([0, 1, 5, 9, 11]), np.array([4, 3, 8, 11, 13])
+    # (0,4): ties 2 vs 2 -> first; (1,3): 1 vs 1 -> first; (5,8): none; (9,11) -> word 2
+    assert md.align(ts, te, starts, ends).tolist() == [0, 0, -1, 2, 2]
+    assert md.align(np.array([1]), np.array([4]), starts, ends).tolist() == [1]  # 1 vs 2 -> second
+
+@pytest.mark.parametrize('text', [t for t in TRICKY if t.strip()])
+def test_annotate_ids_matches_lime(text):
+    ids, st = md.annotate_text(text, 'lime', 'binary')
+    st2 = md.annotate_ids(ids, 'binary')
+    for k in st:
+        assert (st[k] == st2[k]).all(), k
+
+def test_annotate_ids_documents_and_partial_utf8():
+    enc = md._encoding()
+    a, b = enc.encode_ordinary("First doc here."), enc.encode_ordinary("Second \U0001F600 one")
+    ids = np.array(a + [enc.eot_token] + b + [enc.eot_token], dtype=np.int64)
+    st = md.annotate_ids(ids, 'binary')
+    assert st['pos'][len(a)] == md.PAD and st['pos'][-1] == md.PAD and st['ner'][-1] == md.PAD
+    assert (st['pos'][:len(a)] == md.annotate_ids(np.array(a), 'binary')['pos']).all()
+    # a stream cut inside a multi-byte character still annotates (U+FFFD for the cut bytes)
+    cut = np.array(b[:-2])
+    text, _ = md.decode_text(cut)
+    assert '\ufffd' in text
+    st = md.annotate_ids(cut, 'binary')
+    assert len(st['pos']) == len(cut) and (st['pos'] != md.PAD).all()
+
+def test_tag_vocabularies_fixed():
+    from nltk.tag import PerceptronTagger
+    assert sorted(PerceptronTagger().classes) == md.POS_TAGS
+    pos = md.stream_tags('pos', 'typed')
+    assert pos[:3] == ['<pad>', '<space>', '<unk>'] and len(pos) == 48
+    assert md.stream_tags('ner', 'binary') == ['<pad>', '<space>', '<unk>', 'O', 'B-NE', 'I-NE']
+    assert len(md.stream_tags('ner', 'typed')) == 3 + 1 + 12
+    assert md.stream_tags('pos_causal', 'binary') == md.stream_tags('pos', 'binary')
+    with pytest.raises(md.MetadataError):
+        md.stream_tags('lemma', 'binary')
+
+def run_cli(args, stdin=None, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'metadata.py')] + args, input=stdin,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+def test_cli_text_and_ids(tmp_path):
+    text = "The old man the boat. Mr. O'Neill didn't visit New York in 2024!"
+    r = run_cli(['--ner', 'binary'], stdin=text)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert set(rows[0]) == {'id', 'text', 'pos', 'ner'}
+    assert ''.join(x['text'] for x in rows) == text
+    assert [x['ner'] for x in rows if x['text'] in (' New', ' York')] == ['B-NE', 'I-NE']
+    assert [x['pos'] for x in rows if x['text'] == ' 2024'] == ['CD']
+    # --ids on the same tokens gives the same rows; FILE argument works too
+    f = tmp_path / 'ids.txt'
+    f.write_text(' '.join(str(x['id']) for x in rows))
+    r2 = run_cli([str(f), '--ids', '--ner', 'binary'])
+    assert r2.returncode == 0, r2.stderr
+    assert [json.loads(l) for l in r2.stdout.splitlines()] == rows
+    r3 = run_cli(['--tokenization', 'plain', '--ner', 'none'], stdin=text)
+    assert r3.returncode == 0 and json.loads(r3.stdout.splitlines()[0])['ner'] is None
+
+def test_cli_errors(tmp_path):
+    bad = tmp_path / 'bad.txt'
+    bad.write_bytes(b'caf\xe9 latin-1')
+    r = run_cli([str(bad), '--ner', 'binary'])
+    assert r.returncode != 0 and 'bad.txt' in r.stderr and 'UTF-8' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli(['--ids', '--ner', 'binary'], stdin='1 2 x')
+    assert r.returncode != 0 and 'integers' in r.stderr
+    r = run_cli(['--ner', 'fancy'], stdin='x')
+    assert r.returncode != 0 and 'typed' in r.stderr and 'binary' in r.stderr
+
+def test_missing_resources_clear_error(tmp_path):
+    env = dict(os.environ, NLTK_DATA=str(tmp_path), LIME_NO_DOWNLOAD='1')
+    r = run_cli(['--ner', 'binary'], stdin='Hello.', env=env)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'punkt_tab' in lines[0] and 'nltk.downloader' in lines[0]
+
+def test_typed_chunker_missing_points_to_binary():
+    import nltk
+    try:
+        nltk.data.find('chunkers/maxent_ne_chunker_tab/english_ace_multiclass/')
+        pytest.skip('typed NE chunker is installed here')
+    except LookupError:
+        pass
+    r = run_cli(['--ner', 'typed'], stdin='Hello.', env=dict(os.environ, LIME_NO_DOWNLOAD='1'))
+    assert r.returncode == 1 and '--ner binary' in r.stderr and 'multiclass' in r.stderr
