@@ -120,15 +120,21 @@ def _word_tokenizer():
     from nltk.tokenize import NLTKWordTokenizer
     return NLTKWordTokenizer()
 
+# reference=True: plain NLTK; else the fast exact reimplementations below (same output)
+@lru_cache(maxsize=None)
+def _fast_word_spans():
+    return FastWordSpans()
+
 @lru_cache(maxsize=None)
 def _pos_tagger(reference):
     from nltk.tag import PerceptronTagger
-    return PerceptronTagger()
+    return PerceptronTagger() if reference else FastPOSTagger()
 
 @lru_cache(maxsize=None)
 def _ne_chunker(ner, reference):
     from nltk.chunk import ne_chunker
-    return ne_chunker('binary' if ner == 'binary' else 'multiclass')
+    fmt = 'binary' if ner == 'binary' else 'multiclass'
+    return ne_chunker(fmt) if reference else FastNEChunker(fmt)
 
 @lru_cache(maxsize=None)
 def _encoding():
@@ -136,13 +142,532 @@ def _encoding():
     return tiktoken.get_encoding('gpt2')
 
 # -----------------------------------------------------------------------------
+# Fast exact taggers: NLTK's averaged-perceptron POS tagger and maxent NE chunker
+# inference, and its Treebank word-span tokenizer, reimplemented with numpy and caches.
+# Both models are greedy left-to-right, so we vectorise ACROSS sentences: step i tags
+# position i of every sentence at once. Everything that does not depend on earlier
+# predictions is computed up front per token (with per-word caches); only the few
+# history features are added inside the step loop. Scores are summed in a different
+# order than NLTK, so whenever the best and second-best scores are closer than a tiny
+# epsilon we recompute that one token with NLTK's own code (exact by construction).
+# The models are NLTK's own files, loaded through NLTK. --reference uses plain NLTK.
+
+def _sentence_batches(sents, max_tokens):
+    # sentence indices sorted by length (descending, so the active sentences at
+    # step i are always a prefix), cut into batches of about max_tokens tokens
+    order = sorted(range(len(sents)), key=lambda k: -len(sents[k]))
+    batch, ntok = [], 0
+    for k in order:
+        if not sents[k]:
+            continue  # empty sentence -> empty output, nothing to do
+        batch.append(k)
+        ntok += len(sents[k])
+        if ntok >= max_tokens:
+            yield batch
+            batch, ntok = [], 0
+    if batch:
+        yield batch
+
+
+def _grow(arr, n):
+    # amortised-doubling growth of a per-word cache table (rows = word ids)
+    if n <= arr.shape[0]:
+        return arr
+    new = np.zeros((max(n, 2 * arr.shape[0]),) + arr.shape[1:], dtype=arr.dtype)
+    new[: arr.shape[0]] = arr
+    return new
+
+
+class FastPOSTagger:
+    """Exact, vectorised equivalent of nltk.tag.PerceptronTagger().tag()."""
+
+    # per-word cache columns (row ids into self.W; 0 is the all-zero row)
+    TD, ISUF, IPREF, IWORD, M1WORD, M1SUF, M2WORD, P1WORD, P1SUF, P2WORD, TWID = range(11)
+
+    def __init__(self, max_batch_tokens=32768, eps=1e-6, max_cache=2_000_000):
+        self.max_cache = max_cache  # per-word cache entries before a reset (bounds memory)
+        from nltk.tag import PerceptronTagger
+        self.tagger = tagger = PerceptronTagger()
+        model = tagger.model
+        self.max_batch_tokens = max_batch_tokens
+        # weights are rounded to 3 decimals, so distinct scores differ by ~1e-3;
+        # a gap below eps means an exact tie (or float-order sensitive) -> NLTK
+        self.eps = eps
+        self.classes = sorted(model.classes)
+        C = len(self.classes)
+        # tag vocabulary for prev/prev2: classes first (so argmax index == tag
+        # index), then the START markers and any tagdict-only tags
+        self.tags = list(self.classes)
+        for t in list(tagger.START) + sorted(set(tagger.tagdict.values())):
+            if t not in self.tags:
+                self.tags.append(t)
+        self.tag_idx = {t: i for i, t in enumerate(self.tags)}
+        NT = self.NT = len(self.tags)
+        cidx = {c: i for i, c in enumerate(self.classes)}
+        # dense weight matrix: feature string -> row
+        self.feat_row = {}
+        W = np.zeros((len(model.weights) + 1, C), dtype=np.float64)
+        for f, wd in model.weights.items():
+            r = len(self.feat_row) + 1
+            self.feat_row[f] = r
+            for lab, w in wd.items():
+                if lab in cidx:  # NLTK only takes the max over self.classes
+                    W[r, cidx[lab]] = w
+        self.W = W
+        fr = self.feat_row.get
+        self.bias = W[fr("bias", 0)]
+        # (prev, prev2) -> sum of 'i-1 tag', 'i-2 tag', 'i tag+i-2 tag' rows
+        T = np.zeros((NT, NT, C))
+        for a, ta in enumerate(self.tags):
+            for b, tb in enumerate(self.tags):
+                T[a, b] = W[fr("i-1 tag " + ta, 0)] + W[fr("i-2 tag " + tb, 0)] + W[fr("i tag+i-2 tag " + ta + " " + tb, 0)]
+        self.T = T
+        # 'i-1 tag+i word' features: key = word_id * NT + prev_tag -> row
+        self.tw_word = {}
+        keys, rows = [], []
+        pre = "i-1 tag+i word "
+        for f, r in self.feat_row.items():
+            if f.startswith(pre):
+                t, w = f[len(pre):].split(" ", 1)  # tags contain no spaces
+                if t in self.tag_idx:
+                    wid = self.tw_word.setdefault(w, len(self.tw_word))
+                    keys.append(wid * NT + self.tag_idx[t])
+                    rows.append(r)
+        o = np.argsort(keys)
+        self.tw_keys = np.asarray(keys, dtype=np.int64)[o]
+        self.tw_rows = np.asarray(rows, dtype=np.int64)[o]
+        # per-word cache; ids 0..3 are the context pseudo-words, which are NOT
+        # normalised (a real token '-START-' normalises to '-start-')
+        self._reset_cache()
+        self.fallbacks = 0  # number of tokens recomputed with NLTK (near-ties)
+
+    def _reset_cache(self):
+        self.word_id = {}
+        self.roles = np.zeros((1024, 11), dtype=np.int64)
+        self.n_words = 0
+        for s in list(self.tagger.START) + list(self.tagger.END):
+            self._add(s, pseudo=True)  # number of tokens recomputed with NLTK (ties)
+
+    def _add(self, w, pseudo=False):
+        tg, fr = self.tagger, self.feat_row.get
+        n = w if pseudo else tg.normalize(w)
+        td = tg.tagdict.get(w)
+        row = [
+            self.tag_idx[td] if (td and not pseudo) else -1,
+            fr("i suffix " + w[-3:], 0),
+            fr("i pref1 " + (w[0] if w else ""), 0),
+            fr("i word " + n, 0),
+            fr("i-1 word " + n, 0),
+            fr("i-1 suffix " + n[-3:], 0),
+            fr("i-2 word " + n, 0),
+            fr("i+1 word " + n, 0),
+            fr("i+1 suffix " + n[-3:], 0),
+            fr("i+2 word " + n, 0),
+            self.tw_word.get(n, -1),
+        ]
+        i = self.n_words
+        self.roles = _grow(self.roles, i + 1)
+        self.roles[i] = row
+        self.n_words += 1
+        if not pseudo:
+            self.word_id[w] = i
+        return i
+
+    def tag_sents(self, sents):
+        """sents: list of list of word strings -> list of list of tag strings."""
+        out = [[] for _ in sents]
+        for batch in _sentence_batches(sents, self.max_batch_tokens):
+            for k, tags in zip(batch, self._tag_batch([sents[k] for k in batch])):
+                out[k] = tags
+        return out
+
+    def _tag_batch(self, sents):
+        W, T, C, NT = self.W, self.T, len(self.classes), self.NT
+        if self.n_words > self.max_cache:
+            self._reset_cache()
+        get = self.word_id.get
+        # flat layout per sentence: -START- -START2- w0 .. wn-1 -END- -END2-
+        flat, starts = [], []
+        for s in sents:
+            ids = [get(w) for w in s]
+            if None in ids:
+                ids = [i if i is not None else (get(w) if w in self.word_id else self._add(w)) for i, w in zip(ids, s)]
+            starts.append(len(flat) + 2)
+            flat += [0, 1]
+            flat += ids
+            flat += [2, 3]
+        flat = np.asarray(flat, dtype=np.int64)
+        starts = np.asarray(starts, dtype=np.int64)
+        lens = np.asarray([len(s) for s in sents], dtype=np.int64)
+        R = self.roles[flat]
+        N = len(flat)
+        real = np.zeros(N, dtype=bool)
+        tags = np.full(N, -1, dtype=np.int64)
+        # history for i=0: prev='-START-', prev2='-START2-' (sic, NLTK order)
+        tags[starts - 1] = self.tag_idx[self.tagger.START[0]]
+        tags[starts - 2] = self.tag_idx[self.tagger.START[1]]
+        for st, n in zip(starts.tolist(), lens.tolist()):
+            real[st : st + n] = True
+        td = R[:, self.TD]
+        is_td = real & (td >= 0)
+        tags[is_td] = td[is_td]  # tagdict shortcut: fixed tag, no prediction
+        p = np.nonzero(real & (td < 0))[0]
+        # all prediction-independent features, summed once per token
+        S = self.bias + W[R[p, self.ISUF]]
+        S += W[R[p, self.IPREF]]
+        S += W[R[p, self.IWORD]]
+        S += W[R[p - 1, self.M1WORD]]
+        S += W[R[p - 1, self.M1SUF]]
+        S += W[R[p - 2, self.M2WORD]]
+        S += W[R[p + 1, self.P1WORD]]
+        S += W[R[p + 1, self.P1SUF]]
+        S += W[R[p + 2, self.P2WORD]]
+        srow = np.full(N, -1, dtype=np.int64)
+        srow[p] = np.arange(len(p))
+        twid = R[:, self.TWID]
+        tw_keys, tw_rows = self.tw_keys, self.tw_rows
+        nk = len(tw_keys)
+        for i in range(int(lens[0])):
+            k = int(np.count_nonzero(lens > i))  # lens sorted descending
+            pos = starts[:k] + i
+            pos = pos[srow[pos] >= 0]
+            if len(pos) == 0:
+                continue
+            prev, prev2 = tags[pos - 1], tags[pos - 2]
+            sc = S[srow[pos]] + T[prev, prev2]
+            tw = twid[pos]
+            m = np.nonzero(tw >= 0)[0]
+            if len(m) and nk:
+                key = tw[m] * NT + prev[m]
+                loc = np.minimum(np.searchsorted(tw_keys, key), nk - 1)
+                hit = tw_keys[loc] == key
+                sc[m[hit]] += W[tw_rows[loc[hit]]]
+            best = sc.argmax(axis=1)
+            part = np.partition(sc, C - 2, axis=1)
+            amb = np.nonzero(part[:, C - 1] - part[:, C - 2] < self.eps)[0]
+            tags[pos] = best
+            for a in amb.tolist():
+                tags[pos[a]] = self._exact(sents, starts, tags, int(pos[a]))
+        tags_s = self.tags
+        return [[tags_s[t] for t in tags[st : st + n].tolist()] for st, n in zip(starts.tolist(), lens.tolist())]
+
+    def _exact(self, sents, starts, tags, p):
+        # recompute one token exactly as NLTK does (near-tie in our scores)
+        self.fallbacks += 1
+        tg = self.tagger
+        k = int(np.searchsorted(starts, p, side="right")) - 1
+        i = p - int(starts[k])
+        words = sents[k]
+        context = tg.START + [tg.normalize(w) for w in words] + tg.END
+        prev, prev2 = self.tags[tags[p - 1]], self.tags[tags[p - 2]]
+        feats = tg._get_features(i, words[i], context, prev, prev2)
+        return self.tag_idx[tg.model.predict(feats)[0]]
+
+
+class FastNEChunker:
+    """Exact, vectorised equivalent of
+    [iob for (w, p, iob) in tree2conlltags(nltk.chunk.ne_chunker(fmt).parse(sent))]."""
+
+    def __init__(self, fmt="binary", max_batch_tokens=32768, eps=1e-9, max_cache=2_000_000):
+        self.max_cache = max_cache  # per-(word, pos) cache entries before a reset
+        # load exactly what NLTK loads for ne_chunker(fmt)
+        import nltk
+        from nltk.chunk.named_entity import shape, simplify_pos
+        self._shape, self._simplify_pos = shape, simplify_pos
+        self.chunker = nltk.chunk.ne_chunker(fmt)
+        self.nt = nt = self.chunker._tagger  # NEChunkParserTagger
+        clf = nt._classifier
+        enc = clf._encoding
+        self.max_batch_tokens = max_batch_tokens
+        self.eps = eps
+        # our scoring mirrors BinaryMaxentFeatureEncoding + log-linear maxent
+        assert isinstance(enc, nltk.classify.maxent.BinaryMaxentFeatureEncoding)
+        assert clf._logarithmic and not enc._unseen and nt._cutoff_prob is None
+        self.labels = list(enc.labels())
+        for lab in self.labels:
+            assert lab == "O" or lab[:2] in ("B-", "I-"), lab
+        L = len(self.labels)
+        lidx = {lab: j for j, lab in enumerate(self.labels)}
+        wts = clf._weights
+        # (fname, fval) -> row of per-label weights; a python dict keyed like
+        # NLTK's mapping, so value equality (True == 1, None, ints) is the same
+        self.feat_row = {}
+        rows = [np.zeros(L)]
+        for (fname, fval, lab), fid in enc._mapping.items():
+            r = self.feat_row.get((fname, fval))
+            if r is None:
+                r = self.feat_row[(fname, fval)] = len(rows)
+                rows.append(np.zeros(L))
+            rows[r][lidx[lab]] = wts[fid]
+        self.W = np.array(rows)
+        self.aon = np.zeros(L)
+        if enc._alwayson:
+            for lab, fid in enc._alwayson.items():
+                self.aon[lidx[lab]] = wts[fid]
+        self.wl = nt._english_wordlist()
+        # values the 'prevtag' feature can take: None (index 0), a label's
+        # first character (index 1: NLTK uses history[index - 1][0]) or the
+        # full label (index >= 2)
+        self.vals = [None] + self.labels + sorted({lab[0] for lab in self.labels})
+        V = len(self.vals)
+        vidx = {v: j for j, v in enumerate(self.vals)}
+        self.v_full = np.array([vidx[lab] for lab in self.labels])
+        self.v_char = np.array([vidx[lab[0]] for lab in self.labels])
+        fr = self.feat_row.get
+        self.r_prevtag = np.array([fr(("prevtag", v), 0) for v in self.vals])
+        self.r_shpt_none = np.array([fr(("shape+prevtag", f"{None}+{v}"), 0) for v in self.vals])
+        self.r_none = {k: fr((k, None), 0) for k in ("prevpos", "prevword", "nextpos", "nextword")}
+        self._reset_cache()
+        self.fallbacks = 0
+
+    def _reset_cache(self):
+        # per-(word, pos) caches
+        L, V = len(self.labels), len(self.vals)
+        self.tok_id = {}
+        self.selfvec = np.zeros((1024, L))
+        self.cols = np.zeros((1024, 4), dtype=np.int64)  # prevpos, prevword, nextpos, nextword rows
+        self.ppt = np.zeros((1024, V), dtype=np.int64)  # 'pos+prevtag' rows
+        self.shpt = np.zeros((1024, V), dtype=np.int64)  # 'shape+prevtag' rows (as previous token)
+        self.lower = []  # word.lower(), pos.lower()
+
+    def _add(self, tok):
+        word, pos = tok
+        fr = self.feat_row.get
+        W = self.W
+        sp = self._simplify_pos(pos)
+        lw = word.lower()
+        i = len(self.lower)
+        self.selfvec = _grow(self.selfvec, i + 1)
+        self.cols = _grow(self.cols, i + 1)
+        self.ppt = _grow(self.ppt, i + 1)
+        self.shpt = _grow(self.shpt, i + 1)
+        v = self.aon.copy()
+        for key in (
+            ("bias", True),
+            ("shape", self._shape(word)),
+            ("wordlen", len(word)),
+            ("prefix3", word[:3].lower()),
+            ("suffix3", word[-3:].lower()),
+            ("pos", sp),
+            ("word", word),
+            ("en-wordlist", word in self.wl),
+        ):
+            v += W[fr(key, 0)]
+        self.selfvec[i] = v
+        self.cols[i] = [fr(("prevpos", sp), 0), fr(("prevword", lw), 0), fr(("nextpos", pos.lower()), 0), fr(("nextword", lw), 0)]
+        self.ppt[i] = [fr(("pos+prevtag", f"{sp}+{t}"), 0) for t in self.vals]
+        psh = self._shape(lw)  # prevshape is the shape of the LOWERCASED previous word
+        self.shpt[i] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
+        self.lower.append((lw, pos.lower()))
+        self.tok_id[tok] = i
+        return i
+
+    def iob_sents(self, tagged_sents):
+        """tagged_sents: list of list of (word, pos) -> list of list of IOB tags."""
+        out = [[] for _ in tagged_sents]
+        for batch in _sentence_batches(tagged_sents, self.max_batch_tokens):
+            for k, labs in zip(batch, self._tag_batch([tagged_sents[k] for k in batch])):
+                # tree2conlltags(_tagged_to_parse(...)): an I-X that does not
+                # continue an X chunk opens a new chunk, i.e. becomes B-X
+                prev = None
+                iob = []
+                for lab in labs:
+                    if lab[:2] == "I-" and (prev is None or prev[2:] != lab[2:] or prev == "O"):
+                        iob.append("B-" + lab[2:])
+                    else:
+                        iob.append(lab)
+                    prev = lab
+                out[k] = iob
+        return out
+
+    def _tag_batch(self, sents):
+        W, L = self.W, len(self.labels)
+        if len(self.lower) > self.max_cache:
+            self._reset_cache()
+        get = self.tok_id.get
+        ids, starts = [], []
+        for s in sents:
+            x = [get(t) for t in s]
+            if None in x:
+                x = [i if i is not None else (get(t) if t in self.tok_id else self._add(t)) for i, t in zip(x, s)]
+            starts.append(len(ids))
+            ids += x
+        ids = np.asarray(ids, dtype=np.int64)
+        starts = np.asarray(starts, dtype=np.int64)
+        lens = np.asarray([len(s) for s in sents], dtype=np.int64)
+        N = len(ids)
+        first = np.zeros(N, dtype=bool)
+        first[starts] = True
+        last = np.zeros(N, dtype=bool)
+        last[starts + lens - 1] = True
+        cols = self.cols[ids]
+        # prediction-independent features: own (word, pos) features, neighbours
+        S = self.selfvec[ids].copy()
+        r = np.where(first, self.r_none["prevpos"], np.roll(cols[:, 0], 1))
+        S += W[r]
+        r = np.where(first, self.r_none["prevword"], np.roll(cols[:, 1], 1))
+        S += W[r]
+        r = np.where(last, self.r_none["nextpos"], np.roll(cols[:, 2], -1))
+        S += W[r]
+        r = np.where(last, self.r_none["nextword"], np.roll(cols[:, 3], -1))
+        S += W[r]
+        # 'word+nextpos' is a string pair feature: one dict lookup per token
+        fr = self.feat_row.get
+        low = self.lower
+        idl = ids.tolist()
+        lastl = last.tolist()
+        wnp = [
+            fr(("word+nextpos", f"{low[a][0]}+{None if e else low[b][1]}"), 0)
+            for a, b, e in zip(idl, idl[1:] + [0], lastl)
+        ]
+        S += W[np.asarray(wnp, dtype=np.int64)]
+        ppt = self.ppt[ids]
+        shpt_prev = np.roll(self.shpt[ids], 1, axis=0)
+        labs = np.full(N, -1, dtype=np.int64)
+        for i in range(int(lens[0])):
+            k = int(np.count_nonzero(lens > i))
+            pos = starts[:k] + i
+            if i == 0:
+                v = np.zeros(k, dtype=np.int64)
+                shr = self.r_shpt_none[v]
+            elif i == 1:
+                v = self.v_char[labs[pos - 1]]
+                shr = self.r_shpt_none[v]
+            else:
+                v = self.v_full[labs[pos - 1]]
+                shr = shpt_prev[pos, v]
+            sc = S[pos] + W[self.r_prevtag[v]]
+            sc += W[ppt[pos, v]]
+            sc += W[shr]
+            best = sc.argmax(axis=1)
+            labs[pos] = best
+            if L > 1:
+                part = np.partition(sc, L - 2, axis=1)
+                amb = np.nonzero(part[:, L - 1] - part[:, L - 2] < self.eps)[0]
+                for a in amb.tolist():
+                    labs[pos[a]] = self._exact(sents, starts, labs, int(pos[a]))
+        labels = self.labels
+        return [[labels[t] for t in labs[st : st + n].tolist()] for st, n in zip(starts.tolist(), lens.tolist())]
+
+    def _exact(self, sents, starts, labs, p):
+        # recompute one token exactly as NLTK does (near-tie in our scores)
+        self.fallbacks += 1
+        k = int(np.searchsorted(starts, p, side="right")) - 1
+        i = p - int(starts[k])
+        history = [self.labels[t] for t in labs[int(starts[k]) : p].tolist()]
+        tag = self.nt.choose_tag(list(sents[k]), i, history)
+        return self.labels.index(tag)
+
+
+class FastWordSpans:
+    """Exact, cached equivalent of list(NLTKWordTokenizer().span_tokenize(sentence)).
+
+    NLTK runs ~25 regex passes over the whole sentence. Almost all of them are
+    local to a whitespace-separated piece, given the whitespace character right
+    before and after it; the exceptions are anchored at the sentence start
+    (^") or end (final period + closing quotes/brackets, trailing ':' ','). So:
+    - every piece is tokenised ONCE as "x" + before + piece + after + "x" by
+      NLTK itself, and the result cached under (before, piece, after);
+    - the first piece (when it starts the text) uses its true start context;
+    - the tail (last piece containing a non-closer character, to the end) is
+      tokenised by NLTK with its true end context (also cached).
+    Any surprise (token not inside its piece) falls back to NLTK on the whole
+    sentence. Verified identical on all of Gutenberg and Brown (verify.py)."""
+
+    CLOSERS = set("])}>\"'»”’")
+
+    def __init__(self, max_cache=2_000_000):
+        import re
+        from nltk.tokenize import NLTKWordTokenizer
+        self.wt = NLTKWordTokenizer()
+        # NLTK >= 3.10 runs every regex through the `regex` engine with a timeout guard
+        # (nltk.redos), about 2x slower than the stdlib; recompile the same patterns with re
+        # (the corpus tests check the spans stay identical to NLTK's)
+        import re
+        flags = re.I | re.M | re.S | re.X | re.A
+        plain = lambda p: re.compile(getattr(p, '_rx', p).pattern, getattr(p, '_rx', p).flags & flags)
+        for name in ('STARTING_QUOTES', 'PUNCTUATION', 'ENDING_QUOTES', 'CONVERT_PARENTHESES'):
+            setattr(self.wt, name, [(plain(p), r) for p, r in getattr(self.wt, name)])
+        for name in ('PARENS_BRACKETS', 'DOUBLE_DASHES'):
+            p, r = getattr(self.wt, name)
+            setattr(self.wt, name, (plain(p), r))
+        for name in ('CONTRACTIONS2', 'CONTRACTIONS3'):
+            setattr(self.wt, name, [plain(p) for p in getattr(self.wt, name)])
+        self.ws = re.compile(r"\S+")
+        self.cache = {}
+        self.max_cache = max_cache
+        self.fallbacks = 0
+
+    def _piece(self, key):
+        # key = (before char or '' at text start, piece text, after char or '$' at text end / tail)
+        b, piece, a = key
+        if a == "$" and b == "":  # the whole text is one tail: plain NLTK
+            syn, off = piece, 0
+            spans = list(self.wt.span_tokenize(syn))
+            ok = True
+        elif a == "$":  # tail: true end of text
+            syn, off = "x" + b + piece, 1 + len(b)
+            spans = list(self.wt.span_tokenize(syn))
+            ok = spans[:1] == [(0, 1)]
+            spans = spans[1:]
+        elif b == "":  # first piece at text start: true start context
+            syn, off = piece + a + "x", 0
+            spans = list(self.wt.span_tokenize(syn))
+            ok = spans[-1:] == [(len(syn) - 1, len(syn))]
+            spans = spans[:-1]
+        else:
+            syn, off = "x" + b + piece + a + "x", 1 + len(b)
+            spans = list(self.wt.span_tokenize(syn))
+            ok = spans[:1] == [(0, 1)] and spans[-1:] == [(len(syn) - 1, len(syn))]
+            spans = spans[1:-1]
+        spans = [(s - off, e - off) for s, e in spans]
+        if not ok or any(s < 0 or e > len(piece) for s, e in spans):
+            return None
+        if len(self.cache) >= self.max_cache:
+            self.cache.clear()
+        self.cache[key] = spans
+        return spans
+
+    def __call__(self, text):
+        ps = [(m.start(), m.end()) for m in self.ws.finditer(text)]
+        if not ps:
+            return list(self.wt.span_tokenize(text))
+        # tail = from the last piece with a non-closer character to the end
+        j = len(ps) - 1
+        closers = self.CLOSERS
+        while j > 0 and all(c in closers for c in text[ps[j][0] : ps[j][1]]):
+            j -= 1
+        out = []
+        n = len(text)
+        cache = self.cache
+        for k in range(j + 1):
+            s, e = ps[k]
+            b = text[s - 1] if s > 0 else ""
+            if k == j:
+                key = (b, text[s:], "$")
+            else:
+                key = (b, text[s:e], text[e])
+            spans = cache.get(key)
+            if spans is None:
+                spans = self._piece(key)
+                if spans is None:
+                    break
+            out += [(s + x, s + y) for x, y in spans]
+        else:
+            return out
+        # surprise: NLTK itself on the whole sentence
+        self.fallbacks += 1
+        return list(self.wt.span_tokenize(text))
+
+
+# -----------------------------------------------------------------------------
 # words and their tags
 
-def _word_spans(sentence):
+def _word_spans(sentence, reference=False):
     """Character spans of the words of one sentence (Treebank-style tokens).
     span_tokenize keeps the original characters (word_tokenize rewrites quotes)."""
     try:
-        return list(_word_tokenizer().span_tokenize(sentence))
+        return list(_word_tokenizer().span_tokenize(sentence) if reference else _fast_word_spans()(sentence))
     except ValueError:
         # align_tokens fails on a few quote patterns; fall back to a plain regex split
         import re
@@ -151,12 +676,16 @@ def _word_spans(sentence):
 def pos_tag_sents(sents, reference=False):
     """POS tag names for each sentence (list of word lists); same as nltk.pos_tag."""
     tagger = _pos_tagger(reference)
+    if not reference:
+        return tagger.tag_sents(sents)
     return [[t for _, t in tagger.tag(words)] if words else [] for words in sents]
 
 def ner_tag_sents(sents, pos, ner, reference=False):
     """IOB NER tag names for each sentence; same as tree2conlltags(ne_chunk(...))."""
     from nltk.chunk import tree2conlltags
     chunker = _ne_chunker(ner, reference)
+    if not reference:
+        return chunker.iob_sents([list(zip(words, tags)) for words, tags in zip(sents, pos)])
     out = []
     for words, tags in zip(sents, pos):
         out.append([iob for _, _, iob in tree2conlltags(chunker.parse(list(zip(words, tags))))]
@@ -169,7 +698,7 @@ def analyze(text, ner='binary', reference=False):
     (ner_ids is None when ner='none')."""
     sents, offsets = [], []
     for s, e in _sentence_tokenizer().span_tokenize(text):
-        spans = _word_spans(text[s:e])
+        spans = _word_spans(text[s:e], reference)
         sents.append([text[s + a:s + b] for a, b in spans])
         offsets.append([(s + a, s + b) for a, b in spans])
     flat = [sp for o in offsets for sp in o]
@@ -326,7 +855,311 @@ def annotate_causal_reference(ids, ner='binary', reference=False):
     return out
 
 def annotate_causal(ids, ner='binary', reference=False):
-    return annotate_causal_reference(ids, ner, reference)
+    """Causal metadata, equal to annotate_causal_reference (the definition) but near-linear:
+    each prefix reuses the annotation of the whole document except for its last sentence
+    (or last few sentences while punkt's decision is still open), whose words are
+    re-tokenized from a few words back and whose tags are recomputed from the first word
+    whose tagger input differs, continuing the greedy taggers from the full tags."""
+    ids = np.asarray(ids, dtype=np.int64)
+    names = [n + '_causal' for n in stream_names(ner, ('full',)) if n != 'word']
+    out = {k: np.full(len(ids), PAD, dtype=np.uint16) for k in names}
+    for a, b in split_documents(ids):
+        for k, v in _causal_doc(ids[a:b], ner, reference).items():
+            out[k + '_causal'][a:b] = v
+    return out
+
+# ---- greedy continuation of the taggers (the causal path's only use of the models) ----
+# Both taggers are greedy left to right, so tagging can resume mid-sentence from the tags
+# already chosen. NLTK implementations; a faster one may replace them (same outputs).
+
+@lru_cache(maxsize=None)
+def _nltk_pos_model():
+    from nltk.tag import PerceptronTagger
+    return PerceptronTagger()
+
+@lru_cache(maxsize=None)
+def _nltk_ne_model(ner):
+    from nltk.chunk import ne_chunker
+    return ne_chunker('binary' if ner == 'binary' else 'multiclass')._tagger
+
+def pos_tag_resume(jobs, reference=False):
+    """jobs: (words, start, prev, stop) -> the tags of words[start:stop] of
+    pos_tag_sents([words])[0], given prev = the tags of words[start-2:start] (the
+    perceptron sees words i-2..i+2 and the two previous tags only)."""
+    tg = _nltk_pos_model()
+    out = []
+    for words, start, prev, stop in jobs:
+        n = len(words)
+        seq = list(tg.START[::-1]) + list(prev)
+        p1, p2 = seq[-1], seq[-2]
+        ctx = [tg.START[x] if x < 2 else (tg.normalize(words[x - 2]) if x < n + 2 else tg.END[x - n - 2])
+               for x in range(start, stop + 4)]
+        tags = []
+        for i in range(start, stop):
+            w = words[i]
+            tag = tg.tagdict.get(w)
+            if not tag:
+                tag, _ = tg.model.predict(tg._get_features(i - start, w, ctx, p1, p2), False)
+            tags.append(tag)
+            p2, p1 = p1, tag
+        out.append(tags)
+    return out
+
+def ner_raw_resume(jobs, ner, reference=False):
+    """jobs: (tokens, start, history, stop) -> the raw (pre-chunk) tags of the NE tagger for
+    tokens[start:stop] ((word, pos) pairs; pos is read only up to stop), given history =
+    its raw tags of tokens[:start] (it reads the previous one or two)."""
+    tagger = _nltk_ne_model(ner)
+    out = []
+    for tokens, start, history, stop in jobs:
+        hist = list(history)
+        for i in range(start, stop):
+            hist.append(tagger.tag_one(tokens, i, hist))
+        out.append(hist[start:stop])
+    return out
+
+def _iob(raw, prev):
+    """Final IOB tag of a word from its raw NE tag and the previous word's (None at start):
+    NEChunkParser turns an I-X that does not continue an X chunk into B-X."""
+    if raw.startswith('I-') and not (prev is not None and prev[:2] in ('B-', 'I-') and prev[2:] == raw[2:]):
+        return 'B-' + raw[2:]
+    return raw
+
+def _word_spans_checked(sentence):
+    try:
+        return list(_word_tokenizer().span_tokenize(sentence)), False
+    except ValueError:
+        import re
+        return [m.span() for m in re.finditer(r"\w+|[^\w\s]+", sentence)], True
+
+@lru_cache(maxsize=1 << 18)
+def _word_spans_cached(chunk):
+    sp, f = _word_spans_checked(chunk)
+    return tuple(sp), f
+
+def _causal_doc(ids, ner, reference):
+    import re
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    text, escaped = decode_text(ids)
+    if escaped is None:
+        cob = _char_of_byte(text)
+    else:
+        nbc = [1 if '\udc80' <= ch <= '\udcff' else len(ch.encode('utf-8')) for ch in escaped]
+        cob = np.repeat(np.arange(len(nbc)), nbc)
+    L = len(text)
+    cstart = np.searchsorted(cob, np.arange(L + 1))          # byte start of each char (+ end)
+    blen = _token_bytes_len()[ids]
+    bend = np.cumsum(blen)
+    cend = cstart[1:]
+    C = np.searchsorted(cend, bend, side='right')            # complete chars in each prefix
+    M = bend - cstart[C]                                      # bytes of a cut char (-> U+FFFD each)
+    bs = bend - blen
+    CS = np.where(bs < cstart[C], cob[np.minimum(bs, max(len(cob) - 1, 0))] if len(cob) else 0,
+                  C + (bs - cstart[C]))
+    CE = C + M
+
+    # ---- the whole document, per sentence
+    sents = list(_sentence_tokenizer().span_tokenize(text))
+    spans, fb, words = [], [], []
+    for s, e in sents:
+        sp, f = _word_spans_checked(text[s:e])
+        spans.append(sp); fb.append(f); words.append([text[s + a:s + b] for a, b in sp])
+    pos = pos_tag_sents(words, reference)
+    use_ner = ner != 'none'
+    if use_ner:
+        raw = ner_raw_resume([(list(zip(w, p)), 0, [], len(w)) for w, p in zip(words, pos)], ner, reference)
+        iob = [[_iob(r[i], r[i - 1] if i else None) for i in range(len(r))] for r in raw]
+        ner_id = {tg: i for i, tg in enumerate(stream_tags('ner', ner))}
+    start_of = {s: j for j, (s, _) in enumerate(sents)}
+    sstarts = np.array([s for s, _ in sents], dtype=np.int64)
+    # flat words of the document (for tokens that reach back into settled sentences)
+    wsent = np.array([j for j, sp in enumerate(spans) for _ in sp], dtype=np.int64)
+    wstart = np.array([sents[j][0] + a for j, sp in enumerate(spans) for a, _ in sp], dtype=np.int64)
+    wend = np.array([sents[j][0] + b for j, sp in enumerate(spans) for _, b in sp], dtype=np.int64)
+    wfirst = np.cumsum([0] + [len(sp) for sp in spans])
+
+    # ---- punkt: when is the decision at a sentence-ending character final in a prefix?
+    # it reads the character's word, the next word and the whitespace after it (and the
+    # closing quotes realigned after it); settled = the prefix holds all of that plus the
+    # next non-space character: settle(p) = end of (word, spaces, word, spaces) + 1.
+    isws = np.array([ch.isspace() for ch in text], dtype=bool) if L else np.zeros(0, bool)
+    ws_idx = np.nonzero(isws)[0]
+    nws_idx = np.nonzero(~isws)[0]
+    def nxt(idx, x):   # first index >= x in idx, else L
+        if not len(idx):
+            return np.full_like(x, L)
+        k = np.searchsorted(idx, x)
+        return np.where(k < len(idx), idx[np.minimum(k, len(idx) - 1)], L)
+    P = np.array([m.start() for m in re.finditer(r'[.?!]', text)], dtype=np.int64)
+    settle = nxt(nws_idx, nxt(ws_idx, nxt(nws_idx, nxt(ws_idx, P)))) + 1
+    settle = np.where(settle > L, L + 2, settle)                     # never settled inside T
+    settle = np.maximum.accumulate(settle) if len(settle) else settle
+    # the character before each sentence start that created it (-1: first sentence)
+    kP = np.searchsorted(P, sstarts) - 1
+    creator = np.where(kP >= 0, P[np.maximum(kP, 0)] if len(P) else -1, -1)
+    lastnws = np.full(L + 1, 0, dtype=np.int64)                     # len(text[:c].rstrip())
+    if L:
+        lastnws[1:] = np.maximum.accumulate(np.where(~isws, np.arange(1, L + 1), 0))
+
+    pos_out = np.full(n, SPACE, dtype=np.uint16)
+    ner_out = np.full(n, SPACE, dtype=np.uint16) if use_ner else None
+
+    # ---- phase 1: sentences and words of every prefix near its end
+    recs = []
+    for t in range(n):
+        c, m, cs, ce = int(C[t]), int(M[t]), int(CS[t]), int(CE[t])
+        if ce <= cs:
+            continue
+        lo_u = int(np.searchsorted(settle, c, side='right'))
+        hi_u = int(np.searchsorted(P, c, side='left'))
+        if lo_u < hi_u:                      # an open punkt decision: re-segment from a settled start
+            jw = int(np.searchsorted(sstarts, P[lo_u], side='right')) - 1
+            while jw > 0:
+                W = int(sstarts[jw])
+                k2 = int(np.searchsorted(P, W))
+                p2 = int(P[k2]) if k2 < len(P) else L
+                if isws[W:p2].any():
+                    break
+                jw -= 1
+            jw = max(jw, 0)
+            W = int(sstarts[jw]) if len(sents) else 0
+            ptext = text[W:c] + '\ufffd' * m
+            new = [(W + a, W + b) for a, b in _sentence_tokenizer().span_tokenize(ptext)]
+            jfirst = jw
+        else:
+            j = int(np.searchsorted(creator, c, side='left')) - 1 if len(sents) else -1
+            j = max(j, 0)
+            s0 = int(sstarts[j]) if len(sents) else 0
+            e0 = c + m if m else int(lastnws[c])
+            new = [(s0, e0)] if e0 > s0 else []
+            jfirst = j
+        cands = []   # (word start, word end, kind, data)
+        # settled sentences' words that the token reaches
+        if jfirst > 0:
+            lim = int(wfirst[jfirst])
+            k_lo = int(np.searchsorted(wend[:lim], cs, side='right'))
+            for w in range(k_lo, lim):
+                if wstart[w] < ce:
+                    cands.append((int(wstart[w]), int(wend[w]), 'old', w))
+        for s, e in new:
+            if e <= cs or s >= ce:
+                continue
+            S = text[s:min(e, c)] + '\ufffd' * max(0, e - c)
+            j = start_of.get(s)
+            sp = None
+            if j is not None and not fb[j]:
+                rsp = spans[j]
+                # re-tokenize from the whitespace-delimited chunk holding the token's start:
+                # the Treebank rules act within a chunk (plus the sentence's first/last chars)
+                cut = text.rfind(' ', s, min(cs, c) + 1)
+                cut = max(cut, max(text.rfind(ch, s, min(cs, c) + 1) for ch in '\n\r\t'))
+                q = int(np.searchsorted(np.array([x for x, _ in rsp], dtype=np.int64), cut + 1 - s)) if rsp and cut >= s else 0
+                q = min(q, len(rsp) - 1)
+                while q > 0 and not text[s + rsp[q][0] - 1].isspace():
+                    q -= 1
+                if q > 0 and s + rsp[q][0] < c:
+                    a = rsp[q][0]
+                    wsp, f = _word_spans_cached(S[a:])
+                    if not f and wsp:
+                        sp = list(rsp[:q]) + [(a + x, a + y) for x, y in wsp]
+            if sp is None:
+                sp, _ = _word_spans_checked(S)
+            rel_cs, rel_ce = cs - s, ce - s
+            ov = [i for i, (x, y) in enumerate(sp) if x < rel_ce and y > rel_cs]
+            if not ov:
+                continue
+            lo, hi = ov[0], ov[-1]
+            ref = spans[j] if j is not None else []
+            lim = min(len(sp), len(ref))
+            meq = 0
+            while meq < lim and sp[meq] == ref[meq] and s + sp[meq][1] <= c:
+                meq += 1
+            nw = len(sp)
+            stop = min(hi + 2, nw)
+            same = meq == nw == len(ref)
+            i0 = stop if same else max(0, meq - 2)
+            wl = [S[x:y] for x, y in sp]
+            cands.append((s + sp[lo][0], s + sp[hi][1], 'new',
+                          dict(j=j, sp=sp, wl=wl, lo=lo, hi=hi, stop=stop, i0=min(i0, stop), s=s, c=c)))
+        recs.append((t, cs, ce, cands))
+
+    # ---- phase 2: POS of the changed words, all prefixes in one batch
+    pjobs, pref = [], []
+    for t, cs, ce, cands in recs:
+        for cd in cands:
+            if cd[2] != 'new':
+                continue
+            d = cd[3]
+            rp = pos[d['j']] if d['j'] is not None else []
+            d['pos'] = list(rp[:d['i0']])
+            if d['i0'] < d['stop']:
+                pjobs.append((d['wl'], d['i0'], d['pos'][max(0, d['i0'] - 2):], d['stop']))
+                pref.append(d)
+    for d, tags in zip(pref, pos_tag_resume(pjobs, reference)):
+        d['pos'] += tags
+
+    # ---- phase 3: NE raw tags of the changed words
+    if use_ner:
+        njobs, nref = [], []
+        for t, cs, ce, cands in recs:
+            for cd in cands:
+                if cd[2] != 'new':
+                    continue
+                d = cd[3]
+                j, sp, stop, hi = d['j'], d['sp'], d['stop'], d['hi']
+                ref = spans[j] if j is not None else []
+                rp = pos[j] if j is not None else []
+                f = 0
+                lim = min(len(sp), len(ref), stop)
+                while (f < lim and sp[f] == ref[f] and d['s'] + sp[f][1] <= d['c']
+                       and d['pos'][f] == rp[f]):
+                    f += 1
+                if f == lim and lim == stop and (stop < len(sp) or len(ref) == len(sp)):
+                    f = 1 << 62                  # every item the NE tagger reads is unchanged
+                j0 = max(0, f - 1)
+                rr = raw[j] if j is not None else []
+                d['raw'] = list(rr[:min(j0, hi + 1)])
+                if j0 <= hi:
+                    toks = [(d['wl'][i], d['pos'][i] if i < len(d['pos']) else 'NN') for i in range(len(sp))]
+                    njobs.append((toks, j0, d['raw'], hi + 1))
+                    nref.append(d)
+        for d, tags in zip(nref, ner_raw_resume(njobs, ner, reference)):
+            d['raw'] = d['raw'] + tags
+
+    # ---- phase 4: align the last token by overlap
+    for t, cs, ce, cands in recs:
+        best, bov = None, 0
+        for cd in cands:
+            if cd[2] == 'old':
+                ov = min(cd[1], ce) - max(cd[0], cs)
+                if ov > bov:
+                    best, bov = ('old', cd[3]), ov
+            else:
+                d = cd[3]
+                for i in range(d['lo'], d['hi'] + 1):
+                    x, y = d['sp'][i]
+                    ov = min(d['s'] + y, ce) - max(d['s'] + x, cs)
+                    if ov > bov:
+                        best, bov = ('new', d, i), ov
+        if best is None:
+            continue
+        if best[0] == 'old':
+            w = best[1]
+            j = int(wsent[w]); i = w - int(wfirst[j])
+            pos_out[t] = POS_ID[pos[j][i]]
+            if use_ner:
+                ner_out[t] = ner_id[iob[j][i]]
+        else:
+            d, i = best[1], best[2]
+            pos_out[t] = POS_ID[d['pos'][i]]
+            if use_ner:
+                r = d['raw']
+                ner_out[t] = ner_id[_iob(r[i], r[i - 1] if i else None)]
+    res = {'pos': pos_out}
+    if use_ner:
+        res['ner'] = ner_out
+    return res
 
 # -----------------------------------------------------------------------------
 # CLI

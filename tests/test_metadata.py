@@ -201,3 +201,50 @@ def test_typed_chunker_missing_points_to_binary():
         pass
     r = run_cli(['--ner', 'typed'], stdin='Hello.', env=dict(os.environ, LIME_NO_DOWNLOAD='1'))
     assert r.returncode == 1 and '--ner binary' in r.stderr and 'multiclass' in r.stderr
+
+# -----------------------------------------------------------------------------
+# fast taggers == NLTK on real corpora. CI checks every 25th sentence of every document;
+# the full check (all of Gutenberg and Brown, ~2.75M words, a few minutes on 2 cores):
+#   LIME_FULL_CHECK=1 python -m pytest -q tests/test_metadata.py -k corpora
+
+def _corpus_check(job):
+    corpus, fid, every = job
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.chunk import tree2conlltags
+    if corpus == 'gutenberg':
+        from nltk.corpus import gutenberg
+        text = gutenberg.raw(fid)
+        sent_texts = [text[a:b] for a, b in md._sentence_tokenizer().span_tokenize(text)][::every]
+        ref_spans = [list(NLTKWordTokenizer().span_tokenize(s)) for s in sent_texts]
+        fast_spans = [md._fast_word_spans()(s) for s in sent_texts]
+        bad_spans = sum(a != b for a, b in zip(ref_spans, fast_spans))
+        sents = [[s[a:b] for a, b in sp] for s, sp in zip(sent_texts, ref_spans)]
+    else:
+        from nltk.corpus import brown
+        sents, bad_spans = [list(s) for s in brown.sents(fid)][::every], 0
+    ref_pos = md.pos_tag_sents(sents, reference=True)
+    fast_pos = md.pos_tag_sents(sents)
+    chunker = md._ne_chunker('binary', True)
+    ref_ner = [[iob for _, _, iob in tree2conlltags(chunker.parse(list(zip(w, t))))] if w else []
+               for w, t in zip(sents, ref_pos)]
+    fast_ner = md.ner_tag_sents(sents, ref_pos, 'binary')  # NLTK's POS in: NE is checked on its own
+    nw = sum(map(len, sents))
+    bad_pos = sum(a != b for x, y in zip(ref_pos, fast_pos) for a, b in zip(x, y)) + \
+        sum(len(x) != len(y) for x, y in zip(ref_pos, fast_pos))
+    bad_ner = sum(a != b for x, y in zip(ref_ner, fast_ner) for a, b in zip(x, y)) + \
+        sum(len(x) != len(y) for x, y in zip(ref_ner, fast_ner))
+    return nw, bad_spans, bad_pos, bad_ner
+
+def test_fast_taggers_equal_nltk_on_corpora():
+    import multiprocessing as mp
+    from nltk.corpus import gutenberg, brown
+    every = 1 if os.environ.get('LIME_FULL_CHECK') else 25
+    jobs = [('gutenberg', f, every) for f in gutenberg.fileids()] + [('brown', f, every) for f in brown.fileids()]
+    with mp.get_context('fork').Pool(2) as pool:
+        res = pool.map(_corpus_check, jobs, chunksize=4)
+    words = sum(r[0] for r in res)
+    print(f'compared {words} words (every {every}th sentence)')
+    assert words > (2_500_000 if every == 1 else 100_000)
+    assert sum(r[1] for r in res) == 0, 'word spans differ from NLTKWordTokenizer'
+    assert sum(r[2] for r in res) == 0, 'POS tags differ from nltk.pos_tag'
+    assert sum(r[3] for r in res) == 0, 'NE tags differ from the NLTK chunker'
