@@ -136,10 +136,39 @@ def _ne_chunker(ner, reference):
     fmt = 'binary' if ner == 'binary' else 'multiclass'
     return ne_chunker(fmt) if reference else FastNEChunker(fmt)
 
+# BPE: GPT-2 ('gpt2'), or 'gpt2-N': GPT-2 with only its first N ranks (the 256 bytes and
+# the first N-256 merges; <|endoftext|> = N). Every token of a merge has a lower rank than
+# the merge, so the truncated table is a valid BPE: a small vocabulary for CPU experiments.
+# One tokenizer per process: set_tokenizer() before annotating (workers inherit it).
+TOKENIZER = 'gpt2'
+
+def set_tokenizer(name):
+    global TOKENIZER
+    if name != TOKENIZER:
+        parse_tokenizer(name)
+        TOKENIZER = name
+        for f in (_encoding, _token_bytes_len, _encode_chunk):
+            f.cache_clear()
+
+def parse_tokenizer(name):
+    """'gpt2' -> None, 'gpt2-N' -> N; anything else is an error."""
+    if name == 'gpt2':
+        return None
+    head, _, n = name.partition('-')
+    if head != 'gpt2' or not n.isdigit() or not 256 <= int(n) < 50257:
+        raise MetadataError(f"unknown tokenizer '{name}' (expected gpt2 or gpt2-N, 256 <= N < 50257)")
+    return int(n)
+
 @lru_cache(maxsize=None)
 def _encoding():
     import tiktoken
-    return tiktoken.get_encoding('gpt2')
+    gpt2 = tiktoken.get_encoding('gpt2')
+    n = parse_tokenizer(TOKENIZER)
+    if n is None:
+        return gpt2
+    ranks = {k: v for k, v in gpt2._mergeable_ranks.items() if v < n}
+    return tiktoken.Encoding(name=TOKENIZER, pat_str=gpt2._pat_str, mergeable_ranks=ranks,
+                             special_tokens={'<|endoftext|>': n})
 
 # -----------------------------------------------------------------------------
 # Fast exact taggers: NLTK's averaged-perceptron POS tagger and maxent NE chunker
@@ -1005,157 +1034,158 @@ def _causal_doc(ids, ner, reference):
     pos_out = np.full(n, SPACE, dtype=np.uint16)
     ner_out = np.full(n, SPACE, dtype=np.uint16) if use_ner else None
 
-    # ---- phase 1: sentences and words of every prefix near its end
-    recs = []
-    for t in range(n):
-        c, m, cs, ce = int(C[t]), int(M[t]), int(CS[t]), int(CE[t])
-        if ce <= cs:
-            continue
-        lo_u = int(np.searchsorted(settle, c, side='right'))
-        hi_u = int(np.searchsorted(P, c, side='left'))
-        if lo_u < hi_u:                      # an open punkt decision: re-segment from a settled start
-            jw = int(np.searchsorted(sstarts, P[lo_u], side='right')) - 1
-            while jw > 0:
-                W = int(sstarts[jw])
-                k2 = int(np.searchsorted(P, W))
-                p2 = int(P[k2]) if k2 < len(P) else L
-                if isws[W:p2].any():
-                    break
-                jw -= 1
-            jw = max(jw, 0)
-            W = int(sstarts[jw]) if len(sents) else 0
-            ptext = text[W:c] + '\ufffd' * m
-            new = [(W + a, W + b) for a, b in _sentence_tokenizer().span_tokenize(ptext)]
-            jfirst = jw
-        else:
-            j = int(np.searchsorted(creator, c, side='left')) - 1 if len(sents) else -1
-            j = max(j, 0)
-            s0 = int(sstarts[j]) if len(sents) else 0
-            e0 = c + m if m else int(lastnws[c])
-            new = [(s0, e0)] if e0 > s0 else []
-            jfirst = j
-        cands = []   # (word start, word end, kind, data)
-        # settled sentences' words that the token reaches
-        if jfirst > 0:
-            lim = int(wfirst[jfirst])
-            k_lo = int(np.searchsorted(wend[:lim], cs, side='right'))
-            for w in range(k_lo, lim):
-                if wstart[w] < ce:
-                    cands.append((int(wstart[w]), int(wend[w]), 'old', w))
-        for s, e in new:
-            if e <= cs or s >= ce:
+    for t_lo in range(0, n, 8192):   # blocks of tokens bound the memory of long documents
+        # ---- phase 1: sentences and words of every prefix near its end
+        recs = []
+        for t in range(t_lo, min(n, t_lo + 8192)):
+            c, m, cs, ce = int(C[t]), int(M[t]), int(CS[t]), int(CE[t])
+            if ce <= cs:
                 continue
-            S = text[s:min(e, c)] + '\ufffd' * max(0, e - c)
-            j = start_of.get(s)
-            sp = None
-            if j is not None and not fb[j]:
-                rsp = spans[j]
-                # re-tokenize from the whitespace-delimited chunk holding the token's start:
-                # the Treebank rules act within a chunk (plus the sentence's first/last chars)
-                cut = text.rfind(' ', s, min(cs, c) + 1)
-                cut = max(cut, max(text.rfind(ch, s, min(cs, c) + 1) for ch in '\n\r\t'))
-                q = int(np.searchsorted(np.array([x for x, _ in rsp], dtype=np.int64), cut + 1 - s)) if rsp and cut >= s else 0
-                q = min(q, len(rsp) - 1)
-                while q > 0 and not text[s + rsp[q][0] - 1].isspace():
-                    q -= 1
-                if q > 0 and s + rsp[q][0] < c:
-                    a = rsp[q][0]
-                    wsp, f = _word_spans_cached(S[a:])
-                    if not f and wsp:
-                        sp = list(rsp[:q]) + [(a + x, a + y) for x, y in wsp]
-            if sp is None:
-                sp, _ = _word_spans_checked(S)
-            rel_cs, rel_ce = cs - s, ce - s
-            ov = [i for i, (x, y) in enumerate(sp) if x < rel_ce and y > rel_cs]
-            if not ov:
-                continue
-            lo, hi = ov[0], ov[-1]
-            ref = spans[j] if j is not None else []
-            lim = min(len(sp), len(ref))
-            meq = 0
-            while meq < lim and sp[meq] == ref[meq] and s + sp[meq][1] <= c:
-                meq += 1
-            nw = len(sp)
-            stop = min(hi + 2, nw)
-            same = meq == nw == len(ref)
-            i0 = stop if same else max(0, meq - 2)
-            wl = [S[x:y] for x, y in sp]
-            cands.append((s + sp[lo][0], s + sp[hi][1], 'new',
-                          dict(j=j, sp=sp, wl=wl, lo=lo, hi=hi, stop=stop, i0=min(i0, stop), s=s, c=c)))
-        recs.append((t, cs, ce, cands))
+            lo_u = int(np.searchsorted(settle, c, side='right'))
+            hi_u = int(np.searchsorted(P, c, side='left'))
+            if lo_u < hi_u:                      # an open punkt decision: re-segment from a settled start
+                jw = int(np.searchsorted(sstarts, P[lo_u], side='right')) - 1
+                while jw > 0:
+                    W = int(sstarts[jw])
+                    k2 = int(np.searchsorted(P, W))
+                    p2 = int(P[k2]) if k2 < len(P) else L
+                    if isws[W:p2].any():
+                        break
+                    jw -= 1
+                jw = max(jw, 0)
+                W = int(sstarts[jw]) if len(sents) else 0
+                ptext = text[W:c] + '\ufffd' * m
+                new = [(W + a, W + b) for a, b in _sentence_tokenizer().span_tokenize(ptext)]
+                jfirst = jw
+            else:
+                j = int(np.searchsorted(creator, c, side='left')) - 1 if len(sents) else -1
+                j = max(j, 0)
+                s0 = int(sstarts[j]) if len(sents) else 0
+                e0 = c + m if m else int(lastnws[c])
+                new = [(s0, e0)] if e0 > s0 else []
+                jfirst = j
+            cands = []   # (word start, word end, kind, data)
+            # settled sentences' words that the token reaches
+            if jfirst > 0:
+                lim = int(wfirst[jfirst])
+                k_lo = int(np.searchsorted(wend[:lim], cs, side='right'))
+                for w in range(k_lo, lim):
+                    if wstart[w] < ce:
+                        cands.append((int(wstart[w]), int(wend[w]), 'old', w))
+            for s, e in new:
+                if e <= cs or s >= ce:
+                    continue
+                S = text[s:min(e, c)] + '\ufffd' * max(0, e - c)
+                j = start_of.get(s)
+                sp = None
+                if j is not None and not fb[j]:
+                    rsp = spans[j]
+                    # re-tokenize from the whitespace-delimited chunk holding the token's start:
+                    # the Treebank rules act within a chunk (plus the sentence's first/last chars)
+                    cut = text.rfind(' ', s, min(cs, c) + 1)
+                    cut = max(cut, max(text.rfind(ch, s, min(cs, c) + 1) for ch in '\n\r\t'))
+                    q = int(np.searchsorted(np.array([x for x, _ in rsp], dtype=np.int64), cut + 1 - s)) if rsp and cut >= s else 0
+                    q = min(q, len(rsp) - 1)
+                    while q > 0 and not text[s + rsp[q][0] - 1].isspace():
+                        q -= 1
+                    if q > 0 and s + rsp[q][0] < c:
+                        a = rsp[q][0]
+                        wsp, f = _word_spans_cached(S[a:])
+                        if not f and wsp:
+                            sp = list(rsp[:q]) + [(a + x, a + y) for x, y in wsp]
+                if sp is None:
+                    sp, _ = _word_spans_checked(S)
+                rel_cs, rel_ce = cs - s, ce - s
+                ov = [i for i, (x, y) in enumerate(sp) if x < rel_ce and y > rel_cs]
+                if not ov:
+                    continue
+                lo, hi = ov[0], ov[-1]
+                ref = spans[j] if j is not None else []
+                lim = min(len(sp), len(ref))
+                meq = 0
+                while meq < lim and sp[meq] == ref[meq] and s + sp[meq][1] <= c:
+                    meq += 1
+                nw = len(sp)
+                stop = min(hi + 2, nw)
+                same = meq == nw == len(ref)
+                i0 = stop if same else max(0, meq - 2)
+                wl = [S[x:y] for x, y in sp]
+                cands.append((s + sp[lo][0], s + sp[hi][1], 'new',
+                              dict(j=j, sp=sp, wl=wl, lo=lo, hi=hi, stop=stop, i0=min(i0, stop), s=s, c=c)))
+            recs.append((t, cs, ce, cands))
 
-    # ---- phase 2: POS of the changed words, all prefixes in one batch
-    pjobs, pref = [], []
-    for t, cs, ce, cands in recs:
-        for cd in cands:
-            if cd[2] != 'new':
-                continue
-            d = cd[3]
-            rp = pos[d['j']] if d['j'] is not None else []
-            d['pos'] = list(rp[:d['i0']])
-            if d['i0'] < d['stop']:
-                pjobs.append((d['wl'], d['i0'], d['pos'][max(0, d['i0'] - 2):], d['stop']))
-                pref.append(d)
-    for d, tags in zip(pref, pos_tag_resume(pjobs, reference)):
-        d['pos'] += tags
-
-    # ---- phase 3: NE raw tags of the changed words
-    if use_ner:
-        njobs, nref = [], []
+        # ---- phase 2: POS of the changed words, all prefixes in one batch
+        pjobs, pref = [], []
         for t, cs, ce, cands in recs:
             for cd in cands:
                 if cd[2] != 'new':
                     continue
                 d = cd[3]
-                j, sp, stop, hi = d['j'], d['sp'], d['stop'], d['hi']
-                ref = spans[j] if j is not None else []
-                rp = pos[j] if j is not None else []
-                f = 0
-                lim = min(len(sp), len(ref), stop)
-                while (f < lim and sp[f] == ref[f] and d['s'] + sp[f][1] <= d['c']
-                       and d['pos'][f] == rp[f]):
-                    f += 1
-                if f == lim and lim == stop and (stop < len(sp) or len(ref) == len(sp)):
-                    f = 1 << 62                  # every item the NE tagger reads is unchanged
-                j0 = max(0, f - 1)
-                rr = raw[j] if j is not None else []
-                d['raw'] = list(rr[:min(j0, hi + 1)])
-                if j0 <= hi:
-                    toks = [(d['wl'][i], d['pos'][i] if i < len(d['pos']) else 'NN') for i in range(len(sp))]
-                    njobs.append((toks, j0, d['raw'], hi + 1))
-                    nref.append(d)
-        for d, tags in zip(nref, ner_raw_resume(njobs, ner, reference)):
-            d['raw'] = d['raw'] + tags
+                rp = pos[d['j']] if d['j'] is not None else []
+                d['pos'] = list(rp[:d['i0']])
+                if d['i0'] < d['stop']:
+                    pjobs.append((d['wl'], d['i0'], d['pos'][max(0, d['i0'] - 2):], d['stop']))
+                    pref.append(d)
+        for d, tags in zip(pref, pos_tag_resume(pjobs, reference)):
+            d['pos'] += tags
 
-    # ---- phase 4: align the last token by overlap
-    for t, cs, ce, cands in recs:
-        best, bov = None, 0
-        for cd in cands:
-            if cd[2] == 'old':
-                ov = min(cd[1], ce) - max(cd[0], cs)
-                if ov > bov:
-                    best, bov = ('old', cd[3]), ov
-            else:
-                d = cd[3]
-                for i in range(d['lo'], d['hi'] + 1):
-                    x, y = d['sp'][i]
-                    ov = min(d['s'] + y, ce) - max(d['s'] + x, cs)
+        # ---- phase 3: NE raw tags of the changed words
+        if use_ner:
+            njobs, nref = [], []
+            for t, cs, ce, cands in recs:
+                for cd in cands:
+                    if cd[2] != 'new':
+                        continue
+                    d = cd[3]
+                    j, sp, stop, hi = d['j'], d['sp'], d['stop'], d['hi']
+                    ref = spans[j] if j is not None else []
+                    rp = pos[j] if j is not None else []
+                    f = 0
+                    lim = min(len(sp), len(ref), stop)
+                    while (f < lim and sp[f] == ref[f] and d['s'] + sp[f][1] <= d['c']
+                           and d['pos'][f] == rp[f]):
+                        f += 1
+                    if f == lim and lim == stop and (stop < len(sp) or len(ref) == len(sp)):
+                        f = 1 << 62                  # every item the NE tagger reads is unchanged
+                    j0 = max(0, f - 1)
+                    rr = raw[j] if j is not None else []
+                    d['raw'] = list(rr[:min(j0, hi + 1)])
+                    if j0 <= hi:
+                        toks = [(d['wl'][i], d['pos'][i] if i < len(d['pos']) else 'NN') for i in range(len(sp))]
+                        njobs.append((toks, j0, d['raw'], hi + 1))
+                        nref.append(d)
+            for d, tags in zip(nref, ner_raw_resume(njobs, ner, reference)):
+                d['raw'] = d['raw'] + tags
+
+        # ---- phase 4: align the last token by overlap
+        for t, cs, ce, cands in recs:
+            best, bov = None, 0
+            for cd in cands:
+                if cd[2] == 'old':
+                    ov = min(cd[1], ce) - max(cd[0], cs)
                     if ov > bov:
-                        best, bov = ('new', d, i), ov
-        if best is None:
-            continue
-        if best[0] == 'old':
-            w = best[1]
-            j = int(wsent[w]); i = w - int(wfirst[j])
-            pos_out[t] = POS_ID[pos[j][i]]
-            if use_ner:
-                ner_out[t] = ner_id[iob[j][i]]
-        else:
-            d, i = best[1], best[2]
-            pos_out[t] = POS_ID[d['pos'][i]]
-            if use_ner:
-                r = d['raw']
-                ner_out[t] = ner_id[_iob(r[i], r[i - 1] if i else None)]
+                        best, bov = ('old', cd[3]), ov
+                else:
+                    d = cd[3]
+                    for i in range(d['lo'], d['hi'] + 1):
+                        x, y = d['sp'][i]
+                        ov = min(d['s'] + y, ce) - max(d['s'] + x, cs)
+                        if ov > bov:
+                            best, bov = ('new', d, i), ov
+            if best is None:
+                continue
+            if best[0] == 'old':
+                w = best[1]
+                j = int(wsent[w]); i = w - int(wfirst[j])
+                pos_out[t] = POS_ID[pos[j][i]]
+                if use_ner:
+                    ner_out[t] = ner_id[iob[j][i]]
+            else:
+                d, i = best[1], best[2]
+                pos_out[t] = POS_ID[d['pos'][i]]
+                if use_ner:
+                    r = d['raw']
+                    ner_out[t] = ner_id[_iob(r[i], r[i - 1] if i else None)]
     res = {'pos': pos_out}
     if use_ner:
         res['ner'] = ner_out
@@ -1176,9 +1206,11 @@ def main(argv=None):
     p.add_argument('--tags', default='full', choices=TAG_KINDS,
                    help='full: taggers see the whole text; causal: tags of token t from tokens <= t')
     p.add_argument('--reference', action='store_true', help='use plain NLTK taggers')
+    p.add_argument('--tokenizer', default='gpt2', help='gpt2 (default) or gpt2-N: the first N GPT-2 ranks')
     args = p.parse_args(argv)
     name = args.file or '<stdin>'
     try:
+        set_tokenizer(args.tokenizer)
         ensure_resources(args.ner)
         if args.file:
             with open(args.file, 'rb') as f:

@@ -36,6 +36,7 @@ p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
 p.add_argument('--input', nargs='+', default=None,
                help='.txt/.jsonl files or directories (default: nltk.corpus.gutenberg)')
 p.add_argument('--out_dir', default=None, help='output dataset directory (default: data/gutenberg)')
+p.add_argument('--tokenizer', default='gpt2', help="gpt2 | gpt2-N: GPT-2's first N ranks (small vocab)")
 p.add_argument('--tokenization', default='lime', help="lime (each word encoded on its own) | plain")
 p.add_argument('--ner', default='typed', help='typed (NLTK default chunker) | binary | none')
 p.add_argument('--tags', default='full,causal', help='comma-separated: full, causal')
@@ -216,6 +217,10 @@ def main(argv=None):
         check_choice('tags', t, md.TAG_KINDS)
     if not tags:
         fail('--tags needs at least one of: full, causal')
+    try:
+        md.set_tokenizer(args.tokenizer)  # before the workers fork: they inherit it
+    except md.MetadataError as e:
+        fail(str(e))
     if not 0 <= args.val_fraction < 1:
         fail(f'--val_fraction={args.val_fraction} must be in [0, 1)')
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
@@ -297,7 +302,7 @@ def main(argv=None):
     import nltk, tiktoken
     enc = md._encoding()
     meta = {
-        'vocab_size': enc.n_vocab, 'tokenizer': 'gpt2', 'eot_token': enc.eot_token,
+        'vocab_size': enc.n_vocab, 'tokenizer': md.TOKENIZER, 'eot_token': enc.eot_token,
         'dtype': 'uint16', 'tokenization': args.tokenization, 'ner': args.ner, 'tags': list(tags),
         'special': {'pad': md.PAD, 'space': md.SPACE, 'unk': md.UNK},
         'streams': {k: {'tags': md.stream_tags(k, args.ner)} for k in streams},

@@ -248,3 +248,23 @@ def test_fast_taggers_equal_nltk_on_corpora():
     assert sum(r[1] for r in res) == 0, 'word spans differ from NLTKWordTokenizer'
     assert sum(r[2] for r in res) == 0, 'POS tags differ from nltk.pos_tag'
     assert sum(r[3] for r in res) == 0, 'NE tags differ from the NLTK chunker'
+
+def test_truncated_gpt2_tokenizer():
+    try:
+        md.set_tokenizer('gpt2-1024')
+        enc = md._encoding()
+        assert enc.n_vocab == 1025 and enc.eot_token == 1024
+        for text in TRICKY:
+            ids, st = md.annotate_text(text, 'lime', 'binary')
+            assert enc.decode_bytes(ids.tolist()) == text.encode('utf-8')
+            assert len(ids) == 0 or ids.max() < 1024
+            assert all(len(v) == len(ids) for v in st.values())
+        # fewer merges, more tokens than full GPT-2 on the same text
+        text = TRICKY[9]
+        n_small = len(md.annotate_text(text, 'plain', 'none')[0])
+        with pytest.raises(md.MetadataError):
+            md.set_tokenizer('gpt3-1000')
+    finally:
+        md.set_tokenizer('gpt2')
+    assert n_small > len(md.annotate_text(text, 'plain', 'none')[0])
+    assert md._encoding().n_vocab == 50257

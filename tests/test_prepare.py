@@ -156,6 +156,18 @@ def test_unknown_option_values(tmp_path, flag, value):
     allowed = {'--ner': 'binary', '--tokenization': 'plain', '--tags': 'causal'}[flag]
     assert allowed in r.stderr
 
+def test_small_vocab_tokenizer(tmp_path):
+    inp = write_inputs(tmp_path / 'in')
+    out = tmp_path / 'small'
+    r = run_prepare(['--input', str(inp), '--out_dir', str(out), '--ner', 'binary', '--tags', 'full',
+                     '--tokenizer', 'gpt2-512', '--workers', '1'])
+    assert r.returncode == 0, r.stderr
+    meta, data = read_dataset(out)
+    assert meta['tokenizer'] == 'gpt2-512' and meta['vocab_size'] == 513 and meta['eot_token'] == 512
+    assert data['train'].max() == 512 and (data['train'] == 512).sum() == meta['train_docs']
+    r = run_prepare(['--input', str(inp), '--out_dir', str(out), '--tokenizer', 'bert'])
+    assert r.returncode != 0 and 'gpt2-N' in r.stderr
+
 def test_default_corpus_is_gutenberg():
     sys.path.insert(0, ROOT)
     import prepare
