@@ -1,0 +1,263 @@
+"""
+GPT language model with LIME metadata embeddings, in one file.
+
+The transformer is a plain GPT-2 (pre-LayerNorm, causal attention, tied
+input/output embeddings). LIME adds one embedding table per metadata stream
+(e.g. POS tags, NER tags) whose rows are added to the token embedding:
+
+    x = wte(tok) + wpe(pos) + sum_d w_d * E_d(meta_d)
+
+Nothing else in the network or the loss looks at metadata, and with no
+streams configured the model is exactly the baseline GPT.
+"""
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    # metadata streams, in a fixed order; meta_n_tags[i] is the size of stream i's tag vocabulary
+    meta_streams: tuple = ()
+    meta_n_tags: tuple = ()
+    meta_weight: object = 1.0  # one float for all streams, or one per stream (stored as a tuple)
+    # not used by the model itself: records whether position t was trained on the metadata
+    # of token t (0, LIME) or of token t+1 (1, LIME+1), so a sampler knows what to feed
+    meta_shift: int = 0
+
+    def __post_init__(self):
+        self.meta_streams = tuple(self.meta_streams)
+        self.meta_n_tags = tuple(int(n) for n in self.meta_n_tags)
+        w = self.meta_weight
+        if isinstance(w, (int, float)):  # one weight for every stream
+            w = (float(w),) * len(self.meta_streams)
+        self.meta_weight = tuple(float(x) for x in w)
+        assert len(self.meta_n_tags) == len(self.meta_streams), "meta_n_tags must match meta_streams"
+        assert len(self.meta_weight) == len(self.meta_streams), "meta_weight must be a float or one per stream"
+
+
+class KVCache:
+    """Preallocated keys/values for incremental decoding: (n_layer, B, n_head, max_len, head_dim)."""
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None, start_pos=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask, is_causal = None, True
+        if kv_cache is not None:
+            end = start_pos + T
+            kv_cache.k[self.layer_idx, :B, :, start_pos:end] = k
+            kv_cache.v[self.layer_idx, :B, :, start_pos:end] = v
+            k = kv_cache.k[self.layer_idx, :B, :, :end]
+            v = kv_cache.v[self.layer_idx, :B, :, :end]
+            if start_pos > 0:
+                # queries sit at absolute positions start_pos..end-1 and may see every key up to themselves;
+                # is_causal would align the mask to the top-left corner, which is wrong once keys outnumber queries
+                is_causal = False
+                if T > 1:
+                    mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, start_pos=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+
+        # GPT-2 init for the baseline parameters first, so a LIME model built from the same seed
+        # starts from exactly the baseline's weights and differs only by the metadata tables
+        self.apply(self._init_weights)
+        # residual projections scaled by 1/sqrt(2*n_layer), as in GPT-2
+        for pn, p in self.named_parameters():
+            if pn.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+        # metadata tables, created (and drawn from the RNG) last; absent entirely for the baseline
+        if config.meta_streams:
+            self.meta_emb = nn.ModuleList([nn.Embedding(n, config.n_embd) for n in config.meta_n_tags])
+            for e in self.meta_emb:
+                torch.nn.init.normal_(e.weight, mean=0.0, std=0.02)  # same scale as wte
+
+        n, n_meta = self.get_num_params(), self.get_num_meta_params()
+        print(f"number of parameters: {n/1e6:.2f}M (metadata tables: {n_meta:,} = {100*n_meta/n:.3f}%)")
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=False):
+        """Total parameters (tied wte/lm_head counted once). non_embedding drops the lookup-only
+        tables (wpe and metadata); wte stays because it is also the output projection."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel() + self.get_num_meta_params()
+        return n
+
+    def get_num_meta_params(self):
+        return sum(p.numel() for p in self.meta_emb.parameters()) if self.config.meta_streams else 0
+
+    def forward(self, idx, meta=None, targets=None, kv_cache=None, start_pos=0):
+        """idx: (B, T) token ids. meta: dict {stream name: (B, T) tag ids} with every configured stream
+        (ignored when the model has none). targets: (B, T) or None. With kv_cache (see new_kv_cache),
+        idx holds the tokens at positions start_pos..start_pos+T-1 and earlier keys come from the cache."""
+        B, T = idx.size()
+        assert start_pos + T <= self.config.block_size, \
+            f"cannot forward position {start_pos + T - 1}, block size is only {self.config.block_size}"
+        pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        if self.config.meta_streams:
+            if meta is None:
+                raise ValueError(f"this model needs metadata streams {list(self.config.meta_streams)}")
+            for name, w, emb in zip(self.config.meta_streams, self.config.meta_weight, self.meta_emb):
+                if name not in meta:
+                    raise ValueError(f"missing metadata stream '{name}'")
+                x = x + w * emb(meta[name])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, kv_cache, start_pos)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
+            loss = None
+        return logits, loss
+
+    def new_kv_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay every 2D tensor (matmuls and embeddings, metadata tables included); not biases/LayerNorms
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{'params': decay, 'weight_decay': weight_decay},
+                  {'params': no_decay, 'weight_decay': 0.0}]
+        print(f"decayed tensors: {len(decay)} ({sum(p.numel() for p in decay):,} params), "
+              f"non-decayed: {len(no_decay)} ({sum(p.numel() for p in no_decay):,} params)")
+        extra = dict(fused=True) if device_type == 'cuda' else dict()
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward+backward), PaLM appendix B style. Embedding lookups
+        (wpe, metadata tables) count as 0; wte counts through the tied lm_head matmul."""
+        cfg = self.config
+        N = self.get_num_params(non_embedding=True)
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * N + 12 * L * H * Q * T
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
+        """Model FLOPs utilisation: achieved FLOP/s over peak_flops (default: detected GPU's bf16 dense
+        peak). Returns None when no peak is known (e.g. CPU)."""
+        peak = peak_flops or default_peak_flops()
+        if not peak or dt <= 0:
+            return None
+        flops_per_iter = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter
+        return flops_per_iter / dt / peak
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, device='cpu'):
+        """Rebuild a model from a train.py checkpoint (dict or path): model_args -> GPTConfig -> weights."""
+        if not isinstance(ckpt, dict):
+            ckpt = torch.load(ckpt, map_location=device, weights_only=False)
+        model = cls(GPTConfig(**ckpt['model_args']))
+        sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
+        model.load_state_dict(sd)
+        return model.to(device)
+
+
+def default_peak_flops():
+    """bf16 dense peak FLOP/s of the visible GPU, or None if unknown."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().upper()
+    for key, peak in (('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('A100', 312e12), ('A800', 312e12)):
+        if key in name:
+            return peak
+    return None
+
+
+def model_args_dict(config):
+    """GPTConfig as a plain dict (what train.py stores as ckpt['model_args'])."""
+    return asdict(config)
