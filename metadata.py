@@ -113,7 +113,12 @@ def ensure_resources(ner='binary'):
 @lru_cache(maxsize=None)
 def _sentence_tokenizer():
     from nltk.tokenize import PunktTokenizer
-    return PunktTokenizer('english')
+    tok = PunktTokenizer('english')
+    # punkt decides each candidate break by text_contains_sentbreak(context), a pure function
+    # of the short context string (the fixed English parameters are never retrained):
+    # memoise it (the causal path re-segments the same contexts again and again)
+    tok.text_contains_sentbreak = lru_cache(maxsize=1 << 16)(tok.text_contains_sentbreak)
+    return tok
 
 @lru_cache(maxsize=None)
 def _word_tokenizer():
@@ -182,15 +187,19 @@ def _encoding():
 # The models are NLTK's own files, loaded through NLTK. --reference uses plain NLTK.
 
 def _sentence_batches(sents, max_tokens):
-    # sentence indices sorted by length (descending, so the active sentences at
-    # step i are always a prefix), cut into batches of about max_tokens tokens
-    order = sorted(range(len(sents)), key=lambda k: -len(sents[k]))
+    return _length_batches([len(s) for s in sents], max_tokens)
+
+
+def _length_batches(lens, max_tokens):
+    # item indices sorted by length (descending, so the active items at step i
+    # are always a prefix), cut into batches of about max_tokens tokens
+    order = sorted(range(len(lens)), key=lambda k: -lens[k])
     batch, ntok = [], 0
     for k in order:
-        if not sents[k]:
-            continue  # empty sentence -> empty output, nothing to do
+        if lens[k] <= 0:
+            continue  # empty sentence / job -> empty output, nothing to do
         batch.append(k)
-        ntok += len(sents[k])
+        ntok += lens[k]
         if ntok >= max_tokens:
             yield batch
             batch, ntok = [], 0
@@ -310,31 +319,58 @@ class FastPOSTagger:
                 out[k] = tags
         return out
 
+    def tag_resume(self, jobs):
+        """Greedy continuation: jobs of (words, start, prev, stop) -> the tags of
+        words[start:stop] given prev = the tags of words[start-2:start] (fewer at the
+        sentence start); same as metadata.pos_tag_resume(jobs, reference=True)."""
+        jobs = list(jobs)
+        out = [[] for _ in jobs]
+        lens = [b - a for _, a, _, b in jobs]
+        for batch in _length_batches(lens, self.max_batch_tokens):
+            for k, tags in zip(batch, self._run([jobs[k] for k in batch])):
+                out[k] = tags
+        return out
+
     def _tag_batch(self, sents):
+        return self._run([(s, 0, (), len(s)) for s in sents])
+
+    def _run(self, jobs):
+        # jobs sorted by stop - start, descending (all > 0)
         W, T, C, NT = self.W, self.T, len(self.classes), self.NT
         if self.n_words > self.max_cache:
             self._reset_cache()
         get = self.word_id.get
-        # flat layout per sentence: -START- -START2- w0 .. wn-1 -END- -END2-
-        flat, starts = [], []
-        for s in sents:
-            ids = [get(w) for w in s]
+        # flat layout per job: the words start-2 .. stop+1 of its sentence, with
+        # -START- -START2- before word 0 and -END- -END2- after the last word
+        flat, starts, h1, h2 = [], [], [], []
+        START, tidx = self.tagger.START, self.tag_idx
+        for s, start, prev, stop in jobs:
+            n = len(s)
+            a, b = max(start - 2, 0), min(stop + 2, n)
+            seg = s[a:b]
+            ids = [get(w) for w in seg]
             if None in ids:
-                ids = [i if i is not None else (get(w) if w in self.word_id else self._add(w)) for i, w in zip(ids, s)]
-            starts.append(len(flat) + 2)
-            flat += [0, 1]
+                ids = [i if i is not None else (get(w) if w in self.word_id else self._add(w)) for i, w in zip(ids, seg)]
+            if start < 2:
+                flat += (0, 1)[start:]
+            starts.append(len(flat) + (start - a))
             flat += ids
-            flat += [2, 3]
+            if b < stop + 2:
+                flat += (2, 3)[: stop + 2 - b]
+            # history (NLTK: prev, prev2 = START, then shifted by each tag)
+            seq = [START[1], START[0]] + list(prev)
+            h1.append(tidx[seq[-1]])
+            h2.append(tidx[seq[-2]])
         flat = np.asarray(flat, dtype=np.int64)
         starts = np.asarray(starts, dtype=np.int64)
-        lens = np.asarray([len(s) for s in sents], dtype=np.int64)
+        lens = np.asarray([b - a for _, a, _, b in jobs], dtype=np.int64)
         R = self.roles[flat]
         N = len(flat)
         real = np.zeros(N, dtype=bool)
         tags = np.full(N, -1, dtype=np.int64)
-        # history for i=0: prev='-START-', prev2='-START2-' (sic, NLTK order)
-        tags[starts - 1] = self.tag_idx[self.tagger.START[0]]
-        tags[starts - 2] = self.tag_idx[self.tagger.START[1]]
+        # history: for i=0 prev='-START-', prev2='-START2-' (sic, NLTK order)
+        tags[starts - 1] = h1
+        tags[starts - 2] = h2
         for st, n in zip(starts.tolist(), lens.tolist()):
             real[st : st + n] = True
         td = R[:, self.TD]
@@ -376,17 +412,17 @@ class FastPOSTagger:
             amb = np.nonzero(part[:, C - 1] - part[:, C - 2] < self.eps)[0]
             tags[pos] = best
             for a in amb.tolist():
-                tags[pos[a]] = self._exact(sents, starts, tags, int(pos[a]))
+                tags[pos[a]] = self._exact(jobs, starts, tags, int(pos[a]))
         tags_s = self.tags
         return [[tags_s[t] for t in tags[st : st + n].tolist()] for st, n in zip(starts.tolist(), lens.tolist())]
 
-    def _exact(self, sents, starts, tags, p):
+    def _exact(self, jobs, starts, tags, p):
         # recompute one token exactly as NLTK does (near-tie in our scores)
         self.fallbacks += 1
         tg = self.tagger
         k = int(np.searchsorted(starts, p, side="right")) - 1
-        i = p - int(starts[k])
-        words = sents[k]
+        words, start = jobs[k][0], jobs[k][1]
+        i = start + p - int(starts[k])
         context = tg.START + [tg.normalize(w) for w in words] + tg.END
         prev, prev2 = self.tags[tags[p - 1]], self.tags[tags[p - 2]]
         feats = tg._get_features(i, words[i], context, prev, prev2)
@@ -413,6 +449,7 @@ class FastNEChunker:
         assert isinstance(enc, nltk.classify.maxent.BinaryMaxentFeatureEncoding)
         assert clf._logarithmic and not enc._unseen and nt._cutoff_prob is None
         self.labels = list(enc.labels())
+        self.label_idx = {lab: j for j, lab in enumerate(self.labels)}
         for lab in self.labels:
             assert lab == "O" or lab[:2] in ("B-", "I-"), lab
         L = len(self.labels)
@@ -458,6 +495,9 @@ class FastNEChunker:
         self.ppt = np.zeros((1024, V), dtype=np.int64)  # 'pos+prevtag' rows
         self.shpt = np.zeros((1024, V), dtype=np.int64)  # 'shape+prevtag' rows (as previous token)
         self.lower = []  # word.lower(), pos.lower()
+        self.plid = np.zeros(1024, dtype=np.int64)  # id of pos.lower() (0 = None: no next token)
+        self.pl_names, self.pl_id = [None], {}
+        self.wnp_cache = {}  # token id * 65536 + next token's plid -> 'word+nextpos' row
 
     def _add(self, tok):
         word, pos = tok
@@ -488,6 +528,13 @@ class FastNEChunker:
         psh = self._shape(lw)  # prevshape is the shape of the LOWERCASED previous word
         self.shpt[i] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
         self.lower.append((lw, pos.lower()))
+        self.plid = _grow(self.plid, i + 1)
+        pl = self.pl_id.get(pos.lower())
+        if pl is None:
+            pl = self.pl_id[pos.lower()] = len(self.pl_names)
+            self.pl_names.append(pos.lower())
+            assert pl < 65536
+        self.plid[i] = pl
         self.tok_id[tok] = i
         return i
 
@@ -509,26 +556,65 @@ class FastNEChunker:
                 out[k] = iob
         return out
 
+    def raw_sents(self, tagged_sents):
+        """The raw labels of NLTK's NE tagger (before the chunk/IOB fixup) of each sentence."""
+        out = [[] for _ in tagged_sents]
+        for batch in _sentence_batches(tagged_sents, self.max_batch_tokens):
+            for k, labs in zip(batch, self._tag_batch([tagged_sents[k] for k in batch])):
+                out[k] = labs
+        return out
+
+    def raw_resume(self, jobs):
+        """Greedy continuation: jobs of (tokens, start, history, stop) -> the raw labels of
+        tokens[start:stop] given history = the raw labels of tokens[:start] (only the
+        last one is read; pos of tokens past stop is not read); same as
+        metadata.ner_raw_resume(jobs, ner, reference=True)."""
+        jobs = list(jobs)
+        out = [[] for _ in jobs]
+        lens = [b - a for _, a, _, b in jobs]
+        for batch in _length_batches(lens, self.max_batch_tokens):
+            for k, labs in zip(batch, self._run([jobs[k] for k in batch])):
+                out[k] = labs
+        return out
+
     def _tag_batch(self, sents):
+        return self._run([(s, 0, (), len(s)) for s in sents])
+
+    def _run(self, jobs):
+        # jobs sorted by stop - start, descending (all > 0)
         W, L = self.W, len(self.labels)
         if len(self.lower) > self.max_cache:
             self._reset_cache()
         get = self.tok_id.get
-        ids, starts = [], []
-        for s in sents:
-            x = [get(t) for t in s]
+        lidx = self.label_idx
+        # flat layout per job: tokens start-1 .. stop (those its features read)
+        ids, starts, fpos, lpos, hpos, hlab = [], [], [], [], [], []
+        for s, start, hist, stop in jobs:
+            n = len(s)
+            a, b = max(start - 1, 0), min(stop + 1, n)
+            seg = s[a:b]
+            x = [get(t) for t in seg]
             if None in x:
-                x = [i if i is not None else (get(t) if t in self.tok_id else self._add(t)) for i, t in zip(x, s)]
-            starts.append(len(ids))
+                x = [i if i is not None else (get(t) if t in self.tok_id else self._add(t)) for i, t in zip(x, seg)]
+            st = len(ids) + (start - a)
+            starts.append(st)
+            if start == 0:
+                fpos.append(st)
+            else:
+                hpos.append(st - 1)
+                hlab.append(lidx[hist[start - 1]])
+            if b == n:
+                lpos.append(st + (n - 1 - start))
             ids += x
         ids = np.asarray(ids, dtype=np.int64)
         starts = np.asarray(starts, dtype=np.int64)
-        lens = np.asarray([len(s) for s in sents], dtype=np.int64)
+        lens = np.asarray([b - a for _, a, _, b in jobs], dtype=np.int64)
+        absst = np.asarray([a for _, a, _, _ in jobs], dtype=np.int64)  # index of each job's first tagged token
         N = len(ids)
         first = np.zeros(N, dtype=bool)
-        first[starts] = True
+        first[fpos] = True
         last = np.zeros(N, dtype=bool)
-        last[starts + lens - 1] = True
+        last[lpos] = True
         cols = self.cols[ids]
         # prediction-independent features: own (word, pos) features, neighbours
         S = self.selfvec[ids].copy()
@@ -540,23 +626,34 @@ class FastNEChunker:
         S += W[r]
         r = np.where(last, self.r_none["nextword"], np.roll(cols[:, 3], -1))
         S += W[r]
-        # 'word+nextpos' is a string pair feature: one dict lookup per token
+        # 'word+nextpos' is a string pair feature: one lookup per distinct (token, next pos)
         fr = self.feat_row.get
-        low = self.lower
-        idl = ids.tolist()
-        lastl = last.tolist()
-        wnp = [
-            fr(("word+nextpos", f"{low[a][0]}+{None if e else low[b][1]}"), 0)
-            for a, b, e in zip(idl, idl[1:] + [0], lastl)
-        ]
-        S += W[np.asarray(wnp, dtype=np.int64)]
+        low, names, cache = self.lower, self.pl_names, self.wnp_cache
+        codes = ids * 65536 + np.where(last, 0, np.roll(self.plid[ids], -1))
+        u, inv = np.unique(codes, return_inverse=True)
+        wnp = []
+        for key in u.tolist():
+            r = cache.get(key)
+            if r is None:
+                a, p = divmod(key, 65536)
+                r = cache[key] = fr(("word+nextpos", f"{low[a][0]}+{names[p]}"), 0)
+            wnp.append(r)
+        S += W[np.asarray(wnp, dtype=np.int64)[inv.reshape(-1)]]
         ppt = self.ppt[ids]
         shpt_prev = np.roll(self.shpt[ids], 1, axis=0)
         labs = np.full(N, -1, dtype=np.int64)
+        labs[hpos] = hlab
+        # the 'prevtag' features depend on the token's index in its sentence (0, 1, >= 2)
+        resumed = bool(hpos)
         for i in range(int(lens[0])):
             k = int(np.count_nonzero(lens > i))
             pos = starts[:k] + i
-            if i == 0:
+            if resumed:
+                ai = absst[:k] + i
+                pl = labs[pos - 1]
+                v = np.where(ai == 0, 0, np.where(ai == 1, self.v_char[pl], self.v_full[pl]))
+                shr = np.where(ai >= 2, shpt_prev[pos, v], self.r_shpt_none[v])
+            elif i == 0:
                 v = np.zeros(k, dtype=np.int64)
                 shr = self.r_shpt_none[v]
             elif i == 1:
@@ -574,17 +671,18 @@ class FastNEChunker:
                 part = np.partition(sc, L - 2, axis=1)
                 amb = np.nonzero(part[:, L - 1] - part[:, L - 2] < self.eps)[0]
                 for a in amb.tolist():
-                    labs[pos[a]] = self._exact(sents, starts, labs, int(pos[a]))
+                    labs[pos[a]] = self._exact(jobs, starts, labs, int(pos[a]))
         labels = self.labels
         return [[labels[t] for t in labs[st : st + n].tolist()] for st, n in zip(starts.tolist(), lens.tolist())]
 
-    def _exact(self, sents, starts, labs, p):
+    def _exact(self, jobs, starts, labs, p):
         # recompute one token exactly as NLTK does (near-tie in our scores)
         self.fallbacks += 1
         k = int(np.searchsorted(starts, p, side="right")) - 1
-        i = p - int(starts[k])
-        history = [self.labels[t] for t in labs[int(starts[k]) : p].tolist()]
-        tag = self.nt.choose_tag(list(sents[k]), i, history)
+        toks, start, hist = jobs[k][0], jobs[k][1], jobs[k][2]
+        i = start + p - int(starts[k])
+        history = list(hist[:start]) + [self.labels[t] for t in labs[int(starts[k]) : p].tolist()]
+        tag = self.nt.choose_tag(list(toks), i, history)
         return self.labels.index(tag)
 
 
@@ -604,6 +702,8 @@ class FastWordSpans:
     sentence. Verified identical on all of Gutenberg and Brown (verify.py)."""
 
     CLOSERS = set("])}>\"'»”’")
+    # NLTK's CONTRACTIONS2 patterns without an apostrophe (they split a letters-only word)
+    LETTER_SPLITS = frozenset(["cannot", "gimme", "gonna", "gotta", "lemme", "wanna"])
 
     def __init__(self, max_cache=2_000_000):
         import re
@@ -630,6 +730,14 @@ class FastWordSpans:
     def _piece(self, key):
         # key = (before char or '' at text start, piece text, after char or '$' at text end / tail)
         b, piece, a = key
+        if piece.isascii() and piece.isalpha() and piece.lower() not in self.LETTER_SPLITS:
+            # ASCII letters only: every rule needs a non-letter (quote, punctuation, bracket,
+            # dash, apostrophe) except the letter-only contractions (cannot -> can not, ...)
+            spans = [(0, len(piece))]
+            if len(self.cache) >= self.max_cache:
+                self.cache.clear()
+            self.cache[key] = spans
+            return spans
         if a == "$" and b == "":  # the whole text is one tail: plain NLTK
             syn, off = piece, 0
             spans = list(self.wt.span_tokenize(syn))
@@ -892,14 +1000,24 @@ def annotate_causal(ids, ner='binary', reference=False):
     ids = np.asarray(ids, dtype=np.int64)
     names = [n + '_causal' for n in stream_names(ner, ('full',)) if n != 'word']
     out = {k: np.full(len(ids), PAD, dtype=np.uint16) for k in names}
-    for a, b in split_documents(ids):
-        for k, v in _causal_doc(ids[a:b], ner, reference).items():
-            out[k + '_causal'][a:b] = v
+    import gc
+    # the per-token bookkeeping allocates many small containers (freed by refcount, no
+    # cycles): the cyclic GC would otherwise rescan the loaded NLTK models again and again
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for a, b in split_documents(ids):
+            for k, v in _causal_doc(ids[a:b], ner, reference).items():
+                out[k + '_causal'][a:b] = v
+    finally:
+        if was_enabled:
+            gc.enable()
     return out
 
 # ---- greedy continuation of the taggers (the causal path's only use of the models) ----
 # Both taggers are greedy left to right, so tagging can resume mid-sentence from the tags
-# already chosen. NLTK implementations; a faster one may replace them (same outputs).
+# already chosen. reference=True: NLTK's own models, one word at a time; else the fast
+# taggers, all jobs of a call batched (same outputs; tests/test_metadata_causal.py).
 
 @lru_cache(maxsize=None)
 def _nltk_pos_model():
@@ -915,6 +1033,8 @@ def pos_tag_resume(jobs, reference=False):
     """jobs: (words, start, prev, stop) -> the tags of words[start:stop] of
     pos_tag_sents([words])[0], given prev = the tags of words[start-2:start] (the
     perceptron sees words i-2..i+2 and the two previous tags only)."""
+    if not reference:
+        return _pos_tagger(False).tag_resume(jobs)
     tg = _nltk_pos_model()
     out = []
     for words, start, prev, stop in jobs:
@@ -938,6 +1058,8 @@ def ner_raw_resume(jobs, ner, reference=False):
     """jobs: (tokens, start, history, stop) -> the raw (pre-chunk) tags of the NE tagger for
     tokens[start:stop] ((word, pos) pairs; pos is read only up to stop), given history =
     its raw tags of tokens[:start] (it reads the previous one or two)."""
+    if not reference:
+        return _ne_chunker(ner, False).raw_resume(jobs)
     tagger = _nltk_ne_model(ner)
     out = []
     for tokens, start, history, stop in jobs:
@@ -954,20 +1076,22 @@ def _iob(raw, prev):
         return 'B-' + raw[2:]
     return raw
 
-def _word_spans_checked(sentence):
+def _word_spans_checked(sentence, reference=True):
+    # the spans of _word_spans (the same tokenizer as analyze) and whether the regex fallback ran
     try:
-        return list(_word_tokenizer().span_tokenize(sentence)), False
+        return list(_word_tokenizer().span_tokenize(sentence) if reference else _fast_word_spans()(sentence)), False
     except ValueError:
         import re
         return [m.span() for m in re.finditer(r"\w+|[^\w\s]+", sentence)], True
 
 @lru_cache(maxsize=1 << 18)
-def _word_spans_cached(chunk):
-    sp, f = _word_spans_checked(chunk)
+def _word_spans_cached(chunk, reference=True):
+    sp, f = _word_spans_checked(chunk, reference)
     return tuple(sp), f
 
 def _causal_doc(ids, ner, reference):
     import re
+    import bisect
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
     text, escaped = decode_text(ids)
@@ -992,7 +1116,7 @@ def _causal_doc(ids, ner, reference):
     sents = list(_sentence_tokenizer().span_tokenize(text))
     spans, fb, words = [], [], []
     for s, e in sents:
-        sp, f = _word_spans_checked(text[s:e])
+        sp, f = _word_spans_checked(text[s:e], reference)
         spans.append(sp); fb.append(f); words.append([text[s + a:s + b] for a, b in sp])
     pos = pos_tag_sents(words, reference)
     use_ner = ner != 'none'
@@ -1034,84 +1158,107 @@ def _causal_doc(ids, ner, reference):
     pos_out = np.full(n, SPACE, dtype=np.uint16)
     ner_out = np.full(n, SPACE, dtype=np.uint16) if use_ner else None
 
+    # per-token searches, vectorised: open punkt decisions and the sentence of each prefix end
+    LO_U = np.searchsorted(settle, C, side='right').tolist()
+    HI_U = np.searchsorted(P, C, side='left').tolist()
+    JC = (np.searchsorted(creator, C, side='left') - 1).tolist() if len(sents) else [-1] * n
+    # last ' ', '\n', '\r' or '\t' at or before each character (-1: none)
+    issep = np.fromiter((ch in ' \n\r\t' for ch in text), dtype=bool, count=L) if L else np.zeros(0, bool)
+    sepprev = np.maximum.accumulate(np.where(issep, np.arange(L), -1)).tolist() if L else []
+    rstarts = [[x for x, _ in sp] for sp in spans]
+    sstarts_l, wfirst_l = sstarts.tolist(), wfirst.tolist()
+    wstart_l, wend_l = wstart.tolist(), wend.tolist()
+    lastnws_l = lastnws.tolist()
+    Cl, Ml, CSl, CEl = C.tolist(), M.tolist(), CS.tolist(), CE.tolist()
+    nsent = len(sents)
+
     for t_lo in range(0, n, 8192):   # blocks of tokens bound the memory of long documents
         # ---- phase 1: sentences and words of every prefix near its end
         recs = []
         for t in range(t_lo, min(n, t_lo + 8192)):
-            c, m, cs, ce = int(C[t]), int(M[t]), int(CS[t]), int(CE[t])
+            c, m, cs, ce = Cl[t], Ml[t], CSl[t], CEl[t]
             if ce <= cs:
                 continue
-            lo_u = int(np.searchsorted(settle, c, side='right'))
-            hi_u = int(np.searchsorted(P, c, side='left'))
+            lo_u, hi_u = LO_U[t], HI_U[t]
             if lo_u < hi_u:                      # an open punkt decision: re-segment from a settled start
-                jw = int(np.searchsorted(sstarts, P[lo_u], side='right')) - 1
+                jw = bisect.bisect_right(sstarts_l, int(P[lo_u])) - 1
                 while jw > 0:
-                    W = int(sstarts[jw])
+                    W = sstarts_l[jw]
                     k2 = int(np.searchsorted(P, W))
                     p2 = int(P[k2]) if k2 < len(P) else L
                     if isws[W:p2].any():
                         break
                     jw -= 1
                 jw = max(jw, 0)
-                W = int(sstarts[jw]) if len(sents) else 0
+                W = sstarts_l[jw] if nsent else 0
                 ptext = text[W:c] + '\ufffd' * m
                 new = [(W + a, W + b) for a, b in _sentence_tokenizer().span_tokenize(ptext)]
                 jfirst = jw
             else:
-                j = int(np.searchsorted(creator, c, side='left')) - 1 if len(sents) else -1
-                j = max(j, 0)
-                s0 = int(sstarts[j]) if len(sents) else 0
-                e0 = c + m if m else int(lastnws[c])
+                j = max(JC[t], 0)
+                s0 = sstarts_l[j] if nsent else 0
+                e0 = c + m if m else lastnws_l[c]
                 new = [(s0, e0)] if e0 > s0 else []
                 jfirst = j
             cands = []   # (word start, word end, kind, data)
             # settled sentences' words that the token reaches
             if jfirst > 0:
-                lim = int(wfirst[jfirst])
-                k_lo = int(np.searchsorted(wend[:lim], cs, side='right'))
-                for w in range(k_lo, lim):
-                    if wstart[w] < ce:
-                        cands.append((int(wstart[w]), int(wend[w]), 'old', w))
+                lim = wfirst_l[jfirst]
+                for w in range(bisect.bisect_right(wend_l, cs, 0, lim), lim):
+                    if wstart_l[w] < ce:
+                        cands.append((wstart_l[w], wend_l[w], 'old', w))
             for s, e in new:
                 if e <= cs or s >= ce:
                     continue
                 S = text[s:min(e, c)] + '\ufffd' * max(0, e - c)
                 j = start_of.get(s)
-                sp = None
-                if j is not None and not fb[j]:
-                    rsp = spans[j]
+                # the prefix sentence's words: sp = ref[:q] + tail (q = 0: all re-tokenized)
+                q, tail = 0, None
+                ref = spans[j] if j is not None else []
+                if j is not None and not fb[j] and ref:
                     # re-tokenize from the whitespace-delimited chunk holding the token's start:
                     # the Treebank rules act within a chunk (plus the sentence's first/last chars)
-                    cut = text.rfind(' ', s, min(cs, c) + 1)
-                    cut = max(cut, max(text.rfind(ch, s, min(cs, c) + 1) for ch in '\n\r\t'))
-                    q = int(np.searchsorted(np.array([x for x, _ in rsp], dtype=np.int64), cut + 1 - s)) if rsp and cut >= s else 0
-                    q = min(q, len(rsp) - 1)
-                    while q > 0 and not text[s + rsp[q][0] - 1].isspace():
+                    cut = sepprev[min(cs, c, L - 1)]
+                    q = bisect.bisect_left(rstarts[j], cut + 1 - s) if cut >= s else 0
+                    q = min(q, len(ref) - 1)
+                    while q > 0 and not text[s + ref[q][0] - 1].isspace():
                         q -= 1
-                    if q > 0 and s + rsp[q][0] < c:
-                        a = rsp[q][0]
-                        wsp, f = _word_spans_cached(S[a:])
+                    if q > 0 and s + ref[q][0] < c:
+                        a = ref[q][0]
+                        wsp, f = _word_spans_cached(S[a:], reference)
                         if not f and wsp:
-                            sp = list(rsp[:q]) + [(a + x, a + y) for x, y in wsp]
-                if sp is None:
-                    sp, _ = _word_spans_checked(S)
+                            tail = [(a + x, a + y) for x, y in wsp]
+                    if tail is None:
+                        q = 0
+                if tail is None:
+                    tail, _ = _word_spans_checked(S, reference)
+                # words ref[:q] end at or before the cut <= the token start: no overlap, unchanged
                 rel_cs, rel_ce = cs - s, ce - s
-                ov = [i for i, (x, y) in enumerate(sp) if x < rel_ce and y > rel_cs]
-                if not ov:
+                lo = hi = -1
+                for i, (x, y) in enumerate(tail):
+                    if x >= rel_ce:
+                        break
+                    if y > rel_cs:
+                        if lo < 0:
+                            lo = i
+                        hi = i
+                if lo < 0:
                     continue
-                lo, hi = ov[0], ov[-1]
-                ref = spans[j] if j is not None else []
-                lim = min(len(sp), len(ref))
-                meq = 0
-                while meq < lim and sp[meq] == ref[meq] and s + sp[meq][1] <= c:
+                lo, hi = lo + q, hi + q
+                nw = q + len(tail)
+                lim = min(nw, len(ref))
+                meq = q
+                while meq < lim and tail[meq - q] == ref[meq] and s + tail[meq - q][1] <= c:
                     meq += 1
-                nw = len(sp)
                 stop = min(hi + 2, nw)
                 same = meq == nw == len(ref)
-                i0 = stop if same else max(0, meq - 2)
-                wl = [S[x:y] for x, y in sp]
-                cands.append((s + sp[lo][0], s + sp[hi][1], 'new',
-                              dict(j=j, sp=sp, wl=wl, lo=lo, hi=hi, stop=stop, i0=min(i0, stop), s=s, c=c)))
+                i0 = min(stop if same else max(0, meq - 2), stop)
+                # only the words from o on are read (the taggers resume at index >= 2 past o)
+                o = max(0, min(lo, i0 - 3))
+                spo = (ref[o:q] + tail) if o < q else tail[o - q:]
+                cands.append((s + spo[lo - o][0], s + spo[hi - o][1], 'new',
+                              dict(j=j, spo=spo, o=o, wl=[S[x:y] for x, y in spo], lo=lo, hi=hi,
+                                   stop=stop, i0=i0, s=s, c=c, nw=nw)))
             recs.append((t, cs, ce, cands))
 
         # ---- phase 2: POS of the changed words, all prefixes in one batch
@@ -1122,12 +1269,13 @@ def _causal_doc(ids, ner, reference):
                     continue
                 d = cd[3]
                 rp = pos[d['j']] if d['j'] is not None else []
-                d['pos'] = list(rp[:d['i0']])
-                if d['i0'] < d['stop']:
-                    pjobs.append((d['wl'], d['i0'], d['pos'][max(0, d['i0'] - 2):], d['stop']))
+                i0, o = d['i0'], d['o']
+                d['pos'] = rp[o:i0]            # tags of words o.. (ref tags before i0)
+                if i0 < d['stop']:
+                    pjobs.append((d['wl'], i0 - o, rp[max(0, i0 - 2):i0], d['stop'] - o))
                     pref.append(d)
         for d, tags in zip(pref, pos_tag_resume(pjobs, reference)):
-            d['pos'] += tags
+            d['pos'] = d['pos'] + tags
 
         # ---- phase 3: NE raw tags of the changed words
         if use_ner:
@@ -1137,25 +1285,34 @@ def _causal_doc(ids, ner, reference):
                     if cd[2] != 'new':
                         continue
                     d = cd[3]
-                    j, sp, stop, hi = d['j'], d['sp'], d['stop'], d['hi']
+                    j, spo, stop, hi, o, nw = d['j'], d['spo'], d['stop'], d['hi'], d['o'], d['nw']
                     ref = spans[j] if j is not None else []
                     rp = pos[j] if j is not None else []
-                    f = 0
-                    lim = min(len(sp), len(ref), stop)
-                    while (f < lim and sp[f] == ref[f] and d['s'] + sp[f][1] <= d['c']
-                           and d['pos'][f] == rp[f]):
+                    pw = d['pos']
+                    lim = min(nw, len(ref), stop)
+                    # words before i0 are unchanged, end in the prefix and keep their tags
+                    f = d['i0']
+                    while (f < lim and spo[f - o] == ref[f] and d['s'] + spo[f - o][1] <= d['c']
+                           and pw[f - o] == rp[f]):
                         f += 1
-                    if f == lim and lim == stop and (stop < len(sp) or len(ref) == len(sp)):
+                    if f == lim and lim == stop and (stop < nw or len(ref) == nw):
                         f = 1 << 62                  # every item the NE tagger reads is unchanged
                     j0 = max(0, f - 1)
                     rr = raw[j] if j is not None else []
-                    d['raw'] = list(rr[:min(j0, hi + 1)])
+                    d['jcut'] = jc = min(j0, hi + 1)
+                    d['rr'] = rr
+                    d['raw'] = []
                     if j0 <= hi:
-                        toks = [(d['wl'][i], d['pos'][i] if i < len(d['pos']) else 'NN') for i in range(len(sp))]
-                        njobs.append((toks, j0, d['raw'], hi + 1))
+                        # tokens from o2 on (the job still starts at index >= 2 past o2, or o2 = 0)
+                        o2 = max(o, j0 - 2)
+                        wl = d['wl'][o2 - o:]
+                        pw2 = pw[o2 - o:]
+                        if len(pw2) < len(wl):
+                            pw2 = pw2 + ['NN'] * (len(wl) - len(pw2))
+                        njobs.append((list(zip(wl, pw2)), j0 - o2, rr[o2:j0], hi + 1 - o2))
                         nref.append(d)
             for d, tags in zip(nref, ner_raw_resume(njobs, ner, reference)):
-                d['raw'] = d['raw'] + tags
+                d['raw'] = tags
 
         # ---- phase 4: align the last token by overlap
         for t, cs, ce, cands in recs:
@@ -1167,29 +1324,97 @@ def _causal_doc(ids, ner, reference):
                         best, bov = ('old', cd[3]), ov
                 else:
                     d = cd[3]
+                    o, spo, s = d['o'], d['spo'], d['s']
                     for i in range(d['lo'], d['hi'] + 1):
-                        x, y = d['sp'][i]
-                        ov = min(d['s'] + y, ce) - max(d['s'] + x, cs)
+                        x, y = spo[i - o]
+                        ov = min(s + y, ce) - max(s + x, cs)
                         if ov > bov:
                             best, bov = ('new', d, i), ov
             if best is None:
                 continue
             if best[0] == 'old':
                 w = best[1]
-                j = int(wsent[w]); i = w - int(wfirst[j])
+                j = int(wsent[w]); i = w - wfirst_l[j]
                 pos_out[t] = POS_ID[pos[j][i]]
                 if use_ner:
                     ner_out[t] = ner_id[iob[j][i]]
             else:
                 d, i = best[1], best[2]
-                pos_out[t] = POS_ID[d['pos'][i]]
+                pos_out[t] = POS_ID[d['pos'][i - d['o']]]
                 if use_ner:
-                    r = d['raw']
-                    ner_out[t] = ner_id[_iob(r[i], r[i - 1] if i else None)]
+                    jc, rr, rw = d['jcut'], d['rr'], d['raw']
+                    r = rr[i] if i < jc else rw[i - jc]
+                    rprev = None if i == 0 else (rr[i - 1] if i - 1 < jc else rw[i - 1 - jc])
+                    ner_out[t] = ner_id[_iob(r, rprev)]
     res = {'pos': pos_out}
     if use_ner:
         res['ner'] = ner_out
     return res
+
+class CausalStream:
+    """Online causal metadata for a growing token stream (generation): extend(new_ids) returns
+    the causal tags of the new tokens, equal to annotate_causal of the whole stream, without
+    re-annotating the whole document per token.
+
+    The taggers work sentence by sentence and punkt decides each sentence break from the words
+    around it only, so once a break is settled (text after it exists: a full sentence follows)
+    nothing before it can change the tags after it. The stream keeps a window that starts at
+    such a break, at a token boundary, and annotates only the window: the start of the
+    second-to-last sentence of the current window, so the window stays about two sentences
+    long. Tags: {'pos': uint16 array, 'ner': ... (unless ner='none')}, ids of stream_tags."""
+
+    def __init__(self, ner='binary', reference=False):
+        self.ner, self.reference = ner, reference
+        self.keys = [n for n in stream_names(ner, ('full',)) if n != 'word']
+        self.doc = []   # token ids of the current document (since the last <|endoftext|>)
+        self.w = 0      # window start: index into doc at a settled sentence break
+
+    def extend(self, new_ids):
+        new_ids = [int(i) for i in new_ids]
+        out = {k: np.full(len(new_ids), PAD, dtype=np.uint16) for k in self.keys}
+        eot = _encoding().eot_token
+        i = 0
+        while i < len(new_ids):
+            if new_ids[i] == eot:   # <pad> tags; a new document starts after it
+                self.doc, self.w = [], 0
+                i += 1
+                continue
+            j = i
+            while j < len(new_ids) and new_ids[j] != eot:
+                j += 1
+            self.doc.extend(new_ids[i:j])
+            n = j - i
+            win = np.array(self.doc[self.w:], dtype=np.int64)
+            if n == 1:   # one token: the definition directly, full tags of the window's last token
+                tags = _annotate_doc_ids(win, self.ner, self.reference)
+            else:        # many (a prompt): the near-linear causal path over the window
+                tags = _causal_doc(win, self.ner, self.reference)
+            for k in self.keys:
+                out[k][i:j] = tags[k][len(win) - n:]
+            self._advance()
+            i = j
+        return out
+
+    def _advance(self):
+        """Move the window start to the second-to-last sentence start, if a token starts there."""
+        win = np.array(self.doc[self.w:], dtype=np.int64)
+        if len(win) < 2:
+            return
+        text, cs, ce = _char_offsets_any(win)
+        sents = list(_sentence_tokenizer().span_tokenize(text))
+        if len(sents) < 3:
+            return
+        prev_end, start = sents[-3][1], sents[-2][0]
+        # the first token after the end of the sentence before; it must not reach into that
+        # sentence, start inside the new one, or begin with a UTF-8 continuation byte
+        k = int(np.searchsorted(cs, prev_end, side='left'))
+        if k == 0 or k >= len(win) or cs[k] > start or ce[k - 1] > prev_end:
+            return
+        data = _encoding().decode_bytes(win[:k + 1].tolist())
+        first = data[len(_encoding().decode_bytes(win[:k].tolist()))] if len(data) else 0
+        if (first & 0xC0) == 0x80:
+            return
+        self.w += k
 
 # -----------------------------------------------------------------------------
 # CLI

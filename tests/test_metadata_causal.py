@@ -176,3 +176,54 @@ def test_prepare_causal_streams_equal_cli(tmp_path):
     pos_names, ner_names = md.stream_tags('pos', NER), md.stream_tags('ner', NER)
     assert [row['pos'] for row in rows] == [pos_names[i] for i in pos_c.tolist()]
     assert [row['ner'] for row in rows] == [ner_names[i] for i in ner_c.tolist()]
+
+
+def test_fast_resume_equals_nltk():
+    """The fast resumption (batched numpy taggers) equals NLTK's per-word continuation on
+    random jobs: corpus sentences, random start (0, 1, 2, near the end, anywhere) and stop,
+    with the true previous tags / NE history and with arbitrary ones."""
+    from nltk.corpus import gutenberg
+    rng = random.Random(99)
+    fids = gutenberg.fileids()
+    sents = []
+    for fid in rng.sample(fids, 6):
+        ss = gutenberg.sents(fid)
+        for _ in range(60):
+            s = list(ss[rng.randrange(min(len(ss), 3000))])
+            if s:
+                sents.append(s)
+    sents += [list(s) for s in ([w for w in "Mr. John Smith of New York met Mary .".split()],
+                                ['Stop', '!'], ['x'], ['The'])]
+    pos = md.pos_tag_sents(sents, reference=True)
+    tagged = [list(zip(w, p)) for w, p in zip(sents, pos)]
+    raw = md.ner_raw_resume([(t, 0, [], len(t)) for t in tagged], NER, reference=True)
+    # the full raw pass
+    assert md.ner_raw_resume([(t, 0, [], len(t)) for t in tagged], NER) == raw
+    assert md._ne_chunker(NER, False).raw_sents(tagged) == raw
+
+    def start_stop(n):
+        a = rng.choice([0, 0, 1, 2, n - 1, n - 2, n - 3, rng.randrange(n)])
+        a = min(max(a, 0), n - 1)
+        b = rng.choice([n, n, a + 1, rng.randrange(a + 1, n + 1)])
+        return a, b
+
+    pjobs, njobs = [], []
+    labels = sorted({r for rs in raw for r in rs} | {'O', 'B-NE', 'I-NE'})
+    for _ in range(800):
+        k = rng.randrange(len(sents))
+        n = len(sents[k])
+        a, b = start_stop(n)
+        prev = pos[k][max(0, a - 2):a]
+        if rng.random() < 0.3:
+            prev = [rng.choice(md.POS_TAGS) for _ in prev]
+        pjobs.append((sents[k], a, prev, b))
+        a, b = start_stop(n)
+        hist = raw[k][:a]
+        if rng.random() < 0.3:
+            hist = [rng.choice(labels) for _ in hist]
+        toks = tagged[k] if rng.random() < 0.7 else [(w, rng.choice(md.POS_TAGS)) for w, _ in tagged[k]]
+        njobs.append((toks, a, hist, b))
+    assert md.pos_tag_resume(pjobs, reference=False) == md.pos_tag_resume(pjobs, reference=True)
+    assert md.ner_raw_resume(njobs, NER, reference=False) == md.ner_raw_resume(njobs, NER, reference=True)
+    # resuming at 0 with no history is plain tagging
+    assert md.pos_tag_resume([(s, 0, [], len(s)) for s in sents]) == pos

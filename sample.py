@@ -1,0 +1,381 @@
+"""
+Sample from a trained model: baseline, LIME (metadata of token t at position t) or LIME+1
+(metadata of token t+1 at position t, so hints can steer what comes next).
+
+$ python sample.py --out_dir=out-cpu-demo-lime --start="The ship" --max_new_tokens=40
+$ python sample.py --out_dir=out-cpu-demo-lime1 --start="He paid" --hints="CD CD NNS" --show_tags=True
+
+Everything about the data (streams, tag vocabularies, tokenizer, tokenization, NER mode) is read
+from the checkpoint. Metadata at generation is always causal: the tags of token t computed from
+tokens <= t (metadata.CausalStream), since the future text a full tagger would look at does not
+exist yet. Every module-level name below is a config key, overridable with --key=value.
+"""
+
+import ast
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'
+start = '\n'  # prompt text, or FILE:path; '' starts a fresh document (<|endoftext|>)
+num_samples = 3
+max_new_tokens = 100
+temperature = 0.8  # 0 = greedy
+top_k = 200  # 1 = greedy; 0 = no top-k filtering
+seed = 1337
+device = 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False
+kv_cache = True  # False: recompute the whole context for every new token
+hints = ''  # LIME+1 only: one element per generated token: CD, B-NE, CD/O, or _ for none
+hints_file = ''  # read hints from this file instead
+show_tags = False  # print each generated token with the metadata it was given
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+PAD, SPACE, UNK = 0, 1, 2  # special tag ids, the same in every stream (metadata.py)
+
+
+class SampleError(Exception):
+    """Bad input: main prints it as one line and exits 1."""
+
+
+def configure(argv):
+    """--key=value flags over DEFAULTS, checked against the default's type."""
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        if not arg.startswith('--') or '=' not in arg:
+            raise SampleError(f"expected --key=value, got {arg!r}")
+        key, val = arg[2:].split('=', 1)
+        if key not in DEFAULTS:
+            raise SampleError(f"unknown option --{key} (options: {', '.join(DEFAULTS)})")
+        default = DEFAULTS[key]
+        if not isinstance(default, str):  # strings stay verbatim: --start=42 is the text "42"
+            try:
+                val = ast.literal_eval(val)
+            except (SyntaxError, ValueError):
+                pass
+            if isinstance(default, float) and isinstance(val, int) and not isinstance(val, bool):
+                val = float(val)
+            if isinstance(default, int) and isinstance(val, float) and val.is_integer() and not isinstance(default, bool):
+                val = int(val)
+            if type(val) is not type(default):
+                raise SampleError(f"--{key} must be {type(default).__name__}, got {val!r}")
+        cfg[key] = val
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# checkpoint and tokenizer
+
+def load_checkpoint(out_dir, device):
+    from model import GPT
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(path):
+        raise SampleError(f"{path}: not found (train a model with train.py first)")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        model = GPT.from_checkpoint(ckpt, device)
+    except Exception as e:
+        raise SampleError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})")
+    model.eval()
+    return model, ckpt
+
+
+def base_stream(name):
+    # pos_causal and pos are the same computation at generation: causal tags
+    return name[:-len('_causal')] if name.endswith('_causal') else name
+
+
+class Text:
+    """Encode/decode with the checkpoint's tokenizer and tokenization, as prepare.py did."""
+
+    def __init__(self, dataset):
+        import metadata as md
+        self.md = md
+        self.tokenization = dataset.get('tokenization', 'lime')
+        self.ner = dataset.get('ner', 'binary')
+        try:
+            md.set_tokenizer(dataset.get('tokenizer', 'gpt2'))
+            md.ensure_resources(self.ner)
+            self.enc = md._encoding()
+        except md.MetadataError as e:
+            raise SampleError(str(e))
+        self.eot = self.enc.eot_token
+
+    def encode(self, text):
+        # 'lime' tokenization encodes each word on its own, so the words come from the tagger's
+        # word split; <|endoftext|> in the prompt separates documents, as in the training data
+        ids = []
+        for k, doc in enumerate(text.split('<|endoftext|>')):
+            if k:
+                ids.append(self.eot)
+            if doc:
+                ids.extend(self.md.annotate_text(doc, self.tokenization, self.ner)[0].tolist())
+        return ids
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def token_str(self, i):
+        return self.enc.decode_single_token_bytes(i).decode('utf-8', errors='replace')
+
+    def tagger(self):
+        return self.md.CausalStream(self.ner)
+
+
+# -----------------------------------------------------------------------------
+# hints (LIME+1)
+
+def parse_hints(text, vocabs):
+    """'CD CD/O _ B-NE' -> one dict {stream: tag id} per generated token ({} = no hint).
+    vocabs: {stream name: tag names}; each part of an element must name a tag of exactly one stream."""
+    valid = {}
+    for s, tags in vocabs.items():
+        for i, t in enumerate(tags):
+            if i > UNK:  # <pad>/<space>/<unk> are not hints
+                valid.setdefault(t, []).append((s, i))
+    out = []
+    for n, elem in enumerate(text.split(), 1):
+        h = {}
+        if elem != '_':
+            for part in elem.split('/'):
+                where = valid.get(part)
+                if where is None:
+                    raise SampleError(f"hint {n}: unknown tag '{part}' (valid: {' '.join(valid)}, or _ for none)")
+                if len(where) > 1:
+                    raise SampleError(f"hint {n}: tag '{part}' is ambiguous (streams {', '.join(s for s, _ in where)})")
+                s, i = where[0]
+                if s in h:
+                    raise SampleError(f"hint {n}: two tags for stream '{s}' in '{elem}'")
+                h[s] = i
+        out.append(h)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def pick(logits, temperature, top_k, generator=None):
+    """Next token from the last position's logits. Greedy (temperature 0 or top_k 1) is the argmax,
+    the lowest id on ties, and draws no random numbers; otherwise softmax(logits / temperature)
+    over the top_k tokens."""
+    logits = logits.float()
+    if temperature == 0 or top_k == 1:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k and top_k < logits.numel():
+        v, _ = torch.topk(logits, top_k)
+        logits = logits.masked_fill(logits < v[-1], -float('inf'))
+    return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, tagger=None,
+             hints=None, ctx=nullcontext(), generator=None, cache_dtype=None, tag_generated=True):
+    """Generate max_new_tokens after the token ids prompt (batch of one).
+    tagger: an object with extend(ids) -> {base stream: tag ids of those tokens} (metadata.CausalStream,
+    or a fake in tests); needed for LIME/LIME+1 models. hints: LIME+1 only, one dict {stream: tag id}
+    per generated token. Returns a dict: tokens (prompt + new), meta {stream: tag id per position, as fed},
+    given {stream: tag ids of each new token, as fed} and source (per new token: 'online', 'hinted', 'unk'),
+    causal {base stream: causal tags of every token} (when a tagger is given; for LIME+1 the generated
+    tokens are tagged only if tag_generated, since generation itself never needs their tags)."""
+    cfg = model.config
+    dev = model.lm_head.weight.device
+    streams, shift = list(cfg.meta_streams), cfg.meta_shift
+    bs = cfg.block_size
+    hints = hints or []
+    tokens = list(prompt)
+    assert tokens, "the prompt must hold at least one token"
+    causal = {}
+
+    def annotate(new):
+        if tagger is None:
+            return
+        for k, v in tagger.extend(new).items():
+            causal.setdefault(k, []).extend(int(x) for x in v)
+
+    annotate(tokens)
+    meta = {s: [] for s in streams}
+    source = []
+
+    def hinted(i):
+        """Metadata fed for generated token i (1-based) under LIME+1: the hint, else <unk>."""
+        h = hints[i - 1] if i <= len(hints) else {}
+        src = 'hinted' if h else 'unk'
+        return {s: h.get(s, UNK) for s in streams}, src
+
+    if streams:
+        if tagger is None:
+            raise ValueError("a model with metadata streams needs a tagger")
+        if shift == 0:   # position t: causal tags of token t
+            for s in streams:
+                meta[s] = list(causal[base_stream(s)])
+        else:            # position t: causal tags of prompt token t+1; the last one: hint 1
+            h, _ = hinted(1)
+            for s in streams:
+                meta[s] = list(causal[base_stream(s)][1:]) + [h[s]]
+
+    def forward(lo, hi, start_pos, cache):
+        idx = torch.tensor([tokens[lo:hi]], dtype=torch.long, device=dev)
+        m = {s: torch.tensor([meta[s][lo:hi]], dtype=torch.long, device=dev) for s in streams}
+        with ctx:
+            logits, _ = model(idx, m, kv_cache=cache, start_pos=start_pos)
+        return logits[0, -1]
+
+    # With the cache, each new token costs one position. The position embeddings are absolute, so
+    # keys cannot slide: once the context holds block_size tokens, the cache is refilled from the
+    # last block_size tokens, which is exactly what the uncached path computes (so both agree, and
+    # past block_size every token costs a full window either way).
+    cache = model.new_kv_cache(1, dtype=cache_dtype) if use_cache else None
+    cache_lo, cached = 0, 0  # the cache holds tokens[cache_lo:cache_lo + cached] at positions 0..cached-1
+    given = {s: [] for s in streams}
+    for i in range(1, max_new_tokens + 1):
+        n = len(tokens)
+        lo = max(0, n - bs)
+        if cache is None:
+            logits = forward(lo, n, 0, None)
+        elif cached and lo == cache_lo and n - lo == cached + 1:
+            logits = forward(n - 1, n, cached, cache)  # one new position
+            cached += 1
+        else:
+            logits = forward(lo, n, 0, cache)  # (re)fill from the window's start
+            cache_lo, cached = lo, n - lo
+        tok = pick(logits, temperature, top_k, generator)
+        tokens.append(tok)
+        if shift == 0 or tag_generated:
+            annotate([tok])
+        if streams:
+            if shift == 0:
+                m, src = {s: causal[base_stream(s)][-1] for s in streams}, 'online'
+                for s in streams:
+                    given[s].append(m[s])
+            else:  # the new token's own tags were fed one position earlier; feed the next hint now
+                for s in streams:
+                    given[s].append(meta[s][-1])
+                src = hinted(i)[1]
+                m, _ = hinted(i + 1)
+            for s in streams:
+                meta[s].append(m[s])
+            source.append(src)
+    return dict(tokens=tokens, meta=meta, given=given, source=source, causal=causal)
+
+
+# -----------------------------------------------------------------------------
+
+def fmt_tags(vocabs, tags):
+    return '/'.join(vocabs[s][t] for s, t in tags.items())
+
+
+def run(cfg, out=None, err=None):
+    out, err = out or sys.stdout, err or sys.stderr
+    torch.manual_seed(cfg['seed'])
+    if cfg['temperature'] < 0 or cfg['top_k'] < 0 or cfg['max_new_tokens'] < 0 or cfg['num_samples'] < 1:
+        raise SampleError("temperature, top_k and max_new_tokens must be >= 0, num_samples >= 1")
+    dev = cfg['device']
+    device_type = 'cuda' if 'cuda' in dev else 'cpu'
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg['dtype'])
+    if ptdtype is None:
+        raise SampleError(f"--dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
+    ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+    model, ckpt = load_checkpoint(cfg['out_dir'], dev)
+    mcfg = model.config
+    streams, shift = list(mcfg.meta_streams), mcfg.meta_shift
+    dataset = ckpt.get('dataset') or {}
+    vocabs = {s: dataset.get('streams', {}).get(s, {}).get('tags') for s in streams}
+    for s, v in vocabs.items():
+        if v is None:
+            raise SampleError(f"checkpoint has no tag vocabulary for stream '{s}'")
+        if base_stream(s) not in ('pos', 'ner'):
+            raise SampleError(f"stream '{s}' cannot be computed at generation (only pos/ner, full or causal)")
+
+    # hints: LIME+1 only
+    hint_text = cfg['hints']
+    if cfg['hints_file']:
+        try:
+            with open(cfg['hints_file']) as f:
+                hint_text = f.read()
+        except OSError as e:
+            raise SampleError(f"--hints_file: {e.strerror}: {cfg['hints_file']}")
+    hints = []
+    if hint_text.strip():
+        if not streams:
+            raise SampleError("--hints needs a LIME+1 checkpoint; this one is a baseline (no metadata streams)")
+        if shift != 1:
+            raise SampleError("--hints needs a LIME+1 checkpoint (meta_shift=1); this LIME model computes "
+                              "the metadata of each token itself, after generating it")
+        hints = parse_hints(hint_text, {s: vocabs[s] for s in streams})
+        if len(hints) > cfg['max_new_tokens']:
+            raise SampleError(f"{len(hints)} hints for max_new_tokens={cfg['max_new_tokens']}")
+
+    text = Text(dataset)
+    for s in streams:
+        # the tag vocabulary must be the one metadata.py produces, or its ids would mean other tags
+        if text.md.stream_tags(base_stream(s), text.ner) != vocabs[s]:
+            raise SampleError(f"stream '{s}': the checkpoint's tag vocabulary differs from metadata.py's")
+    if any(not s.endswith('_causal') for s in streams):
+        print(f"warning: this model was trained on full metadata ({', '.join(streams)}); "
+              "generation can only give it causal metadata", file=err)
+    if shift == 1 and (ckpt.get('config') or {}).get('meta_dropout', 0.0) == 0 and (
+            len(hints) < cfg['max_new_tokens'] or any(len(h) < len(streams) for h in hints)):
+        print("note: this model was trained without meta_dropout, so generated positions without a "
+              "hint for a stream (<unk>) are out of distribution", file=err)
+
+    start = cfg['start']
+    if start.startswith('FILE:'):
+        try:
+            with open(start[5:], encoding='utf-8') as f:
+                start = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"--start: cannot read {start[5:]} ({e})")
+    prompt = text.encode(start) if start else [text.eot]
+    if not prompt:
+        prompt = [text.eot]
+
+    if cfg['compile']:
+        model = torch.compile(model)  # attribute access (config, new_kv_cache) falls through to the model
+    followed = total = 0
+    for k in range(cfg['num_samples']):
+        r = generate(model, prompt, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'], cfg['kv_cache'],
+                     tagger=text.tagger() if streams else None, hints=hints, ctx=ctx,
+                     cache_dtype=ptdtype if device_type == 'cuda' else None, tag_generated=cfg['show_tags'])
+        new = r['tokens'][len(prompt):]
+        print(text.decode(r['tokens'] if start else new), file=out)
+        if cfg['show_tags'] and streams:
+            names = {s: vocabs[s] for s in streams}
+            print('  #  token                given (source)        ' + ('generated (causal)' if shift else ''), file=out)
+            for i, tok in enumerate(new):
+                g = fmt_tags(names, {s: r['given'][s][i] for s in streams})
+                line = f"{i + 1:3d}  {text.token_str(tok)!r:20} {g + ' (' + r['source'][i] + ')':22}"
+                if shift == 1:
+                    c = {s: r['causal'][base_stream(s)][len(prompt) + i] for s in streams}
+                    line += f" {fmt_tags(names, c)}"
+                    if r['source'][i] == 'hinted':
+                        h = hints[i]
+                        ok = all(c[s] == t for s, t in h.items())
+                        followed += ok
+                        total += 1
+                        line += '  ok' if ok else '  MISS'
+                print(line, file=out)
+        print('---------------', file=out)
+    if cfg['show_tags'] and shift == 1 and hints:
+        print(f"hints followed: {followed}/{total}", file=out)
+    return followed, total
+
+
+def main(argv):
+    try:
+        run(configure(argv))
+    except SampleError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,268 @@
+"""sample.py (issue 5): KV cache equality, online causal metadata, LIME+1 hints, errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import metadata as md
+import sample
+import train
+from conftest import ROOT, write_dataset
+from model import GPT, GPTConfig
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead, and the box is shared
+
+try:
+    md.ensure_resources('binary')
+    md._encoding()
+    HAVE_NLTK = True
+except Exception:  # no NLTK data / tiktoken cache here
+    HAVE_NLTK = False
+needs_nltk = pytest.mark.skipif(not HAVE_NLTK, reason='NLTK data or tiktoken cache unavailable')
+NER = 'binary'
+PROMPT = 'Mr. Smith went to Washington in 2024. He said "Stop!" Then'
+
+
+@pytest.fixture(autouse=True)
+def gpt2_tokenizer():
+    yield
+    md.set_tokenizer('gpt2')  # the tokenizer is process-global: leave it as the other tests expect
+
+
+def make_ckpt(d, streams=(), shift=0, meta_dropout=0.0, tokenizer='gpt2-512', block_size=16, seed=0):
+    """A checkpoint in train.py's format from a random model (weights scaled up, so greedy decoding has
+    no near-ties) and the dataset info prepare.py would write."""
+    n = md.parse_tokenizer(tokenizer)
+    vocab = (n + 1) if n else 50257
+    tags = {s: md.stream_tags(s, NER) for s in streams}
+    torch.manual_seed(seed)
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab, bias=False,
+                    meta_streams=tuple(streams), meta_n_tags=tuple(len(t) for t in tags.values()), meta_shift=shift)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(5.0)
+    os.makedirs(d, exist_ok=True)
+    ckpt = dict(model=model.state_dict(), model_args=dict(vars(model.config)),
+                config=dict(train.DEFAULTS, meta_shift=shift, meta_dropout=meta_dropout, metadata=','.join(streams)),
+                dataset=dict(vocab_size=vocab, tokenizer=tokenizer, tokenization='lime', ner=NER, eot_token=vocab - 1,
+                             streams={s: {'tags': t} for s, t in tags.items()}))
+    torch.save(ckpt, os.path.join(d, 'ckpt.pt'))
+    return str(d)
+
+
+def vocabs(ckpt):
+    return {s: v['tags'] for s, v in ckpt['dataset']['streams'].items()}
+
+
+def cli(*argv):
+    """sample.main in a subprocess: (exit status, stdout, stderr)."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, str(ROOT / 'sample.py'), *argv], capture_output=True, text=True, env=env)
+    return r.returncode, r.stdout, r.stderr
+
+
+# --- online causal metadata ------------------------------------------------------
+
+def _stream_equal(ids, chunks):
+    cs = md.CausalStream(NER)
+    got = {k: [] for k in cs.keys}
+    i = 0
+    for c in chunks:
+        r = cs.extend(ids[i:i + c])
+        i += c
+        for k in got:
+            got[k].extend(r[k].tolist())
+    assert i == len(ids)
+    ref = md.annotate_causal(np.array(ids), NER)
+    for k in got:
+        bad = np.nonzero(np.array(got[k]) != ref[k + '_causal'])[0]
+        assert len(bad) == 0, (k, int(bad[0]), md._encoding().decode(ids[max(0, bad[0] - 40):bad[0] + 1]))
+    return cs
+
+
+@needs_nltk
+def test_causal_stream_equals_annotate_causal():
+    from nltk.corpus import gutenberg
+    raw = gutenberg.raw('austen-emma.txt')
+    rng = np.random.default_rng(0)
+    enc = md._encoding()
+    for how in ('lime', 'plain'):
+        s = int(rng.integers(len(raw) - 4000))
+        text = raw[s:s + 2500]
+        ids = md.annotate_text(text, 'lime', NER)[0].tolist() if how == 'lime' else enc.encode_ordinary(text)
+        ids[len(ids) // 2] = enc.eot_token  # a document boundary in the middle
+        cs = _stream_equal(ids, [40] + [1] * (len(ids) - 40))  # a prompt, then one token at a time
+        assert len(cs.doc) - cs.w < 200  # the window stays a few sentences long
+    # generated-like streams: random GPT-2 tokens, and random tokens biased to sentence punctuation,
+    # quotes, abbreviations, newlines and multi-byte characters
+    ids = rng.integers(0, enc.eot_token, 300).tolist()
+    _stream_equal(ids, [1] * len(ids))
+    pieces = ['.', ' .', '."', ".'", '!', '?', ' "', '"', ')', ' (', ' Mr', ' Dr', ' U', '.S', ' The', ' he',
+              ' said', ' John', ' Smith', ' New', ' York', '\n', '\n\n', ' ', ',', ' 3', '.14', '...', ' é',
+              "'s", ' --', ' J', ' R', '—', '“', '”', ' 😀']
+    vocab = sorted({t for p in pieces for t in enc.encode_ordinary(p)})
+    ids = rng.choice(vocab, 500).tolist()
+    _stream_equal(ids, [7] + [1] * 200 + [13] + [1] * 280)
+
+
+# --- KV cache ------------------------------------------------------------------------
+
+@needs_nltk
+@pytest.mark.parametrize('kind', ['baseline', 'lime', 'lime1'])
+def test_kv_cache_matches_recompute(tmp_path, kind):
+    streams, shift = {'baseline': ((), 0), 'lime': (('pos_causal', 'ner_causal'), 0),
+                      'lime1': (('pos_causal', 'ner_causal'), 1)}[kind]
+    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, streams, shift), 'cpu')
+    text = sample.Text(ckpt['dataset'])
+    prompt = text.encode(PROMPT)
+    assert len(prompt) > 16  # longer than block_size: the context is cropped from the start
+    hints = sample.parse_hints('NNP _ VBD/O . B-NE', vocabs(ckpt)) if shift else None
+    runs = []
+    for use_cache in (True, False):
+        for temperature, top_k in ((0.0, 0), (1.0, 1)):  # both spellings of greedy
+            r = sample.generate(model, prompt, 24, temperature, top_k, use_cache,
+                                tagger=text.tagger() if streams else None, hints=hints)
+            runs.append(r['tokens'])
+        g = torch.Generator().manual_seed(3)  # sampling, same random numbers: same tokens
+        runs.append(sample.generate(model, prompt, 24, 1.0, 50, use_cache,
+                                    tagger=text.tagger() if streams else None, hints=hints, generator=g)['tokens'])
+    assert runs[0] == runs[1] == runs[3] == runs[4]
+    assert runs[2] == runs[5]
+    assert len(set(runs[0][len(prompt):])) > 1  # not a degenerate constant stream
+
+
+@needs_nltk
+def test_cli_cache_on_off_identical_and_gpt2_n(tmp_path):
+    d = make_ckpt(tmp_path, ('pos_causal',), 0)
+    outs = [cli(f'--out_dir={d}', f'--start={PROMPT}', '--max_new_tokens=20', '--top_k=1', '--num_samples=1',
+                f'--kv_cache={c}') for c in (True, False)]
+    assert outs[0][0] == 0, outs[0][2]
+    assert outs[0][1] == outs[1][1] and PROMPT in outs[0][1]
+
+
+# --- prompt metadata -------------------------------------------------------------------
+
+@needs_nltk
+@pytest.mark.parametrize('shift', [0, 1])
+def test_prompt_metadata_is_causal_annotation(tmp_path, shift):
+    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, ('pos_causal', 'ner_causal'), shift), 'cpu')
+    text = sample.Text(ckpt['dataset'])
+    prompt = text.encode('Alice met Bob in Paris.<|endoftext|>' + PROMPT)
+    ref = md.annotate_ids(prompt, NER, tags='causal')
+    hints = sample.parse_hints('CD/B-NE', vocabs(ckpt))
+    r = sample.generate(model, prompt, 3, 0.0, 0, True, tagger=text.tagger(), hints=hints if shift else None)
+    P = len(prompt)
+    for s in ('pos_causal', 'ner_causal'):
+        if shift == 0:
+            assert r['meta'][s][:P] == ref[s].tolist()
+        else:  # position t sees token t+1; the last prompt position predicts generated token 1: hint 1
+            assert r['meta'][s][:P - 1] == ref[s][1:].tolist()
+            assert r['meta'][s][P - 1] == hints[0][s]
+        # the causal tags of everything (prompt and generated) are annotate_causal's
+        assert r['causal'][s[:-7]] == md.annotate_ids(r['tokens'], NER, tags='causal')[s].tolist()
+    if shift == 0:  # each generated token was fed its own online causal tags
+        full = md.annotate_ids(r['tokens'], NER, tags='causal')
+        assert r['meta']['pos_causal'] == full['pos_causal'].tolist()
+        assert r['source'] == ['online'] * 3
+    else:
+        assert r['source'] == ['hinted', 'unk', 'unk']
+
+
+# --- LIME+1 follows hints (synthetic data: each token is fixed by its tag) ----------------
+
+class ClassTagger:
+    """The synthetic data's 'causal tagger': write_dataset makes token (tag-3)*3+1 for tag."""
+
+    def __init__(self, eot):
+        self.eot = eot
+
+    def extend(self, ids):
+        ids = np.asarray(ids)
+        tag = np.where((ids - 1) % 3 == 0, (ids - 1) // 3 + 3, md.SPACE)
+        return {'pos': np.where(ids == self.eot, md.PAD, tag)}
+
+
+def test_lime1_follows_hints(tmp_path):
+    data = write_dataset(tmp_path / 'data')
+    out = tmp_path / 'out'
+    train.main(['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
+                '--log_interval=1000', '--eval_interval=1000', '--warmup_iters=10', '--learning_rate=3e-3',
+                '--min_lr=3e-4', '--device=cpu', '--dtype=float32', '--max_iters=120', '--lr_decay_iters=120',
+                '--metadata=pos', '--meta_shift=1', '--meta_dropout=0.1', f'--data_dir={data}', f'--out_dir={out}'])
+    model, ckpt = sample.load_checkpoint(out, 'cpu')
+    tags = ckpt['dataset']['streams']['pos']['tags']
+    rng = np.random.default_rng(0)
+    want = rng.integers(3, len(tags), 40)
+    hints = sample.parse_hints(' '.join(tags[t] for t in want), vocabs(ckpt))
+    eot = ckpt['dataset']['eot_token']
+    prompt = [1, 4, 7, 10]
+    followed = 0
+    for seed in range(2):
+        r = sample.generate(model, prompt, len(want), 1.0, 0, True, tagger=ClassTagger(eot), hints=hints,
+                            generator=torch.Generator().manual_seed(seed))
+        got = r['causal']['pos'][len(prompt):]
+        followed += sum(int(a == b) for a, b in zip(got, want))
+        assert r['given']['pos'] == want.tolist()
+    assert followed / (2 * len(want)) > 0.8  # chance is 1/8
+
+
+# --- errors -----------------------------------------------------------------------------
+
+def test_parse_hints():
+    vocabs = {'pos_causal': md.stream_tags('pos', NER), 'ner_causal': md.stream_tags('ner', NER)}
+    pos, ner = vocabs['pos_causal'], vocabs['ner_causal']
+    h = sample.parse_hints('CD  CD/O _\nB-NE', vocabs)
+    assert h == [{'pos_causal': pos.index('CD')}, {'pos_causal': pos.index('CD'), 'ner_causal': ner.index('O')},
+                 {}, {'ner_causal': ner.index('B-NE')}]
+    with pytest.raises(sample.SampleError, match=r"hint 2: unknown tag 'XX' \(valid: # \$ .* CD .* B-NE I-NE"):
+        sample.parse_hints('CD XX', vocabs)
+    with pytest.raises(sample.SampleError, match="two tags for stream 'pos_causal'"):
+        sample.parse_hints('CD/NN', vocabs)
+    with pytest.raises(sample.SampleError, match="unknown tag '<unk>'"):
+        sample.parse_hints('<unk>', vocabs)
+
+
+@needs_nltk
+def test_cli_errors(tmp_path, capsys):
+    base = make_ckpt(tmp_path / 'base')
+    lime = make_ckpt(tmp_path / 'lime', ('pos_causal',), 0)
+    lime1 = make_ckpt(tmp_path / 'lime1', ('pos_causal', 'ner_causal'), 1)
+    cases = [
+        ([f'--out_dir={tmp_path}/nothing'], 'ckpt.pt: not found'),
+        ([f'--out_dir={base}', '--hints=CD'], '--hints needs a LIME+1 checkpoint; this one is a baseline'),
+        ([f'--out_dir={lime}', '--hints=CD'], '--hints needs a LIME+1 checkpoint (meta_shift=1)'),
+        ([f'--out_dir={lime1}', '--hints=CD ZZ'], "hint 2: unknown tag 'ZZ' (valid: #"),
+        ([f'--out_dir={lime1}', '--hints=CD CD', '--max_new_tokens=1'], '2 hints for max_new_tokens=1'),
+        ([f'--out_dir={lime1}', f'--hints_file={tmp_path}/none.txt'], '--hints_file: No such file'),
+        ([f'--out_dir={lime1}', '--top_k=many'], '--top_k must be int'),
+        (['--no_such=1'], 'unknown option --no_such'),
+    ]
+    for argv, msg in cases:  # in process (fast), then one through the script: exit status, no traceback
+        assert sample.main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and err.startswith('sample.py: error: ') and msg in err, (argv, err)
+    rc, out, err = cli(*cases[3][0])
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1 and cases[3][1] in lines[0], err
+
+
+@needs_nltk
+def test_cli_show_tags_and_warnings(tmp_path, capsys):
+    lime1 = make_ckpt(tmp_path / 'lime1', ('pos', 'ner'), 1)  # full streams, no meta_dropout
+    (tmp_path / 'h.txt').write_text('CD _\nB-NE/NNP\n')
+    assert sample.main([f'--out_dir={lime1}', '--start=FILE:' + str(ROOT / 'README.md'), '--max_new_tokens=5',
+                        f'--hints_file={tmp_path}/h.txt', '--show_tags=True', '--num_samples=2', '--top_k=1']) == 0
+    out, err = capsys.readouterr()
+    assert 'generation can only give it causal metadata' in err
+    assert 'trained without meta_dropout' in err
+    assert out.count('(hinted)') == 4 and out.count('(unk)') == 6
+    assert 'hints followed: ' in out and out.strip().endswith('/4')
+    lime = make_ckpt(tmp_path / 'lime', ('pos_causal', 'ner_causal'), 0)
+    assert sample.main([f'--out_dir={lime}', '--start=', '--max_new_tokens=4', '--show_tags=True',
+                        '--num_samples=1']) == 0
+    out, err = capsys.readouterr()
+    assert out.count('(online)') == 4 and err == ''
