@@ -628,6 +628,8 @@ class FastNEChunker:
         S += W[r]
         # 'word+nextpos' is a string pair feature: one lookup per distinct (token, next pos)
         fr = self.feat_row.get
+        if len(self.wnp_cache) > 4 * self.max_cache:
+            self.wnp_cache.clear()  # bounds memory (the token caches reset on their own)
         low, names, cache = self.lower, self.pl_names, self.wnp_cache
         codes = ids * 65536 + np.where(last, 0, np.roll(self.plid[ids], -1))
         u, inv = np.unique(codes, return_inverse=True)
