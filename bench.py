@@ -1,0 +1,995 @@
+"""
+Benchmarks for LIME: what the metadata costs, what it buys, and how well LIME+1 hints steer.
+
+$ python bench.py --mode=throughput                        # train-step tokens/s, param overhead, MFU
+$ python bench.py --mode=tagging                           # annotation words/s: fast path vs plain NLTK
+$ python bench.py configs/bench_efficiency_cpu.py          # baseline vs LIME variants, same data/steps
+$ python bench.py --mode=steering --ckpt_dir=out-bench-eff/lime1
+$ python bench.py configs/bench_gpu_check.py               # one short GPU smoke test of all of the above
+
+Every module-level name below is a config key; config files (python, exec'd) and --key=value
+flags override them in command-line order, unknown keys are an error (as in train.py).
+Each mode prints a table and writes out_json (default out-bench/bench_<mode>.json), atomically.
+"""
+
+import ast
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# default config values
+mode = 'throughput'  # throughput | tagging | efficiency | steering | gpu_check
+out_json = ''  # '' = out-bench/bench_<mode>.json
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False
+threads = 0  # torch CPU threads for in-process modes; 0 = torch's default
+# data: a prepare.py directory. The CPU presets use GPT-2's first 4096 ranks (a valid BPE) because
+# the 50257-way output layer would dominate a small model's cost on CPU; built on demand if missing.
+data_dir = 'data/gutenberg_4k'
+data_tokenizer = 'gpt2-4096'  # only used to build data_dir when it is missing (build_data=True)
+data_input = ''  # '' = NLTK's Gutenberg corpus; else comma-separated prepare.py --input paths
+build_data = True
+# model (throughput, efficiency)
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+batch_size = 16
+bias = False
+dropout = 0.0
+vocab_size = 0  # throughput only: 0 = data_dir's vocab if it exists, else 4096
+# throughput
+tp_data = 'random'  # random | real (windows of data_dir; LIME+1 then reads the next token's tags)
+tp_warmup = 3  # untimed steps per variant and round (the first round also absorbs compile time)
+tp_steps = 10  # timed steps per variant and round
+tp_rounds = 5  # rounds; variants are interleaved within each round
+tp_variants = 'baseline,lime,lime1'
+peak_flops = 0.0  # for MFU; 0 = the detected GPU's bf16 peak
+# tagging
+tag_ner = 'binary'
+tag_warm_words = 300000  # words of the corpus annotated (untimed) before the warm-cache timing
+tag_time_words = 150000  # words timed for tiktoken and the fast path
+tag_ref_words = 25000  # words timed for plain NLTK and the causal path (a prefix of the timed words)
+tag_doc_chars = 20000  # books are cut at paragraph breaks into documents of about this many chars
+tag_workers = 0  # 0 = os.cpu_count()
+tag_tokenizer = 'gpt2'
+tag_reference = True  # time plain NLTK too (slow)
+tag_causal = True  # time the causal path too
+# efficiency
+eff_runs = 'baseline,lime,lime_causal,lime1,shuffled,baseline_seed2'
+eff_dir = 'out-bench-eff'  # each run trains in eff_dir/<run>
+eff_reuse = True  # skip a run whose eff_dir/<run> finished with identical arguments
+max_iters = 1000
+eval_interval = 100
+eval_iters = 10
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 50
+weight_decay = 0.1
+gradient_accumulation_steps = 1
+eff_n_layer = 0  # model of the efficiency runs; 0 = the model keys above (gpu_check: a small
+eff_n_head = 0  # model for the short runs, next to a 124M throughput test)
+eff_n_embd = 0
+eff_block_size = 0
+eff_batch_size = 0
+lime1_meta_dropout = 0.0  # the paper's LIME+1 trains without; >0 teaches the model what <unk> (no hint) means
+launcher = ''  # prefix for train.py instead of the python running bench, e.g. 'torchrun --standalone --nproc_per_node=8'
+eff_parallel = 1  # training processes at once (CPU: 2 one-thread runs beat 1 two-thread run)
+train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
+plot = True  # eff_dir/curves.png when matplotlib is installed
+# steering
+ckpt_dir = ''  # a LIME+1 run dir with ckpt.pt; '' = eff_dir/lime1 (trained now if missing)
+base_ckpt_dir = ''  # the baseline run dir; '' = eff_dir/baseline (trained now if missing)
+steer_windows = 64  # fixed val windows for next-token accuracy
+steer_samples = 16  # generations (one per val window)
+steer_prompt = 32  # prompt tokens (real val text)
+steer_new_tokens = 32  # generated tokens, each with a hint (the real next tokens' tags)
+steer_top_k = 0  # 0 = greedy
+steer_temperature = 1.0
+steer_generator = 'auto'  # auto (sample.py's generate() if usable, else bench's) | sample | bench
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+ROOT = os.path.dirname(os.path.abspath(__file__))
+UNK = 2  # tag id of a missing tag in every stream
+MODES = ('throughput', 'tagging', 'efficiency', 'steering', 'gpu_check')
+
+
+def fail(msg):
+    raise SystemExit(msg)
+
+
+def coerce(key, value, source):
+    if key not in DEFAULTS:
+        fail(f"config error: unknown key '{key}' ({source})")
+    default = DEFAULTS[key]
+    bad = f"config error: {key} must be {type(default).__name__}, got {value!r} ({source})"
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # --max_iters=2e3
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        fail(bad)
+    return value
+
+
+def configure(argv):
+    cfg = dict(DEFAULTS)
+    for arg in argv:
+        if not arg.startswith('--'):
+            if not os.path.isfile(arg):
+                fail(f"config error: no such config file {arg}")
+            ns = {}
+            with open(arg) as f:
+                exec(f.read(), ns)
+            items = [(k, v) for k, v in ns.items()
+                     if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module']
+            source = arg
+        else:
+            if '=' not in arg:
+                fail(f"config error: expected --key=value, got {arg}")
+            k, v = arg[2:].split('=', 1)
+            try:
+                v = ast.literal_eval(v)
+            except (SyntaxError, ValueError):
+                pass  # a bare string, e.g. --device=cpu
+            items, source = [(k, v)], arg
+        for k, v in items:
+            cfg[k] = coerce(k, v, source)
+    if cfg['mode'] not in MODES:
+        fail(f"config error: mode must be one of {', '.join(MODES)}, got {cfg['mode']!r}")
+    if cfg['dtype'] not in ('float32', 'bfloat16', 'float16'):
+        fail(f"config error: dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# small helpers
+
+def finite(obj):
+    """JSON-safe copy: NaN/inf -> None (json.dump would write invalid JSON), numpy -> python."""
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(path, obj):
+    # write then rename: a reader never sees a half-written result
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, 'w') as f:
+        json.dump(finite(obj), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def table(rows, cols):
+    """Print a list of dicts as an aligned text table; cols = [(key, header, format)]."""
+    def cell(v, fmt):
+        if v is None:
+            return '-'
+        return format(v, fmt) if fmt and isinstance(v, (int, float)) else str(v)
+    cells = [[h for _, h, _ in cols]] + [[cell(r.get(k), f) for k, _, f in cols] for r in rows]
+    w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for j, c in enumerate(cells):
+        print('  '.join(x.rjust(w[i]) if i else x.ljust(w[i]) for i, x in enumerate(c)))
+        if j == 0:
+            print('  '.join('-' * x for x in w))
+
+
+def env_info(C):
+    info = dict(python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__,
+                device=C.device, dtype=C.dtype, compile=C.compile, cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads())
+    if C.device.startswith('cuda') and torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name()
+    return info
+
+
+def ensure_dataset(C):
+    """data_dir must hold train/val tokens with the full and causal streams; build it with
+    prepare.py (a subprocess) if it is missing and build_data allows."""
+    meta = os.path.join(C.data_dir, 'meta.json')
+    if os.path.isfile(meta):
+        return json.load(open(meta))
+    if not C.build_data:
+        fail(f"{meta}: not found (build it with prepare.py, or set --build_data=True)")
+    cmd = [sys.executable, os.path.join(ROOT, 'prepare.py'), '--ner', 'binary', '--tags', 'full,causal',
+           '--tokenizer', C.data_tokenizer, '--out_dir', C.data_dir, '--no_progress']
+    if C.data_input:
+        cmd += ['--input'] + C.data_input.split(',')
+    print('building the dataset:', ' '.join(cmd), flush=True)
+    t0 = time.time()
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        fail(f"prepare.py failed (exit {r.returncode}) building {C.data_dir}")
+    print(f"built {C.data_dir} in {time.time() - t0:.0f}s", flush=True)
+    return json.load(open(meta))
+
+
+def autocast_ctx(C):
+    if not C.device.startswith('cuda'):
+        return nullcontext()  # CPU runs in float32 (bf16 autocast on CPU is slower, not faster)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[C.dtype]
+    return torch.amp.autocast(device_type='cuda', dtype=ptdtype)
+
+
+def sync(C):
+    if C.device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+# -----------------------------------------------------------------------------
+# throughput: training-step tokens/s of baseline, LIME and LIME+1 on identical batches
+
+def run_throughput(C):
+    from model import GPT, GPTConfig
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    streams = ('pos', 'ner')
+    info = None
+    if C.tp_data == 'real' or (C.vocab_size == 0 and os.path.isfile(os.path.join(C.data_dir, 'meta.json'))):
+        info = ensure_dataset(C) if C.tp_data == 'real' else json.load(open(os.path.join(C.data_dir, 'meta.json')))
+    V = C.vocab_size or (info['vocab_size'] if info else 4096)
+    n_tags = tuple(len(info['streams'][s]['tags']) for s in streams) if info else (48, 6)
+    B, T = C.batch_size, C.block_size
+    n_batches = C.tp_warmup + C.tp_steps
+    g = torch.Generator().manual_seed(C.seed)
+
+    # the same batches for every variant; LIME+1 only differs in which tags it reads
+    def batches(shift):
+        if C.tp_data == 'real':
+            if info is None or 'pos' not in info['streams']:
+                fail(f"{C.data_dir}: no pos/ner streams for --tp_data=real")
+            from train import Split
+            if V != info['vocab_size']:
+                fail(f"config error: vocab_size={V} but {C.data_dir} has {info['vocab_size']}")
+            sp = Split(C.data_dir, 'train', streams, shift)
+            starts = torch.randint(sp.n - T - 1, (n_batches, B), generator=torch.Generator().manual_seed(C.seed))
+            return [sp.windows(s.tolist(), T) for s in starts]
+        out = []
+        for _ in range(n_batches):
+            x = torch.randint(V, (B, T + 1), generator=g)
+            meta = {s: torch.randint(3, n, (B, T), generator=g) for s, n in zip(streams, n_tags)}
+            out.append((x[:, :-1], x[:, 1:], meta))
+        return out
+
+    variants = [v for v in C.tp_variants.split(',') if v]
+    for v in variants:
+        if v not in ('baseline', 'lime', 'lime1'):
+            fail(f"config error: unknown throughput variant {v!r} (baseline, lime, lime1)")
+    data = {0: batches(0)}
+    if 'lime1' in variants:
+        data[1] = batches(1) if C.tp_data == 'real' else data[0]  # random tags: a shift changes nothing
+    data = {k: [(x.to(C.device), y.to(C.device), {s: m.to(C.device) for s, m in meta.items()})
+                for x, y, meta in v] for k, v in data.items()}
+
+    ctx = autocast_ctx(C)
+    scaler_on = C.dtype == 'float16' and C.device.startswith('cuda')
+    runs = {}
+    for v in variants:
+        torch.manual_seed(C.seed)  # same init: LIME = baseline weights + metadata tables
+        ms = streams if v != 'baseline' else ()
+        cfg = GPTConfig(n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=T, bias=C.bias,
+                        dropout=C.dropout, vocab_size=V, meta_streams=ms, meta_n_tags=n_tags[:len(ms)],
+                        meta_shift=1 if v == 'lime1' else 0)
+        raw = GPT(cfg).to(C.device)
+        opt = raw.configure_optimizers(0.1, 1e-4, (0.9, 0.95), 'cuda' if C.device.startswith('cuda') else 'cpu')
+        model = torch.compile(raw) if C.compile else raw
+        scaler = torch.amp.GradScaler('cuda', enabled=scaler_on)
+        runs[v] = dict(raw=raw, model=model, opt=opt, scaler=scaler, shift=1 if v == 'lime1' else 0,
+                       tps=[], dt=[], n_params=raw.get_num_params(), n_meta=raw.get_num_meta_params())
+
+    def step(r, batch):
+        x, y, meta = batch
+        with ctx:
+            _, loss = r['model'](x, meta if r['n_meta'] else None, targets=y)
+        r['scaler'].scale(loss).backward()
+        r['scaler'].unscale_(r['opt'])
+        torch.nn.utils.clip_grad_norm_(r['raw'].parameters(), 1.0)
+        r['scaler'].step(r['opt'])
+        r['scaler'].update()
+        r['opt'].zero_grad(set_to_none=True)
+        return loss
+
+    t_first = {}
+    for rnd in range(C.tp_rounds):
+        # interleaved, and the order rotates each round, so slow drifts (thermal, other
+        # processes on a shared box) hit every variant alike
+        order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
+        for v in order:
+            r, bs = runs[v], data[runs[v]['shift']]
+            t0 = time.perf_counter()
+            for i in range(C.tp_warmup):
+                step(r, bs[i])
+            sync(C)
+            if rnd == 0:
+                t_first[v] = time.perf_counter() - t0  # includes compilation
+            t0 = time.perf_counter()
+            for i in range(C.tp_steps):
+                loss = step(r, bs[C.tp_warmup + i])
+            loss.item()
+            sync(C)
+            dt = time.perf_counter() - t0
+            r['dt'].append(dt / C.tp_steps)
+            r['tps'].append(B * T * C.tp_steps / dt)
+        print(f"round {rnd + 1}/{C.tp_rounds}: " +
+              ', '.join(f"{v} {runs[v]['tps'][-1]:,.0f} tok/s" for v in variants), flush=True)
+
+    base = runs.get('baseline')
+    rows, out = [], {}
+    for v in variants:
+        r = runs[v]
+        med = statistics.median(r['tps'])
+        mfu = r['raw'].estimate_mfu(B, statistics.median(r['dt']), C.peak_flops or None)
+        res = dict(tokens_per_sec_median=med, tokens_per_sec_rounds=r['tps'],
+                   tokens_per_sec_min=min(r['tps']), tokens_per_sec_max=max(r['tps']),
+                   step_ms_median=1000 * statistics.median(r['dt']), mfu=mfu,
+                   n_params=r['n_params'], n_meta_params=r['n_meta'],
+                   meta_params_pct=100 * r['n_meta'] / r['n_params'],
+                   first_round_warmup_s=t_first.get(v))
+        if base:
+            res['ratio_vs_baseline'] = med / statistics.median(base['tps'])
+            # per-round ratios (same round = same conditions): their spread shows the noise
+            res['ratio_rounds'] = [a / b for a, b in zip(r['tps'], base['tps'])]
+            res['param_overhead'] = r['n_params'] - base['n_params']
+            res['param_overhead_pct'] = 100 * (r['n_params'] - base['n_params']) / base['n_params']
+        out[v] = res
+        rows.append(dict(variant=v, **res))
+    print()
+    table(rows, [('variant', 'variant', ''), ('tokens_per_sec_median', 'tok/s (median)', ',.0f'),
+                 ('tokens_per_sec_min', 'min', ',.0f'), ('tokens_per_sec_max', 'max', ',.0f'),
+                 ('ratio_vs_baseline', 'vs baseline', '.3f'), ('step_ms_median', 'ms/step', '.1f'),
+                 ('n_params', 'params', ',d'), ('param_overhead', '+params', ',d'),
+                 ('param_overhead_pct', '+params %', '.4f'), ('mfu', 'MFU', '.3f')])
+    return dict(variants=out, vocab_size=V, meta_n_tags=dict(zip(streams, n_tags)), batch_size=B,
+                block_size=T, n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, data=C.tp_data,
+                warmup_steps=C.tp_warmup, timed_steps=C.tp_steps, rounds=C.tp_rounds)
+
+
+# -----------------------------------------------------------------------------
+# tagging: words/s of the annotation pipeline, fast path vs plain NLTK
+
+def corpus_docs(C):
+    """Documents in a fixed order: NLTK's Gutenberg books (or data_input files), each cut at
+    paragraph breaks into pieces of about tag_doc_chars characters (realistic web-document
+    sizes, and pieces that spread evenly over worker processes)."""
+    texts = []
+    if C.data_input:
+        sys.path.insert(0, ROOT)
+        import prepare
+        texts = list(prepare.iter_texts(prepare.enumerate_documents(C.data_input.split(','))))
+    else:
+        from nltk.corpus import gutenberg
+        texts = [gutenberg.raw(f) for f in gutenberg.fileids()]
+    docs = []
+    for text in texts:
+        cur = []
+        n = 0
+        for para in text.split('\n\n'):
+            cur.append(para)
+            n += len(para) + 2
+            if n >= C.tag_doc_chars:
+                docs.append('\n\n'.join(cur))
+                cur, n = [], 0
+        if cur:
+            docs.append('\n\n'.join(cur))
+    return docs
+
+
+def take_words(docs, n_words):
+    """The first docs holding about n_words words (whitespace count: only for choosing docs)."""
+    out, n = [], 0
+    for d in docs:
+        if n >= n_words:
+            break
+        out.append(d)
+        n += len(d.split())
+    return out, docs[len(out):]
+
+
+# --- the jobs, run in forked child processes (fresh caches unless warmed explicitly)
+
+def _job_tiktoken(docs):
+    import metadata as md
+    enc = md._encoding()
+    t0 = time.perf_counter()
+    for d in docs:
+        enc.encode_ordinary(d)
+    return time.perf_counter() - t0
+
+
+def _job_full(docs, reference):
+    import metadata as md
+    t0 = time.perf_counter()
+    for d in docs:
+        md.annotate_text(d, ner=_TAG_NER, reference=reference)
+    return time.perf_counter() - t0
+
+
+def _job_causal(docs, reference):
+    import metadata as md
+    # token ids come from the full annotation first (untimed), as in prepare.py, which annotates
+    # a document fully and then causally: the per-word caches are warm from the same text
+    ids = [md.annotate_text(d, ner=_TAG_NER)[0] for d in docs]
+    md.annotate_ids(ids[0][:8], ner=_TAG_NER, tags='causal', reference=reference)  # loads its models
+    t0 = time.perf_counter()
+    for x in ids:
+        md.annotate_ids(x, ner=_TAG_NER, tags='causal', reference=reference)
+    return time.perf_counter() - t0
+
+
+def _job_count(docs):
+    import metadata as md
+    return [int(np.count_nonzero(md.annotate_text(d, ner=_TAG_NER)[1]['word'] == 3)) for d in docs]
+
+
+_TAG_NER = 'binary'
+
+
+def _child(job, args, warm_docs):
+    """In a fresh process: load the models (untimed, on one short sentence), optionally
+    annotate warm_docs (untimed) so the per-word caches hold a corpus' worth of words, then time."""
+    import metadata as md
+    reference = len(args) > 1 and args[1]
+    md.annotate_text("Mr. Smith went to Washington.", ner=_TAG_NER, reference=reference)
+    for d in warm_docs:
+        md.annotate_text(d, ner=_TAG_NER)
+    return job(*args)
+
+
+def _pool_run(job, doc_args, workers):
+    """All workers: documents spread over a pool of forked processes (they inherit the parent's
+    caches, so a warm parent gives warm workers); wall time of the whole map."""
+    import multiprocessing as mp
+    with mp.get_context('fork').Pool(workers) as pool:
+        pool.map(_noop, range(workers))  # start the workers before the clock
+        t0 = time.perf_counter()
+        pool.starmap(job, doc_args, chunksize=1)
+        return time.perf_counter() - t0
+
+
+def _noop(_):
+    return None
+
+
+def run_tagging(C):
+    import multiprocessing as mp
+    global _TAG_NER
+    _TAG_NER = C.tag_ner
+    sys.path.insert(0, ROOT)
+    import metadata as md
+    try:
+        md.set_tokenizer(C.tag_tokenizer)
+        md.ensure_resources(C.tag_ner)
+    except md.MetadataError as e:
+        fail(str(e))
+    md._encoding()  # tiktoken's tables load once here; children inherit them
+    workers = C.tag_workers or os.cpu_count()
+    docs = corpus_docs(C)
+    warm, rest = take_words(docs, C.tag_warm_words)
+    timed, _ = take_words(rest, C.tag_time_words)
+    ref, _ = take_words(timed, C.tag_ref_words)
+    if not timed:
+        fail("tagging: the corpus has no documents left after the warm-up words (lower tag_warm_words)")
+    ctx = mp.get_context('fork')
+
+    def child(job, args, warm_docs=()):
+        # a pool of one fresh process per measurement: every measurement starts from cold caches
+        with ctx.Pool(1) as p:
+            return p.apply(_child, (job, args, list(warm_docs)))
+
+    t0 = time.time()
+    counts = child(_job_count, (timed,))
+    words_timed, words_ref = sum(counts), sum(counts[:len(ref)])
+    print(f"corpus: {len(warm)} warm-up docs, {len(timed)} timed docs ({words_timed:,} words), "
+          f"{len(ref)} reference docs ({words_ref:,} words); {workers} workers", flush=True)
+    rows = []
+
+    def add(name, text, procs, cache, seconds, words):
+        rows.append(dict(name=name, text=text, procs=procs, cache=cache, seconds=seconds, words=words,
+                         words_per_sec=words / seconds if seconds > 0 else None))
+        print(f"  {name:<22} {text:<5} procs={procs} {cache:<5} {words:>9,} words {seconds:8.2f}s "
+              f"{rows[-1]['words_per_sec'] or 0:>12,.0f} words/s", flush=True)
+
+    add('tiktoken', 'timed', 1, '-', child(_job_tiktoken, (timed,)), words_timed)
+    add('full fast', 'timed', 1, 'cold', child(_job_full, (timed, False)), words_timed)
+    add('full fast', 'timed', 1, 'warm', child(_job_full, (timed, False), warm), words_timed)
+    add('full fast', 'ref', 1, 'cold', child(_job_full, (ref, False)), words_ref)
+    add('full fast', 'ref', 1, 'warm', child(_job_full, (ref, False), warm), words_ref)
+    if C.tag_reference:
+        add('full NLTK', 'ref', 1, '-', child(_job_full, (ref, True)), words_ref)
+    if C.tag_causal:
+        add('causal fast', 'ref', 1, 'warm', child(_job_causal, (ref, False), warm), words_ref)
+        if C.tag_reference:
+            add('causal NLTK', 'ref', 1, '-', child(_job_causal, (ref, True)), words_ref)
+
+    # all workers: warm the parent once, then every pool forks from it (warm workers)
+    if workers > 1:
+        md.annotate_text("Mr. Smith went to Washington.", ner=C.tag_ner, reference=True)
+        for d in warm:
+            md.annotate_text(d, ner=C.tag_ner)
+        add('tiktoken', 'timed', workers, '-', _pool_run(_job_tiktoken, [([d],) for d in timed], workers),
+            words_timed)
+        add('full fast', 'timed', workers, 'warm',
+            _pool_run(_job_full, [([d], False) for d in timed], workers), words_timed)
+        if C.tag_reference:
+            add('full NLTK', 'ref', workers, '-', _pool_run(_job_full, [([d], True) for d in ref], workers),
+                words_ref)
+        if C.tag_causal:
+            add('causal fast', 'ref', workers, 'warm',
+                _pool_run(_job_causal, [([d], False) for d in ref], workers), words_ref)
+
+    def wps(name, text, procs, cache):
+        for r in rows:
+            if (r['name'], r['text'], r['procs'], r['cache']) == (name, text, procs, cache):
+                return r['words_per_sec']
+        return None
+
+    speedup = {}
+    ref_nltk = wps('full NLTK', 'ref', 1, '-')
+    if ref_nltk:
+        speedup['full_warm'] = wps('full fast', 'ref', 1, 'warm') / ref_nltk
+        speedup['full_cold'] = wps('full fast', 'ref', 1, 'cold') / ref_nltk
+    if wps('causal NLTK', 'ref', 1, '-') and wps('causal fast', 'ref', 1, 'warm'):
+        speedup['causal_warm'] = wps('causal fast', 'ref', 1, 'warm') / wps('causal NLTK', 'ref', 1, '-')
+    tk = wps('tiktoken', 'timed', 1, '-')
+    fast_over_tiktoken = wps('full fast', 'timed', 1, 'warm') / tk if tk else None
+    print()
+    table(rows, [('name', 'pipeline', ''), ('text', 'text', ''), ('procs', 'procs', 'd'), ('cache', 'cache', ''),
+                 ('words', 'words', ',d'), ('seconds', 'seconds', '.2f'), ('words_per_sec', 'words/s', ',.0f')])
+    print('speedup fast/NLTK (same text, one process): ' +
+          ', '.join(f"{k} {v:.1f}x" for k, v in speedup.items()))
+    if fast_over_tiktoken:
+        print(f"fast full annotation runs at {100 * fast_over_tiktoken:.1f}% of tiktoken's encoding speed")
+    return dict(rows=rows, speedup_fast_over_nltk=speedup, fast_warm_over_tiktoken=fast_over_tiktoken,
+                words_timed=words_timed, words_ref=words_ref, docs_warm=len(warm), docs_timed=len(timed),
+                docs_ref=len(ref), workers=workers, ner=C.tag_ner, tokenizer=C.tag_tokenizer,
+                corpus=C.data_input or 'nltk.corpus.gutenberg (fileid order)', doc_chars=C.tag_doc_chars,
+                elapsed_s=time.time() - t0,
+                notes=("'ref' text = the first docs of 'timed'; warm = the per-word caches first filled by "
+                       "annotating the preceding warm-up docs; cold = a fresh process (models loaded, "
+                       "caches empty); causal rows time annotate_ids(ids, tags='causal') after an untimed "
+                       "full annotation of the same docs (as prepare.py does)."))
+
+
+# -----------------------------------------------------------------------------
+# efficiency: baseline vs LIME variants trained by train.py on the same data, seed, batches, steps
+
+RUN_SPECS = {
+    'baseline': dict(metadata=''),
+    'lime': dict(metadata='pos,ner'),
+    'lime_causal': dict(metadata='pos_causal,ner_causal'),
+    'lime1': dict(metadata='pos,ner', meta_shift=1),
+    'shuffled': dict(metadata='pos,ner', meta_shuffle=True),
+    'baseline_seed2': dict(metadata='', seed_offset=1),
+}
+
+
+def train_args(C, name, out_dir):
+    spec = dict(RUN_SPECS[name])
+    m = {k: getattr(C, 'eff_' + k) or getattr(C, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size')}
+    args = dict(data_dir=os.path.abspath(C.data_dir), out_dir=os.path.abspath(out_dir),
+                metadata=spec.get('metadata', ''), meta_shift=spec.get('meta_shift', 0),
+                meta_shuffle=spec.get('meta_shuffle', False), seed=C.seed + spec.get('seed_offset', 0),
+                **m, bias=C.bias, dropout=C.dropout,
+                gradient_accumulation_steps=C.gradient_accumulation_steps, max_iters=C.max_iters,
+                lr_decay_iters=C.max_iters, warmup_iters=C.warmup_iters, learning_rate=C.learning_rate,
+                min_lr=C.min_lr, weight_decay=C.weight_decay, eval_interval=C.eval_interval,
+                eval_iters=C.eval_iters, log_interval=max(C.max_iters // 10, 1), device=C.device,
+                dtype=C.dtype, compile=C.compile, always_save_checkpoint=True)
+    if name == 'lime1' and C.lime1_meta_dropout > 0:
+        args['meta_dropout'] = C.lime1_meta_dropout
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_runs(C, jobs):
+    """Train runs with train.py in subprocesses (own processes: no state leaks between runs, and
+    train.py stays the single source of truth for training), eff_parallel at a time.
+    jobs: [(name, out_dir)]. Returns {name: (log rows, wall s)}. A finished run with identical
+    arguments is reused when eff_reuse (bench_args.json in its out_dir records them)."""
+    done, todo = {}, []
+    for name, out_dir in jobs:
+        args = train_args(C, name, out_dir)
+        stamp, log_path = os.path.join(out_dir, 'bench_args.json'), os.path.join(out_dir, 'log.jsonl')
+        if C.eff_reuse and os.path.isfile(stamp) and os.path.isfile(log_path):
+            prev = json.load(open(stamp))
+            rows = read_log(log_path)
+            if prev.get('args') == args and rows and rows[-1]['iter'] == C.max_iters:
+                print(f"{name}: reusing the finished run in {out_dir}", flush=True)
+                done[name] = (rows, prev.get('wall_s'))
+                continue
+        todo.append((name, out_dir, args))
+    env = dict(os.environ)
+    if C.train_threads:
+        env['OMP_NUM_THREADS'] = str(C.train_threads)
+    running = []
+    while todo or running:
+        while todo and len(running) < max(C.eff_parallel, 1):
+            name, out_dir, args = todo.pop(0)
+            os.makedirs(out_dir, exist_ok=True)
+            logf = open(os.path.join(out_dir, 'train.log'), 'w')
+            cmd = (C.launcher.split() if C.launcher else [sys.executable]) + [os.path.join(ROOT, 'train.py')] + args
+            p = subprocess.Popen(cmd, stdout=logf,
+                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((p, logf, name, out_dir, args, time.time()))
+        time.sleep(0.2)
+        for job in list(running):
+            p, logf, name, out_dir, args, t0 = job
+            if p.poll() is None:
+                continue
+            running.remove(job)
+            logf.close()
+            wall = time.time() - t0
+            if p.returncode != 0:
+                for q in running:  # stop the other runs we started before failing
+                    q[0].terminate()
+                tail = open(os.path.join(out_dir, 'train.log')).read()[-2000:]
+                fail(f"train.py failed for run '{name}' (exit {p.returncode}); log {out_dir}/train.log:\n{tail}")
+            write_json(os.path.join(out_dir, 'bench_args.json'), dict(args=args, wall_s=wall))
+            rows = read_log(os.path.join(out_dir, 'log.jsonl'))
+            print(f"{name}: val loss {rows[-1]['val_loss']:.4f}, acc {rows[-1]['val_acc']:.4f} ({wall:.0f}s)",
+                  flush=True)
+            done[name] = (rows, wall)
+    return done
+
+
+def first_reach(rows, key, target, better):
+    """Tokens at which a curve first reaches target (linear interpolation between eval points);
+    None if it never does."""
+    prev = None
+    for r in rows:
+        v = r.get(key)
+        if v is None:
+            continue
+        if better(v, target):
+            if prev is None or prev[1] == v:
+                return r['tokens']
+            (t0, v0), (t1, v1) = prev, (r['tokens'], v)
+            return t0 + (t1 - t0) * (target - v0) / (v1 - v0)
+        prev = (r['tokens'], v)
+    return None
+
+
+def summarize_runs(logs, walls):
+    base = logs['baseline'][-1]
+    base_tokens = base['tokens']
+    out = {}
+    for name, rows in logs.items():
+        last = rows[-1]
+        t_loss = first_reach(rows, 'val_loss', base['val_loss'], lambda v, t: v <= t)
+        t_acc = first_reach(rows, 'val_acc', base['val_acc'], lambda v, t: v >= t)
+        out[name] = dict(
+            final_val_loss=last['val_loss'], final_val_ppl=last['val_ppl'], final_val_acc=last['val_acc'],
+            final_val_acc_word_start=last.get('val_acc_word_start'),
+            final_val_acc_word_cont=last.get('val_acc_word_cont'),
+            tokens=last['tokens'], wall_s=walls.get(name),  # with eff_parallel > 1 runs share the machine
+            tokens_per_sec=last['tokens'] / walls[name] if walls.get(name) else None,
+            frac_tokens_to_baseline_loss=t_loss / base_tokens if t_loss is not None and base_tokens else None,
+            frac_tokens_to_baseline_acc=t_acc / base_tokens if t_acc is not None and base_tokens else None,
+            curve={k: [r.get(k) for r in rows] for k in ('iter', 'tokens', 'val_loss', 'val_ppl', 'val_acc',
+                                                         'val_acc_word_start', 'val_acc_word_cont',
+                                                         'train_loss')})
+    return out
+
+
+def plot_curves(runs, path):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib); the curves are in the JSON")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs.items():
+        c = r['curve']
+        axes[0].plot(c['tokens'], c['val_loss'], label=name)
+        axes[1].plot(c['tokens'], c['val_acc'], label=name)
+    for ax, yl in zip(axes, ('val loss', 'val next-token accuracy')):
+        ax.set_xlabel('training tokens')
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    tmp = path + '.tmp.png'
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return path
+
+
+def run_efficiency(C):
+    info = ensure_dataset(C)
+    names = [n for n in C.eff_runs.split(',') if n]
+    for n in names:
+        if n not in RUN_SPECS:
+            fail(f"config error: unknown efficiency run {n!r} ({', '.join(RUN_SPECS)})")
+    if 'baseline' not in names:
+        fail("config error: eff_runs must include 'baseline' (the reference of every comparison)")
+    for n in names:
+        for s in RUN_SPECS[n]['metadata'].split(','):
+            if s and s not in info['streams']:
+                fail(f"{C.data_dir}: stream '{s}' missing for run '{n}' (prepare.py --tags full,causal)")
+    names = ['baseline'] + [n for n in names if n != 'baseline']
+    logs, walls = {}, {}
+    t0 = time.time()
+    res = train_runs(C, [(n, os.path.join(C.eff_dir, n)) for n in names])
+    for n in names:
+        logs[n], walls[n] = res[n]
+    runs = summarize_runs(logs, walls)
+    rows = [dict(run=n, **{k: v for k, v in r.items() if k != 'curve'}) for n, r in runs.items()]
+    print()
+    table(rows, [('run', 'run', ''), ('final_val_loss', 'val loss', '.4f'), ('final_val_ppl', 'ppl', '.2f'),
+                 ('final_val_acc', 'acc', '.4f'), ('final_val_acc_word_start', 'acc word-start', '.4f'),
+                 ('final_val_acc_word_cont', 'acc word-cont', '.4f'),
+                 ('frac_tokens_to_baseline_loss', 'tokens to base loss', '.3f'),
+                 ('frac_tokens_to_baseline_acc', 'tokens to base acc', '.3f'), ('wall_s', 'wall s', '.0f')])
+    print("lime1 reads the tags of the token it predicts (oracle hints): its numbers are not comparable "
+          "to next-token prediction from the past alone. '-' = never reached.")
+    png = None
+    if C.plot:
+        png = plot_curves(runs, os.path.join(C.eff_dir, 'curves.png'))
+    return dict(runs=runs, baseline_final_tokens=logs['baseline'][-1]['tokens'], data_dir=C.data_dir,
+                tokenizer=info.get('tokenizer'), vocab_size=info.get('vocab_size'),
+                train_tokens=info.get('train_tokens'), eff_dir=C.eff_dir, plot=png,
+                tokens_per_iter=logs['baseline'][-1]['tokens'] // max(C.max_iters, 1),
+                max_iters=C.max_iters, wall_s=time.time() - t0, train_args=train_args(C, 'baseline', 'OUT'),
+                notes=("frac_tokens_to_baseline_*: fraction of the baseline's training tokens at which the run "
+                       "first reaches the baseline's final val loss / accuracy (linear interpolation between "
+                       "eval points), the paper's data-efficiency metric; baseline_seed2 shows run-to-run noise."))
+
+
+# -----------------------------------------------------------------------------
+# steering: LIME+1 with oracle hints vs <unk> hints vs the baseline; hinted generation
+
+@torch.no_grad()
+def generate(model, idx, meta_prompt, hints, n_new, top_k, temperature, gen):
+    """Minimal KV-cache decoding for a LIME+1 model (or a baseline when meta_prompt is None).
+    idx: (B, P) prompt; meta_prompt[s]: (B, P) input tags of the prompt positions (position t
+    carries the tags of token t+1, so the last one is the hint of the first new token);
+    hints[s]: (B, n_new) tags for the new tokens: the one generated at step i+1 is fed with
+    hints[s][:, i+1] (the hint of the token it will predict), <unk> beyond the end."""
+    B, P = idx.shape
+    cache = model.new_kv_cache(B, P + n_new)
+    tok, meta, pos, out = idx, meta_prompt, 0, []
+    for i in range(n_new):
+        logits, _ = model(tok, meta, kv_cache=cache, start_pos=pos)
+        pos += tok.shape[1]
+        logits = logits[:, -1, :].float()
+        if top_k:
+            logits = logits / temperature
+            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+            logits[logits < v[:, [-1]]] = -float('inf')
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+        else:
+            nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        tok = nxt
+        if meta is not None:
+            meta = {s: (h[:, i + 1:i + 2] if i + 1 < n_new else torch.full_like(h[:, :1], UNK))
+                    for s, h in hints.items()}
+    return torch.cat(out, 1)
+
+
+def sample_generate():
+    """sample.py's generate() when it exists with the interface we need (written concurrently
+    with this file), else None: bench then uses its own minimal loop above."""
+    try:
+        import inspect
+        import metadata as md
+        import sample
+        params = inspect.signature(sample.generate).parameters
+        if hasattr(md, 'CausalStream') and {'tagger', 'hints', 'generator', 'ctx'} <= set(params):
+            return sample.generate
+    except Exception:
+        pass
+    return None
+
+
+def ensure_ckpt(C, run_dir, name):
+    if os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):
+        return
+    print(f"{run_dir}/ckpt.pt not found: training run '{name}' now", flush=True)
+    ensure_dataset(C)
+    train_runs(C, [(name, run_dir)])
+
+
+def run_steering(C):
+    sys.path.insert(0, ROOT)
+    from model import GPT
+    from train import Split, eval_starts
+    import metadata as md
+    lime_dir = C.ckpt_dir or os.path.join(C.eff_dir, 'lime1')
+    base_dir = C.base_ckpt_dir or os.path.join(C.eff_dir, 'baseline')
+    ensure_ckpt(C, lime_dir, 'lime1')
+    ensure_ckpt(C, base_dir, 'baseline')
+    ck = torch.load(os.path.join(lime_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    ckb = torch.load(os.path.join(base_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    if ck['model_args'].get('meta_shift') != 1:
+        fail(f"{lime_dir}/ckpt.pt is not a LIME+1 model (meta_shift={ck['model_args'].get('meta_shift')})")
+    streams = list(ck['model_args']['meta_streams'])
+    data_dir = ck['config']['data_dir']
+    ds = ck.get('dataset') or json.load(open(os.path.join(data_dir, 'meta.json')))
+    if ckb.get('dataset', {}).get('tokenizer') != ds.get('tokenizer'):
+        fail(f"{base_dir}: baseline checkpoint uses another tokenizer than {lime_dir}")
+    model = GPT.from_checkpoint(ck, C.device).eval()
+    base = GPT.from_checkpoint(ckb, C.device).eval()
+    T = ck['model_args']['block_size']
+    ctx = autocast_ctx(C)
+
+    # next-token accuracy on fixed val windows: oracle hints / all <unk> / baseline (same windows)
+    val = Split(data_dir, 'val', streams, 1)
+    starts = eval_starts(val.n, T, C.steer_windows)
+    acc = {'oracle_hints': [0, 0.0], 'unk_hints': [0, 0.0], 'baseline': [0, 0.0]}
+    n_tok = 0
+    with torch.no_grad():
+        for j in range(0, len(starts), 16):
+            x, y, meta = val.windows(starts[j:j + 16], T)
+            x, y = x.to(C.device), y.to(C.device)
+            meta = {s: m.to(C.device) for s, m in meta.items()}
+            unk = {s: torch.full_like(m, UNK) for s, m in meta.items()}
+            for key, mdl, mt in (('oracle_hints', model, meta), ('unk_hints', model, unk), ('baseline', base, None)):
+                with ctx:
+                    logits, loss = mdl(x, mt, targets=y)
+                acc[key][0] += int((logits.argmax(-1) == y).sum())
+                acc[key][1] += float(loss) * y.numel()
+            n_tok += y.numel()
+    accuracy = {k: dict(acc=v[0] / n_tok, loss=v[1] / n_tok) for k, v in acc.items()}
+
+    # generation: prompts = real val text, hints = the real next tokens' tags (so the hint
+    # sequences follow the data's tag distribution); compare the causal tags of what was generated
+    md.set_tokenizer(ds['tokenizer'])
+    P, G = C.steer_prompt, C.steer_new_tokens
+    if P + G > T:
+        fail(f"config error: steer_prompt + steer_new_tokens = {P + G} > block_size {T}")
+    gstarts = eval_starts(val.n, P + G + 1, C.steer_samples)
+    xs, _, ms = val.windows(gstarts, P + G)  # ms[s][:, t] = tag of token t+1
+    prompt = xs[:, :P].to(C.device)
+    meta_prompt = {s: m[:, :P].to(C.device) for s, m in ms.items()}  # last = hint of new token 0
+    hints = {s: m[:, P - 1:P - 1 + G].to(C.device) for s, m in ms.items()}  # tags of true tokens P..P+G-1
+    gen = torch.Generator(device=C.device).manual_seed(C.seed)
+    outs = {}
+    if C.steer_generator not in ('auto', 'sample', 'bench'):
+        fail(f"config error: steer_generator must be auto, sample or bench, got {C.steer_generator!r}")
+    sample_gen = sample_generate() if C.steer_generator != 'bench' else None
+    if sample_gen is None and C.steer_generator == 'sample':
+        fail("steer_generator=sample but sample.py has no usable generate()")
+    if sample_gen is not None:
+        # sample.py's generator (batch of one): prompt tags computed online (causal), as a user
+        # would get; hints = one {stream: tag id} per new token, none = <unk>
+        greedy = C.steer_top_k == 0
+        kw = dict(temperature=0 if greedy else C.steer_temperature, top_k=1 if greedy else C.steer_top_k,
+                  ctx=ctx, generator=gen, tag_generated=False)
+        hl = {s: h.cpu().tolist() for s, h in hints.items()}
+        for key, mdl, use_hints in (('hinted', model, True), ('unhinted_unk', model, False),
+                                    ('baseline', base, False)):
+            rows = []
+            for b in range(prompt.shape[0]):
+                h = [{s: hl[s][b][j] for s in streams} for j in range(G)] if use_hints else None
+                tagger = md.CausalStream(ds.get('ner', 'binary')) if mdl is model else None
+                r = sample_gen(mdl, prompt[b].tolist(), G, tagger=tagger, hints=h, **kw)
+                rows.append(r['tokens'][P:])
+            outs[key] = torch.tensor(rows, dtype=torch.long)
+        generator_name = 'sample.generate (prompt tags causal/online, KV cache)'
+    else:
+        with ctx:
+            outs['hinted'] = generate(model, prompt, meta_prompt, hints, G, C.steer_top_k, C.steer_temperature, gen)
+            unk_prompt = {s: torch.cat([m[:, :-1], torch.full_like(m[:, -1:], UNK)], 1)
+                          for s, m in meta_prompt.items()}
+            unk_hints = {s: torch.full_like(h, UNK) for s, h in hints.items()}
+            outs['unhinted_unk'] = generate(model, prompt, unk_prompt, unk_hints, G, C.steer_top_k,
+                                            C.steer_temperature, gen)
+            outs['baseline'] = generate(base, prompt, None, None, G, C.steer_top_k, C.steer_temperature, gen)
+        generator_name = 'bench.generate (minimal batched KV-cache loop; prompt tags = the data\'s full tags)'
+    hints_np = {s: h.cpu().numpy() for s, h in hints.items()}
+    ner = ds.get('ner', 'binary')
+    gen_res = {}
+    t0 = time.time()
+    for key, g in outs.items():
+        full = torch.cat([prompt, g], 1).cpu().numpy()
+        match = {s: 0 for s in streams}
+        both = 0
+        for b in range(full.shape[0]):
+            causal = md.annotate_ids(full[b], ner=ner, tags='causal')
+            ok = None
+            for s in streams:
+                base_name = s[:-len('_causal')] if s.endswith('_causal') else s
+                got = causal[base_name + '_causal'][P:]
+                m = got == hints_np[s][b]
+                match[s] += int(m.sum())
+                ok = m if ok is None else ok & m
+            both += int(ok.sum())
+        n = full.shape[0] * G
+        gen_res[key] = dict(**{f'match_{s}': match[s] / n for s in streams}, match_all=both / n,
+                            sample=md.decode_text(full[0])[0])
+    rows = [dict(arm=k, **v) for k, v in accuracy.items()]
+    print()
+    table(rows, [('arm', 'next-token (val)', ''), ('acc', 'acc', '.4f'), ('loss', 'loss', '.4f')])
+    print()
+    rows = [dict(arm=k, **v) for k, v in gen_res.items()]
+    table(rows, [('arm', 'generation', '')] + [(f'match_{s}', f'{s} match', '.3f') for s in streams] +
+          [('match_all', 'all match', '.3f')])
+    return dict(accuracy=accuracy, generation={k: v for k, v in gen_res.items()}, ckpt_dir=lime_dir,
+                base_ckpt_dir=base_dir, data_dir=data_dir, streams=streams, windows=len(starts),
+                samples=len(gstarts), prompt_tokens=P, new_tokens=G, top_k=C.steer_top_k,
+                meta_dropout=ck['config'].get('meta_dropout', 0.0), tagging_s=time.time() - t0,
+                generator=generator_name, greedy=C.steer_top_k == 0,
+                notes=("hints = full tags of the real next tokens of val windows; match = the causal tags "
+                       "(metadata.annotate_ids(prompt+generated, tags='causal')) of each generated token equal "
+                       "its hint. unhinted_unk feeds <unk> as every hint (meaningful only if the model was "
+                       "trained with meta_dropout > 0); baseline = the baseline model, compared to the same hints."))
+
+
+# -----------------------------------------------------------------------------
+# gpu_check: one short pass over throughput, efficiency and steering (sized by the config file)
+
+def run_gpu_check(C, cfg):
+    from types import SimpleNamespace
+    out = {}
+    t0 = time.time()
+    out['throughput'] = run_throughput(C)
+    # the efficiency runs are short: compiling each of them would cost more than it saves
+    C = SimpleNamespace(**{**cfg, 'compile': False})
+    out['efficiency'] = run_efficiency(C)
+    C2 = SimpleNamespace(**{**cfg, 'compile': False, 'ckpt_dir': os.path.join(C.eff_dir, 'lime1'),
+                            'base_ckpt_dir': os.path.join(C.eff_dir, 'baseline')})
+    if 'lime1' in C.eff_runs.split(','):
+        out['steering'] = run_steering(C2)
+    out['wall_s'] = time.time() - t0
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    from types import SimpleNamespace
+    cfg = configure(argv)
+    C = SimpleNamespace(**cfg)
+    if C.threads:
+        torch.set_num_threads(C.threads)
+    if C.device.startswith('cuda') and not torch.cuda.is_available():
+        fail(f"config error: device={C.device} but CUDA is not available")
+    sys.path.insert(0, ROOT)
+    t0 = time.time()
+    print(f"bench mode={C.mode} device={C.device} dtype={C.dtype} compile={C.compile}", flush=True)
+    res = {'throughput': run_throughput, 'tagging': run_tagging, 'efficiency': run_efficiency,
+           'steering': run_steering}.get(C.mode)
+    result = res(C) if res else run_gpu_check(C, cfg)
+    path = C.out_json or os.path.join("out-bench", f"bench_{C.mode}.json")
+    write_json(path, dict(mode=C.mode, config=cfg, env=env_info(C), result=result,
+                          wall_s=time.time() - t0, time=time.strftime('%Y-%m-%d %H:%M:%S')))
+    print(f"\nwrote {path} ({time.time() - t0:.0f}s)")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,28 @@
+# Learning-efficiency benchmark, CPU preset (2 cores, <= 30 min measured, see README):
+#   python bench.py configs/bench_efficiency_cpu.py
+# Six train.py runs on the same data, seed, batches and steps: baseline, LIME (pos,ner), LIME with
+# causal tags, LIME+1, shuffled-metadata control, and a second baseline seed (run-to-run noise).
+# Vocabulary: GPT-2's first 4096 ranks (prepare.py --tokenizer gpt2-4096, a valid BPE): with the
+# full 50257-way output layer a model this small would spend most of its time in the softmax.
+# data/gutenberg_4k is built on first use (NLTK Gutenberg, full + causal tags).
+mode = 'efficiency'
+out_json = 'out-bench/bench_efficiency_cpu.json'
+device = 'cpu'
+dtype = 'float32'
+compile = False
+data_dir = 'data/gutenberg_4k'
+data_tokenizer = 'gpt2-4096'
+eff_dir = 'out-bench-eff-cpu'
+eff_parallel = 2  # two one-thread runs at a time use 2 cores better than one two-thread run
+train_threads = 1
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 128
+batch_size = 8  # 1,024 tokens per iteration
+max_iters = 600  # 614k tokens per run
+warmup_iters = 30
+learning_rate = 3e-3
+min_lr = 3e-4
+eval_interval = 50
+eval_iters = 8  # 64 fixed val windows = 8,192 target tokens

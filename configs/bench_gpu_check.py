@@ -1,0 +1,42 @@
+# One short GPU check of bench.py (< 8 min on one H200):
+#   python bench.py configs/bench_gpu_check.py
+# 1) throughput of baseline / LIME / LIME+1 at GPT-2 small scale (124M, 50257 vocab, block 1024),
+#    bf16 autocast + torch.compile, random tokens (no dataset needed for this part);
+# 2) a short efficiency run (all six arms) on data/gutenberg_4k with a small model, eager;
+# 3) steering on that run's LIME+1 and baseline checkpoints.
+# data/gutenberg_4k is built with prepare.py if missing (full + causal tags; takes a few minutes
+# on 16 cores): carry a prebuilt copy to skip that.
+mode = 'gpu_check'
+out_json = 'out-bench/bench_gpu_check.json'
+device = 'cuda'
+dtype = 'bfloat16'
+compile = True
+# throughput: 124M
+n_layer = 12
+n_head = 12
+n_embd = 768
+block_size = 1024
+batch_size = 16
+vocab_size = 50257
+tp_data = 'random'
+tp_warmup = 3
+tp_steps = 10
+tp_rounds = 3
+# efficiency: train.py runs with the eff_* model below (the model keys above are for throughput)
+data_dir = 'data/gutenberg_4k'
+data_tokenizer = 'gpt2-4096'
+eff_dir = 'out-bench-gpu-check'
+eff_reuse = False
+eff_n_layer = 6
+eff_n_head = 6
+eff_n_embd = 384
+eff_block_size = 256
+eff_batch_size = 32
+max_iters = 300
+eval_interval = 50
+eval_iters = 10
+warmup_iters = 30
+learning_rate = 1e-3
+min_lr = 1e-4
+steer_windows = 128
+steer_samples = 32

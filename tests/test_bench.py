@@ -1,0 +1,182 @@
+"""bench.py end to end on tiny presets: every mode runs and writes well-formed JSON.
+A tiny real dataset (prepare.py on a few paragraphs, GPT-2's first 512 ranks) is built once."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+import bench
+
+TINY_MODEL = ['--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4', '--device=cpu',
+              '--dtype=float32', '--threads=1']
+
+TEXT = ("The old man walked to the harbour in the morning. Mr. Smith sold 3 boats to the Navy in 1901, "
+        "and the people of London cheered. She said that it would rain, but it did not. \"Where are you "
+        "going?\" asked Alice. The Queen of Hearts shouted at the White Rabbit, who ran away quickly. ")
+
+
+def run_bench(cwd, *args, timeout=300):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, str(ROOT / 'bench.py'), *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def load(path):
+    with open(path) as f:
+        text = f.read()
+    assert 'NaN' not in text and 'Infinity' not in text
+    return json.loads(text)
+
+
+def all_finite(obj):
+    if isinstance(obj, dict):
+        return all(all_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(all_finite(v) for v in obj)
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    return True
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp('bench')
+    docs = d / 'docs'
+    docs.mkdir()
+    for i in range(6):
+        (docs / f'd{i}.txt').write_text(' '.join([TEXT] * (3 + i)))
+    out = d / 'data'
+    r = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), '--input', str(docs), '--out_dir', str(out),
+                        '--tokenizer', 'gpt2-512', '--ner', 'binary', '--workers', '1', '--no_progress',
+                        '--val_fraction', '0.34'], capture_output=True, text=True, cwd=d)
+    assert r.returncode == 0, r.stderr
+    return d, out, docs
+
+
+@pytest.fixture(scope='module')
+def eff(tiny_data):
+    d, data, _ = tiny_data
+    out = d / 'eff.json'
+    run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}', f'--out_json={out}',
+              '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
+              *TINY_MODEL)
+    return d, data, load(out)
+
+
+def test_config_errors():
+    with pytest.raises(SystemExit, match="unknown key 'tp_step'"):
+        bench.configure(['--tp_step=3'])
+    with pytest.raises(SystemExit, match='mode must be one of'):
+        bench.configure(['--mode=fast'])
+    with pytest.raises(SystemExit, match='tp_rounds must be int'):
+        bench.configure(['--tp_rounds=two'])
+    cfg = bench.configure(['--max_iters=2e3', '--compile=True'])
+    assert cfg['max_iters'] == 2000 and cfg['compile'] is True
+
+
+def test_first_reach_interpolates():
+    rows = [dict(tokens=0, val_loss=5.0), dict(tokens=100, val_loss=3.0), dict(tokens=200, val_loss=2.0)]
+    assert bench.first_reach(rows, 'val_loss', 2.5, lambda v, t: v <= t) == pytest.approx(150)
+    assert bench.first_reach(rows, 'val_loss', 1.0, lambda v, t: v <= t) is None
+
+
+def test_throughput(tmp_path):
+    out = tmp_path / 'tp.json'
+    run_bench(tmp_path, '--mode=throughput', f'--out_json={out}', '--tp_rounds=2', '--tp_steps=2',
+              '--tp_warmup=1', '--vocab_size=64', *TINY_MODEL)
+    res = load(out)
+    assert res['mode'] == 'throughput' and all_finite(res)
+    v = res['result']['variants']
+    assert set(v) == {'baseline', 'lime', 'lime1'}
+    assert v['baseline']['param_overhead'] == 0 and v['lime']['param_overhead'] == (48 + 6) * 16
+    for r in v.values():
+        assert r['tokens_per_sec_median'] > 0 and len(r['tokens_per_sec_rounds']) == 2
+        assert r['ratio_vs_baseline'] > 0 and r['mfu'] is None  # no MFU on CPU
+
+
+def test_throughput_real_data(tiny_data, tmp_path):
+    _, data, _ = tiny_data
+    out = tmp_path / 'tp.json'
+    run_bench(tmp_path, '--mode=throughput', '--tp_data=real', f'--data_dir={data}', f'--out_json={out}',
+              '--tp_rounds=1', '--tp_steps=1', '--tp_warmup=1', '--tp_variants=baseline,lime1', *TINY_MODEL)
+    res = load(out)['result']
+    assert res['vocab_size'] == 513 and set(res['variants']) == {'baseline', 'lime1'}
+
+
+def test_tagging(tiny_data):
+    d, _, docs = tiny_data
+    out = d / 'tag.json'
+    run_bench(d, '--mode=tagging', f'--data_input={docs}', f'--out_json={out}', '--tag_warm_words=200',
+              '--tag_time_words=300', '--tag_ref_words=100', '--tag_doc_chars=1000', '--tag_workers=2')
+    res = load(out)
+    assert all_finite(res)
+    r = res['result']
+    names = {(x['name'], x['procs'], x['cache']) for x in r['rows']}
+    for key in [('tiktoken', 1, '-'), ('full fast', 1, 'cold'), ('full fast', 1, 'warm'), ('full NLTK', 1, '-'),
+                ('causal fast', 1, 'warm'), ('causal NLTK', 1, '-'), ('full fast', 2, 'warm')]:
+        assert key in names
+    for x in r['rows']:
+        assert x['words'] > 0 and x['words_per_sec'] > 0
+    assert set(r['speedup_fast_over_nltk']) == {'full_warm', 'full_cold', 'causal_warm'}
+
+
+def test_efficiency(eff):
+    d, data, res = eff
+    assert all_finite(res)
+    runs = res['result']['runs']
+    assert list(runs) == ['baseline', 'lime', 'lime_causal', 'lime1', 'shuffled', 'baseline_seed2']
+    for name, r in runs.items():
+        for k in ('final_val_loss', 'final_val_ppl', 'final_val_acc', 'final_val_acc_word_start',
+                  'final_val_acc_word_cont'):
+            assert isinstance(r[k], float), (name, k)
+        assert r['curve']['iter'] == [0, 2, 4] and len(r['curve']['val_loss']) == 3
+        for k in ('frac_tokens_to_baseline_loss', 'frac_tokens_to_baseline_acc'):
+            assert r[k] is None or r[k] >= 0
+    assert runs['baseline']['frac_tokens_to_baseline_loss'] == pytest.approx(1.0)
+    assert (d / 'eff' / 'lime1' / 'ckpt.pt').exists()
+    # a second call reuses the finished runs instead of training again
+    r = run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}',
+                  f'--out_json={d / "eff2.json"}', '--max_iters=4', '--eval_interval=2', '--eval_iters=2',
+                  '--warmup_iters=1', '--plot=False', '--eff_runs=baseline,lime', *TINY_MODEL)
+    assert 'reusing' in r.stdout
+
+
+def test_steering(eff):
+    d, _, _ = eff
+    out = d / 'steer.json'
+    run_bench(d, '--mode=steering', f'--ckpt_dir={d / "eff" / "lime1"}', f'--base_ckpt_dir={d / "eff" / "baseline"}',
+              f'--out_json={out}', '--steer_windows=4', '--steer_samples=2', '--steer_prompt=6',
+              '--steer_new_tokens=5', '--device=cpu', '--dtype=float32')
+    res = load(out)
+    assert all_finite(res)
+    r = res['result']
+    assert set(r['accuracy']) == {'oracle_hints', 'unk_hints', 'baseline'}
+    assert set(r['generation']) == {'hinted', 'unhinted_unk', 'baseline'}
+    for g in r['generation'].values():
+        for k in ('match_pos', 'match_ner', 'match_all'):
+            assert 0.0 <= g[k] <= 1.0
+    for a in r['accuracy'].values():
+        assert 0.0 <= a['acc'] <= 1.0 and a['loss'] > 0
+
+
+def test_gpu_check_plumbing_on_cpu(tiny_data):
+    d, data, _ = tiny_data
+    out = d / 'gpu_check.json'
+    run_bench(d, str(ROOT / 'configs' / 'bench_gpu_check.py'), f'--data_dir={data}', f'--eff_dir={d / "gc"}',
+              f'--out_json={out}', '--tp_rounds=1', '--tp_steps=1', '--tp_warmup=1', '--vocab_size=64',
+              '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--eff_runs=baseline,lime1', '--plot=False',
+              '--steer_windows=2', '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL,
+              '--steer_generator=bench',  # bench's own batched loop (test_steering covers sample.py's)
+              '--eff_n_layer=0', '--eff_n_head=0', '--eff_n_embd=0', '--eff_block_size=0', '--eff_batch_size=0',
+              '--compile=False')  # inductor on CPU needs a C++ toolchain and minutes; CUDA compiles in the real check
+    res = load(out)
+    assert res['mode'] == 'gpu_check' and all_finite(res)
+    assert {'throughput', 'efficiency', 'steering'} <= set(res['result'])
+    assert res['result']['steering']['generator'].startswith('bench.generate')
