@@ -12,7 +12,6 @@ flags override them in command-line order, unknown keys are an error (as in trai
 Each mode prints a table and writes out_json (default out-bench/bench_<mode>.json), atomically.
 """
 
-import ast
 import json
 import math
 import os
@@ -110,50 +109,10 @@ def fail(msg):
     raise SystemExit(msg)
 
 
-def coerce(key, value, source):
-    if key not in DEFAULTS:
-        fail(f"config error: unknown key '{key}' ({source})")
-    default = DEFAULTS[key]
-    bad = f"config error: {key} must be {type(default).__name__}, got {value!r} ({source})"
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # --max_iters=2e3
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        fail(bad)
-    return value
-
-
 def configure(argv):
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if not arg.startswith('--'):
-            if not os.path.isfile(arg):
-                fail(f"config error: no such config file {arg}")
-            ns = {}
-            with open(arg) as f:
-                exec(f.read(), ns)
-            items = [(k, v) for k, v in ns.items()
-                     if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module']
-            source = arg
-        else:
-            if '=' not in arg:
-                fail(f"config error: expected --key=value, got {arg}")
-            k, v = arg[2:].split('=', 1)
-            try:
-                v = ast.literal_eval(v)
-            except (SyntaxError, ValueError):
-                pass  # a bare string, e.g. --device=cpu
-            items, source = [(k, v)], arg
-        for k, v in items:
-            cfg[k] = coerce(k, v, source)
+    """Config files and --key=value flags over the defaults above, with train.py's checks."""
+    from train import configure as train_configure
+    cfg, _ = train_configure(argv, DEFAULTS)
     if cfg['mode'] not in MODES:
         fail(f"config error: mode must be one of {', '.join(MODES)}, got {cfg['mode']!r}")
     if cfg['dtype'] not in ('float32', 'bfloat16', 'float16'):

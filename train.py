@@ -83,11 +83,12 @@ def fail(msg):
     raise SystemExit(msg)
 
 
-def coerce(key, value, source):
+def coerce(key, value, source, defaults=None):
     """Check value against the type of the default for key."""
-    if key not in DEFAULTS:
+    defaults = DEFAULTS if defaults is None else defaults
+    if key not in defaults:
         fail(f"config error: unknown key '{key}' ({source})")
-    default = DEFAULTS[key]
+    default = defaults[key]
     bad = f"config error: {key} must be {type(default).__name__}, got {value!r} ({source})"
     if key == 'meta_weight' and isinstance(value, (list, tuple)):
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value):
@@ -112,14 +113,16 @@ def coerce(key, value, source):
     return value
 
 
-def configure(argv):
-    """argv: config files and --key=value flags. Returns (config dict, set of keys set explicitly)."""
-    cfg, explicit = dict(DEFAULTS), set()
+def configure(argv, defaults=None):
+    """argv: config files and --key=value flags over defaults (this file's, or another script's,
+    e.g. bench.py's). Returns (config dict, set of keys set explicitly)."""
+    defaults = DEFAULTS if defaults is None else defaults
+    cfg, explicit = dict(defaults), set()
     for arg in argv:
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
                 fail(f"config error: no such config file {arg}")
-            ns = {}
+            ns = {'__file__': os.path.abspath(arg)}  # a config can exec a base config beside it
             with open(arg) as f:
                 exec(f.read(), ns)
             items = [(k, v) for k, v in ns.items()
@@ -135,7 +138,7 @@ def configure(argv):
                 pass  # a bare string, e.g. --device=cpu
             items, source = [(key, val)], arg
         for k, v in items:
-            cfg[k] = coerce(k, v, source)
+            cfg[k] = coerce(k, v, source, defaults)
             explicit.add(k)
     return cfg, explicit
 

@@ -1,25 +1,8 @@
 # GPT-2 small (124M) + LIME: POS and NER metadata embeddings added to the token embeddings
 # (position t sees the tags of token t). Same data, steps and batches as gpt2_124m_baseline.py.
 # 8 GPUs on one node: torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m_lime.py
-# tokens/iteration = 12 batch * 40 accum * 1024 block = 491,520 (~0.5M); 20,000 iters ~ 9.8B tokens.
-# data_dir: a large corpus written by prepare.py, e.g. python prepare.py --input <text files> --out_dir data/pretrain
+# tokens/iteration = 491,520 (~0.5M), as the baseline
+exec(open(__file__.replace('gpt2_124m_lime.py', 'gpt2_124m_baseline.py')).read())
 out_dir = 'out-gpt2-124m-lime'
-data_dir = 'data/pretrain'
 metadata = 'pos,ner'
 meta_shift = 0
-n_layer = 12
-n_head = 12
-n_embd = 768
-block_size = 1024
-batch_size = 12
-gradient_accumulation_steps = 40  # global; divided across ranks (5 per GPU on 8 GPUs)
-max_iters = 20000
-lr_decay_iters = 20000
-warmup_iters = 700
-learning_rate = 6e-4
-min_lr = 6e-5
-eval_interval = 500
-eval_iters = 50
-log_interval = 10
-weight_decay = 0.1
-compile = True
