@@ -21,6 +21,7 @@ import sys
 import json
 import argparse
 from functools import lru_cache
+from collections import OrderedDict
 
 import numpy as np
 
@@ -831,10 +832,60 @@ def ner_tag_sents(sents, pos, ner, reference=False):
                    if words else [])
     return out
 
+_ANALYSIS_CACHE = OrderedDict()   # (ner, reference, text) -> analysis, most recent last
+_ANALYSIS_CACHE_CHARS = 1 << 20    # keep recent documents up to this many characters in all
+_ANALYSIS_HELD = [0]               # characters of the documents in _ANALYSIS_CACHE
+
+def _doc_analysis(text, ner, reference):
+    """Sentences, words and tags of a whole document:
+    (sents, spans, fb, words, pos, raw): sentence char spans, word spans within each sentence,
+    whether the word regex fallback ran, word strings, POS tags, raw NE tagger labels (None when
+    ner='none'). Recent results are kept (the last one always, older ones up to
+    _ANALYSIS_CACHE_CHARS characters), so the causal path of a document just annotated by
+    annotate_text (prepare.py) does not redo it; a pure function of its arguments (the
+    callers only read the lists)."""
+    key = (ner, bool(reference), text)
+    hit = _ANALYSIS_CACHE.get(key)
+    if hit is not None:
+        _ANALYSIS_CACHE.move_to_end(key)
+        return hit
+    sents = list(_sentence_tokenizer().span_tokenize(text))
+    spans, fb, words = [], [], []
+    for s, e in sents:
+        sp, f = _word_spans_checked(text[s:e], reference)
+        spans.append(sp); fb.append(f); words.append([text[s + a:s + b] for a, b in sp])
+    pos = pos_tag_sents(words, reference)
+    raw = None
+    if ner != 'none':
+        raw = ner_raw_resume([(list(zip(w, p)), 0, [], len(w)) for w, p in zip(words, pos)], ner, reference)
+    res = (sents, spans, fb, words, pos, raw)
+    _ANALYSIS_CACHE[key] = res
+    _ANALYSIS_HELD[0] += len(text)
+    while len(_ANALYSIS_CACHE) > 1 and _ANALYSIS_HELD[0] > _ANALYSIS_CACHE_CHARS:
+        _ANALYSIS_HELD[0] -= len(_ANALYSIS_CACHE.popitem(last=False)[0][2])
+    return res
+
 def analyze(text, ner='binary', reference=False):
     """Words of a text with their tags.
     Returns (starts, ends, pos_ids, ner_ids): int64 character spans and uint16 tag ids
     (ner_ids is None when ner='none')."""
+    if reference:
+        return _analyze_reference(text, ner)
+    sents, spans, _, _, pos, raw = _doc_analysis(text, ner, False)
+    n = sum(len(sp) for sp in spans)
+    starts = np.fromiter((s + a for (s, _), sp in zip(sents, spans) for a, _ in sp), dtype=np.int64, count=n)
+    ends = np.fromiter((s + b for (s, _), sp in zip(sents, spans) for _, b in sp), dtype=np.int64, count=n)
+    pos_ids = np.fromiter((POS_ID[t] for tags in pos for t in tags), dtype=np.uint16, count=n)
+    ner_ids = None
+    if ner != 'none':
+        ner_id = {t: i for i, t in enumerate(stream_tags('ner', ner))}
+        # the chunker's IOB fixup of the raw labels, as in FastNEChunker.iob_sents
+        ner_ids = np.fromiter((ner_id[_iob(r[i], r[i - 1] if i else None)] for r in raw for i in range(len(r))),
+                              dtype=np.uint16, count=n)
+    return starts, ends, pos_ids, ner_ids
+
+def _analyze_reference(text, ner='binary', reference=True):
+    """analyze with NLTK's own tokenizers and taggers (what the fast path must equal)."""
     sents, offsets = [], []
     for s, e in _sentence_tokenizer().span_tokenize(text):
         spans = _word_spans(text[s:e], reference)
@@ -1115,15 +1166,9 @@ def _causal_doc(ids, ner, reference):
     CE = C + M
 
     # ---- the whole document, per sentence
-    sents = list(_sentence_tokenizer().span_tokenize(text))
-    spans, fb, words = [], [], []
-    for s, e in sents:
-        sp, f = _word_spans_checked(text[s:e], reference)
-        spans.append(sp); fb.append(f); words.append([text[s + a:s + b] for a, b in sp])
-    pos = pos_tag_sents(words, reference)
+    sents, spans, fb, words, pos, raw = _doc_analysis(text, ner, reference)
     use_ner = ner != 'none'
     if use_ner:
-        raw = ner_raw_resume([(list(zip(w, p)), 0, [], len(w)) for w, p in zip(words, pos)], ner, reference)
         iob = [[_iob(r[i], r[i - 1] if i else None) for i in range(len(r))] for r in raw]
         ner_id = {tg: i for i, tg in enumerate(stream_tags('ner', ner))}
     start_of = {s: j for j, (s, _) in enumerate(sents)}
@@ -1173,23 +1218,29 @@ def _causal_doc(ids, ner, reference):
     lastnws_l = lastnws.tolist()
     Cl, Ml, CSl, CEl = C.tolist(), M.tolist(), CS.tolist(), CE.tolist()
     nsent = len(sents)
+    P_l = P.tolist()
+    # re-segmentation may start at sentence j only if whitespace lies between its start and
+    # the first [.?!] at or after it (p2 = L if none)
+    k2a = np.searchsorted(P, sstarts)
+    p2a = np.where(k2a < len(P), P[np.minimum(k2a, len(P) - 1)], L) if len(P) else np.full(len(sstarts), L)
+    brk = (nxt(ws_idx, sstarts) < p2a).tolist()
+    # a token of whitespace only (and no cut character) overlaps no word of any prefix: <space>
+    wscum = np.zeros(L + 1, dtype=np.int64)
+    if L:
+        wscum[1:] = np.cumsum(isws)
+    allws = ((M == 0) & (CE > CS) & (wscum[np.minimum(CE, L)] - wscum[np.minimum(CS, L)] == CE - CS)).tolist()
 
     for t_lo in range(0, n, 8192):   # blocks of tokens bound the memory of long documents
         # ---- phase 1: sentences and words of every prefix near its end
         recs = []
         for t in range(t_lo, min(n, t_lo + 8192)):
             c, m, cs, ce = Cl[t], Ml[t], CSl[t], CEl[t]
-            if ce <= cs:
+            if ce <= cs or allws[t]:
                 continue
             lo_u, hi_u = LO_U[t], HI_U[t]
             if lo_u < hi_u:                      # an open punkt decision: re-segment from a settled start
-                jw = bisect.bisect_right(sstarts_l, int(P[lo_u])) - 1
-                while jw > 0:
-                    W = sstarts_l[jw]
-                    k2 = int(np.searchsorted(P, W))
-                    p2 = int(P[k2]) if k2 < len(P) else L
-                    if isws[W:p2].any():
-                        break
+                jw = bisect.bisect_right(sstarts_l, P_l[lo_u]) - 1
+                while jw > 0 and not brk[jw]:
                     jw -= 1
                 jw = max(jw, 0)
                 W = sstarts_l[jw] if nsent else 0

@@ -20,9 +20,9 @@ n_head = 4
 n_embd = 128
 block_size = 128
 batch_size = 8  # 1,024 tokens per iteration
-max_iters = 600  # 614k tokens per run
+max_iters = 1200  # 1.23M tokens per run (half an epoch of the 2.49M-token train split)
 warmup_iters = 30
 learning_rate = 3e-3
 min_lr = 3e-4
-eval_interval = 50
-eval_iters = 8  # 64 fixed val windows = 8,192 target tokens
+eval_interval = 100
+eval_iters = 16  # 128 fixed val windows = 16,384 target tokens
