@@ -145,6 +145,7 @@ def process(item):
     split, text = item
     try:
         ids, streams = md.annotate_text(text, _job['tokenization'], _job['ner'], _job['reference'])
+        nwords = int(np.count_nonzero(streams['word'] == 3))  # first token of each word
         if 'full' not in _job['tags']:
             streams = {}
         if 'causal' in _job['tags']:
@@ -155,7 +156,6 @@ def process(item):
     # append <|endoftext|> (metadata <pad>) so documents and shards concatenate cleanly
     ids = np.append(ids, md._encoding().eot_token).astype(np.uint16)
     streams = {k: np.append(v, md.PAD).astype(np.uint16) for k, v in streams.items()}
-    nwords = int(np.count_nonzero(streams['word'] == 3)) if 'word' in streams else None
     return split, (ids, streams, nwords), None
 
 # -----------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def main(argv=None):
                 files[(split, k)].write(st[k].tobytes())
             counts[f'{split}_tokens'] += len(ids)
             counts[f'{split}_docs'] += 1
-            counts['words'] += nwords or 0
+            counts['words'] += nwords
     except (PrepareError, md.MetadataError, OSError) as e:
         if pool:
             pool.terminate()
