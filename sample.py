@@ -14,6 +14,7 @@ exist yet. Every module-level name below is a config key, overridable with --key
 import ast
 import os
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -341,10 +342,15 @@ def run(cfg, out=None, err=None):
         model = torch.compile(model)  # attribute access (config, new_kv_cache) falls through to the model
     followed = total = 0
     for k in range(cfg['num_samples']):
+        t0 = time.perf_counter()
         r = generate(model, prompt, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'], cfg['kv_cache'],
                      tagger=text.tagger() if streams else None, hints=hints, ctx=ctx,
                      cache_dtype=ptdtype if device_type == 'cuda' else None, tag_generated=cfg['show_tags'])
+        dt = time.perf_counter() - t0
         new = r['tokens'][len(prompt):]
+        # speed on stderr, so stdout stays the text (online tagging of the prompt included)
+        print(f"[{len(new)} tokens in {dt:.2f}s: {len(new) / max(dt, 1e-9):.1f} tokens/s, "
+              f"kv_cache={cfg['kv_cache']}]", file=err)
         print(text.decode(r['tokens'] if start else new), file=out)
         if cfg['show_tags'] and streams:
             names = {s: vocabs[s] for s in streams}
