@@ -806,12 +806,16 @@ class FastWordSpans:
 def _word_spans(sentence, reference=False):
     """Character spans of the words of one sentence (Treebank-style tokens).
     span_tokenize keeps the original characters (word_tokenize rewrites quotes)."""
+    return _word_spans_checked(sentence, reference)[0]
+
+def _word_spans_checked(sentence, reference=False):
+    """(spans, whether the regex fallback ran): the causal path needs to know."""
     try:
-        return list(_word_tokenizer().span_tokenize(sentence) if reference else _fast_word_spans()(sentence))
+        return list(_word_tokenizer().span_tokenize(sentence) if reference else _fast_word_spans()(sentence)), False
     except ValueError:
         # align_tokens fails on a few quote patterns; fall back to a plain regex split
         import re
-        return [m.span() for m in re.finditer(r"\w+|[^\w\s]+", sentence)]
+        return [m.span() for m in re.finditer(r"\w+|[^\w\s]+", sentence)], True
 
 def pos_tag_sents(sents, reference=False):
     """POS tag names for each sentence (list of word lists); same as nltk.pos_tag."""
@@ -1074,13 +1078,10 @@ def annotate_causal(ids, ner='binary', reference=False):
 
 @lru_cache(maxsize=None)
 def _nltk_pos_model():
-    from nltk.tag import PerceptronTagger
-    return PerceptronTagger()
+    return _pos_tagger(True)  # NLTK's PerceptronTagger, loaded once
 
-@lru_cache(maxsize=None)
 def _nltk_ne_model(ner):
-    from nltk.chunk import ne_chunker
-    return ne_chunker('binary' if ner == 'binary' else 'multiclass')._tagger
+    return _ne_chunker(ner, True)._tagger  # the NLTK chunker's greedy raw-label tagger
 
 def pos_tag_resume(jobs, reference=False):
     """jobs: (words, start, prev, stop) -> the tags of words[start:stop] of
@@ -1128,14 +1129,6 @@ def _iob(raw, prev):
     if raw.startswith('I-') and not (prev is not None and prev[:2] in ('B-', 'I-') and prev[2:] == raw[2:]):
         return 'B-' + raw[2:]
     return raw
-
-def _word_spans_checked(sentence, reference=True):
-    # the spans of _word_spans (the same tokenizer as analyze) and whether the regex fallback ran
-    try:
-        return list(_word_tokenizer().span_tokenize(sentence) if reference else _fast_word_spans()(sentence)), False
-    except ValueError:
-        import re
-        return [m.span() for m in re.finditer(r"\w+|[^\w\s]+", sentence)], True
 
 @lru_cache(maxsize=1 << 18)
 def _word_spans_cached(chunk, reference=True):
