@@ -225,8 +225,7 @@ class FastPOSTagger:
 
     def __init__(self, max_batch_tokens=32768, eps=1e-6, max_cache=2_000_000):
         self.max_cache = max_cache  # per-word cache entries before a reset (bounds memory)
-        from nltk.tag import PerceptronTagger
-        self.tagger = tagger = PerceptronTagger()
+        self.tagger = tagger = _pos_tagger(True)  # NLTK's own model, loaded once per process
         model = tagger.model
         self.max_batch_tokens = max_batch_tokens
         # weights are rounded to 3 decimals, so distinct scores differ by ~1e-3;
@@ -440,7 +439,7 @@ class FastNEChunker:
         import nltk
         from nltk.chunk.named_entity import shape, simplify_pos
         self._shape, self._simplify_pos = shape, simplify_pos
-        self.chunker = nltk.chunk.ne_chunker(fmt)
+        self.chunker = _ne_chunker('binary' if fmt == 'binary' else 'typed', True)  # NLTK's, loaded once
         self.nt = nt = self.chunker._tagger  # NEChunkParserTagger
         clf = nt._classifier
         enc = clf._encoding

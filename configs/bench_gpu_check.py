@@ -6,18 +6,10 @@
 # 3) steering on that run's LIME+1 and baseline checkpoints.
 # data/gutenberg_4k is built with prepare.py if missing (full + causal tags; takes a few minutes
 # on 16 cores): carry a prebuilt copy to skip that.
+# throughput: the 124M setup of bench_throughput_124m.py (cuda, bf16, compile), fewer steps
+exec(open(__file__.replace('bench_gpu_check.py', 'bench_throughput_124m.py')).read())
 mode = 'gpu_check'
 out_json = 'out-bench/bench_gpu_check.json'
-device = 'cuda'
-dtype = 'bfloat16'
-compile = True
-# throughput: 124M
-n_layer = 12
-n_head = 12
-n_embd = 768
-block_size = 1024
-batch_size = 16
-vocab_size = 50257
 tp_data = 'random'
 tp_warmup = 3
 tp_steps = 10
