@@ -510,6 +510,10 @@ def main(argv):
         iter_num += 1
 
     if ddp:
+        # wait for rank 0 to finish its checkpoint: a rank that tears gloo down while its peer is
+        # still busy can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
+        del model
         torch.distributed.destroy_process_group()
 
 
