@@ -20,7 +20,7 @@ import os
 import sys
 import json
 import argparse
-from functools import lru_cache
+from functools import lru_cache, wraps
 from collections import OrderedDict
 
 import numpy as np
@@ -110,6 +110,49 @@ def ensure_resources(ner='binary'):
             raise MetadataError(f"NLTK resource '{path}' not found (NLTK_DATA="
                                 f"{os.environ.get('NLTK_DATA', 'unset')}).{hint}")
 
+def _gc_paused(fn):
+    """Run fn with Python's cyclic garbage collector off. Annotation allocates many small
+    containers (freed by reference counting; no cycles), and each full collection would
+    rescan the loaded NLTK models and the word caches: up to half the run time otherwise."""
+    import gc
+
+    @wraps(fn)
+    def run(*args, **kwargs):
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+    return run
+
+def _memo(maxsize):
+    """Memoise a one-argument function in a plain dict, emptied when it holds maxsize entries.
+    Unlike lru_cache (a linked list of Python lists, which the garbage collector scans at
+    every full collection), a dict of tuples is almost free for the collector."""
+    def wrap(fn):
+        cache = {}
+
+        @wraps(fn)
+        def run(arg):
+            r = cache.get(arg)
+            if r is None:
+                if len(cache) >= maxsize:
+                    cache.clear()
+                r = cache[arg] = fn(arg)
+            return r
+        run.cache_clear = cache.clear
+        return run
+    return wrap
+
+def _frozen(obj):
+    # the models live for the whole process: move them (and everything alive now) out of the
+    # collector's generations, so later collections do not rescan them
+    import gc
+    gc.freeze()
+    return obj
+
 # models are loaded once per process (nltk.ne_chunk would reload its chunker on every call)
 @lru_cache(maxsize=None)
 def _sentence_tokenizer():
@@ -118,7 +161,7 @@ def _sentence_tokenizer():
     # punkt decides each candidate break by text_contains_sentbreak(context), a pure function
     # of the short context string (the fixed English parameters are never retrained):
     # memoise it (the causal path re-segments the same contexts again and again)
-    tok.text_contains_sentbreak = lru_cache(maxsize=1 << 16)(tok.text_contains_sentbreak)
+    tok.text_contains_sentbreak = _memo(1 << 16)(tok.text_contains_sentbreak)
     return tok
 
 @lru_cache(maxsize=None)
@@ -134,13 +177,13 @@ def _fast_word_spans():
 @lru_cache(maxsize=None)
 def _pos_tagger(reference):
     from nltk.tag import PerceptronTagger
-    return PerceptronTagger() if reference else FastPOSTagger()
+    return _frozen(PerceptronTagger() if reference else FastPOSTagger())
 
 @lru_cache(maxsize=None)
 def _ne_chunker(ner, reference):
     from nltk.chunk import ne_chunker
     fmt = 'binary' if ner == 'binary' else 'multiclass'
-    return ne_chunker(fmt) if reference else FastNEChunker(fmt)
+    return _frozen(ne_chunker(fmt) if reference else FastNEChunker(fmt))
 
 # BPE: GPT-2 ('gpt2'), or 'gpt2-N': GPT-2 with only its first N ranks (the 256 bytes and
 # the first N-256 merges; <|endoftext|> = N). Every token of a merge has a lower rank than
@@ -240,6 +283,7 @@ class FastPOSTagger:
             if t not in self.tags:
                 self.tags.append(t)
         self.tag_idx = {t: i for i, t in enumerate(self.tags)}
+        self.tags_obj = np.array(self.tags, dtype=object)
         NT = self.NT = len(self.tags)
         cidx = {c: i for i, c in enumerate(self.classes)}
         # dense weight matrix: feature string -> row
@@ -283,8 +327,9 @@ class FastPOSTagger:
         self.word_id = {}
         self.roles = np.zeros((1024, 11), dtype=np.int64)
         self.n_words = 0
-        for s in list(self.tagger.START) + list(self.tagger.END):
-            self._add(s, pseudo=True)  # number of tokens recomputed with NLTK (ties)
+        for k, s in enumerate(list(self.tagger.START) + list(self.tagger.END)):
+            self._add(s, pseudo=True)
+            self.word_id[k] = k  # int keys (never a word) name the pseudo-words in _run
 
     def _add(self, w, pseudo=False):
         tg, fr = self.tagger, self.feat_row.get
@@ -341,38 +386,43 @@ class FastPOSTagger:
             self._reset_cache()
         get = self.word_id.get
         # flat layout per job: the words start-2 .. stop+1 of its sentence, with
-        # -START- -START2- before word 0 and -END- -END2- after the last word
-        flat, starts, h1, h2 = [], [], [], []
+        # -START- -START2- before word 0 and -END- -END2- after the last word (pseudo-word
+        # ids 0..3, written as their int keys); words are mapped to ids in one pass after
+        fw, starts, lens, h1, h2 = [], [], [], [], []
         START, tidx = self.tagger.START, self.tag_idx
+        t_s0, t_s1 = tidx[START[0]], tidx[START[1]]
         for s, start, prev, stop in jobs:
             n = len(s)
-            a, b = max(start - 2, 0), min(stop + 2, n)
-            seg = s[a:b]
-            ids = [get(w) for w in seg]
-            if None in ids:
-                ids = [i if i is not None else (get(w) if w in self.word_id else self._add(w)) for i, w in zip(ids, seg)]
+            a = start - 2 if start > 2 else 0
+            b = stop + 2 if stop + 2 < n else n
             if start < 2:
-                flat += (0, 1)[start:]
-            starts.append(len(flat) + (start - a))
-            flat += ids
+                fw += (0, 1)[start:]
+            starts.append(len(fw) + (start - a))
+            lens.append(stop - start)
+            fw += s[a:b]
             if b < stop + 2:
-                flat += (2, 3)[: stop + 2 - b]
+                fw += (2, 3)[: stop + 2 - b]
             # history (NLTK: prev, prev2 = START, then shifted by each tag)
-            seq = [START[1], START[0]] + list(prev)
-            h1.append(tidx[seq[-1]])
-            h2.append(tidx[seq[-2]])
+            k = len(prev)
+            h1.append(tidx[prev[-1]] if k else t_s0)
+            h2.append(tidx[prev[-2]] if k > 1 else (t_s0 if k else t_s1))
+        flat = list(map(get, fw))
+        if None in flat:
+            flat = [i if i is not None else (get(w) if w in self.word_id else self._add(w)) for i, w in zip(flat, fw)]
         flat = np.asarray(flat, dtype=np.int64)
         starts = np.asarray(starts, dtype=np.int64)
-        lens = np.asarray([b - a for _, a, _, b in jobs], dtype=np.int64)
+        lens = np.asarray(lens, dtype=np.int64)
         R = self.roles[flat]
         N = len(flat)
-        real = np.zeros(N, dtype=bool)
         tags = np.full(N, -1, dtype=np.int64)
         # history: for i=0 prev='-START-', prev2='-START2-' (sic, NLTK order)
         tags[starts - 1] = h1
         tags[starts - 2] = h2
-        for st, n in zip(starts.tolist(), lens.tolist()):
-            real[st : st + n] = True
+        # the positions to tag, job after job
+        offs = np.cumsum(lens) - lens
+        realpos = np.repeat(starts - offs, lens) + np.arange(int(lens.sum()))
+        real = np.zeros(N, dtype=bool)
+        real[realpos] = True
         td = R[:, self.TD]
         is_td = real & (td >= 0)
         tags[is_td] = td[is_td]  # tagdict shortcut: fixed tag, no prediction
@@ -413,8 +463,8 @@ class FastPOSTagger:
             tags[pos] = best
             for a in amb.tolist():
                 tags[pos[a]] = self._exact(jobs, starts, tags, int(pos[a]))
-        tags_s = self.tags
-        return [[tags_s[t] for t in tags[st : st + n].tolist()] for st, n in zip(starts.tolist(), lens.tolist())]
+        names = self.tags_obj[tags[realpos]].tolist()
+        return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
 
     def _exact(self, jobs, starts, tags, p):
         # recompute one token exactly as NLTK does (near-tie in our scores)
@@ -725,9 +775,15 @@ class FastWordSpans:
         for name in ('CONTRACTIONS2', 'CONTRACTIONS3'):
             setattr(self.wt, name, [plain(p) for p in getattr(self.wt, name)])
         self.ws = re.compile(r"\S+")
+        # maximal runs of ASCII letters with no apostrophe next to them
+        self.letters = re.compile(r"(?<![A-Za-z'])[A-Za-z]+(?![A-Za-z'])")
         self.cache = {}
         self.max_cache = max_cache
         self.fallbacks = 0
+
+    def _canon_run(self, m):
+        w = m.group()
+        return w if w.lower() in self.LETTER_SPLITS else 'a' * len(w)
 
     def _piece(self, key):
         # key = (before char or '' at text start, piece text, after char or '$' at text end / tail)
@@ -735,9 +791,22 @@ class FastWordSpans:
         if piece.isascii() and piece.isalpha() and piece.lower() not in self.LETTER_SPLITS:
             # ASCII letters only: every rule needs a non-letter (quote, punctuation, bracket,
             # dash, apostrophe) except the letter-only contractions (cannot -> can not, ...)
-            spans = [(0, len(piece))]
+            spans = ((0, len(piece)),)
             if len(self.cache) >= self.max_cache:
                 self.cache.clear()
+            self.cache[key] = spans
+            return spans
+        # Only the letter-only contractions and the rules around an apostrophe read which
+        # letters a word has: any other run of ASCII letters tokenizes like 'a' * its length.
+        # So pieces are tokenized (and cached) in that canonical form: "boat." and "house."
+        # become "aaaa." and "aaaaa.", and new words mostly hit the cache.
+        canon = self.letters.sub(self._canon_run, piece)
+        if canon != piece:
+            spans = self.cache.get((b, canon, a))
+            if spans is None:
+                spans = self._piece((b, canon, a))
+                if spans is None:
+                    return None
             self.cache[key] = spans
             return spans
         if a == "$" and b == "":  # the whole text is one tail: plain NLTK
@@ -759,7 +828,7 @@ class FastWordSpans:
             spans = list(self.wt.span_tokenize(syn))
             ok = spans[:1] == [(0, 1)] and spans[-1:] == [(len(syn) - 1, len(syn))]
             spans = spans[1:-1]
-        spans = [(s - off, e - off) for s, e in spans]
+        spans = tuple([(s - off, e - off) for s, e in spans])
         if not ok or any(s < 0 or e > len(piece) for s, e in spans):
             return None
         if len(self.cache) >= self.max_cache:
@@ -868,6 +937,7 @@ def _doc_analysis(text, ner, reference):
         _ANALYSIS_HELD[0] -= len(_ANALYSIS_CACHE.popitem(last=False)[0][2])
     return res
 
+@_gc_paused
 def analyze(text, ner='binary', reference=False):
     """Words of a text with their tags.
     Returns (starts, ends, pos_ids, ner_ids): int64 character spans and uint16 tag ids
@@ -917,10 +987,10 @@ def _token_bytes_len():
     return np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
                     dtype=np.int64)
 
-@lru_cache(maxsize=1 << 20)
+@_memo(1 << 20)
 def _encode_chunk(chunk):
     # Zipf: most word chunks (' the', ',', ...) repeat, so the cache hits most of the time
-    return _encoding().encode_ordinary(chunk)
+    return tuple(_encoding().encode_ordinary(chunk))
 
 def tokenize(text, starts, ends, tokenization='lime'):
     """GPT-2 token ids of a text. 'lime': each word chunk (the whitespace and any
@@ -978,6 +1048,7 @@ def _streams_from_alignment(widx, pos_ids, ner_ids):
     streams['word'] = np.where(none, SPACE, np.where(first, 3, 4)).astype(np.uint16)
     return streams
 
+@_gc_paused
 def annotate_text(text, tokenization='lime', ner='binary', reference=False):
     """Tokens and full metadata of one document.
     Returns (ids int64 array, {'pos', 'ner' (unless ner='none'), 'word'}: uint16 arrays)."""
@@ -1017,6 +1088,7 @@ def split_documents(ids):
     bounds = np.concatenate([[-1], eot, [len(ids)]])
     return [(int(a) + 1, int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a + 1]
 
+@_gc_paused
 def annotate_ids(ids, ner='binary', tags='full', reference=False):
     """Metadata of a token-id stream: decode, annotate, align by overlap.
     <|endoftext|> positions get <pad> and separate documents.
@@ -1047,6 +1119,7 @@ def annotate_causal_reference(ids, ner='binary', reference=False):
                 out[k][t] = full[k[:-len('_causal')]][t - a]
     return out
 
+@_gc_paused
 def annotate_causal(ids, ner='binary', reference=False):
     """Causal metadata, equal to annotate_causal_reference (the definition) but near-linear:
     each prefix reuses the annotation of the whole document except for its last sentence
@@ -1056,18 +1129,9 @@ def annotate_causal(ids, ner='binary', reference=False):
     ids = np.asarray(ids, dtype=np.int64)
     names = [n + '_causal' for n in stream_names(ner, ('full',)) if n != 'word']
     out = {k: np.full(len(ids), PAD, dtype=np.uint16) for k in names}
-    import gc
-    # the per-token bookkeeping allocates many small containers (freed by refcount, no
-    # cycles): the cyclic GC would otherwise rescan the loaded NLTK models again and again
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for a, b in split_documents(ids):
-            for k, v in _causal_doc(ids[a:b], ner, reference).items():
-                out[k + '_causal'][a:b] = v
-    finally:
-        if was_enabled:
-            gc.enable()
+    for a, b in split_documents(ids):
+        for k, v in _causal_doc(ids[a:b], ner, reference).items():
+            out[k + '_causal'][a:b] = v
     return out
 
 # ---- greedy continuation of the taggers (the causal path's only use of the models) ----
@@ -1129,10 +1193,23 @@ def _iob(raw, prev):
         return 'B-' + raw[2:]
     return raw
 
-@lru_cache(maxsize=1 << 18)
+_WORD_SPANS_CACHE = {}
+
 def _word_spans_cached(chunk, reference=True):
-    sp, f = _word_spans_checked(chunk, reference)
-    return tuple(sp), f
+    key = (chunk, reference)
+    r = _WORD_SPANS_CACHE.get(key)
+    if r is None:
+        if len(_WORD_SPANS_CACHE) >= 1 << 18:
+            _WORD_SPANS_CACHE.clear()
+        sp, f = _word_spans_checked(chunk, reference)
+        r = _WORD_SPANS_CACHE[key] = (tuple(sp), f)
+    return r
+
+# str.isspace of every code point up to U+3000 (the last space character), False after it
+_SPACE_TABLE = np.array([chr(i).isspace() for i in range(0x3001)] + [False], dtype=bool)
+
+_CAUSAL_SIMPLE_TOKENS = True  # False: every token takes the general path (tests compare the two)
+_CAUSAL_STATS = {'tokens': 0, 'simple': 0}  # of the last _causal_doc call
 
 def _causal_doc(ids, ner, reference):
     import re
@@ -1161,7 +1238,6 @@ def _causal_doc(ids, ner, reference):
     sents, spans, fb, words, pos, raw = _doc_analysis(text, ner, reference)
     use_ner = ner != 'none'
     if use_ner:
-        iob = [[_iob(r[i], r[i - 1] if i else None) for i in range(len(r))] for r in raw]
         ner_id = {tg: i for i, tg in enumerate(stream_tags('ner', ner))}
     start_of = {s: j for j, (s, _) in enumerate(sents)}
     sstarts = np.array([s for s, _ in sents], dtype=np.int64)
@@ -1175,7 +1251,8 @@ def _causal_doc(ids, ner, reference):
     # it reads the character's word, the next word and the whitespace after it (and the
     # closing quotes realigned after it); settled = the prefix holds all of that plus the
     # next non-space character: settle(p) = end of (word, spaces, word, spaces) + 1.
-    isws = np.array([ch.isspace() for ch in text], dtype=bool) if L else np.zeros(0, bool)
+    cp = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)  # code points
+    isws = _SPACE_TABLE[np.minimum(cp, len(_SPACE_TABLE) - 1)]                     # str.isspace
     ws_idx = np.nonzero(isws)[0]
     nws_idx = np.nonzero(~isws)[0]
     def nxt(idx, x):   # first index >= x in idx, else L
@@ -1202,7 +1279,7 @@ def _causal_doc(ids, ner, reference):
     HI_U = np.searchsorted(P, C, side='left').tolist()
     JC = (np.searchsorted(creator, C, side='left') - 1).tolist() if len(sents) else [-1] * n
     # last ' ', '\n', '\r' or '\t' at or before each character (-1: none)
-    issep = np.fromiter((ch in ' \n\r\t' for ch in text), dtype=bool, count=L) if L else np.zeros(0, bool)
+    issep = (cp == 32) | (cp == 10) | (cp == 13) | (cp == 9)
     sepprev = np.maximum.accumulate(np.where(issep, np.arange(L), -1)).tolist() if L else []
     rstarts = [[x for x, _ in sp] for sp in spans]
     sstarts_l, wfirst_l = sstarts.tolist(), wfirst.tolist()
@@ -1220,13 +1297,51 @@ def _causal_doc(ids, ner, reference):
     wscum = np.zeros(L + 1, dtype=np.int64)
     if L:
         wscum[1:] = np.cumsum(isws)
-    allws = ((M == 0) & (CE > CS) & (wscum[np.minimum(CE, L)] - wscum[np.minimum(CS, L)] == CE - CS)).tolist()
+    allws_a = (M == 0) & (CE > CS) & (wscum[np.minimum(CE, L)] - wscum[np.minimum(CS, L)] == CE - CS)
+    allws = allws_a.tolist()
+
+    # ---- simple tokens (most of them), decided for all tokens at once: no open punkt
+    # decision, and the prefix ends inside or at the end of word q > 0 of its sentence j, where
+    # word q starts a whitespace-separated chunk and the text from its start to the prefix end
+    # is ASCII letters only. That text is then one word of the prefix whatever follows
+    # (FastWordSpans; the letter-only contractions go the general way), words before q are
+    # unchanged, and the token's word is q: the general steps below reduce to a few lines.
+    fast = np.zeros(n, dtype=bool)
+    fq = fA = np.zeros(n, dtype=np.int64)
+    if nsent and L and n and _CAUSAL_SIMPLE_TOKENS:
+        jv = np.maximum(np.searchsorted(creator, C, side='left') - 1, 0)
+        sepv = np.maximum.accumulate(np.where(issep, np.arange(L), -1))
+        cut = sepv[np.minimum(np.minimum(CS, C), L - 1)]
+        g = np.searchsorted(wstart, cut + 1)                  # first word starting after the cut
+        nwj = wfirst[jv + 1] - wfirst[jv]                     # words of sentence j
+        ql = g - wfirst[jv]
+        gg = np.minimum(g, max(len(wstart) - 1, 0))
+        A = wstart[gg] if len(wstart) else np.zeros(n, np.int64)
+        E = wend[gg] if len(wstart) else np.zeros(n, np.int64)
+        asc = ((cp >= 65) & (cp <= 90)) | ((cp >= 97) & (cp <= 122))
+        acum = np.zeros(L + 1, dtype=np.int64)
+        acum[1:] = np.cumsum(asc)
+        fbv = np.asarray(fb, dtype=bool)[jv]
+        fast = ((M == 0) & (CE > CS) & ~allws_a & (np.asarray(LO_U) >= np.asarray(HI_U)) & ~fbv
+                & (cut >= sstarts[jv]) & (ql > 0) & (ql < nwj) & (A < C) & (C <= E)
+                & isws[np.maximum(A - 1, 0)] & (acum[np.minimum(C, L)] - acum[np.minimum(A, L)] == C - A))
+        fq, fA = ql, A
+        fj_l = jv.tolist()
+    fast_l, fq_l, fA_l = fast.tolist(), fq.tolist(), fA.tolist()
+    _CAUSAL_STATS.update(tokens=n, simple=int(fast.sum()))
+    wend_full_l = wend.tolist()
 
     for t_lo in range(0, n, 8192):   # blocks of tokens bound the memory of long documents
         # ---- phase 1: sentences and words of every prefix near its end
         recs = []
+        frecs = []   # the simple tokens: [t, j, q, o, i0, complete, words, tags from o]
         for t in range(t_lo, min(n, t_lo + 8192)):
             c, m, cs, ce = Cl[t], Ml[t], CSl[t], CEl[t]
+            if fast_l[t]:
+                A = fA_l[t]
+                if c - A not in (5, 6) or text[A:c].lower() not in FastWordSpans.LETTER_SPLITS:
+                    frecs.append(t)
+                    continue
             if ce <= cs or allws[t]:
                 continue
             lo_u, hi_u = LO_U[t], HI_U[t]
@@ -1308,6 +1423,20 @@ def _causal_doc(ids, ner, reference):
 
         # ---- phase 2: POS of the changed words, all prefixes in one batch
         pjobs, pref = [], []
+        fjobs, fref = [], []
+        for k, t in enumerate(frecs):
+            j, q, A, c = fj_l[t], fq_l[t], fA_l[t], Cl[t]
+            comp = c == wend_full_l[wfirst_l[j] + q]            # the word is complete
+            rp = pos[j]
+            stop = q + 1
+            i0 = stop if (comp and q == len(rp) - 1) else max(0, q + comp - 2)
+            o = max(0, min(q, i0 - 3))
+            wl = words[j][o:q]
+            wl.append(text[A:c])
+            frecs[k] = rec = [t, j, q, o, i0, comp, wl, rp[o:i0]]
+            if i0 < stop:
+                fjobs.append((wl, i0 - o, rp[max(0, i0 - 2):i0], stop - o))
+                fref.append(rec)
         for t, cs, ce, cands in recs:
             for cd in cands:
                 if cd[2] != 'new':
@@ -1319,7 +1448,10 @@ def _causal_doc(ids, ner, reference):
                 if i0 < d['stop']:
                     pjobs.append((d['wl'], i0 - o, rp[max(0, i0 - 2):i0], d['stop'] - o))
                     pref.append(d)
-        for d, tags in zip(pref, pos_tag_resume(pjobs, reference)):
+        res = pos_tag_resume(fjobs + pjobs, reference)
+        for rec, tags in zip(fref, res):
+            rec[7] = rec[7] + tags
+        for d, tags in zip(pref, res[len(fjobs):]):
             d['pos'] = d['pos'] + tags
 
         # ---- phase 3: NE raw tags of the changed words
@@ -1356,8 +1488,40 @@ def _causal_doc(ids, ner, reference):
                             pw2 = pw2 + ['NN'] * (len(wl) - len(pw2))
                         njobs.append((list(zip(wl, pw2)), j0 - o2, rr[o2:j0], hi + 1 - o2))
                         nref.append(d)
-            for d, tags in zip(nref, ner_raw_resume(njobs, ner, reference)):
+            fnjobs, fnref = [], []
+            for rec in frecs:
+                t, j, q, o, i0, comp, wl, pw = rec
+                rp = pos[j]
+                # the first word whose NE tagger input changed (its POS, or the word itself)
+                f = i0
+                while f < q and pw[f - o] == rp[f]:
+                    f += 1
+                if f == q and comp and pw[q - o] == rp[q]:
+                    f = q + 1
+                    if q == len(rp) - 1:
+                        f = 1 << 62
+                j0 = max(0, f - 1)
+                rec.append(min(j0, q + 1))   # rec[8]: raw labels before this index are the full ones
+                rec.append(None)             # rec[9]: the recomputed raw labels from rec[8] on
+                if j0 <= q:
+                    o2 = max(o, j0 - 2)
+                    fnjobs.append((list(zip(wl[o2 - o:], pw[o2 - o:])), j0 - o2, raw[j][o2:j0], q + 1 - o2))
+                    fnref.append(rec)
+            res = ner_raw_resume(fnjobs + njobs, ner, reference)
+            for rec, tags in zip(fnref, res):
+                rec[9] = tags
+            for d, tags in zip(nref, res[len(fnjobs):]):
                 d['raw'] = tags
+
+        # ---- phase 4 for the simple tokens: the token's word is q
+        for rec in frecs:
+            t, j, q, o, pw = rec[0], rec[1], rec[2], rec[3], rec[7]
+            pos_out[t] = POS_ID[pw[q - o]]
+            if use_ner:
+                jc, rw, rr = rec[8], rec[9], raw[j]
+                r = rr[q] if q < jc else rw[q - jc]
+                rprev = rr[q - 1] if q - 1 < jc else rw[q - 1 - jc]
+                ner_out[t] = ner_id[_iob(r, rprev)]
 
         # ---- phase 4: align the last token by overlap
         for t, cs, ce, cands in recs:
@@ -1382,7 +1546,7 @@ def _causal_doc(ids, ner, reference):
                 j = int(wsent[w]); i = w - wfirst_l[j]
                 pos_out[t] = POS_ID[pos[j][i]]
                 if use_ner:
-                    ner_out[t] = ner_id[iob[j][i]]
+                    ner_out[t] = ner_id[_iob(raw[j][i], raw[j][i - 1] if i else None)]
             else:
                 d, i = best[1], best[2]
                 pos_out[t] = POS_ID[d['pos'][i - d['o']]]

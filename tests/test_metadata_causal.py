@@ -99,6 +99,23 @@ def test_random_corpus_documents_equal_reference():
         _assert_equal(_ids(text, rng.choice(['lime', 'plain'])))
 
 
+def test_simple_token_path_equals_general_path(monkeypatch):
+    # _causal_doc handles most tokens by a short path (prefix ending in a letters-only word);
+    # on real text it must give exactly what the general path gives for the same tokens
+    from nltk.corpus import gutenberg
+    text = gutenberg.raw('austen-persuasion.txt')[:60000] + gutenberg.raw('chesterton-thursday.txt')[:60000]
+    for how in ('lime', 'plain'):
+        ids = _ids(text, how)
+        got = md.annotate_causal(np.array(ids), NER)
+        # the short path does take most tokens (else this test would check little)
+        assert md._CAUSAL_STATS['simple'] > 0.5 * md._CAUSAL_STATS['tokens'], md._CAUSAL_STATS
+        monkeypatch.setattr(md, '_CAUSAL_SIMPLE_TOKENS', False)
+        general = md.annotate_causal(np.array(ids), NER)
+        monkeypatch.setattr(md, '_CAUSAL_SIMPLE_TOKENS', True)
+        for k in got:
+            assert np.array_equal(got[k], general[k]), (how, k, np.nonzero(got[k] != general[k])[0][:5])
+
+
 def test_multi_document_stream_and_random_cuts():
     rng = random.Random(7)
     docs = [_ids(t, 'plain') for t in TRICKY[:3] + _corpus_docs(rng, 2)]
