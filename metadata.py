@@ -143,6 +143,7 @@ def _memo(maxsize):
                 r = cache[arg] = fn(arg)
             return r
         run.cache_clear = cache.clear
+        run.cache = cache   # for hot loops: cache.get first, run() on a miss
         return run
     return wrap
 
@@ -488,7 +489,7 @@ class FastNEChunker:
         # load exactly what NLTK loads for ne_chunker(fmt)
         import nltk
         from nltk.chunk.named_entity import shape, simplify_pos
-        self._shape, self._simplify_pos = shape, simplify_pos
+        self._shape, self._simplify_pos = self._compile_shape(shape), simplify_pos
         self.chunker = _ne_chunker('binary' if fmt == 'binary' else 'typed', True)  # NLTK's, loaded once
         self.nt = nt = self.chunker._tagger  # NEChunkParserTagger
         clf = nt._classifier
@@ -499,6 +500,7 @@ class FastNEChunker:
         assert isinstance(enc, nltk.classify.maxent.BinaryMaxentFeatureEncoding)
         assert clf._logarithmic and not enc._unseen and nt._cutoff_prob is None
         self.labels = list(enc.labels())
+        self.labels_obj = np.array(self.labels, dtype=object)
         self.label_idx = {lab: j for j, lab in enumerate(self.labels)}
         for lab in self.labels:
             assert lab == "O" or lab[:2] in ("B-", "I-"), lab
@@ -536,6 +538,44 @@ class FastNEChunker:
         self._reset_cache()
         self.fallbacks = 0
 
+    @staticmethod
+    def _compile_shape(nltk_shape):
+        """NLTK's shape() with its three patterns compiled once: NLTK >= 3.10 recompiles them
+        through its ReDoS guard on every call (7 us a word). Same engine (the `regex` module
+        there, `re` before), same patterns and flags, so the same answers (tests compare)."""
+        import re
+        import inspect
+        pats = (r"[0-9]+(\.[0-9]*)?|[0-9]*\.[0-9]+$", r"\W+$", r"\w+$")
+        try:
+            src = inspect.getsource(nltk_shape)
+        except Exception:
+            return nltk_shape
+        if not all(f'r"{p}"' in src for p in pats):
+            return nltk_shape   # a different NLTK shape(): use it as it is
+        uses_redos = 'redos.' in src
+        if uses_redos:
+            from nltk import redos
+        if uses_redos:
+            num, punct, word_rx = [getattr(c, '_rx', c).match for c in (redos.compile(p, re.UNICODE) for p in pats)]
+        else:
+            num, punct, word_rx = [re.compile(p, re.UNICODE).match for p in pats]
+
+        def shape(word):
+            if num(word):
+                return "number"
+            elif punct(word):
+                return "punct"
+            elif word_rx(word):
+                if word.istitle():
+                    return "upcase"
+                elif word.islower():
+                    return "downcase"
+                else:
+                    return "mixedcase"
+            else:
+                return "other"
+        return shape
+
     def _reset_cache(self):
         # per-(word, pos) caches
         L, V = len(self.labels), len(self.vals)
@@ -548,6 +588,7 @@ class FastNEChunker:
         self.plid = np.zeros(1024, dtype=np.int64)  # id of pos.lower() (0 = None: no next token)
         self.pl_names, self.pl_id = [None], {}
         self.wnp_cache = {}  # token id * 65536 + next token's plid -> 'word+nextpos' row
+        self._ppt_rows, self._shpt_rows = {}, {}
 
     def _add(self, tok):
         word, pos = tok
@@ -560,8 +601,7 @@ class FastNEChunker:
         self.cols = _grow(self.cols, i + 1)
         self.ppt = _grow(self.ppt, i + 1)
         self.shpt = _grow(self.shpt, i + 1)
-        v = self.aon.copy()
-        for key in (
+        rows = [fr(key, 0) for key in (
             ("bias", True),
             ("shape", self._shape(word)),
             ("wordlen", len(word)),
@@ -570,13 +610,22 @@ class FastNEChunker:
             ("pos", sp),
             ("word", word),
             ("en-wordlist", word in self.wl),
-        ):
-            v += W[fr(key, 0)]
+        )]
+        v = self.aon.copy()
+        for r in rows:   # summed in NLTK's order (float addition is not associative)
+            v += W[r]
         self.selfvec[i] = v
         self.cols[i] = [fr(("prevpos", sp), 0), fr(("prevword", lw), 0), fr(("nextpos", pos.lower()), 0), fr(("nextword", lw), 0)]
-        self.ppt[i] = [fr(("pos+prevtag", f"{sp}+{t}"), 0) for t in self.vals]
+        # the prevtag pair rows depend on the simplified pos / the shape only: few distinct values
+        r = self._ppt_rows.get(sp)
+        if r is None:
+            r = self._ppt_rows[sp] = [fr(("pos+prevtag", f"{sp}+{t}"), 0) for t in self.vals]
+        self.ppt[i] = r
         psh = self._shape(lw)  # prevshape is the shape of the LOWERCASED previous word
-        self.shpt[i] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
+        r = self._shpt_rows.get(psh)
+        if r is None:
+            r = self._shpt_rows[psh] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
+        self.shpt[i] = r
         self.lower.append((lw, pos.lower()))
         self.plid = _grow(self.plid, i + 1)
         pl = self.pl_id.get(pos.lower())
@@ -638,16 +687,15 @@ class FastNEChunker:
         get = self.tok_id.get
         lidx = self.label_idx
         # flat layout per job: tokens start-1 .. stop (those its features read)
-        ids, starts, fpos, lpos, hpos, hlab = [], [], [], [], [], []
+        fw, starts, lens, absst, fpos, lpos, hpos, hlab = [], [], [], [], [], [], [], []
         for s, start, hist, stop in jobs:
             n = len(s)
-            a, b = max(start - 1, 0), min(stop + 1, n)
-            seg = s[a:b]
-            x = [get(t) for t in seg]
-            if None in x:
-                x = [i if i is not None else (get(t) if t in self.tok_id else self._add(t)) for i, t in zip(x, seg)]
-            st = len(ids) + (start - a)
+            a = start - 1 if start else 0
+            b = stop + 1 if stop < n else n
+            st = len(fw) + (start - a)
             starts.append(st)
+            lens.append(stop - start)
+            absst.append(start)
             if start == 0:
                 fpos.append(st)
             else:
@@ -655,11 +703,15 @@ class FastNEChunker:
                 hlab.append(lidx[hist[start - 1]])
             if b == n:
                 lpos.append(st + (n - 1 - start))
-            ids += x
+            fw += s[a:b]
+        # tokens -> cache ids in one pass (new (word, pos) pairs are added in order)
+        ids = list(map(get, fw))
+        if None in ids:
+            ids = [i if i is not None else (get(t) if t in self.tok_id else self._add(t)) for i, t in zip(ids, fw)]
         ids = np.asarray(ids, dtype=np.int64)
         starts = np.asarray(starts, dtype=np.int64)
-        lens = np.asarray([b - a for _, a, _, b in jobs], dtype=np.int64)
-        absst = np.asarray([a for _, a, _, _ in jobs], dtype=np.int64)  # index of each job's first tagged token
+        lens = np.asarray(lens, dtype=np.int64)
+        absst = np.asarray(absst, dtype=np.int64)  # index of each job's first tagged token
         N = len(ids)
         first = np.zeros(N, dtype=bool)
         first[fpos] = True
@@ -724,8 +776,10 @@ class FastNEChunker:
                 amb = np.nonzero(part[:, L - 1] - part[:, L - 2] < self.eps)[0]
                 for a in amb.tolist():
                     labs[pos[a]] = self._exact(jobs, starts, labs, int(pos[a]))
-        labels = self.labels
-        return [[labels[t] for t in labs[st : st + n].tolist()] for st, n in zip(starts.tolist(), lens.tolist())]
+        offs = np.cumsum(lens) - lens
+        realpos = np.repeat(starts - offs, lens) + np.arange(int(lens.sum()))
+        names = self.labels_obj[labs[realpos]].tolist()
+        return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
 
     def _exact(self, jobs, starts, labs, p):
         # recompute one token exactly as NLTK does (near-tie in our scores)
@@ -846,8 +900,7 @@ class FastWordSpans:
         while j > 0 and all(c in closers for c in text[ps[j][0] : ps[j][1]]):
             j -= 1
         out = []
-        n = len(text)
-        cache = self.cache
+        get = self.cache.get
         for k in range(j + 1):
             s, e = ps[k]
             b = text[s - 1] if s > 0 else ""
@@ -855,12 +908,16 @@ class FastWordSpans:
                 key = (b, text[s:], "$")
             else:
                 key = (b, text[s:e], text[e])
-            spans = cache.get(key)
+            spans = get(key)
             if spans is None:
                 spans = self._piece(key)
                 if spans is None:
                     break
-            out += [(s + x, s + y) for x, y in spans]
+            if len(spans) == 1:   # most pieces are one word
+                x, y = spans[0]
+                out.append((s + x, s + y))
+            else:
+                out += [(s + x, s + y) for x, y in spans]
         else:
             return out
         # surprise: NLTK itself on the whole sentence
@@ -999,8 +1056,10 @@ def tokenize(text, starts, ends, tokenization='lime'):
     if tokenization == 'plain':
         return np.array(_encoding().encode_ordinary(text), dtype=np.int64)
     ids, prev = [], 0
+    get = _encode_chunk.cache.get
     for e in ends.tolist():
-        ids.extend(_encode_chunk(text[prev:e]))
+        chunk = text[prev:e]
+        ids += get(chunk) or _encode_chunk(chunk)
         prev = e
     if prev < len(text):
         ids.extend(_encode_chunk(text[prev:]))

@@ -249,6 +249,29 @@ def test_fast_taggers_equal_nltk_on_corpora():
     assert sum(r[2] for r in res) == 0, 'POS tags differ from nltk.pos_tag'
     assert sum(r[3] for r in res) == 0, 'NE tags differ from the NLTK chunker'
 
+def test_fast_shape_equals_nltk_shape():
+    # the NE chunker's word-shape feature, compiled once, must answer exactly as NLTK's shape()
+    from nltk.chunk.named_entity import shape
+    from nltk.corpus import brown
+    fast = md._ne_chunker('binary', False)._shape
+    assert fast is not shape   # the compiled copy is in use (else this checks nothing)
+    words = set(brown.words()[:100000]) | {'e\u0301', 'café', 'x\u0301y', '3.14', '.5', '5.', '_', '__init__',
+                                           'Ab_c', '٣٤', 'ǅungla', 'ABC', 'aBC', '--', '', 'Ⅻ', '²', "O'Neill"}
+    assert [w for w in words if fast(w) != shape(w)] == []
+
+def test_canonical_word_pieces_equal_nltk():
+    # FastWordSpans tokenizes a piece in canonical form (letter runs -> 'a' * length, except
+    # the letter-only contractions and runs next to an apostrophe): same spans as NLTK
+    from nltk.tokenize import NLTKWordTokenizer
+    ref = NLTKWordTokenizer()
+    fast = md.FastWordSpans()
+    sents = ["He said: \"Don't go there, cannot you see?\" (It was 3.14 p.m.)", "Gimme that; gonna wanna gotta.",
+             "'Tis the d'ye more'n 'twas rock'n'roll.", "Mr. O'Neill's dogs' bones... end.", "Hello,world:x --y",
+             "CANNOT Cannot cannotx xcannot can-not.", "\"Quoted\" ``tex'' and 'single' quotes.'", "Ends with U.S."]
+    for s in sents:
+        assert fast(s) == list(ref.span_tokenize(s)), s
+    assert any('aaa' in k[1] for k in fast.cache)   # the canonical keys were used
+
 def test_truncated_gpt2_tokenizer():
     try:
         md.set_tokenizer('gpt2-1024')
