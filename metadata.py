@@ -438,20 +438,23 @@ class FastPOSTagger:
         S += W[R[p + 1, self.P1WORD]]
         S += W[R[p + 1, self.P1SUF]]
         S += W[R[p + 2, self.P2WORD]]
-        srow = np.full(N, -1, dtype=np.int64)
-        srow[p] = np.arange(len(p))
-        twid = R[:, self.TWID]
+        # the positions to predict, grouped by step (index within the job): step i tags
+        # P[bounds[i]:bounds[i+1]], in job order, with their rows of S in the same order
+        step = p - starts[np.searchsorted(starts, p, side='right') - 1]
+        order = np.argsort(step, kind='stable')
+        P, S = p[order], S[order]
+        bounds = np.searchsorted(step[order], np.arange(int(lens[0]) + 1)).tolist()
+        TWP = R[P, self.TWID]
         tw_keys, tw_rows = self.tw_keys, self.tw_rows
         nk = len(tw_keys)
         for i in range(int(lens[0])):
-            k = int(np.count_nonzero(lens > i))  # lens sorted descending
-            pos = starts[:k] + i
-            pos = pos[srow[pos] >= 0]
-            if len(pos) == 0:
+            a, b = bounds[i], bounds[i + 1]
+            if a == b:
                 continue
+            pos = P[a:b]
             prev, prev2 = tags[pos - 1], tags[pos - 2]
-            sc = S[srow[pos]] + T[prev, prev2]
-            tw = twid[pos]
+            sc = S[a:b] + T[prev, prev2]
+            tw = TWP[a:b]
             m = np.nonzero(tw >= 0)[0]
             if len(m) and nk:
                 key = tw[m] * NT + prev[m]
@@ -535,6 +538,20 @@ class FastNEChunker:
         self.r_prevtag = np.array([fr(("prevtag", v), 0) for v in self.vals])
         self.r_shpt_none = np.array([fr(("shape+prevtag", f"{None}+{v}"), 0) for v in self.vals])
         self.r_none = {k: fr((k, None), 0) for k in ("prevpos", "prevword", "nextpos", "nextword")}
+        # 'word+nextpos' (f"{word.lower()}+{next pos.lower()}", 'None' at the sentence end) as a
+        # dense table: [index of the lowercased word, index of the next pos] -> row. Next-pos
+        # indices of the model's features come first (0 = None); any other pos has no row.
+        self.wn_word, self.wn_pl = {}, {None: 0}
+        cells = []
+        for (fname, fval), r in self.feat_row.items():
+            if fname == "word+nextpos" and isinstance(fval, str):
+                w, _, npos = fval.rpartition("+")
+                wi = self.wn_word.setdefault(w, len(self.wn_word) + 1)   # 0: no such word
+                pi = self.wn_pl.setdefault(None if npos == "None" else npos, len(self.wn_pl))
+                cells.append((wi, pi, r))
+        self.wn_tab = np.zeros((len(self.wn_word) + 1, len(self.wn_pl)), dtype=np.int64)
+        for wi, pi, r in cells:
+            self.wn_tab[wi, pi] = r
         self._reset_cache()
         self.fallbacks = 0
 
@@ -584,10 +601,10 @@ class FastNEChunker:
         self.cols = np.zeros((1024, 4), dtype=np.int64)  # prevpos, prevword, nextpos, nextword rows
         self.ppt = np.zeros((1024, V), dtype=np.int64)  # 'pos+prevtag' rows
         self.shpt = np.zeros((1024, V), dtype=np.int64)  # 'shape+prevtag' rows (as previous token)
-        self.lower = []  # word.lower(), pos.lower()
+        self.n_tok = 0  # (word, pos) pairs cached
         self.plid = np.zeros(1024, dtype=np.int64)  # id of pos.lower() (0 = None: no next token)
-        self.pl_names, self.pl_id = [None], {}
-        self.wnp_cache = {}  # token id * 65536 + next token's plid -> 'word+nextpos' row
+        self.pl_id = dict(self.wn_pl)  # pos.lower() -> index (the model's next-pos values first)
+        self.wnw = np.zeros(1024, dtype=np.int64)  # index of the lowercased word in wn_tab
         self._ppt_rows, self._shpt_rows = {}, {}
 
     def _add(self, tok):
@@ -596,7 +613,7 @@ class FastNEChunker:
         W = self.W
         sp = self._simplify_pos(pos)
         lw = word.lower()
-        i = len(self.lower)
+        i = self.n_tok
         self.selfvec = _grow(self.selfvec, i + 1)
         self.cols = _grow(self.cols, i + 1)
         self.ppt = _grow(self.ppt, i + 1)
@@ -626,14 +643,11 @@ class FastNEChunker:
         if r is None:
             r = self._shpt_rows[psh] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
         self.shpt[i] = r
-        self.lower.append((lw, pos.lower()))
+        self.n_tok += 1
         self.plid = _grow(self.plid, i + 1)
-        pl = self.pl_id.get(pos.lower())
-        if pl is None:
-            pl = self.pl_id[pos.lower()] = len(self.pl_names)
-            self.pl_names.append(pos.lower())
-            assert pl < 65536
-        self.plid[i] = pl
+        self.plid[i] = self.pl_id.setdefault(pos.lower(), len(self.pl_id))
+        self.wnw = _grow(self.wnw, i + 1)
+        self.wnw[i] = self.wn_word.get(lw, 0)
         self.tok_id[tok] = i
         return i
 
@@ -682,7 +696,7 @@ class FastNEChunker:
     def _run(self, jobs):
         # jobs sorted by stop - start, descending (all > 0)
         W, L = self.W, len(self.labels)
-        if len(self.lower) > self.max_cache:
+        if self.n_tok > self.max_cache:
             self._reset_cache()
         get = self.tok_id.get
         lidx = self.label_idx
@@ -728,47 +742,36 @@ class FastNEChunker:
         S += W[r]
         r = np.where(last, self.r_none["nextword"], np.roll(cols[:, 3], -1))
         S += W[r]
-        # 'word+nextpos' is a string pair feature: one lookup per distinct (token, next pos)
-        fr = self.feat_row.get
-        if len(self.wnp_cache) > 4 * self.max_cache:
-            self.wnp_cache.clear()  # bounds memory (the token caches reset on their own)
-        low, names, cache = self.lower, self.pl_names, self.wnp_cache
-        codes = ids * 65536 + np.where(last, 0, np.roll(self.plid[ids], -1))
-        u, inv = np.unique(codes, return_inverse=True)
-        wnp = []
-        for key in u.tolist():
-            r = cache.get(key)
-            if r is None:
-                a, p = divmod(key, 65536)
-                r = cache[key] = fr(("word+nextpos", f"{low[a][0]}+{names[p]}"), 0)
-            wnp.append(r)
-        S += W[np.asarray(wnp, dtype=np.int64)[inv.reshape(-1)]]
+        # 'word+nextpos': the table cell of (this word, next pos); a next pos the model never
+        # saw with any word has no row
+        npl = np.where(last, 0, np.roll(self.plid[ids], -1))
+        width = self.wn_tab.shape[1]
+        S += W[np.where(npl < width, self.wn_tab[self.wnw[ids], np.minimum(npl, width - 1)], 0)]
         ppt = self.ppt[ids]
         shpt_prev = np.roll(self.shpt[ids], 1, axis=0)
         labs = np.full(N, -1, dtype=np.int64)
         labs[hpos] = hlab
-        # the 'prevtag' features depend on the token's index in its sentence (0, 1, >= 2)
-        resumed = bool(hpos)
+        # The only prediction-dependent input is the previous label, through v (the value of
+        # the 'prevtag' features: None at the sentence start, the label's first character
+        # at index 1, the label from index 2 on; NLTK's quirk) and the 'shape+prevtag' pair.
+        # So the scores of every tagged token for every possible previous label are computed
+        # up front, in the same order of additions as one token at a time (same floats):
+        # table[r, l] = scores of tagged token r (job after job) after label l.
+        offs = np.cumsum(lens) - lens
+        realpos = np.repeat(starts - offs, lens) + np.arange(int(lens.sum()))
+        ai = np.repeat(absst - offs, lens) + np.arange(len(realpos))  # index in the sentence
+        V = len(self.vals)
+        base = S[realpos][:, None, :] + W[self.r_prevtag][None, :, :]
+        base += W[ppt[realpos]]
+        base += W[np.where((ai >= 2)[:, None], shpt_prev[realpos], self.r_shpt_none[None, :])]
+        vsel = np.where((ai == 0)[:, None], 0,
+                        np.where((ai == 1)[:, None], self.v_char[None, :], self.v_full[None, :]))
+        table = base[np.arange(len(realpos))[:, None], vsel]
+        ks = np.searchsorted(-lens, -np.arange(int(lens[0])), side='left').tolist()  # jobs longer than i
         for i in range(int(lens[0])):
-            k = int(np.count_nonzero(lens > i))
+            k = ks[i]
             pos = starts[:k] + i
-            if resumed:
-                ai = absst[:k] + i
-                pl = labs[pos - 1]
-                v = np.where(ai == 0, 0, np.where(ai == 1, self.v_char[pl], self.v_full[pl]))
-                shr = np.where(ai >= 2, shpt_prev[pos, v], self.r_shpt_none[v])
-            elif i == 0:
-                v = np.zeros(k, dtype=np.int64)
-                shr = self.r_shpt_none[v]
-            elif i == 1:
-                v = self.v_char[labs[pos - 1]]
-                shr = self.r_shpt_none[v]
-            else:
-                v = self.v_full[labs[pos - 1]]
-                shr = shpt_prev[pos, v]
-            sc = S[pos] + W[self.r_prevtag[v]]
-            sc += W[ppt[pos, v]]
-            sc += W[shr]
+            sc = table[offs[:k] + i, labs[pos - 1]]   # (at a sentence start every column is the same)
             best = sc.argmax(axis=1)
             labs[pos] = best
             if L > 1:
@@ -776,8 +779,6 @@ class FastNEChunker:
                 amb = np.nonzero(part[:, L - 1] - part[:, L - 2] < self.eps)[0]
                 for a in amb.tolist():
                     labs[pos[a]] = self._exact(jobs, starts, labs, int(pos[a]))
-        offs = np.cumsum(lens) - lens
-        realpos = np.repeat(starts - offs, lens) + np.arange(int(lens.sum()))
         names = self.labels_obj[labs[realpos]].tolist()
         return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
 
