@@ -1382,13 +1382,22 @@ def _causal_doc(ids, ner, reference):
         acum = np.zeros(L + 1, dtype=np.int64)
         acum[1:] = np.cumsum(asc)
         fbv = np.asarray(fb, dtype=bool)[jv]
-        fast = ((M == 0) & (CE > CS) & ~allws_a & (np.asarray(LO_U) >= np.asarray(HI_U)) & ~fbv
-                & (cut >= sstarts[jv]) & (ql > 0) & (ql < nwj) & (A < C) & (C <= E)
-                & isws[np.maximum(A - 1, 0)] & (acum[np.minimum(C, L)] - acum[np.minimum(A, L)] == C - A))
-        fq, fA = ql, A
+        base = ((M == 0) & (CE > CS) & ~allws_a & (np.asarray(LO_U) >= np.asarray(HI_U)) & ~fbv
+                & (cut >= sstarts[jv]) & (ql > 0) & (ql < nwj) & (A < C) & isws[np.maximum(A - 1, 0)])
+        fast = base & (C <= E) & (acum[np.minimum(C, L)] - acum[np.minimum(A, L)] == C - A)
+        # second kind: the prefix ends exactly at the end of word k (>= q) of sentence j, the
+        # token overlaps word k only, and the chunk from word q re-tokenized as the text's end
+        # gives words q..k again (checked per token below): the prefix's words are words 0..k
+        ke = np.minimum(np.searchsorted(wend, C), max(len(wend) - 1, 0))
+        kl = ke - wfirst[jv]
+        fast2 = (base & ~fast & (wend[ke] == C) & (kl >= ql) & (kl < nwj)
+                 & (CS >= wend[np.maximum(ke - 1, 0)]))
+        fq, fA = np.where(fast2, kl, ql), np.where(fast2, wstart[ke], A)
+        fA0 = A.tolist()
+        fast = np.where(fast2, 2, fast.astype(np.int64))
         fj_l = jv.tolist()
     fast_l, fq_l, fA_l = fast.tolist(), fq.tolist(), fA.tolist()
-    _CAUSAL_STATS.update(tokens=n, simple=int(fast.sum()))
+    _CAUSAL_STATS.update(tokens=n, simple=int(np.count_nonzero(fast)))
     wend_full_l = wend.tolist()
 
     for t_lo in range(0, n, 8192):   # blocks of tokens bound the memory of long documents
@@ -1397,9 +1406,19 @@ def _causal_doc(ids, ner, reference):
         frecs = []   # the simple tokens: [t, j, q, o, i0, complete, words, tags from o]
         for t in range(t_lo, min(n, t_lo + 8192)):
             c, m, cs, ce = Cl[t], Ml[t], CSl[t], CEl[t]
-            if fast_l[t]:
+            kind = fast_l[t]
+            if kind == 1:
                 A = fA_l[t]
                 if c - A not in (5, 6) or text[A:c].lower() not in FastWordSpans.LETTER_SPLITS:
+                    frecs.append(t)
+                    continue
+            elif kind == 2:
+                A0 = fA0[t]
+                sp, f = _word_spans_cached(text[A0:c], reference)
+                g0 = wfirst_l[fj_l[t]] + fq_l[t] - len(sp) + 1   # flat index of word q
+                if (sp and not f and 0 <= g0 and wstart_l[g0] == A0
+                        and all(x == wstart_l[g0 + i] - A0 and y == wend_l[g0 + i] - A0
+                                for i, (x, y) in enumerate(sp))):
                     frecs.append(t)
                     continue
             if ce <= cs or allws[t]:
