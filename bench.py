@@ -59,7 +59,7 @@ peak_flops = 0.0  # for MFU; 0 = the detected GPU's bf16 peak
 tag_ner = 'binary'
 tag_warm_words = 300000  # words of the corpus annotated (untimed) before the warm-cache timing
 tag_time_words = 150000  # words timed for tiktoken and the fast path
-tag_ref_words = 25000  # words timed for plain NLTK and the causal path (a prefix of the timed words)
+tag_ref_words = 60000  # words timed for plain NLTK and the causal path (a prefix of the timed words)
 tag_doc_chars = 20000  # books are cut at paragraph breaks into documents of about this many chars
 tag_workers = 0  # 0 = os.cpu_count()
 tag_tokenizer = 'gpt2'

@@ -162,8 +162,40 @@ def _sentence_tokenizer():
     # punkt decides each candidate break by text_contains_sentbreak(context), a pure function
     # of the short context string (the fixed English parameters are never retrained):
     # memoise it (the causal path re-segments the same contexts again and again)
-    tok.text_contains_sentbreak = _memo(1 << 16)(tok.text_contains_sentbreak)
+    tok.text_contains_sentbreak = _punkt_memo(tok)
     return tok
+
+def _punkt_memo(tok, maxsize=1 << 16):
+    """Memoised tok.text_contains_sentbreak. A context 'word. Next' whose word is ASCII
+    letters (2 or more) is looked up with the word replaced by a fixed one: punkt reads that
+    word only through its type (lowercased), and only to ask whether it is an abbreviation,
+    an initial, a number or the first half of a known collocation. So when it is none of
+    these, any such word gives the same answer, and new words mostly hit the cache."""
+    import re
+    raw = tok.text_contains_sentbreak
+    params = tok._params
+    special = set(params.abbrev_types) | {a for a, _ in params.collocations}
+    canon = 'qqqq'
+    assert canon not in special
+    simple = re.compile(r"[A-Za-z]{2,}(?=[.?!]\s+\S+$)")
+    cache = {}
+
+    def run(ctx):
+        r = cache.get(ctx)
+        if r is None:
+            if len(cache) >= maxsize:
+                cache.clear()
+            m = simple.match(ctx)
+            if m and m.group().lower() not in special:
+                key = canon + ctx[m.end():]
+                r = cache.get(key)
+                if r is None:
+                    r = cache[key] = raw(key)
+            else:
+                r = raw(ctx)
+            cache[ctx] = r
+        return r
+    return run
 
 @lru_cache(maxsize=None)
 def _word_tokenizer():

@@ -213,7 +213,11 @@ def _corpus_check(job):
     from nltk.chunk import tree2conlltags
     if corpus == 'gutenberg':
         from nltk.corpus import gutenberg
+        from nltk.tokenize import PunktTokenizer
         text = gutenberg.raw(fid)
+        # sentences: the memoised punkt (canonical contexts) == a fresh NLTK punkt
+        part = text if every == 1 else text[:150_000]
+        bad_sents = list(md._sentence_tokenizer().span_tokenize(part)) != list(PunktTokenizer('english').span_tokenize(part))
         sent_texts = [text[a:b] for a, b in md._sentence_tokenizer().span_tokenize(text)][::every]
         ref_spans = [list(NLTKWordTokenizer().span_tokenize(s)) for s in sent_texts]
         fast_spans = [md._fast_word_spans()(s) for s in sent_texts]
@@ -221,7 +225,7 @@ def _corpus_check(job):
         sents = [[s[a:b] for a, b in sp] for s, sp in zip(sent_texts, ref_spans)]
     else:
         from nltk.corpus import brown
-        sents, bad_spans = [list(s) for s in brown.sents(fid)][::every], 0
+        sents, bad_spans, bad_sents = [list(s) for s in brown.sents(fid)][::every], 0, 0
     ref_pos = md.pos_tag_sents(sents, reference=True)
     fast_pos = md.pos_tag_sents(sents)
     chunker = md._ne_chunker('binary', True)
@@ -233,7 +237,7 @@ def _corpus_check(job):
         sum(len(x) != len(y) for x, y in zip(ref_pos, fast_pos))
     bad_ner = sum(a != b for x, y in zip(ref_ner, fast_ner) for a, b in zip(x, y)) + \
         sum(len(x) != len(y) for x, y in zip(ref_ner, fast_ner))
-    return nw, bad_spans, bad_pos, bad_ner
+    return nw, bad_spans, bad_pos, bad_ner, int(bad_sents)
 
 def test_fast_taggers_equal_nltk_on_corpora():
     import multiprocessing as mp
@@ -248,6 +252,21 @@ def test_fast_taggers_equal_nltk_on_corpora():
     assert sum(r[1] for r in res) == 0, 'word spans differ from NLTKWordTokenizer'
     assert sum(r[2] for r in res) == 0, 'POS tags differ from nltk.pos_tag'
     assert sum(r[3] for r in res) == 0, 'NE tags differ from the NLTK chunker'
+    assert sum(r[4] for r in res) == 0, 'sentence spans differ from NLTK punkt'
+
+def test_punkt_memo_equals_nltk():
+    # contexts whose word is an abbreviation, an initial, a number or a collocation's first half
+    # must not take the canonical shortcut; ordinary words must give punkt's own answer
+    from nltk.tokenize import PunktTokenizer
+    ref = PunktTokenizer('english')
+    memo = md._sentence_tokenizer().text_contains_sentbreak
+    ctxs = ['Mr. Smith', 'etc. The', 'Dr. Jones', 'U.S. The', 'vs. him', 'boat. The', 'boat. the', 'Boat. THE',
+            'J. Bach', 'no. 5', 'Jan. 5', 'pp. 12', 'ca. 1900', 'Inc. He', 'dog! Then', 'dog? then', 'hmm.\nAnd',
+            'st. Louis', 'ft. tall', 'sept. The', 'co. Ltd', 'ordinary.  "Quoted']
+    special = set(ref._params.abbrev_types) | {a for a, _ in ref._params.collocations}
+    ctxs += [f'{w}. {n}' for w in sorted(special)[:300] for n in ('The', 'the', 'Smith')]
+    for c in ctxs:
+        assert memo(c) == ref.text_contains_sentbreak(c), c
 
 def test_fast_shape_equals_nltk_shape():
     # the NE chunker's word-shape feature, compiled once, must answer exactly as NLTK's shape()
