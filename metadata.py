@@ -267,6 +267,17 @@ def _sentence_batches(sents, max_tokens):
     return _length_batches([len(s) for s in sents], max_tokens)
 
 
+def _order_batches(lens, max_tokens):
+    # (lo, hi) slices of consecutive items of about max_tokens tokens (items keep their order)
+    lo, ntok = 0, 0
+    for k, n in enumerate(lens):
+        ntok += n
+        if ntok >= max_tokens:
+            yield lo, k + 1
+            lo, ntok = k + 1, 0
+    if lo < len(lens):
+        yield lo, len(lens)
+
 def _length_batches(lens, max_tokens):
     # item indices sorted by length (descending, so the active items at step i
     # are always a prefix), cut into batches of about max_tokens tokens
@@ -402,18 +413,16 @@ class FastPOSTagger:
         words[start:stop] given prev = the tags of words[start-2:start] (fewer at the
         sentence start); same as metadata.pos_tag_resume(jobs, reference=True)."""
         jobs = list(jobs)
-        out = [[] for _ in jobs]
-        lens = [b - a for _, a, _, b in jobs]
-        for batch in _length_batches(lens, self.max_batch_tokens):
-            for k, tags in zip(batch, self._run([jobs[k] for k in batch])):
-                out[k] = tags
+        out = []
+        for lo, hi in _order_batches([b - a for _, a, _, b in jobs], self.max_batch_tokens):
+            out += self._run(jobs[lo:hi])
         return out
 
     def _tag_batch(self, sents):
         return self._run([(s, 0, (), len(s)) for s in sents])
 
     def _run(self, jobs):
-        # jobs sorted by stop - start, descending (all > 0)
+        # jobs in any order (an empty one gives an empty list)
         W, T, C, NT = self.W, self.T, len(self.classes), self.NT
         if self.n_words > self.max_cache:
             self._reset_cache()
@@ -475,11 +484,12 @@ class FastPOSTagger:
         step = p - starts[np.searchsorted(starts, p, side='right') - 1]
         order = np.argsort(step, kind='stable')
         P, S = p[order], S[order]
-        bounds = np.searchsorted(step[order], np.arange(int(lens[0]) + 1)).tolist()
+        nsteps = int(lens.max()) if len(lens) else 0
+        bounds = np.searchsorted(step[order], np.arange(nsteps + 1)).tolist()
         TWP = R[P, self.TWID]
         tw_keys, tw_rows = self.tw_keys, self.tw_rows
         nk = len(tw_keys)
-        for i in range(int(lens[0])):
+        for i in range(nsteps):
             a, b = bounds[i], bounds[i + 1]
             if a == b:
                 continue
@@ -715,18 +725,16 @@ class FastNEChunker:
         last one is read; pos of tokens past stop is not read); same as
         metadata.ner_raw_resume(jobs, ner, reference=True)."""
         jobs = list(jobs)
-        out = [[] for _ in jobs]
-        lens = [b - a for _, a, _, b in jobs]
-        for batch in _length_batches(lens, self.max_batch_tokens):
-            for k, labs in zip(batch, self._run([jobs[k] for k in batch])):
-                out[k] = labs
+        out = []
+        for lo, hi in _order_batches([b - a for _, a, _, b in jobs], self.max_batch_tokens):
+            out += self._run(jobs[lo:hi])
         return out
 
     def _tag_batch(self, sents):
         return self._run([(s, 0, (), len(s)) for s in sents])
 
     def _run(self, jobs):
-        # jobs sorted by stop - start, descending (all > 0)
+        # jobs in any order (an empty one gives an empty list)
         W, L = self.W, len(self.labels)
         if self.n_tok > self.max_cache:
             self._reset_cache()
@@ -798,12 +806,22 @@ class FastNEChunker:
         base += W[np.where((ai >= 2)[:, None], shpt_prev[realpos], self.r_shpt_none[None, :])]
         vsel = np.where((ai == 0)[:, None], 0,
                         np.where((ai == 1)[:, None], self.v_char[None, :], self.v_full[None, :]))
-        table = base[np.arange(len(realpos))[:, None], vsel]
-        ks = np.searchsorted(-lens, -np.arange(int(lens[0])), side='left').tolist()  # jobs longer than i
-        for i in range(int(lens[0])):
-            k = ks[i]
-            pos = starts[:k] + i
-            sc = table[offs[:k] + i, labs[pos - 1]]   # (at a sentence start every column is the same)
+        M = len(realpos)
+        table = base[np.arange(M)[:, None], vsel]
+        # tagged positions grouped by step (index within the job), job order within a step
+        step = np.arange(M) - np.repeat(offs, lens)
+        order = np.argsort(step, kind='stable')
+        P = realpos[order]
+        table = table[order].reshape(M * L, L)
+        nsteps = int(lens.max()) if len(lens) else 0
+        bounds = np.searchsorted(step[order], np.arange(nsteps + 1)).tolist()
+        for i in range(nsteps):
+            a, b = bounds[i], bounds[i + 1]
+            if a == b:
+                continue
+            pos = P[a:b]
+            # (at a sentence start every column is the same)
+            sc = table[np.arange(a * L, b * L, L) + np.maximum(labs[pos - 1], 0)]
             best = sc.argmax(axis=1)
             labs[pos] = best
             if L > 1:
