@@ -448,12 +448,28 @@ class FastPOSTagger:
             k = len(prev)
             h1.append(tidx[prev[-1]] if k else t_s0)
             h2.append(tidx[prev[-2]] if k > 1 else (t_s0 if k else t_s1))
-        flat = list(map(get, fw))
-        if None in flat:
-            flat = [i if i is not None else (get(w) if w in self.word_id else self._add(w)) for i, w in zip(flat, fw)]
-        flat = np.asarray(flat, dtype=np.int64)
+        flat = self.ids(fw)
         starts = np.asarray(starts, dtype=np.int64)
         lens = np.asarray(lens, dtype=np.int64)
+        tags, realpos, offs = self._score(flat, starts, lens, h1, h2, jobs)
+        names = self.tags_obj[tags[realpos]].tolist()
+        return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
+
+    def ids(self, words):
+        """Cache ids of words (int keys 0..3: the pseudo-words), new words added in order."""
+        get = self.word_id.get
+        flat = list(map(get, words))
+        if None in flat:
+            flat = [i if i is not None else (get(w) if w in self.word_id else self._add(w)) for i, w in zip(flat, words)]
+        return np.asarray(flat, dtype=np.int64)
+
+    def _score(self, flat, starts, lens, h1, h2, jobs):
+        """The greedy tagging of a flat layout: flat = word ids, job k tags flat[starts[k]:
+        starts[k] + lens[k]] after the tags h1[k], h2[k] (previous, the one before); the words
+        2 before and after each tagged one are in flat. jobs[k][0], jobs[k][1] (the words and
+        the index of the first tagged one) are read only to recompute a near-tie with NLTK.
+        Returns (tags: tag indices over flat, realpos: the tagged positions, offs)."""
+        W, T, C, NT = self.W, self.T, len(self.classes), self.NT
         R = self.roles[flat]
         N = len(flat)
         tags = np.full(N, -1, dtype=np.int64)
@@ -509,8 +525,7 @@ class FastPOSTagger:
             tags[pos] = best
             for a in amb.tolist():
                 tags[pos[a]] = self._exact(jobs, starts, tags, int(pos[a]))
-        names = self.tags_obj[tags[realpos]].tolist()
-        return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
+        return tags, realpos, offs
 
     def _exact(self, jobs, starts, tags, p):
         # recompute one token exactly as NLTK does (near-tie in our scores)
@@ -758,14 +773,30 @@ class FastNEChunker:
             if b == n:
                 lpos.append(st + (n - 1 - start))
             fw += s[a:b]
-        # tokens -> cache ids in one pass (new (word, pos) pairs are added in order)
-        ids = list(map(get, fw))
-        if None in ids:
-            ids = [i if i is not None else (get(t) if t in self.tok_id else self._add(t)) for i, t in zip(ids, fw)]
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = self.ids(fw)
         starts = np.asarray(starts, dtype=np.int64)
         lens = np.asarray(lens, dtype=np.int64)
         absst = np.asarray(absst, dtype=np.int64)  # index of each job's first tagged token
+        labs, realpos, offs = self._score(ids, starts, lens, absst, fpos, lpos, hpos, hlab, jobs)
+        names = self.labels_obj[labs[realpos]].tolist()
+        return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
+
+    def ids(self, toks):
+        """Cache ids of (word, pos) tokens, new ones added in order."""
+        get = self.tok_id.get
+        ids = list(map(get, toks))
+        if None in ids:
+            ids = [i if i is not None else (get(t) if t in self.tok_id else self._add(t)) for i, t in zip(ids, toks)]
+        return np.asarray(ids, dtype=np.int64)
+
+    def _score(self, ids, starts, lens, absst, fpos, lpos, hpos, hlab, jobs):
+        """The greedy labelling of a flat layout: ids = token ids; job k labels
+        ids[starts[k]:starts[k] + lens[k]], the first of them at index absst[k] of its sentence;
+        fpos / lpos: flat positions of sentence-first / sentence-last tokens; hpos, hlab: the
+        given labels (history). The tokens before and after each labelled one are in ids.
+        jobs[k] is read only to recompute a near-tie with NLTK.
+        Returns (labs: label indices over ids, realpos: the labelled positions, offs)."""
+        W, L = self.W, len(self.labels)
         N = len(ids)
         first = np.zeros(N, dtype=bool)
         first[fpos] = True
@@ -829,8 +860,7 @@ class FastNEChunker:
                 amb = np.nonzero(part[:, L - 1] - part[:, L - 2] < self.eps)[0]
                 for a in amb.tolist():
                     labs[pos[a]] = self._exact(jobs, starts, labs, int(pos[a]))
-        names = self.labels_obj[labs[realpos]].tolist()
-        return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
+        return labs, realpos, offs
 
     def _exact(self, jobs, starts, labs, p):
         # recompute one token exactly as NLTK does (near-tie in our scores)
@@ -1318,6 +1348,161 @@ def _word_spans_cached(chunk, reference=True):
 # str.isspace of every code point up to U+3000 (the last space character), False after it
 _SPACE_TABLE = np.array([chr(i).isspace() for i in range(0x3001)] + [False], dtype=bool)
 
+class _LazyJobs:
+    """jobs[k] built on demand (the taggers read a job only to settle a near-tie)."""
+    def __init__(self, make):
+        self.make = make
+
+    def __getitem__(self, k):
+        return self.make(k)
+
+def _causal_simple_tags(text, tok, q, comp, A, c, j, wfirst, words, pos, raw, ner):
+    """Causal tags of the simple tokens, all at once (arrays over them): the prefix of token
+    tok holds the words 0..q-1 of sentence j unchanged plus text[A:c] as its word q (complete
+    when comp: then it is the full text's word q). Same result as the general path (tests).
+    POS: words i0..q are retagged (i0 = q-1 if complete else q-2; none at the sentence's last
+    word) with -END- after q; NE: from the first word whose tagger input changed. Each job is
+    a fixed-width window of the flat layouts the fast taggers score."""
+    tg = _pos_tagger(False)
+    if tg.n_words > tg.max_cache:
+        tg._reset_cache()
+    n = len(tok)
+    wflat = [w for ws in words for w in ws]
+    pflat = [t for ts in pos for t in ts]
+    base = wfirst[j]                                     # flat index of the sentence's word 0
+    gq = base + q
+    nwj = wfirst[j + 1] - base
+    tidx = tg.tag_idx
+    ptag = np.fromiter((tidx[t] for t in pflat), dtype=np.int64, count=len(pflat))
+    wid = tg.ids(wflat)
+    # word q: the full word when complete, else the cut text
+    lid = wid[np.minimum(gq, max(len(wid) - 1, 0))].copy()
+    cut = np.nonzero(~comp)[0]
+    cut_words = [text[a:b] for a, b in zip(A[cut].tolist(), c[cut].tolist())]
+    if len(cut):
+        lid[cut] = tg.ids(cut_words)
+    i0 = np.where(comp & (q == nwj - 1), q + 1, np.maximum(0, q + comp - 2))
+    need = np.nonzero(i0 <= q)[0]
+    # POS window: x = q-4 .. q+2 (7 slots) of the prefix sentence
+    X = q[need, None] - 4 + np.arange(7)[None, :]
+    qn = q[need, None]
+    ids7 = np.where(X == qn, lid[need, None],
+           np.where(X == qn + 1, 2, np.where(X == qn + 2, 3,
+           np.where(X >= 0, wid[np.clip(base[need, None] + X, 0, max(len(wid) - 1, 0))],
+           np.where(X == -1, 1, 0)))))
+    i0n = i0[need]
+    starts = np.arange(len(need)) * 7 + 4 - (q[need] - i0n)
+    lens = q[need] - i0n + 1
+    t_s0, t_s1 = tidx[tg.tagger.START[0]], tidx[tg.tagger.START[1]]
+    def hist(x):   # full tag of word x of the sentence (START tags before word 0)
+        return np.where(x >= 0, ptag[np.clip(base[need] + x, 0, max(len(ptag) - 1, 0))],
+                        np.where(x == -1, t_s0, t_s1))
+    h1, h2 = hist(i0n - 1), hist(i0n - 2)
+
+    def pos_job(k):
+        r = int(need[k])
+        jj, qq = int(j[r]), int(q[r])
+        last = words[jj][qq] if comp[r] else text[int(A[r]):int(c[r])]
+        return (words[jj][:qq] + [last], int(i0[r]))
+    tags, _, _ = tg._score(ids7.reshape(-1), starts, lens, h1.tolist(), h2.tolist(), _LazyJobs(pos_job))
+    # new tags of words i0..q (-1 where not retagged), full tags elsewhere
+    newt = np.full((n, 3), -1, dtype=np.int64)          # words q-2, q-1, q
+    for s_ in range(3):
+        x = q[need] - 2 + s_                               # sentence index of this column
+        ok = x >= i0n
+        newt[need[ok], s_] = tags[(np.arange(len(need)) * 7 + 2 + s_)[ok]]
+    qtag = np.where(newt[:, 2] >= 0, newt[:, 2], ptag[np.minimum(gq, max(len(ptag) - 1, 0))])
+    pos_ids = _pos_id_of_tag(tg)[qtag]
+    if ner == 'none':
+        return pos_ids, None
+
+    ch = _ne_chunker(ner, False)
+    if ch.n_tok > ch.max_cache:
+        ch._reset_cache()
+    # first word whose NE input changed: its pos (retagged and different) or word q cut
+    f = i0.copy()
+    fulls = lambda x: ptag[np.clip(base + x, 0, max(len(ptag) - 1, 0))]
+    for s_ in range(3):
+        x = q - 2 + s_
+        col = newt[:, s_]
+        same = (col < 0) | (col == fulls(x))
+        if s_ == 2:
+            same &= comp
+        # f advances over x only while every retagged word so far kept its tag
+        f = np.where((f == x) & (x >= i0) & same, x + 1, f)
+    done = (f == q + 1) & (q == nwj - 1)                  # every input the tagger reads unchanged
+    j0 = np.maximum(0, f - 1)
+    jcut = np.minimum(j0, q + 1)
+    nj = np.nonzero(~done & (j0 <= q))[0]
+    lidx = ch.label_idx
+    rflat = [lab for rs in raw for lab in rs]
+    rlab = np.fromiter((lidx[x] for x in rflat), dtype=np.int64, count=len(rflat))
+    nid = ch.ids(list(zip(wflat, pflat)))
+    # NE window: x = q-4 .. q (5 slots); slots x >= i0 carry the new POS (and word q its cut text)
+    Xn = q[nj, None] - 4 + np.arange(5)[None, :]
+    gx = np.clip(base[nj, None] + Xn, 0, max(len(nid) - 1, 0))
+    ids5 = nid[gx].copy()
+    tags_obj = tg.tags_obj
+    for s_ in range(3):
+        col = newt[nj, s_]
+        xs = q[nj] - 2 + s_
+        # slots whose (word, pos) differs from the full text's: new tag, or the cut word q
+        full_x = ptag[np.clip(base[nj] + xs, 0, max(len(ptag) - 1, 0))]
+        chg = (col >= 0) & ((col != full_x) | ((s_ == 2) & ~comp[nj]))
+        rows = np.nonzero(chg)[0]
+        if len(rows):
+            r_all = nj[rows]
+            wlist = [words[jj][xx] if (s_ < 2 or comp[rr]) else text[aa:cc]
+                     for rr, jj, xx, aa, cc in zip(r_all.tolist(), j[r_all].tolist(), xs[rows].tolist(),
+                                                   A[r_all].tolist(), c[r_all].tolist())]
+            ids5[rows, 2 + s_] = ch.ids(list(zip(wlist, tags_obj[col[rows]].tolist())))
+    j0n = j0[nj]
+    startsn = np.arange(len(nj)) * 5 + 4 - (q[nj] - j0n)
+    lensn = q[nj] - j0n + 1
+    fpos = startsn[j0n == 0]
+    lpos = np.arange(len(nj)) * 5 + 4
+    hp = np.nonzero(j0n > 0)[0]
+    hpos = startsn[hp] - 1
+    hlab = rlab[base[nj][hp] + j0n[hp] - 1]
+
+    def ne_job(k):
+        r = int(nj[k])
+        jj, qq = int(j[r]), int(q[r])
+        ws = words[jj][:qq] + [words[jj][qq] if comp[r] else text[int(A[r]):int(c[r])]]
+        ps = list(pos[jj][:qq + 1])
+        for s_ in range(3):
+            if newt[r, s_] >= 0:
+                ps[qq - 2 + s_] = tg.tags[newt[r, s_]]
+        return (list(zip(ws, ps)), int(j0[r]), raw[jj][:int(j0[r])])
+    labs, _, _ = ch._score(ids5.reshape(-1), startsn, lensn, j0n, fpos.tolist(), lpos.tolist(),
+                           hpos.tolist(), hlab.tolist(), _LazyJobs(ne_job))
+    # raw labels of words q-1 and q: recomputed from jcut on, else the full text's
+    newl = np.full((n, 2), -1, dtype=np.int64)
+    for s_ in range(2):
+        x = q[nj] - 1 + s_
+        ok = x >= j0n
+        newl[nj[ok], s_] = labs[(np.arange(len(nj)) * 5 + 3 + s_)[ok]]
+    fullr = lambda x: rlab[np.clip(base + x, 0, max(len(rlab) - 1, 0))]
+    r_q = np.where((q >= jcut) & (newl[:, 1] >= 0), newl[:, 1], fullr(q))
+    r_p = np.where((q - 1 >= jcut) & (newl[:, 0] >= 0), newl[:, 0], fullr(q - 1))
+    return pos_ids, _iob_id_table(ch, ner)[np.where(q > 0, r_p, len(ch.labels)), r_q]
+
+@lru_cache(maxsize=None)
+def _pos_id_of_tag(tg):
+    # tag index of the fast POS tagger -> POS stream id
+    return np.array([POS_ID.get(t, UNK) for t in tg.tags], dtype=np.uint16)
+
+@lru_cache(maxsize=None)
+def _iob_id_table(ch, ner):
+    # [previous raw label index (len(labels): none), raw label index] -> NER stream id
+    ner_id = {tg: i for i, tg in enumerate(stream_tags('ner', ner))}
+    L = len(ch.labels)
+    tab = np.zeros((L + 1, L), dtype=np.uint16)   # [previous raw label (L = none), raw label]
+    for a in range(L + 1):
+        for b in range(L):
+            tab[a, b] = ner_id[_iob(ch.labels[b], ch.labels[a] if a < L else None)]
+    return tab
+
 _CAUSAL_SIMPLE_TOKENS = True  # False: every token takes the general path (tests compare the two)
 _CAUSAL_STATS = {'tokens': 0, 'simple': 0}  # of the last _causal_doc call
 
@@ -1448,29 +1633,42 @@ def _causal_doc(ids, ner, reference):
         fj_l = jv.tolist()
     fast_l, fq_l, fA_l = fast.tolist(), fq.tolist(), fA.tolist()
     _CAUSAL_STATS.update(tokens=n, simple=int(np.count_nonzero(fast)))
+    if nsent and L and n and _CAUSAL_SIMPLE_TOKENS and os.environ.get('LIME_CAUSAL_DEBUG'):
+        openu = np.asarray(LO_U) < np.asarray(HI_U)
+        okb = (M == 0) & (CE > CS) & ~allws_a
+        print('DEBUG', dict(n=n, allws=int(allws_a.sum()), simple=int(np.count_nonzero(fast)), open=int((okb & openu & (fast == 0)).sum()),
+                            cutlt=int((okb & ~openu & (cut < sstarts[jv]) & (fast == 0)).sum()),
+                            ql0=int((okb & ~openu & (cut >= sstarts[jv]) & (ql <= 0) & (fast == 0)).sum()),
+                            other=int((okb & ~openu & (cut >= sstarts[jv]) & (ql > 0) & (fast == 0)).sum())), file=sys.stderr)
     wend_full_l = wend.tolist()
 
-    for t_lo in range(0, n, 8192):   # blocks of tokens bound the memory of long documents
+    # the simple tokens, final: letter-only contractions go the general way; the second kind
+    # holds when the chunk re-tokenized as the text's end gives the full text's words
+    simple = fast > 0
+    for t in np.nonzero((fast == 1) & np.isin(C - fA, (5, 6)))[0].tolist():
+        if text[fA_l[t]:Cl[t]].lower() in FastWordSpans.LETTER_SPLITS:
+            simple[t] = False
+    for t in np.nonzero(fast == 2)[0].tolist():
+        A0, c = fA0[t], Cl[t]
+        sp, f = _word_spans_cached(text[A0:c], reference)
+        g0 = wfirst_l[fj_l[t]] + fq_l[t] - len(sp) + 1   # flat index of word q
+        simple[t] = bool(sp and not f and 0 <= g0 and wstart_l[g0] == A0
+                         and all(x == wstart_l[g0 + i] - A0 and y == wend_l[g0 + i] - A0
+                                 for i, (x, y) in enumerate(sp)))
+    _CAUSAL_STATS.update(simple=int(simple.sum()))
+    # fast taggers: all simple tokens at once after the loop; the loop takes the others
+    simple_all = np.nonzero(simple)[0] if not reference else np.zeros(0, dtype=np.int64)
+    todo = np.nonzero(~simple)[0] if not reference else np.arange(n)
+    simple_l = simple.tolist()
+    for b_lo in range(0, len(todo), 8192):   # blocks of tokens bound the memory of long documents
         # ---- phase 1: sentences and words of every prefix near its end
         recs = []
         frecs = []   # the simple tokens: [t, j, q, o, i0, complete, words, tags from o]
-        for t in range(t_lo, min(n, t_lo + 8192)):
+        for t in todo[b_lo:b_lo + 8192].tolist():
+            if simple_l[t]:
+                frecs.append(t)
+                continue
             c, m, cs, ce = Cl[t], Ml[t], CSl[t], CEl[t]
-            kind = fast_l[t]
-            if kind == 1:
-                A = fA_l[t]
-                if c - A not in (5, 6) or text[A:c].lower() not in FastWordSpans.LETTER_SPLITS:
-                    frecs.append(t)
-                    continue
-            elif kind == 2:
-                A0 = fA0[t]
-                sp, f = _word_spans_cached(text[A0:c], reference)
-                g0 = wfirst_l[fj_l[t]] + fq_l[t] - len(sp) + 1   # flat index of word q
-                if (sp and not f and 0 <= g0 and wstart_l[g0] == A0
-                        and all(x == wstart_l[g0 + i] - A0 and y == wend_l[g0 + i] - A0
-                                for i, (x, y) in enumerate(sp))):
-                    frecs.append(t)
-                    continue
             if ce <= cs or allws[t]:
                 continue
             lo_u, hi_u = LO_U[t], HI_U[t]
@@ -1684,6 +1882,14 @@ def _causal_doc(ids, ner, reference):
                     r = rr[i] if i < jc else rw[i - jc]
                     rprev = None if i == 0 else (rr[i - 1] if i - 1 < jc else rw[i - 1 - jc])
                     ner_out[t] = ner_id[_iob(r, rprev)]
+    if len(simple_all):
+        tk = simple_all
+        jj, qq = jv[tk], fq[tk]
+        comp = C[tk] == wend[wfirst[jj] + qq]
+        p_ids, n_ids = _causal_simple_tags(text, tk, qq, comp, fA[tk], C[tk], jj, wfirst, words, pos, raw, ner)
+        pos_out[tk] = p_ids
+        if use_ner:
+            ner_out[tk] = n_ids
     res = {'pos': pos_out}
     if use_ner:
         res['ner'] = ner_out
