@@ -375,11 +375,11 @@ class FastPOSTagger:
             self._add(s, pseudo=True)
             self.word_id[k] = k  # int keys (never a word) name the pseudo-words in _run
 
-    def _add(self, w, pseudo=False):
+    def _row(self, w, pseudo=False):
         tg, fr = self.tagger, self.feat_row.get
         n = w if pseudo else tg.normalize(w)
         td = tg.tagdict.get(w)
-        row = [
+        return [
             self.tag_idx[td] if (td and not pseudo) else -1,
             fr("i suffix " + w[-3:], 0),
             fr("i pref1 " + (w[0] if w else ""), 0),
@@ -392,12 +392,19 @@ class FastPOSTagger:
             fr("i+2 word " + n, 0),
             self.tw_word.get(n, -1),
         ]
-        i = self.n_words
-        self.roles = _grow(self.roles, i + 1)
-        self.roles[i] = row
-        self.n_words += 1
+
+    def _add(self, w, pseudo=False):
+        return self._add_many([w], pseudo)
+
+    def _add_many(self, words, pseudo=False):
+        # cache the feature rows of new words (their ids: n_words, n_words + 1, ...)
+        i, k = self.n_words, len(words)
+        self.roles = _grow(self.roles, i + k)
+        self.roles[i:i + k] = np.asarray([self._row(w, pseudo) for w in words], dtype=np.int64).reshape(k, -1)
+        self.n_words += k
         if not pseudo:
-            self.word_id[w] = i
+            for r, w in enumerate(words):
+                self.word_id[w] = i + r
         return i
 
     def tag_sents(self, sents):
@@ -460,7 +467,8 @@ class FastPOSTagger:
         get = self.word_id.get
         flat = list(map(get, words))
         if None in flat:
-            flat = [i if i is not None else (get(w) if w in self.word_id else self._add(w)) for i, w in zip(flat, words)]
+            self._add_many(list(dict.fromkeys(w for i, w in zip(flat, words) if i is None)))
+            flat = list(map(get, words))
         return np.asarray(flat, dtype=np.int64)
 
     def _score(self, flat, starts, lens, h1, h2, jobs):
@@ -664,49 +672,55 @@ class FastNEChunker:
         self.wnw = np.zeros(1024, dtype=np.int64)  # index of the lowercased word in wn_tab
         self._ppt_rows, self._shpt_rows = {}, {}
 
-    def _add(self, tok):
-        word, pos = tok
+    def _add_many(self, toks):
+        """Cache the features of new (word, pos) tokens: Python lookups per token, the row sums
+        for all of them at once (in NLTK's order: float addition is not associative)."""
         fr = self.feat_row.get
-        W = self.W
-        sp = self._simplify_pos(pos)
-        lw = word.lower()
-        i = self.n_tok
-        self.selfvec = _grow(self.selfvec, i + 1)
-        self.cols = _grow(self.cols, i + 1)
-        self.ppt = _grow(self.ppt, i + 1)
-        self.shpt = _grow(self.shpt, i + 1)
-        rows = [fr(key, 0) for key in (
-            ("bias", True),
-            ("shape", self._shape(word)),
-            ("wordlen", len(word)),
-            ("prefix3", word[:3].lower()),
-            ("suffix3", word[-3:].lower()),
-            ("pos", sp),
-            ("word", word),
-            ("en-wordlist", word in self.wl),
-        )]
-        v = self.aon.copy()
-        for r in rows:   # summed in NLTK's order (float addition is not associative)
-            v += W[r]
-        self.selfvec[i] = v
-        self.cols[i] = [fr(("prevpos", sp), 0), fr(("prevword", lw), 0), fr(("nextpos", pos.lower()), 0), fr(("nextword", lw), 0)]
-        # the prevtag pair rows depend on the simplified pos / the shape only: few distinct values
-        r = self._ppt_rows.get(sp)
-        if r is None:
-            r = self._ppt_rows[sp] = [fr(("pos+prevtag", f"{sp}+{t}"), 0) for t in self.vals]
-        self.ppt[i] = r
-        psh = self._shape(lw)  # prevshape is the shape of the LOWERCASED previous word
-        r = self._shpt_rows.get(psh)
-        if r is None:
-            r = self._shpt_rows[psh] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
-        self.shpt[i] = r
-        self.n_tok += 1
-        self.plid = _grow(self.plid, i + 1)
-        self.plid[i] = self.pl_id.setdefault(pos.lower(), len(self.pl_id))
-        self.wnw = _grow(self.wnw, i + 1)
-        self.wnw[i] = self.wn_word.get(lw, 0)
-        self.tok_id[tok] = i
-        return i
+        W, shape, wl = self.W, self._shape, self.wl
+        i0, k = self.n_tok, len(toks)
+        for name in ('selfvec', 'cols', 'ppt', 'shpt', 'plid', 'wnw'):
+            setattr(self, name, _grow(getattr(self, name), i0 + k))
+        own, cols, ppt, shpt, plid, wnw = [], [], [], [], [], []
+        for r, tok in enumerate(toks):
+            word, pos = tok
+            sp = self._simplify_pos(pos)
+            lw, pl = word.lower(), pos.lower()
+            own.append([fr(key, 0) for key in (
+                ("bias", True),
+                ("shape", shape(word)),
+                ("wordlen", len(word)),
+                ("prefix3", word[:3].lower()),
+                ("suffix3", word[-3:].lower()),
+                ("pos", sp),
+                ("word", word),
+                ("en-wordlist", word in wl),
+            )])
+            cols.append((fr(("prevpos", sp), 0), fr(("prevword", lw), 0), fr(("nextpos", pl), 0),
+                         fr(("nextword", lw), 0)))
+            # the prevtag pair rows depend on the simplified pos / the shape only: few values
+            row = self._ppt_rows.get(sp)
+            if row is None:
+                row = self._ppt_rows[sp] = [fr(("pos+prevtag", f"{sp}+{t}"), 0) for t in self.vals]
+            ppt.append(row)
+            psh = shape(lw)  # prevshape is the shape of the LOWERCASED previous word
+            row = self._shpt_rows.get(psh)
+            if row is None:
+                row = self._shpt_rows[psh] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
+            shpt.append(row)
+            plid.append(self.pl_id.setdefault(pl, len(self.pl_id)))
+            wnw.append(self.wn_word.get(lw, 0))
+            self.tok_id[tok] = i0 + r
+        own = np.asarray(own, dtype=np.int64).reshape(k, 8)
+        v = np.repeat(self.aon[None, :], k, axis=0)
+        for c in range(8):
+            v += W[own[:, c]]
+        self.selfvec[i0:i0 + k] = v
+        self.cols[i0:i0 + k] = np.asarray(cols, dtype=np.int64).reshape(k, 4)
+        self.ppt[i0:i0 + k] = np.asarray(ppt, dtype=np.int64).reshape(k, -1)
+        self.shpt[i0:i0 + k] = np.asarray(shpt, dtype=np.int64).reshape(k, -1)
+        self.plid[i0:i0 + k] = plid
+        self.wnw[i0:i0 + k] = wnw
+        self.n_tok += k
 
     def iob_sents(self, tagged_sents):
         """tagged_sents: list of list of (word, pos) -> list of list of IOB tags."""
@@ -786,7 +800,8 @@ class FastNEChunker:
         get = self.tok_id.get
         ids = list(map(get, toks))
         if None in ids:
-            ids = [i if i is not None else (get(t) if t in self.tok_id else self._add(t)) for i, t in zip(ids, toks)]
+            self._add_many(list(dict.fromkeys(t for i, t in zip(ids, toks) if i is None)))
+            ids = list(map(get, toks))
         return np.asarray(ids, dtype=np.int64)
 
     def _score(self, ids, starts, lens, absst, fpos, lpos, hpos, hlab, jobs):
