@@ -888,6 +888,8 @@ class FastNEChunker:
         return self.labels.index(tag)
 
 
+_TO_A = str.maketrans({ch: 'a' for ch in 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'})
+
 class FastWordSpans:
     """Exact, cached equivalent of list(NLTKWordTokenizer().span_tokenize(sentence)).
 
@@ -950,7 +952,10 @@ class FastWordSpans:
         # letters a word has: any other run of ASCII letters tokenizes like 'a' * its length.
         # So pieces are tokenized (and cached) in that canonical form: "boat." and "house."
         # become "aaaa." and "aaaaa.", and new words mostly hit the cache.
-        canon = self.letters.sub(self._canon_run, piece)
+        if "'" not in piece and not any(w in piece.lower() for w in self.LETTER_SPLITS):
+            canon = piece.translate(_TO_A)   # no apostrophe, no letter-only contraction: every run
+        else:
+            canon = self.letters.sub(self._canon_run, piece)
         if canon != piece:
             spans = self.cache.get((b, canon, a))
             if spans is None:
