@@ -20,6 +20,7 @@ import os
 import sys
 import json
 import argparse
+import bisect
 from functools import lru_cache, wraps
 from collections import OrderedDict
 
@@ -362,6 +363,7 @@ class FastPOSTagger:
         o = np.argsort(keys)
         self.tw_keys = np.asarray(keys, dtype=np.int64)[o]
         self.tw_rows = np.asarray(rows, dtype=np.int64)[o]
+        self.tw_keys_list = self.tw_keys.tolist()
         # per-word cache; ids 0..3 are the context pseudo-words, which are NOT
         # normalised (a real token '-START-' normalises to '-start-')
         self._reset_cache()
@@ -513,9 +515,27 @@ class FastPOSTagger:
         TWP = R[P, self.TWID]
         tw_keys, tw_rows = self.tw_keys, self.tw_rows
         nk = len(tw_keys)
+        tw_list = self.tw_keys_list
         for i in range(nsteps):
             a, b = bounds[i], bounds[i + 1]
             if a == b:
+                continue
+            if b - a == 1:
+                # one sentence left (the tail of a long one): the same sums on one row,
+                # without the batch bookkeeping
+                p1 = int(P[a])
+                pr = int(tags[p1 - 1])
+                sc = S[a] + T[pr, int(tags[p1 - 2])]
+                tw = int(TWP[a])
+                if tw >= 0 and nk:
+                    key = tw * NT + pr
+                    loc = min(bisect.bisect_left(tw_list, key), nk - 1)
+                    if tw_list[loc] == key:
+                        sc += W[tw_rows[loc]]
+                tags[p1] = int(sc.argmax())
+                part = np.partition(sc, C - 2)
+                if part[C - 1] - part[C - 2] < self.eps:
+                    tags[p1] = self._exact(jobs, starts, tags, p1)
                 continue
             pos = P[a:b]
             prev, prev2 = tags[pos - 1], tags[pos - 2]
@@ -864,6 +884,15 @@ class FastNEChunker:
         for i in range(nsteps):
             a, b = bounds[i], bounds[i + 1]
             if a == b:
+                continue
+            if b - a == 1 and L > 1:
+                # one sentence left: the same choice in plain Python on one row of floats
+                p1 = int(P[a])
+                v = table[a * L + max(int(labs[p1 - 1]), 0)].tolist()
+                top = max(v)
+                labs[p1] = v.index(top)   # the first maximum, as argmax
+                if top - sorted(v)[-2] < self.eps:
+                    labs[p1] = self._exact(jobs, starts, labs, p1)
                 continue
             pos = P[a:b]
             # (at a sentence start every column is the same)
