@@ -1131,17 +1131,26 @@ def analyze(text, ner='binary', reference=False):
     (ner_ids is None when ner='none')."""
     if reference:
         return _analyze_reference(text, ner)
+    from itertools import chain
     sents, spans, _, _, pos, raw = _doc_analysis(text, ner, False)
-    n = sum(len(sp) for sp in spans)
-    starts = np.fromiter((s + a for (s, _), sp in zip(sents, spans) for a, _ in sp), dtype=np.int64, count=n)
-    ends = np.fromiter((s + b for (s, _), sp in zip(sents, spans) for _, b in sp), dtype=np.int64, count=n)
-    pos_ids = np.fromiter((POS_ID[t] for tags in pos for t in tags), dtype=np.uint16, count=n)
+    lens = np.fromiter(map(len, spans), dtype=np.int64, count=len(spans))
+    n = int(lens.sum())
+    se = np.array(list(chain.from_iterable(spans)), dtype=np.int64).reshape(n, 2)
+    off = np.repeat(np.array([a for a, _ in sents], dtype=np.int64), lens)
+    starts, ends = se[:, 0] + off, se[:, 1] + off
+    pos_ids = np.array(list(map(POS_ID.__getitem__, chain.from_iterable(pos))), dtype=np.uint16)
     ner_ids = None
     if ner != 'none':
-        ner_id = {t: i for i, t in enumerate(stream_tags('ner', ner))}
-        # the chunker's IOB fixup of the raw labels, as in FastNEChunker.iob_sents
-        ner_ids = np.fromiter((ner_id[_iob(r[i], r[i - 1] if i else None)] for r in raw for i in range(len(r))),
-                              dtype=np.uint16, count=n)
+        # the chunker's IOB fixup of the raw labels (as in FastNEChunker.iob_sents), by table:
+        # [previous raw label (none at a sentence start), raw label] -> NER stream id
+        ch = _ne_chunker(ner, False)
+        lab = np.array(list(map(ch.label_idx.__getitem__, chain.from_iterable(raw))), dtype=np.int64)
+        prev = np.full(n, len(ch.labels), dtype=np.int64)
+        if n:
+            prev[1:] = lab[:-1]
+            first = np.cumsum(lens)[:-1]
+            prev[first[first < n]] = len(ch.labels)   # sentence starts
+        ner_ids = _iob_id_table(ch, ner)[prev, lab].astype(np.uint16)
     return starts, ends, pos_ids, ner_ids
 
 def _analyze_reference(text, ner='binary', reference=True):
