@@ -520,22 +520,22 @@ class FastPOSTagger:
             a, b = bounds[i], bounds[i + 1]
             if a == b:
                 continue
-            if b - a == 1:
-                # one sentence left (the tail of a long one): the same sums on one row,
+            if b - a <= 3:
+                # few sentences left (the tails of long ones): the same sums row by row,
                 # without the batch bookkeeping
-                p1 = int(P[a])
-                pr = int(tags[p1 - 1])
-                sc = S[a] + T[pr, int(tags[p1 - 2])]
-                tw = int(TWP[a])
-                if tw >= 0 and nk:
-                    key = tw * NT + pr
-                    loc = min(bisect.bisect_left(tw_list, key), nk - 1)
-                    if tw_list[loc] == key:
-                        sc += W[tw_rows[loc]]
-                tags[p1] = int(sc.argmax())
-                part = np.partition(sc, C - 2)
-                if part[C - 1] - part[C - 2] < self.eps:
-                    tags[p1] = self._exact(jobs, starts, tags, p1)
+                for r, p1 in enumerate(P[a:b].tolist(), a):
+                    pr = int(tags[p1 - 1])
+                    sc = S[r] + T[pr, int(tags[p1 - 2])]
+                    tw = int(TWP[r])
+                    if tw >= 0 and nk:
+                        key = tw * NT + pr
+                        loc = min(bisect.bisect_left(tw_list, key), nk - 1)
+                        if tw_list[loc] == key:
+                            sc += W[tw_rows[loc]]
+                    tags[p1] = int(sc.argmax())
+                    part = np.partition(sc, C - 2)
+                    if part[C - 1] - part[C - 2] < self.eps:
+                        tags[p1] = self._exact(jobs, starts, tags, p1)
                 continue
             pos = P[a:b]
             prev, prev2 = tags[pos - 1], tags[pos - 2]
@@ -885,14 +885,14 @@ class FastNEChunker:
             a, b = bounds[i], bounds[i + 1]
             if a == b:
                 continue
-            if b - a == 1 and L > 1:
-                # one sentence left: the same choice in plain Python on one row of floats
-                p1 = int(P[a])
-                v = table[a * L + max(int(labs[p1 - 1]), 0)].tolist()
-                top = max(v)
-                labs[p1] = v.index(top)   # the first maximum, as argmax
-                if top - sorted(v)[-2] < self.eps:
-                    labs[p1] = self._exact(jobs, starts, labs, p1)
+            if b - a <= 6 and L > 1:
+                # few sentences left: the same choice in plain Python, row by row
+                for r, p1 in enumerate(P[a:b].tolist(), a):
+                    v = table[r * L + max(int(labs[p1 - 1]), 0)].tolist()
+                    top = max(v)
+                    labs[p1] = v.index(top)   # the first maximum, as argmax
+                    if top - sorted(v)[-2] < self.eps:
+                        labs[p1] = self._exact(jobs, starts, labs, p1)
                 continue
             pos = P[a:b]
             # (at a sentence start every column is the same)
