@@ -1689,15 +1689,7 @@ def _causal_doc(ids, ner, reference):
         fA0 = A.tolist()
         fast = np.where(fast2, 2, fast.astype(np.int64))
         fj_l = jv.tolist()
-    fast_l, fq_l, fA_l = fast.tolist(), fq.tolist(), fA.tolist()
-    _CAUSAL_STATS.update(tokens=n, simple=int(np.count_nonzero(fast)))
-    if nsent and L and n and _CAUSAL_SIMPLE_TOKENS and os.environ.get('LIME_CAUSAL_DEBUG'):
-        openu = np.asarray(LO_U) < np.asarray(HI_U)
-        okb = (M == 0) & (CE > CS) & ~allws_a
-        print('DEBUG', dict(n=n, allws=int(allws_a.sum()), simple=int(np.count_nonzero(fast)), open=int((okb & openu & (fast == 0)).sum()),
-                            cutlt=int((okb & ~openu & (cut < sstarts[jv]) & (fast == 0)).sum()),
-                            ql0=int((okb & ~openu & (cut >= sstarts[jv]) & (ql <= 0) & (fast == 0)).sum()),
-                            other=int((okb & ~openu & (cut >= sstarts[jv]) & (ql > 0) & (fast == 0)).sum())), file=sys.stderr)
+    fq_l, fA_l = fq.tolist(), fA.tolist()
     wend_full_l = wend.tolist()
 
     # the simple tokens, final: letter-only contractions go the general way; the second kind
@@ -1713,7 +1705,7 @@ def _causal_doc(ids, ner, reference):
         simple[t] = bool(sp and not f and 0 <= g0 and wstart_l[g0] == A0
                          and all(x == wstart_l[g0 + i] - A0 and y == wend_l[g0 + i] - A0
                                  for i, (x, y) in enumerate(sp)))
-    _CAUSAL_STATS.update(simple=int(simple.sum()))
+    _CAUSAL_STATS.update(tokens=n, simple=int(simple.sum()))
     # fast taggers: all simple tokens at once after the loop; the loop takes the others
     simple_all = np.nonzero(simple)[0] if not reference else np.zeros(0, dtype=np.int64)
     todo = np.nonzero(~simple)[0] if not reference else np.arange(n)

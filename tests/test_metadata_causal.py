@@ -116,6 +116,17 @@ def test_simple_token_path_equals_general_path(monkeypatch):
             assert np.array_equal(got[k], general[k]), (how, k, np.nonzero(got[k] != general[k])[0][:5])
 
 
+def test_reference_causal_path_equals_fast():
+    # --reference: the same causal bookkeeping with NLTK's own taggers (one token at a time)
+    from nltk.corpus import gutenberg
+    text = TRICKY[0] + TRICKY[4] + gutenberg.raw('chesterton-thursday.txt')[20000:26000]
+    ids = np.array(_ids(text, 'lime'))
+    fast = md.annotate_causal(ids, NER)
+    ref = md.annotate_causal(ids, NER, reference=True)
+    for k in fast:
+        assert np.array_equal(fast[k], ref[k]), k
+
+
 def test_multi_document_stream_and_random_cuts():
     rng = random.Random(7)
     docs = [_ids(t, 'plain') for t in TRICKY[:3] + _corpus_docs(rng, 2)]
