@@ -1021,7 +1021,7 @@ class FastWordSpans:
         return spans
 
     def __call__(self, text):
-        ps = [(m.start(), m.end()) for m in self.ws.finditer(text)]
+        ps = [m.span() for m in self.ws.finditer(text)]
         if not ps:
             return list(self.wt.span_tokenize(text))
         # tail = from the last piece with a non-closer character to the end
@@ -1194,15 +1194,15 @@ def tokenize(text, starts, ends, tokenization='lime'):
     token crosses a word boundary; 'plain': encode_ordinary over the whole text."""
     if tokenization == 'plain':
         return np.array(_encoding().encode_ordinary(text), dtype=np.int64)
-    ids, prev = [], 0
-    get = _encode_chunk.cache.get
-    for e in ends.tolist():
-        chunk = text[prev:e]
-        ids += get(chunk) or _encode_chunk(chunk)
-        prev = e
-    if prev < len(text):
-        ids.extend(_encode_chunk(text[prev:]))
-    return np.array(ids, dtype=np.int64)
+    from itertools import chain
+    cuts = ends.tolist()
+    if not cuts or cuts[-1] < len(text):
+        cuts.append(len(text))                        # the text after the last word
+    chunks = list(map(text.__getitem__, map(slice, [0] + cuts[:-1], cuts)))
+    got = list(map(_encode_chunk.cache.get, chunks))
+    if None in got:
+        got = [g if g is not None else _encode_chunk(c) for g, c in zip(got, chunks)]
+    return np.fromiter(chain.from_iterable(got), dtype=np.int64)
 
 def _char_of_byte(text):
     """Index of the character each UTF-8 byte of text belongs to."""
