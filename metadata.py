@@ -917,7 +917,8 @@ class FastNEChunker:
         return self.labels.index(tag)
 
 
-_TO_A = str.maketrans({ch: 'a' for ch in 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'})
+_TO_0 = str.maketrans({ch: '0' for ch in '0123456789'})
+_TO_A = str.maketrans({**{ch: 'a' for ch in 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'}, **_TO_0})
 
 class FastWordSpans:
     """Exact, cached equivalent of list(NLTKWordTokenizer().span_tokenize(sentence)).
@@ -979,12 +980,14 @@ class FastWordSpans:
             return spans
         # Only the letter-only contractions and the rules around an apostrophe read which
         # letters a word has: any other run of ASCII letters tokenizes like 'a' * its length.
-        # So pieces are tokenized (and cached) in that canonical form: "boat." and "house."
-        # become "aaaa." and "aaaaa.", and new words mostly hit the cache.
+        # And the rules only ask whether a character is a digit, never which: ASCII digits
+        # become '0'. So pieces are tokenized (and cached) in that canonical form: "boat." and
+        # "house." become "aaaa." and "aaaaa.", "3:14" becomes "0:00", and new words mostly
+        # hit the cache.
         if "'" not in piece and not any(w in piece.lower() for w in self.LETTER_SPLITS):
             canon = piece.translate(_TO_A)   # no apostrophe, no letter-only contraction: every run
         else:
-            canon = self.letters.sub(self._canon_run, piece)
+            canon = self.letters.sub(self._canon_run, piece).translate(_TO_0)
         if canon != piece:
             spans = self.cache.get((b, canon, a))
             if spans is None:

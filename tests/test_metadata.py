@@ -286,7 +286,8 @@ def test_canonical_word_pieces_equal_nltk():
     fast = md.FastWordSpans()
     sents = ["He said: \"Don't go there, cannot you see?\" (It was 3.14 p.m.)", "Gimme that; gonna wanna gotta.",
              "'Tis the d'ye more'n 'twas rock'n'roll.", "Mr. O'Neill's dogs' bones... end.", "Hello,world:x --y",
-             "CANNOT Cannot cannotx xcannot can-not.", "\"Quoted\" ``tex'' and 'single' quotes.'", "Ends with U.S."]
+             "CANNOT Cannot cannotx xcannot can-not.", "\"Quoted\" ``tex'' and 'single' quotes.'", "Ends with U.S.",
+             "1:1 In the beginning, 3,000 men; 1,2,3 and 4:5. Also 12:30, '99 and 1,a 2:b"]
     for s in sents:
         assert fast(s) == list(ref.span_tokenize(s)), s
     assert any('aaa' in k[1] for k in fast.cache)   # the canonical keys were used
