@@ -505,42 +505,25 @@ class FastPOSTagger:
         S += W[R[p + 1, self.P1WORD]]
         S += W[R[p + 1, self.P1SUF]]
         S += W[R[p + 2, self.P2WORD]]
-        # the positions to predict, grouped by step (index within the job): step i tags
-        # P[bounds[i]:bounds[i+1]], in job order, with their rows of S in the same order
-        step = p - starts[np.searchsorted(starts, p, side='right') - 1]
-        order = np.argsort(step, kind='stable')
-        P, S = p[order], S[order]
-        nsteps = int(lens.max()) if len(lens) else 0
-        bounds = np.searchsorted(step[order], np.arange(nsteps + 1)).tolist()
-        TWP = R[P, self.TWID]
+        # Greedy left to right gives the unique tags with tags[p] = best(p, tags[p-1], tags[p-2])
+        # at every position. Solve that in rounds over all positions at once: start from the
+        # best tag ignoring history, then each round recomputes the positions one or two after
+        # a tag that changed, until none changes. Every position's last computation read the
+        # final tags before it, so this equals the sequential loop, in a few rounds instead
+        # of one step per word of the longest sentence.
+        TW = R[:, self.TWID]
+        pred = np.zeros(N, dtype=bool)
+        pred[p] = True
+        srow = np.full(N, -1, dtype=np.int64)
+        srow[p] = np.arange(len(p))
+        tags[p] = S.argmax(axis=1) if len(p) else tags[p]
         tw_keys, tw_rows = self.tw_keys, self.tw_rows
         nk = len(tw_keys)
-        tw_list = self.tw_keys_list
-        for i in range(nsteps):
-            a, b = bounds[i], bounds[i + 1]
-            if a == b:
-                continue
-            if b - a <= 3:
-                # few sentences left (the tails of long ones): the same sums row by row,
-                # without the batch bookkeeping
-                for r, p1 in enumerate(P[a:b].tolist(), a):
-                    pr = int(tags[p1 - 1])
-                    sc = S[r] + T[pr, int(tags[p1 - 2])]
-                    tw = int(TWP[r])
-                    if tw >= 0 and nk:
-                        key = tw * NT + pr
-                        loc = min(bisect.bisect_left(tw_list, key), nk - 1)
-                        if tw_list[loc] == key:
-                            sc += W[tw_rows[loc]]
-                    tags[p1] = int(sc.argmax())
-                    part = np.partition(sc, C - 2)
-                    if part[C - 1] - part[C - 2] < self.eps:
-                        tags[p1] = self._exact(jobs, starts, tags, p1)
-                continue
-            pos = P[a:b]
-            prev, prev2 = tags[pos - 1], tags[pos - 2]
-            sc = S[a:b] + T[prev, prev2]
-            tw = TWP[a:b]
+        cur = p
+        while len(cur):
+            prev, prev2 = tags[cur - 1], tags[cur - 2]
+            sc = S[srow[cur]] + T[prev, prev2]
+            tw = TW[cur]
             m = np.nonzero(tw >= 0)[0]
             if len(m) and nk:
                 key = tw[m] * NT + prev[m]
@@ -549,10 +532,12 @@ class FastPOSTagger:
                 sc[m[hit]] += W[tw_rows[loc[hit]]]
             best = sc.argmax(axis=1)
             part = np.partition(sc, C - 2, axis=1)
-            amb = np.nonzero(part[:, C - 1] - part[:, C - 2] < self.eps)[0]
-            tags[pos] = best
-            for a in amb.tolist():
-                tags[pos[a]] = self._exact(jobs, starts, tags, int(pos[a]))
+            for a in np.nonzero(part[:, C - 1] - part[:, C - 2] < self.eps)[0].tolist():
+                best[a] = self._exact(jobs, starts, tags, int(cur[a]))   # same inputs as sc
+            changed = cur[best != tags[cur]]
+            tags[cur] = best
+            nxt = np.union1d(changed + 1, changed + 2)
+            cur = nxt[pred[nxt]]
         return tags, realpos, offs
 
     def _exact(self, jobs, starts, tags, p):
@@ -873,37 +858,29 @@ class FastNEChunker:
         vsel = np.where((ai == 0)[:, None], 0,
                         np.where((ai == 1)[:, None], self.v_char[None, :], self.v_full[None, :]))
         M = len(realpos)
-        table = base[np.arange(M)[:, None], vsel]
-        # tagged positions grouped by step (index within the job), job order within a step
-        step = np.arange(M) - np.repeat(offs, lens)
-        order = np.argsort(step, kind='stable')
-        P = realpos[order]
-        table = table[order].reshape(M * L, L)
-        nsteps = int(lens.max()) if len(lens) else 0
-        bounds = np.searchsorted(step[order], np.arange(nsteps + 1)).tolist()
-        for i in range(nsteps):
-            a, b = bounds[i], bounds[i + 1]
-            if a == b:
-                continue
-            if b - a <= 6 and L > 1:
-                # few sentences left: the same choice in plain Python, row by row
-                for r, p1 in enumerate(P[a:b].tolist(), a):
-                    v = table[r * L + max(int(labs[p1 - 1]), 0)].tolist()
-                    top = max(v)
-                    labs[p1] = v.index(top)   # the first maximum, as argmax
-                    if top - sorted(v)[-2] < self.eps:
-                        labs[p1] = self._exact(jobs, starts, labs, p1)
-                continue
-            pos = P[a:b]
+        table = base[np.arange(M)[:, None], vsel].reshape(M * L, L)
+        # Greedy left to right = the unique labels with labs[p] = best(p, labs[p-1]); solved in
+        # rounds over all positions at once, as in FastPOSTagger._score: start from the best
+        # label after 'O'-like column 0, then recompute the position after each change.
+        row = np.full(N, -1, dtype=np.int64)
+        row[realpos] = np.arange(M)
+        tagged = np.zeros(N + 1, dtype=bool)
+        tagged[realpos] = True
+        if M:
+            labs[realpos] = table[np.arange(M) * L].argmax(axis=1)
+        cur = realpos
+        while len(cur):
             # (at a sentence start every column is the same)
-            sc = table[np.arange(a * L, b * L, L) + np.maximum(labs[pos - 1], 0)]
+            sc = table[row[cur] * L + np.maximum(labs[cur - 1], 0)]
             best = sc.argmax(axis=1)
-            labs[pos] = best
             if L > 1:
                 part = np.partition(sc, L - 2, axis=1)
-                amb = np.nonzero(part[:, L - 1] - part[:, L - 2] < self.eps)[0]
-                for a in amb.tolist():
-                    labs[pos[a]] = self._exact(jobs, starts, labs, int(pos[a]))
+                for a in np.nonzero(part[:, L - 1] - part[:, L - 2] < self.eps)[0].tolist():
+                    best[a] = self._exact(jobs, starts, labs, int(cur[a]))   # same inputs as sc
+            changed = cur[best != labs[cur]]
+            labs[cur] = best
+            nxt = changed + 1
+            cur = nxt[tagged[nxt]]
         return labs, realpos, offs
 
     def _exact(self, jobs, starts, labs, p):
