@@ -647,7 +647,17 @@ class FastNEChunker:
         else:
             num, punct, word_rx = [re.compile(p, re.UNICODE).match for p in pats]
 
+        memo = {}
+
         def shape(word):
+            r = memo.get(word)
+            if r is None:
+                if len(memo) >= 1 << 20:
+                    memo.clear()
+                r = memo[word] = shape_of(word)
+            return r
+
+        def shape_of(word):
             if num(word):
                 return "number"
             elif punct(word):
@@ -936,6 +946,7 @@ class FastWordSpans:
         self.ws = re.compile(r"\S+")
         # maximal runs of ASCII letters with no apostrophe next to them
         self.letters = re.compile(r"(?<![A-Za-z'])[A-Za-z]+(?![A-Za-z'])")
+        self.splits_rx = re.compile('|'.join(sorted(self.LETTER_SPLITS)), re.I)
         self.cache = {}
         self.max_cache = max_cache
         self.fallbacks = 0
@@ -961,7 +972,7 @@ class FastWordSpans:
         # become '0'. So pieces are tokenized (and cached) in that canonical form: "boat." and
         # "house." become "aaaa." and "aaaaa.", "3:14" becomes "0:00", and new words mostly
         # hit the cache.
-        if "'" not in piece and not any(w in piece.lower() for w in self.LETTER_SPLITS):
+        if "'" not in piece and not self.splits_rx.search(piece):
             canon = piece.translate(_TO_A)   # no apostrophe, no letter-only contraction: every run
         else:
             canon = self.letters.sub(self._canon_run, piece).translate(_TO_0)
