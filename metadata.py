@@ -20,7 +20,6 @@ import os
 import sys
 import json
 import argparse
-import bisect
 from functools import lru_cache, wraps
 from collections import OrderedDict
 
@@ -432,10 +431,8 @@ class FastPOSTagger:
 
     def _run(self, jobs):
         # jobs in any order (an empty one gives an empty list)
-        W, T, C, NT = self.W, self.T, len(self.classes), self.NT
         if self.n_words > self.max_cache:
             self._reset_cache()
-        get = self.word_id.get
         # flat layout per job: the words start-2 .. stop+1 of its sentence, with
         # -START- -START2- before word 0 and -END- -END2- after the last word (pseudo-word
         # ids 0..3, written as their int keys); words are mapped to ids in one pass after
@@ -600,7 +597,6 @@ class FastNEChunker:
         # first character (index 1: NLTK uses history[index - 1][0]) or the
         # full label (index >= 2)
         self.vals = [None] + self.labels + sorted({lab[0] for lab in self.labels})
-        V = len(self.vals)
         vidx = {v: j for j, v in enumerate(self.vals)}
         self.v_full = np.array([vidx[lab] for lab in self.labels])
         self.v_char = np.array([vidx[lab[0]] for lab in self.labels])
@@ -779,10 +775,8 @@ class FastNEChunker:
 
     def _run(self, jobs):
         # jobs in any order (an empty one gives an empty list)
-        W, L = self.W, len(self.labels)
         if self.n_tok > self.max_cache:
             self._reset_cache()
-        get = self.tok_id.get
         lidx = self.label_idx
         # flat layout per job: tokens start-1 .. stop (those its features read)
         fw, starts, lens, absst, fpos, lpos, hpos, hlab = [], [], [], [], [], [], [], []
@@ -861,7 +855,6 @@ class FastNEChunker:
         offs = np.cumsum(lens) - lens
         realpos = np.repeat(starts - offs, lens) + np.arange(int(lens.sum()))
         ai = np.repeat(absst - offs, lens) + np.arange(len(realpos))  # index in the sentence
-        V = len(self.vals)
         base = S[realpos][:, None, :] + W[self.r_prevtag][None, :, :]
         base += W[ppt[realpos]]
         base += W[np.where((ai >= 2)[:, None], shpt_prev[realpos], self.r_shpt_none[None, :])]
@@ -933,7 +926,6 @@ class FastWordSpans:
         # NLTK >= 3.10 runs every regex through the `regex` engine with a timeout guard
         # (nltk.redos), about 2x slower than the stdlib; recompile the same patterns with re
         # (the corpus tests check the spans stay identical to NLTK's)
-        import re
         flags = re.I | re.M | re.S | re.X | re.A
         plain = lambda p: re.compile(getattr(p, '_rx', p).pattern, getattr(p, '_rx', p).flags & flags)
         for name in ('STARTING_QUOTES', 'PUNCTUATION', 'ENDING_QUOTES', 'CONVERT_PARENTHESES'):
