@@ -255,44 +255,35 @@ def _encoding():
 # -----------------------------------------------------------------------------
 # Fast exact taggers: NLTK's averaged-perceptron POS tagger and maxent NE chunker
 # inference, and its Treebank word-span tokenizer, reimplemented with numpy and caches.
-# Both models are greedy left-to-right, so we vectorise ACROSS sentences: step i tags
-# position i of every sentence at once. Everything that does not depend on earlier
-# predictions is computed up front per token (with per-word caches); only the few
-# history features are added inside the step loop. Scores are summed in a different
+# Both models are greedy left-to-right and read only the one or two previous tags, so we
+# vectorise ACROSS words: everything that does not depend on earlier predictions is
+# computed up front per token (with per-word caches), then rounds over all words add the
+# history features until no tag changes (the same fixpoint as left to right). Scores are summed in a different
 # order than NLTK, so whenever the best and second-best scores are closer than a tiny
 # epsilon we recompute that one token with NLTK's own code (exact by construction).
 # The models are NLTK's own files, loaded through NLTK. --reference uses plain NLTK.
 
-def _sentence_batches(sents, max_tokens):
-    return _length_batches([len(s) for s in sents], max_tokens)
-
-
-def _order_batches(lens, max_tokens):
-    # (lo, hi) slices of consecutive items of about max_tokens tokens (items keep their order)
+def _run_batched(run, jobs, max_tokens):
+    """run(jobs) on consecutive batches of about max_tokens tagged tokens, in the jobs' order
+    (the taggers take any order). jobs: (items, start, history, stop); an empty job gives []."""
+    jobs = list(jobs)
+    lens = [b - a for _, a, _, b in jobs]
+    keep = [k for k, n in enumerate(lens) if n > 0]
+    if len(keep) < len(jobs):   # an empty job: nothing to tag, and no layout to give it
+        out = [[] for _ in jobs]
+        for k, r in zip(keep, _run_batched(run, [jobs[k] for k in keep], max_tokens)):
+            out[k] = r
+        return out
+    out = []
     lo, ntok = 0, 0
     for k, n in enumerate(lens):
         ntok += n
         if ntok >= max_tokens:
-            yield lo, k + 1
+            out += run(jobs[lo:k + 1])
             lo, ntok = k + 1, 0
-    if lo < len(lens):
-        yield lo, len(lens)
-
-def _length_batches(lens, max_tokens):
-    # item indices sorted by length (descending, so the active items at step i
-    # are always a prefix), cut into batches of about max_tokens tokens
-    order = sorted(range(len(lens)), key=lambda k: -lens[k])
-    batch, ntok = [], 0
-    for k in order:
-        if lens[k] <= 0:
-            continue  # empty sentence / job -> empty output, nothing to do
-        batch.append(k)
-        ntok += lens[k]
-        if ntok >= max_tokens:
-            yield batch
-            batch, ntok = [], 0
-    if batch:
-        yield batch
+    if lo < len(jobs):
+        out += run(jobs[lo:])
+    return out
 
 
 def _grow(arr, n):
@@ -410,24 +401,13 @@ class FastPOSTagger:
 
     def tag_sents(self, sents):
         """sents: list of list of word strings -> list of list of tag strings."""
-        out = [[] for _ in sents]
-        for batch in _sentence_batches(sents, self.max_batch_tokens):
-            for k, tags in zip(batch, self._tag_batch([sents[k] for k in batch])):
-                out[k] = tags
-        return out
+        return _run_batched(self._run, [(s, 0, (), len(s)) for s in sents], self.max_batch_tokens)
 
     def tag_resume(self, jobs):
         """Greedy continuation: jobs of (words, start, prev, stop) -> the tags of
         words[start:stop] given prev = the tags of words[start-2:start] (fewer at the
         sentence start); same as metadata.pos_tag_resume(jobs, reference=True)."""
-        jobs = list(jobs)
-        out = []
-        for lo, hi in _order_batches([b - a for _, a, _, b in jobs], self.max_batch_tokens):
-            out += self._run(jobs[lo:hi])
-        return out
-
-    def _tag_batch(self, sents):
-        return self._run([(s, 0, (), len(s)) for s in sents])
+        return _run_batched(self._run, jobs, self.max_batch_tokens)
 
     def _run(self, jobs):
         # jobs in any order (an empty one gives an empty list)
@@ -735,43 +715,21 @@ class FastNEChunker:
 
     def iob_sents(self, tagged_sents):
         """tagged_sents: list of list of (word, pos) -> list of list of IOB tags."""
-        out = [[] for _ in tagged_sents]
-        for batch in _sentence_batches(tagged_sents, self.max_batch_tokens):
-            for k, labs in zip(batch, self._tag_batch([tagged_sents[k] for k in batch])):
-                # tree2conlltags(_tagged_to_parse(...)): an I-X that does not
-                # continue an X chunk opens a new chunk, i.e. becomes B-X
-                prev = None
-                iob = []
-                for lab in labs:
-                    if lab[:2] == "I-" and (prev is None or prev[2:] != lab[2:] or prev == "O"):
-                        iob.append("B-" + lab[2:])
-                    else:
-                        iob.append(lab)
-                    prev = lab
-                out[k] = iob
-        return out
+        # tree2conlltags(_tagged_to_parse(...)): an I-X that does not continue an X chunk
+        # opens a new chunk, i.e. becomes B-X (_iob)
+        return [[_iob(lab, labs[i - 1] if i else None) for i, lab in enumerate(labs)]
+                for labs in self.raw_sents(tagged_sents)]
 
     def raw_sents(self, tagged_sents):
         """The raw labels of NLTK's NE tagger (before the chunk/IOB fixup) of each sentence."""
-        out = [[] for _ in tagged_sents]
-        for batch in _sentence_batches(tagged_sents, self.max_batch_tokens):
-            for k, labs in zip(batch, self._tag_batch([tagged_sents[k] for k in batch])):
-                out[k] = labs
-        return out
+        return _run_batched(self._run, [(s, 0, (), len(s)) for s in tagged_sents], self.max_batch_tokens)
 
     def raw_resume(self, jobs):
         """Greedy continuation: jobs of (tokens, start, history, stop) -> the raw labels of
         tokens[start:stop] given history = the raw labels of tokens[:start] (only the
         last one is read; pos of tokens past stop is not read); same as
         metadata.ner_raw_resume(jobs, ner, reference=True)."""
-        jobs = list(jobs)
-        out = []
-        for lo, hi in _order_batches([b - a for _, a, _, b in jobs], self.max_batch_tokens):
-            out += self._run(jobs[lo:hi])
-        return out
-
-    def _tag_batch(self, sents):
-        return self._run([(s, 0, (), len(s)) for s in sents])
+        return _run_batched(self._run, jobs, self.max_batch_tokens)
 
     def _run(self, jobs):
         # jobs in any order (an empty one gives an empty list)
@@ -1374,17 +1332,13 @@ def _iob(raw, prev):
         return 'B-' + raw[2:]
     return raw
 
-_WORD_SPANS_CACHE = {}
+@_memo(1 << 18)
+def _word_spans_memo(key):
+    sp, f = _word_spans_checked(*key)
+    return tuple(sp), f
 
 def _word_spans_cached(chunk, reference=True):
-    key = (chunk, reference)
-    r = _WORD_SPANS_CACHE.get(key)
-    if r is None:
-        if len(_WORD_SPANS_CACHE) >= 1 << 18:
-            _WORD_SPANS_CACHE.clear()
-        sp, f = _word_spans_checked(chunk, reference)
-        r = _WORD_SPANS_CACHE[key] = (tuple(sp), f)
-    return r
+    return _word_spans_memo((chunk, reference))
 
 # str.isspace of every code point up to U+3000 (the last space character), False after it
 _SPACE_TABLE = np.array([chr(i).isspace() for i in range(0x3001)] + [False], dtype=bool)
