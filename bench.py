@@ -24,6 +24,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from metadata import UNK
+
 # -----------------------------------------------------------------------------
 # default config values
 mode = 'throughput'  # throughput | tagging | efficiency | steering | gpu_check
@@ -101,7 +103,6 @@ steer_generator = 'auto'  # auto (sample.py's generate() if usable, else bench's
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 ROOT = os.path.dirname(os.path.abspath(__file__))
-UNK = 2  # tag id of a missing tag in every stream
 MODES = ('throughput', 'tagging', 'efficiency', 'steering', 'gpu_check')
 
 
@@ -375,7 +376,7 @@ def take_words(docs, n_words):
 
 def _job_tiktoken(docs):
     import metadata as md
-    enc = md._encoding()
+    enc = md.encoding()
     t0 = time.perf_counter()
     for d in docs:
         enc.encode_ordinary(d)
@@ -414,7 +415,7 @@ def _job_causal_ids(ids_list):
 
 def _job_count(docs):
     import metadata as md
-    return [int(np.count_nonzero(md.annotate_text(d, ner=_TAG_NER)[1]['word'] == 3)) for d in docs]
+    return [int(np.count_nonzero(md.annotate_text(d, ner=_TAG_NER)[1]['word'] == md.WORD_B)) for d in docs]
 
 
 _TAG_NER = 'binary'
@@ -460,7 +461,7 @@ def run_tagging(C):
         md.ensure_resources(C.tag_ner)
     except md.MetadataError as e:
         fail(str(e))
-    md._encoding()  # tiktoken's tables load once here; children inherit them
+    md.encoding()  # tiktoken's tables load once here; children inherit them
     workers = C.tag_workers or os.cpu_count()
     docs = corpus_docs(C)
     warm, rest = take_words(docs, C.tag_warm_words)

@@ -29,7 +29,7 @@ import numpy as np
 # fixed tag vocabularies: identical on every machine, independent of the data
 
 SPECIAL = ['<pad>', '<space>', '<unk>']
-PAD, SPACE, UNK = 0, 1, 2
+PAD, SPACE, UNK = 0, 1, 2   # the same ids in every stream
 # the 45 classes of NLTK's averaged-perceptron English tagger (sorted)
 POS_TAGS = ['#', '$', "''", '(', ')', ',', '.', ':', 'CC', 'CD', 'DT', 'EX', 'FW', 'IN',
             'JJ', 'JJR', 'JJS', 'LS', 'MD', 'NN', 'NNP', 'NNPS', 'NNS', 'PDT', 'POS', 'PRP',
@@ -43,6 +43,7 @@ NER_MODES = ('typed', 'binary', 'none')
 TOKENIZATIONS = ('lime', 'plain')
 TAG_KINDS = ('full', 'causal')
 WORD_TAGS = ['B', 'I']  # the 'word' stream: token starts a word / continues one
+WORD_B, WORD_I = len(SPECIAL), len(SPECIAL) + 1  # their ids (3, 4)
 
 def ner_tags(ner):
     return ['O'] + [f'{p}-{t}' for t in NE_TYPES[ner] for p in 'BI']
@@ -73,20 +74,26 @@ class MetadataError(Exception):
 # -----------------------------------------------------------------------------
 # NLTK resources: found offline via NLTK_DATA, else downloaded once in this process
 
-# resource path -> nltk.download package name
+# resource key -> (path for nltk.data.find, nltk.download package name)
 _RESOURCES = {
     'punkt': ('tokenizers/punkt_tab/english/', 'punkt_tab'),
     'pos': ('taggers/averaged_perceptron_tagger_eng/', 'averaged_perceptron_tagger_eng'),
     'words': ('corpora/words', 'words'),  # the NE chunker's feature extractor reads it
     'ne_binary': ('chunkers/maxent_ne_chunker_tab/english_ace_binary/', 'maxent_ne_chunker_tab'),
     'ne_typed': ('chunkers/maxent_ne_chunker_tab/english_ace_multiclass/', 'maxent_ne_chunker_tab'),
+    'gutenberg': ('corpora/gutenberg', 'gutenberg'),  # prepare.py's default corpus
 }
 
-def ensure_resources(ner='binary'):
-    """Make sure the NLTK data for this NER mode exists; download it if allowed.
-    Call it in the main process before starting workers (downloads must not race)."""
+def downloads_allowed():
+    """The one place that reads LIME_NO_DOWNLOAD: unset, empty or '0' allows downloads."""
+    return os.environ.get('LIME_NO_DOWNLOAD', '') in ('', '0')
+
+def ensure_resources(ner='binary', extra=()):
+    """Make sure the NLTK data for this NER mode (and the resources named in extra, e.g.
+    'gutenberg') exists; download it if allowed. Call it in the main process before
+    starting workers (downloads must not race)."""
     import nltk
-    needed = ['punkt', 'pos'] + ([] if ner == 'none' else ['words', 'ne_' + ner])
+    needed = ['punkt', 'pos'] + ([] if ner == 'none' else ['words', 'ne_' + ner]) + list(extra)
     for key in needed:
         path, package = _RESOURCES[key]
         try:
@@ -94,9 +101,8 @@ def ensure_resources(ner='binary'):
             continue
         except LookupError:
             pass
-        if os.environ.get('LIME_NO_DOWNLOAD', '') not in ('', '0'):
-            ok = False
-        else:
+        ok = False
+        if downloads_allowed():
             try:
                 ok = nltk.download(package, quiet=True, raise_on_error=False)
                 nltk.data.find(path)
@@ -229,7 +235,7 @@ def set_tokenizer(name):
     if name != TOKENIZER:
         parse_tokenizer(name)
         TOKENIZER = name
-        for f in (_encoding, _token_bytes_len, _encode_chunk):
+        for f in (encoding, _token_bytes_len, _encode_chunk):
             f.cache_clear()
 
 def parse_tokenizer(name):
@@ -242,7 +248,7 @@ def parse_tokenizer(name):
     return int(n)
 
 @lru_cache(maxsize=None)
-def _encoding():
+def encoding():
     import tiktoken
     gpt2 = tiktoken.get_encoding('gpt2')
     n = parse_tokenizer(TOKENIZER)
@@ -1120,21 +1126,21 @@ def _analyze_reference(text, ner='binary', reference=True):
 @lru_cache(maxsize=None)
 def _token_bytes_len():
     """Byte length of every GPT-2 token (to turn token ids into byte offsets)."""
-    enc = _encoding()
+    enc = encoding()
     return np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
                     dtype=np.int64)
 
 @_memo(1 << 20)
 def _encode_chunk(chunk):
     # Zipf: most word chunks (' the', ',', ...) repeat, so the cache hits most of the time
-    return tuple(_encoding().encode_ordinary(chunk))
+    return tuple(encoding().encode_ordinary(chunk))
 
 def tokenize(text, starts, ends, tokenization='lime'):
     """GPT-2 token ids of a text. 'lime': each word chunk (the whitespace and any
     untokenized characters before a word, plus the word) is encoded on its own, so no
     token crosses a word boundary; 'plain': encode_ordinary over the whole text."""
     if tokenization == 'plain':
-        return np.array(_encoding().encode_ordinary(text), dtype=np.int64)
+        return np.array(encoding().encode_ordinary(text), dtype=np.int64)
     from itertools import chain
     cuts = ends.tolist()
     if not cuts or cuts[-1] < len(text):
@@ -1181,10 +1187,10 @@ def _streams_from_alignment(widx, pos_ids, ner_ids):
     streams['pos'] = np.where(none, SPACE, pos_ids[safe] if len(pos_ids) else SPACE).astype(np.uint16)
     if ner_ids is not None:
         streams['ner'] = np.where(none, SPACE, ner_ids[safe] if len(ner_ids) else SPACE).astype(np.uint16)
-    # word boundary: the first token of each word starts it (3 = B, 4 = I)
+    # word boundary: the first token of each word starts it
     first = np.ones(len(widx), dtype=bool)
     first[1:] = widx[1:] != widx[:-1]
-    streams['word'] = np.where(none, SPACE, np.where(first, 3, 4)).astype(np.uint16)
+    streams['word'] = np.where(none, SPACE, np.where(first, WORD_B, WORD_I)).astype(np.uint16)
     return streams
 
 @_gc_paused
@@ -1199,7 +1205,7 @@ def annotate_text(text, tokenization='lime', ner='binary', reference=False):
 def decode_text(ids):
     """Text of a token stream with invalid UTF-8 (e.g. a cut multi-byte character)
     replaced by U+FFFD, one per invalid byte, plus the byte -> char map it implies."""
-    data = _encoding().decode_bytes(list(ids))
+    data = encoding().decode_bytes(list(ids))
     try:
         return data.decode('utf-8'), None
     except UnicodeDecodeError:
@@ -1223,7 +1229,7 @@ def _annotate_doc_ids(ids, ner, reference):
 
 def split_documents(ids):
     """(start, end) of each document of a token stream; <|endoftext|> separates them."""
-    eot = np.nonzero(ids == _encoding().eot_token)[0]
+    eot = np.nonzero(ids == encoding().eot_token)[0]
     bounds = np.concatenate([[-1], eot, [len(ids)]])
     return [(int(a) + 1, int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a + 1]
 
@@ -1903,7 +1909,7 @@ class CausalStream:
     def extend(self, new_ids):
         new_ids = [int(i) for i in new_ids]
         out = {k: np.full(len(new_ids), PAD, dtype=np.uint16) for k in self.keys}
-        eot = _encoding().eot_token
+        eot = encoding().eot_token
         i = 0
         while i < len(new_ids):
             if new_ids[i] == eot:   # <pad> tags; a new document starts after it
@@ -1941,8 +1947,8 @@ class CausalStream:
         k = int(np.searchsorted(cs, prev_end, side='left'))
         if k == 0 or k >= len(win) or cs[k] > start or ce[k - 1] > prev_end:
             return
-        data = _encoding().decode_bytes(win[:k + 1].tolist())
-        first = data[len(_encoding().decode_bytes(win[:k].tolist()))] if len(data) else 0
+        data = encoding().decode_bytes(win[:k + 1].tolist())
+        first = data[len(encoding().decode_bytes(win[:k].tolist()))] if len(data) else 0
         if (first & 0xC0) == 0x80:
             return
         self.w += k
@@ -1982,8 +1988,8 @@ def main(argv=None):
                 ids = np.array([int(x) for x in data.split()], dtype=np.int64)
             except ValueError as e:
                 raise MetadataError(f'{name}: --ids expects whitespace-separated integers ({e})')
-            if len(ids) and (ids.min() < 0 or ids.max() >= _encoding().n_vocab):
-                raise MetadataError(f'{name}: token id out of range 0..{_encoding().n_vocab - 1}')
+            if len(ids) and (ids.min() < 0 or ids.max() >= encoding().n_vocab):
+                raise MetadataError(f'{name}: token id out of range 0..{encoding().n_vocab - 1}')
             streams = annotate_ids(ids, args.ner, args.tags, args.reference)
         else:
             ids, streams = annotate_text(data, args.tokenization, args.ner, args.reference)
@@ -1993,7 +1999,7 @@ def main(argv=None):
     except MetadataError as e:
         print(f'metadata.py: error: {e}', file=sys.stderr)
         return 1
-    enc = _encoding()
+    enc = encoding()
     pos_names = stream_tags('pos', args.ner)
     ner_names = stream_tags('ner', args.ner) if args.ner != 'none' else None
     out = sys.stdout

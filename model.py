@@ -12,7 +12,7 @@ streams configured the model is exactly the baseline GPT.
 """
 
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -256,8 +256,3 @@ def default_peak_flops():
         if key in name:
             return peak
     return None
-
-
-def model_args_dict(config):
-    """GPTConfig as a plain dict (what train.py stores as ckpt['model_args'])."""
-    return asdict(config)

@@ -145,7 +145,7 @@ def process(item):
     split, text = item
     try:
         ids, streams = md.annotate_text(text, _job['tokenization'], _job['ner'], _job['reference'])
-        nwords = int(np.count_nonzero(streams['word'] == 3))  # first token of each word
+        nwords = int(np.count_nonzero(streams['word'] == md.WORD_B))  # first token of each word
         if 'full' not in _job['tags']:
             streams = {}
         if 'causal' in _job['tags']:
@@ -154,7 +154,7 @@ def process(item):
     except md.MetadataError as e:
         return split, None, str(e)
     # append <|endoftext|> (metadata <pad>) so documents and shards concatenate cleanly
-    ids = np.append(ids, md._encoding().eot_token).astype(np.uint16)
+    ids = np.append(ids, md.encoding().eot_token).astype(np.uint16)
     streams = {k: np.append(v, md.PAD).astype(np.uint16) for k, v in streams.items()}
     return split, (ids, streams, nwords), None
 
@@ -227,16 +227,8 @@ def main(argv=None):
         fail(f'--shard_index={args.shard_index} must be in [0, --num_shards={args.num_shards})')
     t0 = time.time()
     try:
-        md.ensure_resources(args.ner)  # downloads happen here, in the main process, before workers
-        if args.input is None:
-            import nltk
-            try:
-                nltk.data.find('corpora/gutenberg')
-            except LookupError:
-                if not os.environ.get('LIME_NO_DOWNLOAD') and nltk.download('gutenberg', quiet=True):
-                    pass
-                else:
-                    raise PrepareError("NLTK corpus 'corpora/gutenberg' not found: python -m nltk.downloader gutenberg")
+        # downloads happen here, in the main process, before the workers start
+        md.ensure_resources(args.ner, extra=('gutenberg',) if args.input is None else ())
         refs = enumerate_documents(args.input)
     except (PrepareError, md.MetadataError) as e:
         fail(str(e))
@@ -300,7 +292,7 @@ def main(argv=None):
         fail(f"{' '.join(args.input or ['gutenberg'])}: no non-empty documents (empty input)")
     elapsed = time.time() - t0
     import nltk, tiktoken
-    enc = md._encoding()
+    enc = md.encoding()
     meta = {
         'vocab_size': enc.n_vocab, 'tokenizer': md.TOKENIZER, 'eot_token': enc.eot_token,
         'dtype': 'uint16', 'tokenization': args.tokenization, 'ner': args.ner, 'tags': list(tags),

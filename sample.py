@@ -20,6 +20,8 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
+from metadata import UNK  # the tag id of a missing hint, in every stream
+
 # -----------------------------------------------------------------------------
 out_dir = 'out'
 start = '\n'  # prompt text, or FILE:path; '' starts a fresh document (<|endoftext|>)
@@ -38,7 +40,6 @@ show_tags = False  # print each generated token with the metadata it was given
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
-PAD, SPACE, UNK = 0, 1, 2  # special tag ids, the same in every stream (metadata.py)
 
 
 class SampleError(Exception):
@@ -103,7 +104,7 @@ class Text:
         try:
             md.set_tokenizer(dataset.get('tokenizer', 'gpt2'))
             md.ensure_resources(self.ner)
-            self.enc = md._encoding()
+            self.enc = md.encoding()
         except md.MetadataError as e:
             raise SampleError(str(e))
         self.eot = self.enc.eot_token

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metadata import UNK  # the tag id of missing metadata, in every stream
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -75,7 +76,6 @@ peak_flops = 0.0  # for MFU; 0 = the detected GPU's bf16 peak (H100/H200 989e12,
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout')
-UNK = 2  # tag id reserved for missing metadata in every stream
 
 
 def fail(msg):

@@ -1,6 +1,7 @@
 """metadata.py: spans, tags, alignment rules, losslessness, the CLI, resource errors.
 Uses the real NLTK models and tiktoken (NLTK_DATA / TIKTOKEN_CACHE_DIR, see README)."""
 import os
+from pathlib import Path
 import sys
 import json
 import subprocess
@@ -48,12 +49,12 @@ def nltk_reference(text, binary=True):
 @pytest.mark.parametrize('text', TRICKY)
 def test_lossless_and_lengths(text, tokenization):
     ids, streams = md.annotate_text(text, tokenization, 'binary')
-    assert md._encoding().decode_bytes(ids.tolist()) == text.encode('utf-8')
+    assert md.encoding().decode_bytes(ids.tolist()) == text.encode('utf-8')
     assert set(streams) == {'pos', 'ner', 'word'}
     for v in streams.values():
         assert v.dtype == np.uint16 and len(v) == len(ids)
     if tokenization == 'plain':
-        assert ids.tolist() == md._encoding().encode_ordinary(text)
+        assert ids.tolist() == md.encoding().encode_ordinary(text)
 
 def test_tags_equal_nltk():
     text = " ".join(TRICKY[2:7] + TRICKY[9:10]) + " Barack Obama visited New York and Paris with Angela Merkel."
@@ -73,7 +74,7 @@ def test_lime_tokens_carry_their_words_tags():
     ids, st = md.annotate_text(text, 'lime', 'binary')
     starts, ends, pos_ids, ner_ids = md.analyze(text, 'binary')
     # rebuild per-token word index from the BPE pieces: every token lies inside one chunk
-    enc = md._encoding()
+    enc = md.encoding()
     off, w = 0, []
     for t in ids.tolist():
         n = len(enc.decode_single_token_bytes(t).decode('utf-8'))
@@ -95,7 +96,7 @@ def test_lime_tokens_carry_their_words_tags():
 def test_whitespace_tokens_get_space():
     for tok in ('lime', 'plain'):
         ids, st = md.annotate_text("a\n\n\n\nb\t\t c", tok, 'binary')
-        enc = md._encoding()
+        enc = md.encoding()
         for i, t in enumerate(ids.tolist()):
             if enc.decode_single_token_bytes(t).decode('utf-8').isspace():
                 assert st['pos'][i] == md.SPACE and st['ner'][i] == md.SPACE and st['word'][i] == md.SPACE
@@ -105,7 +106,7 @@ def test_plain_alignment_largest_overlap():
     # "didn't" is one word chunk pair did|n't; plain BPE gives "didn" + "'t"
     text = "He didn't."
     ids, st = md.annotate_text(text, 'plain', 'binary')
-    enc = md._encoding()
+    enc = md.encoding()
     pieces = [enc.decode_single_token_bytes(t).decode() for t in ids.tolist()]
     assert pieces == ['He', ' didn', "'t", '.']
     names = md.stream_tags('pos', 'binary')
@@ -128,7 +129,7 @@ def test_annotate_ids_matches_lime(text):
         assert (st[k] == st2[k]).all(), k
 
 def test_annotate_ids_documents_and_partial_utf8():
-    enc = md._encoding()
+    enc = md.encoding()
     a, b = enc.encode_ordinary("First doc here."), enc.encode_ordinary("Second \U0001F600 one")
     ids = np.array(a + [enc.eot_token] + b + [enc.eot_token], dtype=np.int64)
     st = md.annotate_ids(ids, 'binary')
@@ -191,6 +192,25 @@ def test_missing_resources_clear_error(tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and 'punkt_tab' in lines[0] and 'nltk.downloader' in lines[0]
+
+def test_downloads_allowed_reads_one_variable(monkeypatch):
+    # one rule for every script: unset, empty or 0 allows downloads; anything else forbids them
+    for value, allowed in ((None, True), ('', True), ('0', True), ('1', False), ('yes', False)):
+        if value is None:
+            monkeypatch.delenv('LIME_NO_DOWNLOAD', raising=False)
+        else:
+            monkeypatch.setenv('LIME_NO_DOWNLOAD', value)
+        assert md.downloads_allowed() is allowed, value
+
+def test_missing_gutenberg_is_a_resource_error(tmp_path, monkeypatch):
+    import nltk
+    monkeypatch.setenv('LIME_NO_DOWNLOAD', '1')
+    # a data directory with the tokenizers and taggers but no corpora
+    for sub in ('tokenizers', 'taggers'):
+        (tmp_path / sub).symlink_to(Path(nltk.data.find('tokenizers/punkt_tab')).parents[1] / sub)
+    monkeypatch.setattr(nltk.data, 'path', [str(tmp_path)])
+    with pytest.raises(md.MetadataError, match=r"corpora/gutenberg.*nltk.downloader gutenberg"):
+        md.ensure_resources('none', extra=('gutenberg',))
 
 def test_typed_chunker_missing_points_to_binary():
     import nltk
@@ -295,7 +315,7 @@ def test_canonical_word_pieces_equal_nltk():
 def test_truncated_gpt2_tokenizer():
     try:
         md.set_tokenizer('gpt2-1024')
-        enc = md._encoding()
+        enc = md.encoding()
         assert enc.n_vocab == 1025 and enc.eot_token == 1024
         for text in TRICKY:
             ids, st = md.annotate_text(text, 'lime', 'binary')
@@ -310,4 +330,4 @@ def test_truncated_gpt2_tokenizer():
     finally:
         md.set_tokenizer('gpt2')
     assert n_small > len(md.annotate_text(text, 'plain', 'none')[0])
-    assert md._encoding().n_vocab == 50257
+    assert md.encoding().n_vocab == 50257

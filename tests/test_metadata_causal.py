@@ -16,7 +16,7 @@ import metadata as md  # noqa: E402  (conftest puts the repo root on sys.path)
 pytest.importorskip('nltk')
 try:
     md.ensure_resources('binary')
-    md._encoding()
+    md.encoding()
 except Exception as e:  # no NLTK data / tiktoken cache here
     pytest.skip(f'metadata resources unavailable: {e}', allow_module_level=True)
 
@@ -38,7 +38,7 @@ TRICKY = [
 def _ids(text, how):
     if how == 'lime':
         return md.annotate_text(text, 'lime', NER)[0].tolist()
-    return md._encoding().encode_ordinary(text)
+    return md.encoding().encode_ordinary(text)
 
 
 def _assert_equal(ids):
@@ -47,7 +47,7 @@ def _assert_equal(ids):
     assert set(ref) == set(got) == {'pos_causal', 'ner_causal'}
     for k in ref:
         bad = np.nonzero(ref[k] != got[k])[0]
-        assert len(bad) == 0, (k, int(bad[0]), md._encoding().decode(list(ids[:bad[0] + 1]))[-60:])
+        assert len(bad) == 0, (k, int(bad[0]), md.encoding().decode(list(ids[:bad[0] + 1]))[-60:])
 
 
 @pytest.mark.parametrize('how', ['lime', 'plain'])
@@ -175,7 +175,7 @@ def test_garden_path_full_and_causal_differ():
     causal = md.annotate_causal(ids, NER)
     assert np.array_equal(causal['pos_causal'], md.annotate_causal_reference(ids, NER)['pos_causal'])
     names = md.stream_tags('pos', NER)
-    toks = [md._encoding().decode([i]) for i in ids.tolist()]
+    toks = [md.encoding().decode([i]) for i in ids.tolist()]
     diff = [(toks[t], names[full['pos'][t]], names[causal['pos_causal'][t]])
             for t in range(len(ids)) if full['pos'][t] != causal['pos_causal'][t]]
     assert (' complex', 'JJ', 'NN') in diff, diff

@@ -42,7 +42,7 @@ def read_dataset(out):
     return meta, data
 
 def docs_of(ids):
-    enc = md._encoding()
+    enc = md.encoding()
     return [enc.decode_bytes(ids[a:b].tolist()).decode('utf-8') for a, b in md.split_documents(ids.astype(np.int64))]
 
 def test_end_to_end(tmp_path):
@@ -68,7 +68,7 @@ def test_end_to_end(tmp_path):
             assert (data[f'{split}.{s}'][ids == 50256] == md.PAD).all()
         # streams equal the library's annotation of each document
         for a, b in md.split_documents(ids.astype(np.int64)):
-            text = md._encoding().decode_bytes(ids[a:b].tolist()).decode('utf-8')
+            text = md.encoding().decode_bytes(ids[a:b].tolist()).decode('utf-8')
             ids2, st = md.annotate_text(text, 'lime', 'binary')
             assert (ids2 == ids[a:b]).all()
             for s in meta['streams']:

@@ -17,7 +17,7 @@ torch.set_num_threads(1)  # tiny models: threads only add overhead, and the box 
 
 try:
     md.ensure_resources('binary')
-    md._encoding()
+    md.encoding()
     HAVE_NLTK = True
 except Exception:  # no NLTK data / tiktoken cache here
     HAVE_NLTK = False
@@ -80,7 +80,7 @@ def _stream_equal(ids, chunks):
     ref = md.annotate_causal(np.array(ids), NER)
     for k in got:
         bad = np.nonzero(np.array(got[k]) != ref[k + '_causal'])[0]
-        assert len(bad) == 0, (k, int(bad[0]), md._encoding().decode(ids[max(0, bad[0] - 40):bad[0] + 1]))
+        assert len(bad) == 0, (k, int(bad[0]), md.encoding().decode(ids[max(0, bad[0] - 40):bad[0] + 1]))
     return cs
 
 
@@ -89,7 +89,7 @@ def test_causal_stream_equals_annotate_causal():
     from nltk.corpus import gutenberg
     raw = gutenberg.raw('austen-emma.txt')
     rng = np.random.default_rng(0)
-    enc = md._encoding()
+    enc = md.encoding()
     for how in ('lime', 'plain'):
         s = int(rng.integers(len(raw) - 4000))
         text = raw[s:s + 2500]
