@@ -98,7 +98,6 @@ steer_prompt = 32  # prompt tokens (real val text)
 steer_new_tokens = 32  # generated tokens, each with a hint (the real next tokens' tags)
 steer_top_k = 0  # 0 = greedy
 steer_temperature = 1.0
-steer_generator = 'auto'  # auto (sample.py's generate() if usable, else bench's) | sample | bench
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
@@ -372,9 +371,10 @@ def take_words(docs, n_words):
     return out, docs[len(out):]
 
 
-# --- the jobs, run in forked child processes (fresh caches unless warmed explicitly)
+# --- the jobs, run in forked child processes (fresh caches unless warmed explicitly); every
+# setting is an argument: a job is job(docs, ner, reference)
 
-def _job_tiktoken(docs):
+def _job_tiktoken(docs, ner, reference):
     import metadata as md
     enc = md.encoding()
     t0 = time.perf_counter()
@@ -383,66 +383,63 @@ def _job_tiktoken(docs):
     return time.perf_counter() - t0
 
 
-def _job_full(docs, reference):
+def _job_full(docs, ner, reference):
     import metadata as md
     t0 = time.perf_counter()
     for d in docs:
-        md.annotate_text(d, ner=_TAG_NER, reference=reference)
+        md.annotate_text(d, ner=ner, reference=reference)
     return time.perf_counter() - t0
 
 
-def _job_causal(docs, reference):
+def _job_causal(docs, ner, reference):
     import metadata as md
     # token ids come from the full annotation first (untimed), as in prepare.py, which annotates
     # a document fully and then causally: the per-word caches are warm from the same text
-    ids = [md.annotate_text(d, ner=_TAG_NER)[0] for d in docs]
-    md.annotate_ids(ids[0][:8], ner=_TAG_NER, tags='causal', reference=reference)  # loads its models
+    ids = [md.annotate_text(d, ner=ner)[0] for d in docs]
+    md.annotate_ids(ids[0][:8], ner=ner, tags='causal', reference=reference)  # loads its models
     import gc
     gc.collect()
     t0 = time.perf_counter()
     for x in ids:
-        md.annotate_ids(x, ner=_TAG_NER, tags='causal', reference=reference)
+        md.annotate_ids(x, ner=ner, tags='causal', reference=reference)
     return time.perf_counter() - t0
 
 
-def _job_causal_ids(ids_list):
+def _job_causal_ids(ids_list, ner, reference):
     import metadata as md
     t0 = time.perf_counter()
     for x in ids_list:
-        md.annotate_ids(x, ner=_TAG_NER, tags='causal')
+        md.annotate_ids(x, ner=ner, tags='causal', reference=reference)
     return time.perf_counter() - t0
 
 
-def _job_count(docs):
+def _job_count(docs, ner, reference):
     import metadata as md
-    return [int(np.count_nonzero(md.annotate_text(d, ner=_TAG_NER)[1]['word'] == md.WORD_B)) for d in docs]
+    return [int(np.count_nonzero(md.annotate_text(d, ner=ner)[1]['word'] == md.WORD_B)) for d in docs]
 
 
-_TAG_NER = 'binary'
-
-
-def _child(job, args, warm_docs):
+def _child(job, docs, ner, reference, warm_docs):
     """In a fresh process: load the models (untimed, on one short sentence), optionally
-    annotate warm_docs (untimed) so the per-word caches hold a corpus' worth of words, then time."""
+    annotate warm_docs (untimed) so the per-word caches hold a corpus' worth of words, then
+    time job(docs, ner, reference)."""
     import metadata as md
-    reference = len(args) > 1 and args[1]
-    md.annotate_text("Mr. Smith went to Washington.", ner=_TAG_NER, reference=reference)
+    md.annotate_text("Mr. Smith went to Washington.", ner=ner, reference=reference)
     for d in warm_docs:
-        md.annotate_text(d, ner=_TAG_NER)
+        md.annotate_text(d, ner=ner)
     # annotation pauses the garbage collector: collect the warm-up's garbage now, not on the clock
     import gc
     gc.collect()
-    return job(*args)
+    return job(docs, ner, reference)
 
 
-def _pool_run(job, doc_args, workers):
-    """All workers: documents spread over a pool of forked processes (they inherit the parent's
-    caches, so a warm parent gives warm workers); wall time of the whole map."""
+def _pool_run(job, doc_lists, ner, reference, workers):
+    """All workers: one job per document list, spread over a pool of forked processes (they
+    inherit the parent's caches, so a warm parent gives warm workers); wall time of the whole map."""
     import multiprocessing as mp
     with mp.get_context('fork').Pool(workers) as pool:
         pool.map(_noop, range(workers))  # start the workers before the clock
         t0 = time.perf_counter()
-        pool.starmap(job, doc_args, chunksize=1)
+        pool.starmap(job, [(d, ner, reference) for d in doc_lists], chunksize=1)
         return time.perf_counter() - t0
 
 
@@ -452,8 +449,6 @@ def _noop(_):
 
 def run_tagging(C):
     import multiprocessing as mp
-    global _TAG_NER
-    _TAG_NER = C.tag_ner
     sys.path.insert(0, ROOT)
     import metadata as md
     try:
@@ -471,13 +466,13 @@ def run_tagging(C):
         fail("tagging: the corpus has no documents left after the warm-up words (lower tag_warm_words)")
     ctx = mp.get_context('fork')
 
-    def child(job, args, warm_docs=()):
+    def child(job, docs, reference=False, warm_docs=()):
         # a pool of one fresh process per measurement: every measurement starts from cold caches
         with ctx.Pool(1) as p:
-            return p.apply(_child, (job, args, list(warm_docs)))
+            return p.apply(_child, (job, docs, C.tag_ner, reference, list(warm_docs)))
 
     t0 = time.time()
-    counts = child(_job_count, (timed,))
+    counts = child(_job_count, timed)
     words_timed, words_ref = sum(counts), sum(counts[:len(ref)])
     print(f"corpus: {len(warm)} warm-up docs, {len(timed)} timed docs ({words_timed:,} words), "
           f"{len(ref)} reference docs ({words_ref:,} words); {workers} workers", flush=True)
@@ -489,17 +484,17 @@ def run_tagging(C):
         print(f"  {name:<22} {text:<5} procs={procs} {cache:<5} {words:>9,} words {seconds:8.2f}s "
               f"{rows[-1]['words_per_sec'] or 0:>12,.0f} words/s", flush=True)
 
-    add('tiktoken', 'timed', 1, '-', child(_job_tiktoken, (timed,)), words_timed)
-    add('full fast', 'timed', 1, 'cold', child(_job_full, (timed, False)), words_timed)
-    add('full fast', 'timed', 1, 'warm', child(_job_full, (timed, False), warm), words_timed)
-    add('full fast', 'ref', 1, 'cold', child(_job_full, (ref, False)), words_ref)
-    add('full fast', 'ref', 1, 'warm', child(_job_full, (ref, False), warm), words_ref)
+    add('tiktoken', 'timed', 1, '-', child(_job_tiktoken, timed), words_timed)
+    add('full fast', 'timed', 1, 'cold', child(_job_full, timed), words_timed)
+    add('full fast', 'timed', 1, 'warm', child(_job_full, timed, warm_docs=warm), words_timed)
+    add('full fast', 'ref', 1, 'cold', child(_job_full, ref), words_ref)
+    add('full fast', 'ref', 1, 'warm', child(_job_full, ref, warm_docs=warm), words_ref)
     if C.tag_reference:
-        add('full NLTK', 'ref', 1, '-', child(_job_full, (ref, True)), words_ref)
+        add('full NLTK', 'ref', 1, '-', child(_job_full, ref, reference=True), words_ref)
     if C.tag_causal:
-        add('causal fast', 'ref', 1, 'warm', child(_job_causal, (ref, False), warm), words_ref)
+        add('causal fast', 'ref', 1, 'warm', child(_job_causal, ref, warm_docs=warm), words_ref)
         if C.tag_reference:
-            add('causal NLTK', 'ref', 1, '-', child(_job_causal, (ref, True)), words_ref)
+            add('causal NLTK', 'ref', 1, '-', child(_job_causal, ref, reference=True), words_ref)
 
     # all workers: warm the parent once, then every pool forks from it (warm workers)
     if workers > 1:
@@ -508,19 +503,20 @@ def run_tagging(C):
             md.annotate_text(d, ner=C.tag_ner)
         import gc
         gc.collect()
-        add('tiktoken', 'timed', workers, '-', _pool_run(_job_tiktoken, [([d],) for d in timed], workers),
+        each = lambda docs: [[d] for d in docs]  # one job per document
+        add('tiktoken', 'timed', workers, '-', _pool_run(_job_tiktoken, each(timed), C.tag_ner, False, workers),
             words_timed)
         add('full fast', 'timed', workers, 'warm',
-            _pool_run(_job_full, [([d], False) for d in timed], workers), words_timed)
+            _pool_run(_job_full, each(timed), C.tag_ner, False, workers), words_timed)
         if C.tag_reference:
-            add('full NLTK', 'ref', workers, '-', _pool_run(_job_full, [([d], True) for d in ref], workers),
+            add('full NLTK', 'ref', workers, '-', _pool_run(_job_full, each(ref), C.tag_ner, True, workers),
                 words_ref)
         if C.tag_causal:
             # token ids from the parent (untimed): the workers time the causal annotation only
             ref_ids = [md.annotate_text(d, ner=C.tag_ner)[0] for d in ref]
             gc.collect()
             add('causal fast', 'ref', workers, 'warm',
-                _pool_run(_job_causal_ids, [([x],) for x in ref_ids], workers), words_ref)
+                _pool_run(_job_causal_ids, each(ref_ids), C.tag_ner, False, workers), words_ref)
 
     def wps(name, text, procs, cache):
         for r in rows:
@@ -750,50 +746,6 @@ def run_efficiency(C):
 # -----------------------------------------------------------------------------
 # steering: LIME+1 with oracle hints vs <unk> hints vs the baseline; hinted generation
 
-@torch.no_grad()
-def generate(model, idx, meta_prompt, hints, n_new, top_k, temperature, gen):
-    """Minimal KV-cache decoding for a LIME+1 model (or a baseline when meta_prompt is None).
-    idx: (B, P) prompt; meta_prompt[s]: (B, P) input tags of the prompt positions (position t
-    carries the tags of token t+1, so the last one is the hint of the first new token);
-    hints[s]: (B, n_new) tags for the new tokens: the one generated at step i+1 is fed with
-    hints[s][:, i+1] (the hint of the token it will predict), <unk> beyond the end."""
-    B, P = idx.shape
-    cache = model.new_kv_cache(B, P + n_new)
-    tok, meta, pos, out = idx, meta_prompt, 0, []
-    for i in range(n_new):
-        logits, _ = model(tok, meta, kv_cache=cache, start_pos=pos)
-        pos += tok.shape[1]
-        logits = logits[:, -1, :].float()
-        if top_k:
-            logits = logits / temperature
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float('inf')
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
-        else:
-            nxt = logits.argmax(-1, keepdim=True)
-        out.append(nxt)
-        tok = nxt
-        if meta is not None:
-            meta = {s: (h[:, i + 1:i + 2] if i + 1 < n_new else torch.full_like(h[:, :1], UNK))
-                    for s, h in hints.items()}
-    return torch.cat(out, 1)
-
-
-def sample_generate():
-    """sample.py's generate() when it exists with the interface we need (written concurrently
-    with this file), else None: bench then uses its own minimal loop above."""
-    try:
-        import inspect
-        import metadata as md
-        import sample
-        params = inspect.signature(sample.generate).parameters
-        if hasattr(md, 'CausalStream') and {'tagger', 'hints', 'generator', 'ctx'} <= set(params):
-            return sample.generate
-    except Exception:
-        pass
-    return None
-
-
 def ensure_ckpt(C, run_dir, name):
     if os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):
         return
@@ -802,10 +754,78 @@ def ensure_ckpt(C, run_dir, name):
     train_runs(C, [(name, run_dir)])
 
 
+@torch.no_grad()
+def steering_accuracy(C, models, val, streams, T):
+    """Next-token accuracy and loss on fixed val windows for the LIME+1 model with oracle hints
+    (the true next token's tags), with every tag <unk>, and for the baseline (same windows)."""
+    from train import eval_starts
+    starts = eval_starts(val.n, T, C.steer_windows)
+    ctx = autocast_ctx(C)
+    acc = {'oracle_hints': [0, 0.0], 'unk_hints': [0, 0.0], 'baseline': [0, 0.0]}
+    n_tok = 0
+    for j in range(0, len(starts), 16):
+        x, y, meta = val.windows(starts[j:j + 16], T)
+        x, y = x.to(C.device), y.to(C.device)
+        meta = {s: m.to(C.device) for s, m in meta.items()}
+        unk = {s: torch.full_like(m, UNK) for s, m in meta.items()}
+        for key, mdl, mt in (('oracle_hints', models['lime1'], meta), ('unk_hints', models['lime1'], unk),
+                             ('baseline', models['baseline'], None)):
+            with ctx:
+                logits, loss = mdl(x, mt, targets=y)
+            acc[key][0] += int((logits.argmax(-1) == y).sum())
+            acc[key][1] += float(loss) * y.numel()
+        n_tok += y.numel()
+    return {k: dict(acc=v[0] / n_tok, loss=v[1] / n_tok) for k, v in acc.items()}, len(starts)
+
+
+def steering_generation(C, models, val, streams, ner):
+    """Generation with hints taken from real val text (the real next tokens' tags, so the hint
+    sequences follow the data's tag distribution), through sample.py's generate() (prompt tags
+    computed online, causal, as a user gets them; KV cache). For each arm: the fraction of
+    generated tokens whose causal tags (annotate_ids(prompt + generated, tags='causal')) equal
+    the hints."""
+    import metadata as md
+    from sample import generate
+    from train import eval_starts
+    P, G = C.steer_prompt, C.steer_new_tokens
+    gstarts = eval_starts(val.n, P + G + 1, C.steer_samples)
+    xs, _, ms = val.windows(gstarts, P + G)  # ms[s][:, t] = tag of token t+1
+    prompts = xs[:, :P].tolist()
+    hints = {s: m[:, P - 1:P - 1 + G].numpy() for s, m in ms.items()}  # tags of true tokens P..P+G-1
+    gen = torch.Generator(device=C.device).manual_seed(C.seed)
+    greedy = C.steer_top_k == 0
+    kw = dict(temperature=0 if greedy else C.steer_temperature, top_k=1 if greedy else C.steer_top_k,
+              ctx=autocast_ctx(C), generator=gen, tag_generated=False)
+    out = {}
+    for key, name, use_hints in (('hinted', 'lime1', True), ('unhinted_unk', 'lime1', False),
+                                 ('baseline', 'baseline', False)):
+        match = {s: 0 for s in streams}
+        both, sample_text = 0, None
+        for b, prompt in enumerate(prompts):
+            h = [{s: int(hints[s][b][j]) for s in streams} for j in range(G)] if use_hints else None
+            tagger = md.CausalStream(ner) if name == 'lime1' else None
+            tokens = generate(models[name], prompt, G, tagger=tagger, hints=h, **kw)['tokens']
+            causal = md.annotate_ids(np.array(tokens), ner=ner, tags='causal')
+            ok = None
+            for s in streams:
+                base_name = s[:-len('_causal')] if s.endswith('_causal') else s
+                m = causal[base_name + '_causal'][P:] == hints[s][b]
+                match[s] += int(m.sum())
+                ok = m if ok is None else ok & m
+            both += int(ok.sum())
+            if sample_text is None:
+                sample_text = md.decode_text(tokens)[0]
+        n = len(prompts) * G
+        out[key] = dict(**{f'match_{s}': match[s] / n for s in streams}, match_all=both / n, sample=sample_text)
+    return out, len(prompts)
+
+
 def run_steering(C):
+    """LIME+1 with oracle hints vs <unk> hints vs the baseline: next-token accuracy, then hinted
+    generation."""
     sys.path.insert(0, ROOT)
     from model import GPT
-    from train import Split, eval_starts
+    from train import Split
     import metadata as md
     lime_dir = C.ckpt_dir or os.path.join(C.eff_dir, 'lime1')
     base_dir = C.base_ckpt_dir or os.path.join(C.eff_dir, 'baseline')
@@ -820,108 +840,29 @@ def run_steering(C):
     ds = ck.get('dataset') or json.load(open(os.path.join(data_dir, 'meta.json')))
     if ckb.get('dataset', {}).get('tokenizer') != ds.get('tokenizer'):
         fail(f"{base_dir}: baseline checkpoint uses another tokenizer than {lime_dir}")
-    model = GPT.from_checkpoint(ck, C.device).eval()
-    base = GPT.from_checkpoint(ckb, C.device).eval()
+    models = {'lime1': GPT.from_checkpoint(ck, C.device).eval(), 'baseline': GPT.from_checkpoint(ckb, C.device).eval()}
     T = ck['model_args']['block_size']
-    ctx = autocast_ctx(C)
-
-    # next-token accuracy on fixed val windows: oracle hints / all <unk> / baseline (same windows)
+    if C.steer_prompt + C.steer_new_tokens > T:
+        fail(f"config error: steer_prompt + steer_new_tokens = {C.steer_prompt + C.steer_new_tokens} "
+             f"> block_size {T}")
     val = Split(data_dir, 'val', streams, 1)
-    starts = eval_starts(val.n, T, C.steer_windows)
-    acc = {'oracle_hints': [0, 0.0], 'unk_hints': [0, 0.0], 'baseline': [0, 0.0]}
-    n_tok = 0
-    with torch.no_grad():
-        for j in range(0, len(starts), 16):
-            x, y, meta = val.windows(starts[j:j + 16], T)
-            x, y = x.to(C.device), y.to(C.device)
-            meta = {s: m.to(C.device) for s, m in meta.items()}
-            unk = {s: torch.full_like(m, UNK) for s, m in meta.items()}
-            for key, mdl, mt in (('oracle_hints', model, meta), ('unk_hints', model, unk), ('baseline', base, None)):
-                with ctx:
-                    logits, loss = mdl(x, mt, targets=y)
-                acc[key][0] += int((logits.argmax(-1) == y).sum())
-                acc[key][1] += float(loss) * y.numel()
-            n_tok += y.numel()
-    accuracy = {k: dict(acc=v[0] / n_tok, loss=v[1] / n_tok) for k, v in acc.items()}
-
-    # generation: prompts = real val text, hints = the real next tokens' tags (so the hint
-    # sequences follow the data's tag distribution); compare the causal tags of what was generated
     md.set_tokenizer(ds['tokenizer'])
-    P, G = C.steer_prompt, C.steer_new_tokens
-    if P + G > T:
-        fail(f"config error: steer_prompt + steer_new_tokens = {P + G} > block_size {T}")
-    gstarts = eval_starts(val.n, P + G + 1, C.steer_samples)
-    xs, _, ms = val.windows(gstarts, P + G)  # ms[s][:, t] = tag of token t+1
-    prompt = xs[:, :P].to(C.device)
-    meta_prompt = {s: m[:, :P].to(C.device) for s, m in ms.items()}  # last = hint of new token 0
-    hints = {s: m[:, P - 1:P - 1 + G].to(C.device) for s, m in ms.items()}  # tags of true tokens P..P+G-1
-    gen = torch.Generator(device=C.device).manual_seed(C.seed)
-    outs = {}
-    if C.steer_generator not in ('auto', 'sample', 'bench'):
-        fail(f"config error: steer_generator must be auto, sample or bench, got {C.steer_generator!r}")
-    sample_gen = sample_generate() if C.steer_generator != 'bench' else None
-    if sample_gen is None and C.steer_generator == 'sample':
-        fail("steer_generator=sample but sample.py has no usable generate()")
-    if sample_gen is not None:
-        # sample.py's generator (batch of one): prompt tags computed online (causal), as a user
-        # would get; hints = one {stream: tag id} per new token, none = <unk>
-        greedy = C.steer_top_k == 0
-        kw = dict(temperature=0 if greedy else C.steer_temperature, top_k=1 if greedy else C.steer_top_k,
-                  ctx=ctx, generator=gen, tag_generated=False)
-        hl = {s: h.cpu().tolist() for s, h in hints.items()}
-        for key, mdl, use_hints in (('hinted', model, True), ('unhinted_unk', model, False),
-                                    ('baseline', base, False)):
-            rows = []
-            for b in range(prompt.shape[0]):
-                h = [{s: hl[s][b][j] for s in streams} for j in range(G)] if use_hints else None
-                tagger = md.CausalStream(ds.get('ner', 'binary')) if mdl is model else None
-                r = sample_gen(mdl, prompt[b].tolist(), G, tagger=tagger, hints=h, **kw)
-                rows.append(r['tokens'][P:])
-            outs[key] = torch.tensor(rows, dtype=torch.long)
-        generator_name = 'sample.generate (prompt tags causal/online, KV cache)'
-    else:
-        with ctx:
-            outs['hinted'] = generate(model, prompt, meta_prompt, hints, G, C.steer_top_k, C.steer_temperature, gen)
-            unk_prompt = {s: torch.cat([m[:, :-1], torch.full_like(m[:, -1:], UNK)], 1)
-                          for s, m in meta_prompt.items()}
-            unk_hints = {s: torch.full_like(h, UNK) for s, h in hints.items()}
-            outs['unhinted_unk'] = generate(model, prompt, unk_prompt, unk_hints, G, C.steer_top_k,
-                                            C.steer_temperature, gen)
-            outs['baseline'] = generate(base, prompt, None, None, G, C.steer_top_k, C.steer_temperature, gen)
-        generator_name = 'bench.generate (minimal batched KV-cache loop; prompt tags = the data\'s full tags)'
-    hints_np = {s: h.cpu().numpy() for s, h in hints.items()}
-    ner = ds.get('ner', 'binary')
-    gen_res = {}
+    accuracy, n_windows = steering_accuracy(C, models, val, streams, T)
     t0 = time.time()
-    for key, g in outs.items():
-        full = torch.cat([prompt, g], 1).cpu().numpy()
-        match = {s: 0 for s in streams}
-        both = 0
-        for b in range(full.shape[0]):
-            causal = md.annotate_ids(full[b], ner=ner, tags='causal')
-            ok = None
-            for s in streams:
-                base_name = s[:-len('_causal')] if s.endswith('_causal') else s
-                got = causal[base_name + '_causal'][P:]
-                m = got == hints_np[s][b]
-                match[s] += int(m.sum())
-                ok = m if ok is None else ok & m
-            both += int(ok.sum())
-        n = full.shape[0] * G
-        gen_res[key] = dict(**{f'match_{s}': match[s] / n for s in streams}, match_all=both / n,
-                            sample=md.decode_text(full[0])[0])
-    rows = [dict(arm=k, **v) for k, v in accuracy.items()]
+    generation, n_samples = steering_generation(C, models, val, streams, ds.get('ner', 'binary'))
     print()
-    table(rows, [('arm', 'next-token (val)', ''), ('acc', 'acc', '.4f'), ('loss', 'loss', '.4f')])
+    table([dict(arm=k, **v) for k, v in accuracy.items()],
+          [('arm', 'next-token (val)', ''), ('acc', 'acc', '.4f'), ('loss', 'loss', '.4f')])
     print()
-    rows = [dict(arm=k, **v) for k, v in gen_res.items()]
-    table(rows, [('arm', 'generation', '')] + [(f'match_{s}', f'{s} match', '.3f') for s in streams] +
+    table([dict(arm=k, **v) for k, v in generation.items()],
+          [('arm', 'generation', '')] + [(f'match_{s}', f'{s} match', '.3f') for s in streams] +
           [('match_all', 'all match', '.3f')])
-    return dict(accuracy=accuracy, generation={k: v for k, v in gen_res.items()}, ckpt_dir=lime_dir,
-                base_ckpt_dir=base_dir, data_dir=data_dir, streams=streams, windows=len(starts),
-                samples=len(gstarts), prompt_tokens=P, new_tokens=G, top_k=C.steer_top_k,
-                meta_dropout=ck['config'].get('meta_dropout', 0.0), tagging_s=time.time() - t0,
-                generator=generator_name, greedy=C.steer_top_k == 0,
+    return dict(accuracy=accuracy, generation=generation, ckpt_dir=lime_dir,
+                base_ckpt_dir=base_dir, data_dir=data_dir, streams=streams, windows=n_windows,
+                samples=n_samples, prompt_tokens=C.steer_prompt, new_tokens=C.steer_new_tokens,
+                top_k=C.steer_top_k, meta_dropout=ck['config'].get('meta_dropout', 0.0),
+                generation_s=time.time() - t0, generator='sample.generate (prompt tags causal/online, KV cache)',
+                greedy=C.steer_top_k == 0,
                 notes=("hints = full tags of the real next tokens of val windows; match = the causal tags "
                        "(metadata.annotate_ids(prompt+generated, tags='causal')) of each generated token equal "
                        "its hint. unhinted_unk feeds <unk> as every hint (meaningful only if the model was "

@@ -11,7 +11,6 @@ tokens <= t (metadata.CausalStream), since the future text a full tagger would l
 exist yet. Every module-level name below is a config key, overridable with --key=value.
 """
 
-import ast
 import os
 import sys
 import time
@@ -47,28 +46,10 @@ class SampleError(Exception):
 
 
 def configure(argv):
-    """--key=value flags over DEFAULTS, checked against the default's type."""
-    cfg = dict(DEFAULTS)
-    for arg in argv:
-        if not arg.startswith('--') or '=' not in arg:
-            raise SampleError(f"expected --key=value, got {arg!r}")
-        key, val = arg[2:].split('=', 1)
-        if key not in DEFAULTS:
-            raise SampleError(f"unknown option --{key} (options: {', '.join(DEFAULTS)})")
-        default = DEFAULTS[key]
-        if not isinstance(default, str):  # strings stay verbatim: --start=42 is the text "42"
-            try:
-                val = ast.literal_eval(val)
-            except (SyntaxError, ValueError):
-                pass
-            if isinstance(default, float) and isinstance(val, int) and not isinstance(val, bool):
-                val = float(val)
-            if isinstance(default, int) and isinstance(val, float) and val.is_integer() and not isinstance(default, bool):
-                val = int(val)
-            if type(val) is not type(default):
-                raise SampleError(f"--{key} must be {type(default).__name__}, got {val!r}")
-        cfg[key] = val
-    return cfg
+    """Config files and --key=value flags over DEFAULTS: train.py's configurator (a string option
+    keeps its raw text: --start=42 is the text "42")."""
+    from train import configure as train_configure
+    return train_configure(argv, DEFAULTS)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -376,10 +357,11 @@ def run(cfg, out=None, err=None):
 
 
 def main(argv):
+    from train import ConfigError
     try:
         run(configure(argv))
-    except SampleError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
+    except (SampleError, ConfigError) as e:
+        print(f"sample.py: error: {getattr(e, 'msg', e)}", file=sys.stderr)
         return 1
     return 0
 

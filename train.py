@@ -78,50 +78,61 @@ DEFAULTS = {k: v for k, v in globals().items()
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout')
 
 
+class ConfigError(SystemExit):
+    """A bad config value: exits with status 1 and one line, no traceback, when not caught.
+    .msg is the message without the 'config error: ' prefix (sample.py prints it its own way)."""
+
+    def __init__(self, msg):
+        super().__init__(f"config error: {msg}")
+        self.msg = msg
+
+
 def fail(msg):
     # one line on stderr, exit status 1, no traceback
     raise SystemExit(msg)
 
 
-def coerce(key, value, source, defaults=None):
+def coerce(key, value, source, defaults):
     """Check value against the type of the default for key."""
-    defaults = DEFAULTS if defaults is None else defaults
     if key not in defaults:
-        fail(f"config error: unknown key '{key}' ({source})")
+        raise ConfigError(f"unknown key '{key}' ({source})")
     default = defaults[key]
-    bad = f"config error: {key} must be {type(default).__name__}, got {value!r} ({source})"
+    bad = f"{key} must be {type(default).__name__}, got {value!r} ({source})"
     if key == 'meta_weight' and isinstance(value, (list, tuple)):
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value):
-            fail(bad)
+            raise ConfigError(bad)
         return [float(w) for w in value]
     if key == 'metadata' and isinstance(value, (list, tuple)):
         value = ','.join(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            fail(bad)
+            raise ConfigError(bad)
     elif isinstance(default, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # --max_iters=2e4
         if isinstance(value, bool) or not isinstance(value, int):
-            fail(bad)
+            raise ConfigError(bad)
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(bad)
+            raise ConfigError(bad)
         value = float(value)
     elif not isinstance(value, str):
-        fail(bad)
+        raise ConfigError(bad)
     return value
 
 
 def configure(argv, defaults=None):
-    """argv: config files and --key=value flags over defaults (this file's, or another script's,
-    e.g. bench.py's). Returns (config dict, set of keys set explicitly)."""
+    """The configurator of train.py, sample.py and bench.py: config files (python, run with exec)
+    and --key=value flags over defaults (this file's, or the calling script's), in command-line
+    order. A flag's value is a python literal (--max_iters=2e4, --compile=True) unless the key's
+    default is a string: then it is the raw text (--out_dir=2024 is the directory "2024").
+    Returns (config dict, set of keys set explicitly); raises ConfigError on a bad key or value."""
     defaults = DEFAULTS if defaults is None else defaults
     cfg, explicit = dict(defaults), set()
     for arg in argv:
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
-                fail(f"config error: no such config file {arg}")
+                raise ConfigError(f"no such config file {arg}")
             ns = {'__file__': os.path.abspath(arg)}  # a config can exec a base config beside it
             with open(arg) as f:
                 exec(f.read(), ns)
@@ -130,12 +141,13 @@ def configure(argv, defaults=None):
             source = arg
         else:
             if '=' not in arg:
-                fail(f"config error: expected --key=value, got {arg}")
+                raise ConfigError(f"expected --key=value, got {arg}")
             key, val = arg[2:].split('=', 1)
-            try:
-                val = ast.literal_eval(val)
-            except (SyntaxError, ValueError):
-                pass  # a bare string, e.g. --device=cpu
+            if not isinstance(defaults.get(key), str):
+                try:
+                    val = ast.literal_eval(val)
+                except (SyntaxError, ValueError):
+                    pass  # not a literal: coerce() names the expected type
             items, source = [(key, val)], arg
         for k, v in items:
             cfg[k] = coerce(k, v, source, defaults)

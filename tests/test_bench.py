@@ -173,10 +173,9 @@ def test_gpu_check_plumbing_on_cpu(tiny_data):
               f'--out_json={out}', '--tp_rounds=1', '--tp_steps=1', '--tp_warmup=1', '--vocab_size=64',
               '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--eff_runs=baseline,lime1', '--plot=False',
               '--steer_windows=2', '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL,
-              '--steer_generator=bench',  # bench's own batched loop (test_steering covers sample.py's)
               '--eff_n_layer=0', '--eff_n_head=0', '--eff_n_embd=0', '--eff_block_size=0', '--eff_batch_size=0',
               '--compile=False')  # inductor on CPU needs a C++ toolchain and minutes; CUDA compiles in the real check
     res = load(out)
     assert res['mode'] == 'gpu_check' and all_finite(res)
     assert {'throughput', 'efficiency', 'steering'} <= set(res['result'])
-    assert res['result']['steering']['generator'].startswith('bench.generate')
+    assert res['result']['steering']['generator'].startswith('sample.generate')

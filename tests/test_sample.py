@@ -226,6 +226,17 @@ def test_parse_hints():
         sample.parse_hints('<unk>', vocabs)
 
 
+def test_configure_is_trains_with_config_files(tmp_path):
+    f = tmp_path / 'gen.py'
+    f.write_text("num_samples = 2\nmax_new_tokens = 1e2\nstart = 'Hello'\n")
+    cfg = sample.configure([str(f), '--start=42', '--out_dir=2024'])
+    # string options keep their raw text; the file's values are checked as train.py checks them
+    assert cfg['start'] == '42' and cfg['out_dir'] == '2024' and cfg['num_samples'] == 2
+    assert cfg['max_new_tokens'] == 100 and type(cfg['max_new_tokens']) is int
+    with pytest.raises(train.ConfigError, match="unknown key 'n_layer'"):
+        sample.configure(['--n_layer=2'])
+
+
 @needs_nltk
 def test_cli_errors(tmp_path, capsys):
     base = make_ckpt(tmp_path / 'base')
@@ -238,8 +249,8 @@ def test_cli_errors(tmp_path, capsys):
         ([f'--out_dir={lime1}', '--hints=CD ZZ'], "hint 2: unknown tag 'ZZ' (valid: #"),
         ([f'--out_dir={lime1}', '--hints=CD CD', '--max_new_tokens=1'], '2 hints for max_new_tokens=1'),
         ([f'--out_dir={lime1}', f'--hints_file={tmp_path}/none.txt'], '--hints_file: No such file'),
-        ([f'--out_dir={lime1}', '--top_k=many'], '--top_k must be int'),
-        (['--no_such=1'], 'unknown option --no_such'),
+        ([f'--out_dir={lime1}', '--top_k=many'], 'top_k must be int'),
+        (['--no_such=1'], "unknown key 'no_such'"),
     ]
     for argv, msg in cases:  # in process (fast), then one through the script: exit status, no traceback
         assert sample.main(argv) == 1, argv

@@ -39,9 +39,16 @@ def test_config_types_and_unknown_keys(tmp_path):
     assert train.configure(['--meta_weight=[1.0, 0.5]'])[0]['meta_weight'] == [1.0, 0.5]
     for bad, msg in [('--max_iters=2.5', 'max_iters must be int'), ('--max_iters=abc', 'max_iters must be int'),
                      ('--compile=1', 'compile must be bool'), ('--learning_rate=fast', 'learning_rate must be float'),
-                     ('--batch_sise=4', "unknown key 'batch_sise'"), ('--device=3', 'device must be str')]:
+                     ('--batch_sise=4', "unknown key 'batch_sise'"), ('--max_iters', 'expected --key=value')]:
         with pytest.raises(SystemExit, match=msg):
             train.configure([bad])
+    # a string option keeps its raw text, whatever it looks like
+    cfg, _ = train.configure(['--out_dir=2024', '--device=3', "--data_dir=['a']"])
+    assert (cfg['out_dir'], cfg['device'], cfg['data_dir']) == ('2024', '3', "['a']")
+    f = tmp_path / 'str.py'
+    f.write_text("out_dir = 2024\n")  # in a config file the value is python: an int is refused
+    with pytest.raises(SystemExit, match='out_dir must be str'):
+        train.configure([str(f)])
     f = tmp_path / 'c.py'
     f.write_text("import math\nn_layer = 2\nlerning_rate = 1e-3\n")
     with pytest.raises(SystemExit, match=f"unknown key 'lerning_rate' .*{f.name}"):
