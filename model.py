@@ -35,6 +35,13 @@ class GPTConfig:
     # not used by the model itself: records whether position t was trained on the metadata
     # of token t (0, LIME) or of token t+1 (1, LIME+1), so a sampler knows what to feed
     meta_shift: int = 0
+    # self-predicted next-token metadata (LIME+1 without an oracle): after block meta_inject_layer
+    # (k, 1 <= k < n_layer) one tag head per stream predicts the next token's tags; the next
+    # token's tags (the data's in training, the head's choice or a hint at generation) are then
+    # embedded with their own tables and added to the residual stream before block k+1
+    meta_predict: bool = False
+    meta_inject_layer: int = 0
+    meta_loss_weight: float = 1.0  # loss = token CE + meta_loss_weight * sum over streams of tag CE
 
     def __post_init__(self):
         self.meta_streams = tuple(self.meta_streams)
@@ -45,6 +52,9 @@ class GPTConfig:
         self.meta_weight = tuple(float(x) for x in w)
         assert len(self.meta_n_tags) == len(self.meta_streams), "meta_n_tags must match meta_streams"
         assert len(self.meta_weight) == len(self.meta_streams), "meta_weight must be a float or one per stream"
+        if self.meta_predict:
+            assert self.meta_streams, "meta_predict needs metadata streams"
+            assert 1 <= self.meta_inject_layer < self.n_layer, "meta_inject_layer must be in [1, n_layer)"
 
 
 class KVCache:
@@ -151,9 +161,19 @@ class GPT(nn.Module):
             self.meta_emb = nn.ModuleList([nn.Embedding(n, config.n_embd) for n in config.meta_n_tags])
             for e in self.meta_emb:
                 torch.nn.init.normal_(e.weight, mean=0.0, std=0.02)  # same scale as wte
+        # self-predicted metadata: created after everything else, so a meta_predict model starts
+        # from the LIME model's weights of the same seed
+        if config.meta_predict:
+            self.tag_head = nn.ModuleList([nn.Sequential(nn.LayerNorm(config.n_embd, bias=config.bias),
+                                                         nn.Linear(config.n_embd, n, bias=False))
+                                           for n in config.meta_n_tags])
+            self.meta_next_emb = nn.ModuleList([nn.Embedding(n, config.n_embd) for n in config.meta_n_tags])
+            for m in list(self.tag_head) + list(self.meta_next_emb):
+                m.apply(self._init_weights)
 
         n, n_meta = self.get_num_params(), self.get_num_meta_params()
-        print(f"number of parameters: {n/1e6:.2f}M (metadata tables: {n_meta:,} = {100*n_meta/n:.3f}%)")
+        print(f"number of parameters: {n/1e6:.2f}M (metadata tables{' and tag heads' if config.meta_predict else ''}: "
+              f"{n_meta:,} = {100*n_meta/n:.3f}%)")
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -168,16 +188,47 @@ class GPT(nn.Module):
         tables (wpe and metadata); wte stays because it is also the output projection."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel() + self.get_num_meta_params()
+            n -= self.transformer.wpe.weight.numel() + self.get_num_meta_params(lookup_only=True)
         return n
 
-    def get_num_meta_params(self):
-        return sum(p.numel() for p in self.meta_emb.parameters()) if self.config.meta_streams else 0
+    def get_num_meta_params(self, lookup_only=False):
+        """Parameters LIME adds: the metadata tables (and, for meta_predict, the next-tag tables
+        and the tag heads; lookup_only leaves the heads out, they are matmuls)."""
+        mods = []
+        if self.config.meta_streams:
+            mods.append(self.meta_emb)
+        if self.config.meta_predict:
+            mods += [self.meta_next_emb] + ([] if lookup_only else [self.tag_head])
+        return sum(p.numel() for m in mods for p in m.parameters())
 
-    def forward(self, idx, meta=None, targets=None, kv_cache=None, start_pos=0):
+    def forward(self, idx, meta=None, targets=None, kv_cache=None, start_pos=0, next_meta=None):
         """idx: (B, T) token ids. meta: dict {stream name: (B, T) tag ids} with every configured stream
         (ignored when the model has none). targets: (B, T) or None. With kv_cache (see new_kv_cache),
-        idx holds the tokens at positions start_pos..start_pos+T-1 and earlier keys come from the cache."""
+        idx holds the tokens at positions start_pos..start_pos+T-1 and earlier keys come from the cache.
+        next_meta (meta_predict models only): {stream: (B, T)}, position t holds the tags of token t+1
+        (the data's in training; the head's choice or a hint at generation, see sample.py); with
+        targets, the loss adds meta_loss_weight * sum over streams of the tag heads' cross-entropy
+        against next_meta. Returns (logits, loss): logits of every position with targets, else of
+        the last one only."""
+        x = self.lower(idx, meta, kv_cache, start_pos)
+        tag_logits = None
+        if self.config.meta_predict:
+            if next_meta is None:
+                raise ValueError("a meta_predict model needs next_meta: the next token's tags")
+            tag_logits = self.tag_logits(x)
+            x = self.inject(x, next_meta)
+        logits, loss = self.upper(x, targets, kv_cache, start_pos)
+        if loss is not None and tag_logits is not None:
+            tag_loss = sum(F.cross_entropy(tl.view(-1, tl.size(-1)), next_meta[s].reshape(-1))
+                           for s, tl in zip(self.config.meta_streams, tag_logits))
+            loss = loss + self.config.meta_loss_weight * tag_loss
+        return logits, loss
+
+    # forward in pieces: generation (sample.py) and evaluation (train.py) of meta_predict models
+    # choose or read the next tags between lower() and upper()
+
+    def lower(self, idx, meta=None, kv_cache=None, start_pos=0):
+        """Embeddings and the blocks before the next-tag injection (all blocks unless meta_predict)."""
         B, T = idx.size()
         assert start_pos + T <= self.config.block_size, \
             f"cannot forward position {start_pos + T - 1}, block size is only {self.config.block_size}"
@@ -191,7 +242,29 @@ class GPT(nn.Module):
                     raise ValueError(f"missing metadata stream '{name}'")
                 x = x + w * emb(meta[name])
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
+        for block in self.transformer.h[:self.n_lower]:
+            x = block(x, kv_cache, start_pos)
+        return x
+
+    @property
+    def n_lower(self):
+        return self.config.meta_inject_layer if self.config.meta_predict else self.config.n_layer
+
+    def tag_logits(self, x):
+        """Next-token tag logits of every position of lower()'s output: one (B, T, n_tags) per stream."""
+        return [head(x) for head in self.tag_head]
+
+    def inject(self, x, next_meta):
+        """Add the next token's tags, {stream: (B, T)}, to the residual stream."""
+        for name, w, emb in zip(self.config.meta_streams, self.config.meta_weight, self.meta_next_emb):
+            if name not in next_meta:
+                raise ValueError(f"missing next-token metadata stream '{name}'")
+            x = x + w * emb(next_meta[name])
+        return x
+
+    def upper(self, x, targets=None, kv_cache=None, start_pos=0):
+        """The remaining blocks, the final norm and the LM head; the token loss when targets are given."""
+        for block in self.transformer.h[self.n_lower:]:
             x = block(x, kv_cache, start_pos)
         x = self.transformer.ln_f(x)
         if targets is not None:

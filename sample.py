@@ -33,7 +33,8 @@ device = 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 compile = False
 kv_cache = True  # False: recompute the whole context for every new token
-hints = ''  # LIME+1 only: one element per generated token: CD, B-NE, CD/O, or _ for none
+hints = ''  # LIME+1 / meta_predict: one element per generated token: CD, B-NE, CD/O, or _ for none
+meta_temperature = -1.0  # meta_predict: temperature of the tag heads' draws; -1 = temperature; 0 = argmax
 hints_file = ''  # read hints from this file instead
 show_tags = False  # print each generated token with the metadata it was given
 # -----------------------------------------------------------------------------
@@ -157,21 +158,41 @@ def pick(logits, temperature, top_k, generator=None):
     return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
 
 
+def pick_tag(probs, temperature, generator=None):
+    """A tag from a tag head's distribution: the argmax at temperature 0 (no random numbers drawn),
+    else a draw from probs ** (1 / temperature), renormalised."""
+    if temperature == 0:
+        return int(torch.argmax(probs))
+    logp = torch.log(probs.double().clamp_min(1e-300)) / temperature
+    return int(torch.multinomial(F.softmax(logp - logp.max(), dim=-1).float(), 1, generator=generator))
+
+
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, tagger=None,
-             hints=None, ctx=nullcontext(), generator=None, cache_dtype=None, tag_generated=True):
+             hints=None, ctx=nullcontext(), generator=None, cache_dtype=None, tag_generated=True,
+             meta_temperature=None):
     """Generate max_new_tokens after the token ids prompt (batch of one).
     tagger: an object with extend(ids) -> {base stream: tag ids of those tokens} (metadata.CausalStream,
-    or a fake in tests); needed for LIME/LIME+1 models. hints: LIME+1 only, one dict {stream: tag id}
-    per generated token. Returns a dict: tokens (prompt + new), meta {stream: tag id per position, as fed},
-    given {stream: tag ids of each new token, as fed} and source (per new token: 'online', 'hinted', 'unk'),
-    causal {base stream: causal tags of every token} (when a tagger is given; for LIME+1 the generated
-    tokens are tagged only if tag_generated, since generation itself never needs their tags)."""
+    or a fake in tests); needed for models with metadata. hints: LIME+1 and meta_predict models, one
+    dict {stream: tag id} per generated token (a stream left out: <unk> for LIME+1, the head's own
+    choice for meta_predict). meta_predict models pick each next token's tags before the token:
+    the hint where there is one, else a draw from the tag head at meta_temperature (None: the
+    token temperature; 0: argmax); the tags picked for a token are also its own tags at the next
+    position (the model samples (tags, text) jointly, as it was trained to predict them).
+    Returns a dict: tokens (prompt + new), meta {stream: tag id per position, as fed}, given {stream:
+    tag ids of each new token, as fed} and source (per new token: 'online', 'hinted', 'unk',
+    'predicted', or 'hinted+predicted' when only some streams were hinted), head (meta_predict: per
+    new token {stream: (top tag id, its probability)} of the head's distribution), causal {base
+    stream: causal tags of every token} (when a tagger is given; for LIME+1 and meta_predict the
+    generated tokens are tagged only if tag_generated, since generation itself never needs them)."""
     cfg = model.config
     dev = model.lm_head.weight.device
-    streams, shift = list(cfg.meta_streams), cfg.meta_shift
+    streams, shift, predict = list(cfg.meta_streams), cfg.meta_shift, cfg.meta_predict
     bs = cfg.block_size
     hints = hints or []
+    tag_temp = temperature if meta_temperature is None else meta_temperature
+    if temperature == 0 or top_k == 1:
+        tag_temp = 0 if meta_temperature is None else tag_temp  # greedy tokens, greedy tags
     tokens = list(prompt)
     assert tokens, "the prompt must hold at least one token"
     causal = {}
@@ -183,31 +204,52 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cac
             causal.setdefault(k, []).extend(int(x) for x in v)
 
     annotate(tokens)
-    meta = {s: [] for s in streams}
-    source = []
+    meta = {s: [] for s in streams}   # tags fed at each position (the model's input)
+    nxt = {s: [] for s in streams}    # meta_predict: next-token tags injected at each position
+    source, head = [], []
+
+    def hint(i):
+        return hints[i - 1] if i <= len(hints) else {}
 
     def hinted(i):
         """Metadata fed for generated token i (1-based) under LIME+1: the hint, else <unk>."""
-        h = hints[i - 1] if i <= len(hints) else {}
-        src = 'hinted' if h else 'unk'
-        return {s: h.get(s, UNK) for s in streams}, src
+        h = hint(i)
+        return {s: h.get(s, UNK) for s in streams}, 'hinted' if h else 'unk'
 
     if streams:
         if tagger is None:
             raise ValueError("a model with metadata streams needs a tagger")
-        if shift == 0:   # position t: causal tags of token t
-            for s in streams:
-                meta[s] = list(causal[base_stream(s)])
-        else:            # position t: causal tags of prompt token t+1; the last one: hint 1
-            h, _ = hinted(1)
-            for s in streams:
-                meta[s] = list(causal[base_stream(s)][1:]) + [h[s]]
+        for s in streams:
+            c = causal[base_stream(s)]
+            if shift == 0:   # position t: causal tags of token t (meta_predict: also the next tags of the prompt)
+                meta[s] = list(c)
+                nxt[s] = list(c[1:])
+            else:            # position t: causal tags of prompt token t+1; the last one: hint 1
+                meta[s] = list(c[1:]) + [hinted(1)[0][s]]
+
+    def choose_next(tag_logits, i):
+        """meta_predict: the tags of generated token i, from hint i and the heads' last position."""
+        h, top, used = hint(i), {}, {}
+        for s, tl in zip(streams, tag_logits):
+            probs = F.softmax(tl[0, -1].float(), dim=-1)
+            p, t = torch.max(probs, dim=-1)
+            top[s] = (int(t), float(p))
+            used[s] = h[s] if s in h else pick_tag(probs, tag_temp, generator)
+            nxt[s].append(used[s])
+        head.append(top)
+        source.append('hinted' if len(h) == len(streams) else 'hinted+predicted' if h else 'predicted')
 
     def forward(lo, hi, start_pos, cache):
         idx = torch.tensor([tokens[lo:hi]], dtype=torch.long, device=dev)
         m = {s: torch.tensor([meta[s][lo:hi]], dtype=torch.long, device=dev) for s in streams}
         with ctx:
-            logits, _ = model(idx, m, kv_cache=cache, start_pos=start_pos)
+            if not predict:
+                logits, _ = model(idx, m, kv_cache=cache, start_pos=start_pos)
+                return logits[0, -1]
+            x = model.lower(idx, m, kv_cache=cache, start_pos=start_pos)
+            choose_next(model.tag_logits(x[:, -1:]), len(tokens) - len(prompt) + 1)
+            nm = {s: torch.tensor([nxt[s][lo:hi]], dtype=torch.long, device=dev) for s in streams}
+            logits, _ = model.upper(model.inject(x, nm), kv_cache=cache, start_pos=start_pos)
         return logits[0, -1]
 
     # With the cache, each new token costs one position. The position embeddings are absolute, so
@@ -230,22 +272,26 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cac
             cache_lo, cached = lo, n - lo
         tok = pick(logits, temperature, top_k, generator)
         tokens.append(tok)
-        if shift == 0 or tag_generated:
+        if (shift == 0 and not predict) or tag_generated:
             annotate([tok])
         if streams:
-            if shift == 0:
+            if predict:    # the tags picked for the new token are its own tags from now on
+                m = {s: nxt[s][-1] for s in streams}
+                for s in streams:
+                    given[s].append(m[s])
+            elif shift == 0:
                 m, src = {s: causal[base_stream(s)][-1] for s in streams}, 'online'
                 for s in streams:
                     given[s].append(m[s])
+                source.append(src)
             else:  # the new token's own tags were fed one position earlier; feed the next hint now
                 for s in streams:
                     given[s].append(meta[s][-1])
-                src = hinted(i)[1]
+                source.append(hinted(i)[1])
                 m, _ = hinted(i + 1)
             for s in streams:
                 meta[s].append(m[s])
-            source.append(src)
-    return dict(tokens=tokens, meta=meta, given=given, source=source, causal=causal)
+    return dict(tokens=tokens, meta=meta, given=given, source=source, head=head, causal=causal)
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +314,7 @@ def run(cfg, out=None, err=None):
 
     model, ckpt = load_checkpoint(cfg['out_dir'], dev)
     mcfg = model.config
-    streams, shift = list(mcfg.meta_streams), mcfg.meta_shift
+    streams, shift, predict = list(mcfg.meta_streams), mcfg.meta_shift, mcfg.meta_predict
     dataset = ckpt.get('dataset') or {}
     vocabs = {s: dataset.get('streams', {}).get(s, {}).get('tags') for s in streams}
     for s, v in vocabs.items():
@@ -277,7 +323,7 @@ def run(cfg, out=None, err=None):
         if base_stream(s) not in ('pos', 'ner'):
             raise SampleError(f"stream '{s}' cannot be computed at generation (only pos/ner, full or causal)")
 
-    # hints: LIME+1 only
+    # hints: LIME+1 and meta_predict models (whose heads fill in what is not hinted)
     hint_text = cfg['hints']
     if cfg['hints_file']:
         try:
@@ -289,9 +335,9 @@ def run(cfg, out=None, err=None):
     if hint_text.strip():
         if not streams:
             raise SampleError("--hints needs a LIME+1 checkpoint; this one is a baseline (no metadata streams)")
-        if shift != 1:
-            raise SampleError("--hints needs a LIME+1 checkpoint (meta_shift=1); this LIME model computes "
-                              "the metadata of each token itself, after generating it")
+        if shift != 1 and not predict:
+            raise SampleError("--hints needs a LIME+1 checkpoint (meta_shift=1 or meta_predict); this LIME model "
+                              "computes the metadata of each token itself, after generating it")
         hints = parse_hints(hint_text, {s: vocabs[s] for s in streams})
         if len(hints) > cfg['max_new_tokens']:
             raise SampleError(f"{len(hints)} hints for max_new_tokens={cfg['max_new_tokens']}")
@@ -322,12 +368,13 @@ def run(cfg, out=None, err=None):
 
     if cfg['compile']:
         model = torch.compile(model)  # attribute access (config, new_kv_cache) falls through to the model
-    followed = total = 0
+    followed = total = matched = predicted = 0
     for k in range(cfg['num_samples']):
         t0 = time.perf_counter()
         r = generate(model, prompt, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'], cfg['kv_cache'],
                      tagger=text.tagger() if streams else None, hints=hints, ctx=ctx,
-                     cache_dtype=ptdtype if device_type == 'cuda' else None, tag_generated=cfg['show_tags'])
+                     cache_dtype=ptdtype if device_type == 'cuda' else None, tag_generated=cfg['show_tags'],
+                     meta_temperature=None if cfg['meta_temperature'] < 0 else cfg['meta_temperature'])
         dt = time.perf_counter() - t0
         new = r['tokens'][len(prompt):]
         # speed on stderr, so stdout stays the text (online tagging of the prompt included)
@@ -335,25 +382,48 @@ def run(cfg, out=None, err=None):
               f"kv_cache={cfg['kv_cache']}]", file=err)
         print(text.decode(r['tokens'] if start else new), file=out)
         if cfg['show_tags'] and streams:
-            names = {s: vocabs[s] for s in streams}
-            print('  #  token                given (source)        ' + ('generated (causal)' if shift else ''), file=out)
-            for i, tok in enumerate(new):
-                g = fmt_tags(names, {s: r['given'][s][i] for s in streams})
-                line = f"{i + 1:3d}  {text.token_str(tok)!r:20} {g + ' (' + r['source'][i] + ')':22}"
-                if shift == 1:
-                    c = {s: r['causal'][base_stream(s)][len(prompt) + i] for s in streams}
-                    line += f" {fmt_tags(names, c)}"
-                    if r['source'][i] == 'hinted':
-                        h = hints[i]
-                        ok = all(c[s] == t for s, t in h.items())
-                        followed += ok
-                        total += 1
-                        line += '  ok' if ok else '  MISS'
-                print(line, file=out)
+            counts = show_tags(r, new, len(prompt), hints, {s: vocabs[s] for s in streams}, shift, predict, text, out)
+            followed, total = followed + counts[0], total + counts[1]
+            matched, predicted = matched + counts[2], predicted + counts[3]
         print('---------------', file=out)
-    if cfg['show_tags'] and shift == 1 and hints:
+    if cfg['show_tags'] and (shift == 1 or predict) and hints:
         print(f"hints followed: {followed}/{total}", file=out)
+    if cfg['show_tags'] and predict and predicted:
+        print(f"predicted tags matched by what was generated: {matched}/{predicted}", file=out)
     return followed, total
+
+
+def show_tags(r, new, n_prompt, hints, names, shift, predict, text, out):
+    """One line per generated token: the tags it was given and their source; for LIME+1 and
+    meta_predict the causal tags of what was generated, with ok/MISS for hinted tokens; for
+    meta_predict also the head's top tag and its probability. Returns (hints followed, hinted
+    tokens, predicted tags matched, predicted tags)."""
+    streams = list(names)
+    followed = total = matched = predicted = 0
+    print('  #  token                ' + ('head top (p)           ' if predict else '') + 'given (source)        '
+          + ('generated (causal)' if shift or predict else ''), file=out)
+    for i, tok in enumerate(new):
+        line = f"{i + 1:3d}  {text.token_str(tok)!r:20} "
+        if predict:
+            top = ' '.join(f"{names[s][t]}:{p:.2f}" for s, (t, p) in r['head'][i].items())
+            line += f"{top:22} "
+        g = fmt_tags(names, {s: r['given'][s][i] for s in streams})
+        line += f"{g + ' (' + r['source'][i] + ')':22}"
+        if shift == 1 or predict:
+            c = {s: r['causal'][base_stream(s)][n_prompt + i] for s in streams}
+            line += f" {fmt_tags(names, c)}"
+            h = hints[i] if i < len(hints) else {}
+            if h:
+                ok = all(c[s] == t for s, t in h.items())
+                followed += ok
+                total += 1
+                line += '  ok' if ok else '  MISS'
+            if predict:
+                own = [s for s in streams if s not in h]
+                matched += sum(c[s] == r['given'][s][i] for s in own)
+                predicted += len(own)
+        print(line, file=out)
+    return followed, total, matched, predicted
 
 
 def main(argv):

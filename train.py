@@ -48,6 +48,9 @@ meta_shift = 0  # 0 = LIME (position t sees token t's tags), 1 = LIME+1 (positio
 meta_weight = 1.0  # scale of each metadata embedding: one float, or a list with one per stream
 meta_dropout = 0.0  # training only: replace a token's tag by <unk> (id 2) with this probability
 meta_shuffle = False  # leakage control: read each stream through a fixed permutation of positions
+meta_predict = False  # LIME+1 without an oracle: the model predicts the next token's tags itself (meta_shift 0)
+meta_inject_layer = 0  # meta_predict: tag heads read block k's output, the next tags are added after it; 0 = n_layer // 2
+meta_loss_weight = 1.0  # meta_predict: loss = token CE + meta_loss_weight * sum over streams of tag CE
 # model
 n_layer = 6
 n_head = 6
@@ -228,6 +231,10 @@ class Split:
                 for s in self.streams}
         return x, y, meta
 
+    def next_tags(self, starts, T):
+        """The targets' tags, stream_s[i+1:i+T+1]: what a meta_predict model's heads predict at position t."""
+        return {s: self._read(self.paths[s], [i + 1 for i in starts], T, self.perm.get(s)) for s in self.streams}
+
     def word(self, starts, T):
         """word-position tags of the targets (never shuffled: it is ground truth for evaluation)."""
         return self._read(self.word_path, [i + 1 for i in starts], T)
@@ -262,18 +269,32 @@ def eval_starts(n, T, count):
 
 
 @torch.no_grad()
-def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False):
+def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False, first_tag_nll=None):
     """Summed over the windows: loss, next-token accuracy, and accuracy on targets that start a word
-    (word tag B) vs continue one (I); <pad>/<space>/<unk> targets are left out of that split."""
+    (word tag B) vs continue one (I); <pad>/<space>/<unk> targets are left out of that split.
+    meta_predict models also get each stream's next-tag loss and accuracy (fed the data's next tags,
+    as in training), val_tag_loss (their sum) and val_loss_bound = val_loss + val_tag_loss: the loss of
+    the model as a generative model of (tags, text), an upper bound on its NLL of the text alone.
+    first_tag_nll: {stream: -log p(tag)} per tag id (see first_tag_costs), the price of the tags of
+    each window's first position, which no head predicts: added to the bound when given."""
+    cfg = model.config
+    heads = list(cfg.meta_streams) if cfg.meta_predict else []
     model.eval()
-    s = torch.zeros(7, dtype=torch.float64, device=device)  # loss, n, correct, start_ok, start_n, cont_ok, cont_n
+    # loss, n, correct, start_ok, start_n, cont_ok, cont_n, first-tag cost, then (tag CE, tag ok) per stream
+    s = torch.zeros(8 + 2 * len(heads), dtype=torch.float64, device=device)
     for j in range(0, len(starts), bs):
         chunk = starts[j:j + bs]
         x, y, meta = split.windows(chunk, T)
         x, y = x.to(device), y.to(device)
         meta = {k: v.to(device) for k, v in meta.items()}
         with ctx:
-            logits, _ = model(x, meta, targets=y)
+            if heads:
+                nxt = {k: v.to(device) for k, v in split.next_tags(chunk, T).items()}
+                h = model.lower(x, meta)
+                tag_logits = model.tag_logits(h)
+                logits, _ = model.upper(model.inject(h, nxt), targets=y)
+            else:
+                logits, _ = model(x, meta, targets=y)
         logits = logits.float()
         s[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction='sum').double()
         s[1] += y.numel()
@@ -284,16 +305,59 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False)
             start, cont = w == word_ids[0], w == word_ids[1]
             s[3] += (ok & start).sum(); s[4] += start.sum()
             s[5] += (ok & cont).sum(); s[6] += cont.sum()
+        for d, (name, tl) in enumerate(zip(heads, tag_logits if heads else [])):
+            tl = tl.float()
+            s[8 + 2 * d] += F.cross_entropy(tl.view(-1, tl.size(-1)), nxt[name].view(-1), reduction='sum').double()
+            s[9 + 2 * d] += (tl.argmax(-1) == nxt[name]).sum()
+        if first_tag_nll:
+            s[7] += sum(first_tag_nll[k][meta[k][:, 0].cpu()].sum() for k in first_tag_nll)
     if ddp:
         torch.distributed.all_reduce(s)
     model.train()
     s = s.tolist()
     loss = s[0] / s[1]
     out = dict(val_loss=loss, val_ppl=math.exp(min(loss, 700)), val_acc=s[2] / s[1],
-               val_acc_word_start=None, val_acc_word_cont=None)
+               val_acc_word_start=None, val_acc_word_cont=None, val_tag_loss=None, val_loss_bound=None)
     if word_ids is not None:
         out['val_acc_word_start'] = s[3] / s[4] if s[4] else None
         out['val_acc_word_cont'] = s[5] / s[6] if s[6] else None
+    if heads:
+        out['val_tag_loss'] = sum(s[8 + 2 * d] for d in range(len(heads))) / s[1]
+        out['val_loss_bound'] = loss + out['val_tag_loss'] + s[7] / s[1]
+        for d, name in enumerate(heads):
+            out[f'val_tag_acc_{name}'] = s[9 + 2 * d] / s[1]
+    return out
+
+
+def is_causal(stream):
+    return stream.endswith('_causal')
+
+
+def nll_rule(streams, shift, predict, shuffle):
+    """How val_nll (the NLL per token of the val text under the model as a generative model of
+    text alone, or an upper bound of it) is read off an evaluation row, or None where the model
+    reads tags that depend on tokens it has not seen: 'val_loss' (baseline; LIME on causal streams
+    only), 'val_loss_bound' (meta_predict: it pays for every next tag it reads), None (full
+    streams, LIME+1 fed the data's next tags, shuffled tags)."""
+    if shuffle:
+        return None
+    if not streams or predict:
+        return 'val_loss' if not streams else 'val_loss_bound'
+    return 'val_loss' if shift == 0 and all(is_causal(s) for s in streams) else None
+
+
+def first_tag_costs(split, streams, n_tags, sample=1 << 20):
+    """-log p(tag) per tag id of each full (non-causal) stream, p = the train split's tag frequencies
+    (add-one, from about `sample` evenly spaced positions). A meta_predict model reads each window's
+    first tags without predicting them; full tags there depend on the next tokens, so the bound pays
+    for them at this rate (causal tags depend on the past only and cost nothing)."""
+    out = {}
+    for s, n in zip(streams, n_tags):
+        if is_causal(s):
+            continue
+        arr = np.memmap(split.paths[s], dtype=np.uint16, mode='r')
+        counts = np.bincount(arr[::max(1, len(arr) // sample)], minlength=n)[:n] + 1.0
+        out[s] = torch.from_numpy(-np.log(counts / counts.sum()))
     return out
 
 
@@ -340,13 +404,23 @@ def main(argv):
         for k in MODEL_KEYS:  # the architecture is the checkpoint's
             cfg[k] = ckpt['model_args'][k]
         cfg['metadata'] = ','.join(ckpt['model_args']['meta_streams'])
-        cfg['meta_shift'] = ckpt['model_args']['meta_shift']
+        for k in ('meta_shift', 'meta_predict', 'meta_inject_layer', 'meta_loss_weight'):
+            cfg[k] = ckpt['model_args'].get(k, DEFAULTS[k])
         C = SimpleNamespace(**cfg)
     elif C.init_from != 'scratch':
         fail(f"config error: init_from must be 'scratch' or 'resume', got {C.init_from!r}")
     if C.meta_shift not in (0, 1):
         fail(f"config error: meta_shift must be 0 or 1, got {C.meta_shift}")
     streams = [s.strip() for s in C.metadata.split(',') if s.strip()]
+    if C.meta_predict:
+        if not streams:
+            fail("config error: meta_predict needs metadata streams (e.g. --metadata=pos_causal,ner_causal)")
+        if C.meta_shift != 0:
+            fail("config error: meta_predict reads each token's own tags (meta_shift=0) and predicts the next "
+                 "token's; it cannot be combined with meta_shift=1")
+        C.meta_inject_layer = cfg['meta_inject_layer'] = C.meta_inject_layer or C.n_layer // 2
+        if not 1 <= C.meta_inject_layer < C.n_layer:
+            fail(f"config error: meta_inject_layer must be in [1, n_layer={C.n_layer}), got {C.meta_inject_layer}")
     meta_weight = C.meta_weight
     if isinstance(meta_weight, list) and len(meta_weight) != len(streams):
         fail(f"config error: meta_weight has {len(meta_weight)} values for {len(streams)} streams")
@@ -397,13 +471,18 @@ def main(argv):
         if sp.n < C.block_size + 2:
             fail(f"{sp.tok_path}: {sp.n} tokens, too few for block_size {C.block_size}")
     val_windows = eval_starts(val_split.n, C.block_size, C.eval_iters * C.batch_size)[rank::world]
+    nll_key = nll_rule(streams, C.meta_shift, C.meta_predict, C.meta_shuffle)
+    first_tags = (first_tag_costs(train_split, streams, [len(info['streams'][s]['tags']) for s in streams])
+                  if C.meta_predict else None)
 
     # model
     model_args = dict(n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=C.block_size,
                       bias=C.bias, dropout=C.dropout, vocab_size=info['vocab_size'],
                       meta_streams=tuple(streams),
                       meta_n_tags=tuple(len(info['streams'][s]['tags']) for s in streams),
-                      meta_weight=meta_weight, meta_shift=C.meta_shift)
+                      meta_weight=meta_weight, meta_shift=C.meta_shift, meta_predict=C.meta_predict,
+                      meta_inject_layer=C.meta_inject_layer if C.meta_predict else 0,
+                      meta_loss_weight=C.meta_loss_weight)
     model = GPT(GPTConfig(**model_args))
     model_args = dict(vars(model.config))  # normalised (meta_weight as one float per stream)
     iter_num, best_val_loss = 0, 1e9
@@ -461,12 +540,15 @@ def main(argv):
             mfu = raw_model.estimate_mfu(C.batch_size * accum, dt / n_it, C.peak_flops) if n_it else None
             # ranks may hold different numbers of windows, so evaluate outside DDP's forward and all-reduce sums
             res = evaluate(model.module if ddp else model, val_split, val_windows, C.block_size, C.batch_size,
-                           ctx, C.device, word_ids, ddp)
+                           ctx, C.device, word_ids, ddp, first_tags)
+            res['val_nll'] = res[nll_key] if nll_key else None
             row = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, lr=lr, train_loss=train_loss, **res,
                        tokens_per_sec=tps, mfu=mfu, elapsed_s=time.time() - t_start)
             fmt = lambda v: 'n/a' if v is None else f"{v:.4f}"
             log(f"step {iter_num}: train loss {fmt(train_loss)}, val loss {res['val_loss']:.4f}, "
-                f"ppl {res['val_ppl']:.2f}, acc {res['val_acc']:.4f} (word start {fmt(res['val_acc_word_start'])}, "
+                f"val_nll {fmt(res['val_nll'])}"
+                + (f" (bound: tag loss {res['val_tag_loss']:.4f})" if C.meta_predict else "")
+                + f", ppl {res['val_ppl']:.2f}, acc {res['val_acc']:.4f} (word start {fmt(res['val_acc_word_start'])}, "
                 f"cont {fmt(res['val_acc_word_cont'])})" + (f", {tps:,.0f} tok/s" if tps else ""))
             if C.eval_only:
                 log(json.dumps(row))
@@ -474,8 +556,10 @@ def main(argv):
             if master:
                 with open(log_path, 'a') as f:
                     f.write(json.dumps(row) + '\n')
-            improved = res['val_loss'] < best_val_loss
-            best_val_loss = min(best_val_loss, res['val_loss'])
+            # the loss the run minimises: meta_predict models also pay for their tags
+            score = res['val_loss_bound'] if C.meta_predict else res['val_loss']
+            improved = score < best_val_loss
+            best_val_loss = min(best_val_loss, score)
             if master and iter_num > 0 and (improved or C.always_save_checkpoint):
                 ck = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
                           iter_num=iter_num, best_val_loss=best_val_loss, config=cfg, dataset=info,
@@ -494,9 +578,12 @@ def main(argv):
         torch.manual_seed(mix_seed(C.seed, iter_num, rank, 1))  # model dropout: a function of (seed, iter, rank)
         starts, masks = sample_batch(train_split, C.seed, iter_num, global_rows, C.block_size, streams, C.meta_dropout)
         lo = rank * C.batch_size * accum
-        x_all, y_all, meta_all = train_split.windows(starts[lo:lo + C.batch_size * accum], C.block_size)
+        mine = starts[lo:lo + C.batch_size * accum]
+        x_all, y_all, meta_all = train_split.windows(mine, C.block_size)
         meta_all = apply_meta_dropout(meta_all, {s: m[lo:lo + C.batch_size * accum] for s, m in masks.items()})
         x_all, y_all, meta_all = to_dev(x_all, y_all, meta_all)
+        # meta_predict: the next token's tags, teacher-forced (never dropped: they are also the tag targets)
+        next_all = to_dev(x_all, y_all, train_split.next_tags(mine, C.block_size))[2] if C.meta_predict else None
         it_loss = torch.zeros((), device=C.device)
         for micro in range(accum):
             sl = slice(micro * C.batch_size, (micro + 1) * C.batch_size)
@@ -504,7 +591,8 @@ def main(argv):
                 # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = (micro == accum - 1)
             with ctx:
-                _, loss = model(x_all[sl], {k: v[sl] for k, v in meta_all.items()}, targets=y_all[sl])
+                nm = {k: v[sl] for k, v in next_all.items()} if next_all is not None else None
+                _, loss = model(x_all[sl], {k: v[sl] for k, v in meta_all.items()}, targets=y_all[sl], next_meta=nm)
                 loss = loss / accum
             it_loss += loss.detach()
             scaler.scale(loss).backward()

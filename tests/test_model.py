@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import GPT, GPTConfig
 
@@ -111,3 +112,94 @@ def test_cached_greedy_decoding_equals_uncached():
             pos = T
             b = torch.cat([b, lg[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(a, b)
+
+
+# --- self-predicted metadata (meta_predict) ----------------------------------------------
+
+PRED = dict(META, meta_predict=True, meta_inject_layer=1)
+
+
+def pieces(m, idx, meta, nxt):
+    """Tag-head logits and token logits at every position."""
+    with torch.no_grad():
+        h = m.lower(idx, meta)
+        tags = m.tag_logits(h)
+        logits, _ = m.upper(m.inject(h, nxt), targets=idx)
+    return tags, logits
+
+
+def test_meta_predict_is_causal():
+    # everything at position t depends on tokens and tags <= t and the next tags given at <= t only
+    m = build(**PRED)
+    idx, meta = batch(B=2, T=20)
+    _, nxt = batch(B=2, T=20, seed=2)
+    tags, logits = pieces(m, idx, meta, nxt)
+    t = 9
+    idx2, meta2 = idx.clone(), {k: v.clone() for k, v in meta.items()}
+    nxt2 = {k: v.clone() for k, v in nxt.items()}
+    g = torch.Generator().manual_seed(5)
+    idx2[:, t + 1:] = torch.randint(64, (2, 20 - t - 1), generator=g)
+    for d, n in (('pos', 11), ('ner', 5)):
+        meta2[d][:, t + 1:] = torch.randint(n, (2, 20 - t - 1), generator=g)
+        nxt2[d][:, t + 1:] = torch.randint(n, (2, 20 - t - 1), generator=g)
+    tags2, logits2 = pieces(m, idx2, meta2, nxt2)
+    assert torch.equal(logits[:, :t + 1], logits2[:, :t + 1]) and not torch.equal(logits, logits2)
+    for a, b in zip(tags, tags2):
+        assert torch.equal(a[:, :t + 1], b[:, :t + 1]) and not torch.equal(a, b)
+    # the heads at t read nothing of the next tags given at t; the token logits at t do
+    nxt3 = {k: v.clone() for k, v in nxt.items()}
+    nxt3['pos'][:, t] = (nxt3['pos'][:, t] + 1) % 11
+    tags3, logits3 = pieces(m, idx, meta, nxt3)
+    assert all(torch.equal(a, b) for a, b in zip(tags, tags3))
+    assert torch.equal(logits[:, :t], logits3[:, :t]) and not torch.equal(logits[:, t], logits3[:, t])
+
+
+def test_meta_predict_forward_loss_and_parameters():
+    lime, m = build(**META), build(**PRED)
+    # built after everything else: the shared weights are the LIME model's of the same seed
+    lsd = lime.state_dict()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in lsd.items())
+    C = 32
+    heads = sum(C * 2 + C * n for n in (11, 5))  # LayerNorm (weight, bias) + linear, per stream
+    assert m.get_num_meta_params() == lime.get_num_meta_params() * 2 + heads
+    assert m.get_num_params(non_embedding=True) == lime.get_num_params(non_embedding=True) + heads
+    idx, meta = batch()
+    _, nxt = batch(seed=2)
+    y = torch.randint(64, idx.shape)
+    with torch.no_grad():
+        _, loss = m(idx, meta, targets=y, next_meta=nxt)
+        tags, logits = pieces(m, idx, meta, nxt)
+    tok = F.cross_entropy(logits.view(-1, 64), y.view(-1))
+    tag = sum(F.cross_entropy(tl.reshape(-1, tl.size(-1)), nxt[d].view(-1)) for d, tl in zip(('pos', 'ner'), tags))
+    torch.testing.assert_close(loss, tok + tag)
+    with pytest.raises(ValueError, match='next_meta'):
+        m(idx, meta, targets=y)
+
+
+def test_old_checkpoint_args_load_as_plain_lime():
+    # model_args saved before meta_predict existed: the same model, bit for bit
+    old = dict(TINY, **META, meta_weight=(1.0, 1.0), meta_shift=1)
+    cfg = GPTConfig(**old)
+    assert cfg.meta_predict is False
+    a, b = build(**old), build(**dict(old, meta_predict=False, meta_inject_layer=0, meta_loss_weight=1.0))
+    idx, meta = batch()
+    assert torch.equal(a(idx, meta)[0], b(idx, meta)[0])
+
+
+def test_meta_predict_kv_cache_matches_full_forward():
+    m = build(**PRED)
+    idx, meta = batch(B=2, T=20)
+    _, nxt = batch(B=2, T=20, seed=2)
+    tags, full = pieces(m, idx, meta, nxt)
+    cache, pos, got, got_tags = m.new_kv_cache(batch_size=2), 0, [], []
+    with torch.no_grad():
+        for n in (7, 5) + (1,) * 8:
+            sl = slice(pos, pos + n)
+            h = m.lower(idx[:, sl], {k: v[:, sl] for k, v in meta.items()}, kv_cache=cache, start_pos=pos)
+            got_tags.append(m.tag_logits(h)[0])
+            lg, _ = m.upper(m.inject(h, {k: v[:, sl] for k, v in nxt.items()}), targets=idx[:, sl],
+                            kv_cache=cache, start_pos=pos)
+            got.append(lg)
+            pos += n
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(got_tags, 1), tags[0], rtol=1e-5, atol=1e-5)

@@ -32,7 +32,7 @@ def gpt2_tokenizer():
     md.set_tokenizer('gpt2')  # the tokenizer is process-global: leave it as the other tests expect
 
 
-def make_ckpt(d, streams=(), shift=0, meta_dropout=0.0, tokenizer='gpt2-512', block_size=16, seed=0):
+def make_ckpt(d, streams=(), shift=0, meta_dropout=0.0, tokenizer='gpt2-512', block_size=16, seed=0, predict=False):
     """A checkpoint in train.py's format from a random model (weights scaled up, so greedy decoding has
     no near-ties) and the dataset info prepare.py would write."""
     n = md.parse_tokenizer(tokenizer)
@@ -40,7 +40,8 @@ def make_ckpt(d, streams=(), shift=0, meta_dropout=0.0, tokenizer='gpt2-512', bl
     tags = {s: md.stream_tags(s, NER) for s in streams}
     torch.manual_seed(seed)
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab, bias=False,
-                    meta_streams=tuple(streams), meta_n_tags=tuple(len(t) for t in tags.values()), meta_shift=shift)
+                    meta_streams=tuple(streams), meta_n_tags=tuple(len(t) for t in tags.values()), meta_shift=shift,
+                    meta_predict=predict, meta_inject_layer=1 if predict else 0)
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -112,15 +113,15 @@ def test_causal_stream_equals_annotate_causal():
 # --- KV cache ------------------------------------------------------------------------
 
 @needs_nltk
-@pytest.mark.parametrize('kind', ['baseline', 'lime', 'lime1'])
+@pytest.mark.parametrize('kind', ['baseline', 'lime', 'lime1', 'predict'])
 def test_kv_cache_matches_recompute(tmp_path, kind):
     streams, shift = {'baseline': ((), 0), 'lime': (('pos_causal', 'ner_causal'), 0),
-                      'lime1': (('pos_causal', 'ner_causal'), 1)}[kind]
-    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, streams, shift), 'cpu')
+                      'lime1': (('pos_causal', 'ner_causal'), 1), 'predict': (('pos_causal', 'ner_causal'), 0)}[kind]
+    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, streams, shift, predict=kind == 'predict'), 'cpu')
     text = sample.Text(ckpt['dataset'])
     prompt = text.encode(PROMPT)
     assert len(prompt) > 16  # longer than block_size: the context is cropped from the start
-    hints = sample.parse_hints('NNP _ VBD/O . B-NE', vocabs(ckpt)) if shift else None
+    hints = sample.parse_hints('NNP _ VBD/O . B-NE', vocabs(ckpt)) if shift or kind == 'predict' else None
     runs = []
     for use_cache in (True, False):
         for temperature, top_k in ((0.0, 0), (1.0, 1)):  # both spellings of greedy
@@ -147,16 +148,24 @@ def test_cli_cache_on_off_identical_and_gpt2_n(tmp_path):
 # --- prompt metadata -------------------------------------------------------------------
 
 @needs_nltk
-@pytest.mark.parametrize('shift', [0, 1])
+@pytest.mark.parametrize('shift', [0, 1, 'predict'])
 def test_prompt_metadata_is_causal_annotation(tmp_path, shift):
-    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, ('pos_causal', 'ner_causal'), shift), 'cpu')
+    predict = shift == 'predict'
+    shift = 0 if predict else shift
+    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, ('pos_causal', 'ner_causal'), shift, predict=predict),
+                                         'cpu')
     text = sample.Text(ckpt['dataset'])
     prompt = text.encode('Alice met Bob in Paris.<|endoftext|>' + PROMPT)
     ref = md.annotate_ids(prompt, NER, tags='causal')
     hints = sample.parse_hints('CD/B-NE', vocabs(ckpt))
-    r = sample.generate(model, prompt, 3, 0.0, 0, True, tagger=text.tagger(), hints=hints if shift else None)
+    r = sample.generate(model, prompt, 3, 0.0, 0, True, tagger=text.tagger(),
+                        hints=hints if shift or predict else None)
     P = len(prompt)
     for s in ('pos_causal', 'ner_causal'):
+        if predict:  # own causal tags in the prompt; each generated token's tags are the ones picked for it
+            assert r['meta'][s][:P] == ref[s].tolist()
+            assert r['given'][s][0] == hints[0][s] and r['meta'][s][P:] == r['given'][s]
+            continue
         if shift == 0:
             assert r['meta'][s][:P] == ref[s].tolist()
         else:  # position t sees token t+1; the last prompt position predicts generated token 1: hint 1
@@ -164,7 +173,9 @@ def test_prompt_metadata_is_causal_annotation(tmp_path, shift):
             assert r['meta'][s][P - 1] == hints[0][s]
         # the causal tags of everything (prompt and generated) are annotate_causal's
         assert r['causal'][s[:-7]] == md.annotate_ids(r['tokens'], NER, tags='causal')[s].tolist()
-    if shift == 0:  # each generated token was fed its own online causal tags
+    if predict:
+        assert r['source'] == ['hinted', 'predicted', 'predicted'] and len(r['head']) == 3
+    elif shift == 0:  # each generated token was fed its own online causal tags
         full = md.annotate_ids(r['tokens'], NER, tags='causal')
         assert r['meta']['pos_causal'] == full['pos_causal'].tolist()
         assert r['source'] == ['online'] * 3
@@ -208,6 +219,38 @@ def test_lime1_follows_hints(tmp_path):
         followed += sum(int(a == b) for a, b in zip(got, want))
         assert r['given']['pos'] == want.tolist()
     assert followed / (2 * len(want)) > 0.8  # chance is 1/8
+
+
+def test_meta_predict_samples_its_own_tags_and_hints_override_them(tmp_path):
+    # synthetic data: tags i.i.d., each token fixed by its own tag. The heads cannot know the next tag
+    # (about 1/8 right), but a model that picks a tag then writes the token of that tag is consistent
+    data = write_dataset(tmp_path / 'data')
+    out = tmp_path / 'out'
+    train.main(['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32', '--batch_size=8', '--eval_iters=2',
+                '--log_interval=1000', '--eval_interval=1000', '--warmup_iters=10', '--learning_rate=3e-3',
+                '--min_lr=3e-4', '--device=cpu', '--dtype=float32', '--max_iters=120', '--lr_decay_iters=120',
+                '--metadata=pos', '--meta_predict=True', '--meta_inject_layer=1', f'--data_dir={data}',
+                f'--out_dir={out}'])
+    model, ckpt = sample.load_checkpoint(out, 'cpu')
+    tags = ckpt['dataset']['streams']['pos']['tags']
+    eot = ckpt['dataset']['eot_token']
+    want = np.random.default_rng(0).integers(3, len(tags), 30)
+    hints = sample.parse_hints(' '.join(tags[t] for t in want), vocabs(ckpt))
+    prompt = [1, 4, 7, 10]
+    # hinted: the hint replaces the head's choice, and the tokens follow it
+    r = sample.generate(model, prompt, len(want), 1.0, 0, True, tagger=ClassTagger(eot), hints=hints,
+                        generator=torch.Generator().manual_seed(0))
+    assert r['given']['pos'] == want.tolist() and set(r['source']) == {'hinted'}
+    got = r['causal']['pos'][len(prompt):]
+    assert np.mean([a == b for a, b in zip(got, want)]) > 0.8  # chance is 1/8
+    # unhinted: the model's own tags, which its tokens then follow
+    r = sample.generate(model, prompt, 30, 1.0, 0, True, tagger=ClassTagger(eot),
+                        generator=torch.Generator().manual_seed(1))
+    assert set(r['source']) == {'predicted'} and len(set(r['given']['pos'])) > 3  # drawn, not constant
+    got = r['causal']['pos'][len(prompt):]
+    assert np.mean([a == b for a, b in zip(got, r['given']['pos'])]) > 0.8
+    # the head's top probability is that of a near-uniform guess over 8 tags
+    assert all(p < 0.5 for h in r['head'] for _, p in h.values())
 
 
 # --- errors -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, write_dataset
+from conftest import ROOT, write_dataset, write_markov_dataset
 from model import GPT
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead, and the box is shared
@@ -168,6 +168,52 @@ def test_lime_plus_one_uses_next_tokens_metadata(tmp_path, dataset):
     # the meta_shuffle control destroys the signal
     shuf = run(dataset, tmp_path / 's', *common, '--metadata=pos', '--meta_shift=1', '--meta_shuffle=True')[-1]
     assert shuf['val_loss'] > 1.8
+
+
+def test_meta_predict_bound_is_honest_on_known_entropy(tmp_path):
+    # tags from a Markov chain, tokens uniform within each tag's class: the text's entropy is known.
+    # The self-predicting model's bound (token loss + tag loss) approaches it and does not beat it;
+    # oracle LIME+1, fed the true next tags, "beats" it by far: the leak, visible
+    data, nll = write_markov_dataset(tmp_path / 'data')
+    common = ['--max_iters=300', '--eval_interval=300', '--lr_decay_iters=300', '--batch_size=16', '--eval_iters=8']
+    pred = run(data, tmp_path / 'p', *common, '--metadata=pos_causal', '--meta_predict=True', '--meta_inject_layer=1')[-1]
+    lime1 = run(data, tmp_path / 'l1', *common, '--metadata=pos_causal', '--meta_shift=1')[-1]
+    base = run(data, tmp_path / 'b', *common)[-1]
+    starts = train.eval_starts(6000, 32, 8 * 16)
+    entropy = float(np.mean([nll[i + 1:i + 33] for i in starts]))  # the eval windows' targets
+    print(entropy, pred['val_loss_bound'], lime1['val_loss'], base['val_loss'])
+    assert pred['val_loss_bound'] == pytest.approx(pred['val_loss'] + pred['val_tag_loss'])
+    assert pred['val_nll'] == pred['val_loss_bound'] and base['val_nll'] == base['val_loss']
+    assert lime1['val_nll'] is None  # it reads the next token's tags from the data
+    assert entropy - 0.02 < pred['val_loss_bound'] < entropy + 0.1
+    assert lime1['val_loss'] < entropy - 0.5
+    assert 0.5 < pred['val_tag_acc_pos_causal'] < 0.85  # the chain's best guess is right 70% of the time
+    for k in ('val_tag_loss', 'val_loss_bound', 'val_nll'):
+        assert k in base
+
+
+def test_val_nll_rule():
+    r = train.nll_rule
+    assert r([], 0, False, False) == 'val_loss'
+    assert r(['pos_causal', 'ner_causal'], 0, False, False) == 'val_loss'
+    assert r(['pos', 'ner_causal'], 0, False, False) is None  # full tags read the next words
+    assert r(['pos_causal'], 1, False, False) is None  # LIME+1 reads token t+1's tags
+    assert r(['pos'], 0, True, False) == r(['pos_causal'], 0, True, False) == 'val_loss_bound'
+    assert r(['pos_causal'], 0, False, True) is None and r(['pos'], 0, True, True) is None  # shuffled
+
+
+def test_meta_predict_config_errors(tmp_path, dataset):
+    for extra, msg in [(['--meta_predict=True'], 'meta_predict needs metadata streams'),
+                       (['--meta_predict=True', '--metadata=pos', '--meta_shift=1'], 'cannot be combined'),
+                       (['--meta_predict=True', '--metadata=pos', '--meta_inject_layer=2'],
+                        r'meta_inject_layer must be in \[1, n_layer=2\)')]:
+        with pytest.raises(SystemExit, match=msg):
+            run(dataset, tmp_path / 'o', '--max_iters=1', *extra)
+    # full streams: the first position's tags are paid for at the train split's frequencies
+    rows = run(dataset, tmp_path / 'f', '--max_iters=2', '--eval_interval=2', '--metadata=pos',
+               '--meta_predict=True', '--meta_inject_layer=1')
+    r = rows[-1]
+    assert r['val_loss_bound'] > r['val_loss'] + r['val_tag_loss'] and r['val_nll'] == r['val_loss_bound']
 
 
 def test_resume_continues_the_same_run(tmp_path, dataset):
