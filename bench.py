@@ -68,7 +68,7 @@ tag_tokenizer = 'gpt2'
 tag_reference = True  # time plain NLTK too (slow)
 tag_causal = True  # time the causal path too
 # efficiency
-eff_runs = 'baseline,lime,lime_causal,lime1,shuffled,baseline_seed2'
+eff_runs = 'baseline,lime,lime_causal,lime1,lime1_predict,shuffled,baseline_seed2'
 eff_dir = 'out-bench-eff'  # each run trains in eff_dir/<run>
 eff_reuse = True  # skip a run whose eff_dir/<run> finished with identical arguments
 max_iters = 1000
@@ -85,6 +85,8 @@ eff_n_embd = 0
 eff_block_size = 0
 eff_batch_size = 0
 lime1_meta_dropout = 0.0  # the paper's LIME+1 trains without; >0 teaches the model what <unk> (no hint) means
+meta_inject_layer = 0  # lime1_predict runs: the block after which the next tags are predicted and added; 0 = n_layer // 2
+marginal_positions = 256  # lime1_predict: val positions where the bound is compared with the next-tag marginal
 launcher = ''  # prefix for train.py instead of the python running bench, e.g. 'torchrun --standalone --nproc_per_node=8'
 eff_parallel = 1  # training processes at once (CPU: 2 one-thread runs beat 1 two-thread run)
 train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
@@ -92,6 +94,8 @@ plot = True  # eff_dir/curves.png when matplotlib is installed
 # steering
 ckpt_dir = ''  # a LIME+1 run dir with ckpt.pt; '' = eff_dir/lime1 (trained now if missing)
 base_ckpt_dir = ''  # the baseline run dir; '' = eff_dir/baseline (trained now if missing)
+predict_ckpt_dir = ''  # self-predicting LIME+1 run dir; '' = lime1_predict beside ckpt_dir (trained if missing there)
+steer_predict = True  # also compare the self-predicting model (with and without hints)
 steer_windows = 64  # fixed val windows for next-token accuracy
 steer_samples = 16  # generations (one per val window)
 steer_prompt = 32  # prompt tokens (real val text)
@@ -559,9 +563,16 @@ RUN_SPECS = {
     'lime': dict(metadata='pos,ner'),
     'lime_causal': dict(metadata='pos_causal,ner_causal'),
     'lime1': dict(metadata='pos,ner', meta_shift=1),
+    # LIME+1 without an oracle: own causal tags in, the next token's tags predicted by the model itself
+    'lime1_predict': dict(metadata='pos_causal,ner_causal', meta_predict=True),
+    'lime1_predict_full': dict(metadata='pos,ner', meta_predict=True),  # the same, predicting full tags
     'shuffled': dict(metadata='pos,ner', meta_shuffle=True),
     'baseline_seed2': dict(metadata='', seed_offset=1),
 }
+LABELS = {'baseline': 'baseline', 'lime': 'LIME (full tags)', 'lime_causal': 'LIME (causal tags)',
+          'lime1': 'LIME+1 (full, oracle next-token tags)', 'lime1_predict': 'LIME+1, self-predicted tags (causal)',
+          'lime1_predict_full': 'LIME+1, self-predicted tags (full)', 'shuffled': 'shuffled tags (control)',
+          'baseline_seed2': 'baseline, seed 2'}
 
 
 def train_args(C, name, out_dir):
@@ -578,6 +589,8 @@ def train_args(C, name, out_dir):
                 dtype=C.dtype, compile=C.compile, always_save_checkpoint=True)
     if name == 'lime1' and C.lime1_meta_dropout > 0:
         args['meta_dropout'] = C.lime1_meta_dropout
+    if spec.get('meta_predict'):
+        args.update(meta_predict=True, meta_inject_layer=C.meta_inject_layer)
     return [f"--{k}={v}" for k, v in args.items()]
 
 
@@ -654,26 +667,101 @@ def first_reach(rows, key, target, better):
     return None
 
 
+def honest_acc_key(rows):
+    """The accuracy a run could compute from the past alone: val_acc_own for meta_predict runs (its
+    val_acc is read with the data's next tags), val_acc for runs with val_nll, None otherwise."""
+    last = rows[-1]
+    if last.get('val_nll') is None:
+        return None
+    return 'val_acc_own' if last.get('val_acc_own') is not None else 'val_acc'
+
+
 def summarize_runs(logs, walls):
+    """Final numbers per run and the fraction of the baseline's tokens at which each run first
+    reaches the baseline's final value: on val_nll and honest accuracy (runs that read the future
+    have none: reads_future), and, as in the paper, on val_loss and val_acc whatever the run reads."""
     base = logs['baseline'][-1]
     base_tokens = base['tokens']
+    frac = lambda t: t / base_tokens if t is not None and base_tokens else None
     out = {}
     for name, rows in logs.items():
         last = rows[-1]
-        t_loss = first_reach(rows, 'val_loss', base['val_loss'], lambda v, t: v <= t)
-        t_acc = first_reach(rows, 'val_acc', base['val_acc'], lambda v, t: v >= t)
+        acc_key = honest_acc_key(rows)
+        lower, higher = (lambda v, t: v <= t), (lambda v, t: v >= t)
         out[name] = dict(
             final_val_loss=last['val_loss'], final_val_ppl=last['val_ppl'], final_val_acc=last['val_acc'],
+            final_val_nll=last.get('val_nll'), final_val_loss_bound=last.get('val_loss_bound'),
+            final_val_acc_honest=last.get(acc_key) if acc_key else None,
             final_val_acc_word_start=last.get('val_acc_word_start'),
             final_val_acc_word_cont=last.get('val_acc_word_cont'),
+            reads_future=last.get('val_nll') is None,
             tokens=last['tokens'], wall_s=walls.get(name),  # with eff_parallel > 1 runs share the machine
             tokens_per_sec=last['tokens'] / walls[name] if walls.get(name) else None,
-            frac_tokens_to_baseline_loss=t_loss / base_tokens if t_loss is not None and base_tokens else None,
-            frac_tokens_to_baseline_acc=t_acc / base_tokens if t_acc is not None and base_tokens else None,
-            curve={k: [r.get(k) for r in rows] for k in ('iter', 'tokens', 'val_loss', 'val_ppl', 'val_acc',
-                                                         'val_acc_word_start', 'val_acc_word_cont',
-                                                         'train_loss')})
+            frac_tokens_to_baseline_nll=(frac(first_reach(rows, 'val_nll', base['val_nll'], lower))
+                                         if last.get('val_nll') is not None else None),
+            frac_tokens_to_baseline_acc_honest=frac(first_reach(rows, acc_key, base['val_acc'], higher))
+            if acc_key else None,
+            frac_tokens_to_baseline_loss=frac(first_reach(rows, 'val_loss', base['val_loss'], lower)),
+            frac_tokens_to_baseline_acc=frac(first_reach(rows, 'val_acc', base['val_acc'], higher)),
+            curve={k: [r.get(k) for r in rows] for k in ('iter', 'tokens', 'val_loss', 'val_nll', 'val_ppl',
+                                                         'val_acc', 'val_acc_own', 'val_acc_word_start',
+                                                         'val_acc_word_cont', 'train_loss')})
     return out
+
+
+def reach_cell(r, key):
+    """'n/a' for a run that reads the future, 'never' when it does not reach the baseline."""
+    if r['reads_future'] and key in ('frac_tokens_to_baseline_nll', 'frac_tokens_to_baseline_acc_honest'):
+        return 'n/a'
+    return 'never' if r[key] is None else f"{100 * r[key]:.1f}%"
+
+
+@torch.no_grad()
+def predict_marginal(C, run_dir):
+    """How loose is the bound? At the last position of marginal_positions val windows, the bound's
+    term (-log p(data's next tags) - log p(next token | them)) next to the one-step marginal
+    -log sum_v p(v) p(next token | v) over the next tags v of the marginalised streams (all streams
+    jointly when their tag vocabularies multiply to <= 512, else the smallest stream), rerunning
+    blocks k+1..L once per v. The past tags are the data's in both, so the marginal is exact for
+    this one step, not for the whole sequence."""
+    import itertools
+    import torch.nn.functional as F
+    from model import GPT
+    from train import Split, eval_starts
+    ck = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    model = GPT.from_checkpoint(ck, C.device).eval()
+    cfg = model.config
+    streams, n_tags, T = list(cfg.meta_streams), cfg.meta_n_tags, cfg.block_size
+    val = Split(ck['config']['data_dir'], 'val', streams, 0)
+    marg = streams if math.prod(n_tags) <= 512 else [streams[int(np.argmin(n_tags))]]
+    combos = list(itertools.product(*[range(n) for s, n in zip(streams, n_tags) if s in marg]))
+    cols = {s: torch.tensor([c[j] for c in combos], device=C.device) for j, s in enumerate(marg)}
+    bound, marginal, tag_part = [], [], []
+    for i in eval_starts(val.n, T, C.marginal_positions):
+        x, y, meta = val.windows([i], T)
+        nxt = val.next_tags([i], T)
+        x, meta = x.to(C.device), {k: v.to(C.device) for k, v in meta.items()}
+        nxt = {k: v.to(C.device) for k, v in nxt.items()}
+        h = model.lower(x, meta)
+        logp_tag = {s: F.log_softmax(tl[0, -1].float(), -1) for s, tl in zip(streams, model.tag_logits(h[:, -1:]))}
+        nm = {s: nxt[s].repeat(len(combos), 1) for s in streams}
+        for s in marg:
+            nm[s][:, -1] = cols[s]
+        logits, _ = model.upper(model.inject(h.expand(len(combos), -1, -1), nm))
+        logp_tok = F.log_softmax(logits[:, -1].float(), -1)[:, int(y[0, -1])]
+        lp = sum(logp_tag[s][cols[s]] for s in marg)
+        fixed = sum(logp_tag[s][int(nxt[s][0, -1])] for s in streams if s not in marg)
+        k = combos.index(tuple(int(nxt[s][0, -1]) for s in marg))
+        bound.append(-float(lp[k] + fixed + logp_tok[k]))
+        tag_part.append(-float(lp[k] + fixed))
+        marginal.append(-float(torch.logsumexp(lp + logp_tok, 0) + fixed))
+    res = dict(positions=len(bound), marginalised=marg, values=len(combos), bound=float(np.mean(bound)),
+               marginal=float(np.mean(marginal)), tag_cost=float(np.mean(tag_part)),
+               gap=float(np.mean(bound) - np.mean(marginal)))
+    print(f"\nbound vs one-step marginal over the next {'/'.join(marg)} tags ({len(combos)} values), "
+          f"{res['positions']} val positions: bound {res['bound']:.4f} (of it tags {res['tag_cost']:.4f}), "
+          f"marginal {res['marginal']:.4f}, gap {res['gap']:.4f} nats/token")
+    return res
 
 
 def plot_curves(runs, path):
@@ -721,26 +809,44 @@ def run_efficiency(C):
     for n in names:
         logs[n], walls[n] = res[n]
     runs = summarize_runs(logs, walls)
-    rows = [dict(run=n, **{k: v for k, v in r.items() if k != 'curve'}) for n, r in runs.items()]
+    rows = [dict(run=LABELS.get(n, n), **{k: v for k, v in r.items() if k != 'curve'},
+                 **{k + '_cell': reach_cell(r, k) for k in ('frac_tokens_to_baseline_nll',
+                                                            'frac_tokens_to_baseline_acc_honest',
+                                                            'frac_tokens_to_baseline_loss',
+                                                            'frac_tokens_to_baseline_acc')})
+            for n, r in runs.items()]
     print()
-    table(rows, [('run', 'run', ''), ('final_val_loss', 'val loss', '.4f'), ('final_val_ppl', 'ppl', '.2f'),
-                 ('final_val_acc', 'acc', '.4f'), ('final_val_acc_word_start', 'acc word-start', '.4f'),
+    table(rows, [('run', 'run', ''), ('final_val_loss', 'val loss', '.4f'), ('final_val_nll', 'val_nll', '.4f'),
+                 ('final_val_acc', 'acc', '.4f'), ('final_val_acc_honest', 'acc (past only)', '.4f'),
+                 ('final_val_acc_word_start', 'acc word-start', '.4f'),
                  ('final_val_acc_word_cont', 'acc word-cont', '.4f'),
-                 ('frac_tokens_to_baseline_loss', 'tokens to base loss', '.3f'),
-                 ('frac_tokens_to_baseline_acc', 'tokens to base acc', '.3f'), ('wall_s', 'wall s', '.0f')])
-    print("lime1 reads the tags of the token it predicts (oracle hints): its numbers are not comparable "
-          "to next-token prediction from the past alone. '-' = never reached.")
+                 ('frac_tokens_to_baseline_nll_cell', 'to base val_nll', ''),
+                 ('frac_tokens_to_baseline_acc_honest_cell', 'to base acc (past only)', ''),
+                 ('frac_tokens_to_baseline_loss_cell', 'to base loss (paper)', ''),
+                 ('frac_tokens_to_baseline_acc_cell', 'to base acc (paper)', ''), ('wall_s', 'wall s', '.0f')])
+    print("val_nll: NLL per token of the val text as a generative model of text alone (or its upper bound); "
+          "'-' (and n/a) for runs that read tags depending on tokens they have not seen (full tags, LIME+1's "
+          "oracle next-token tags, shuffled tags). 'to base ...': fraction of the baseline's tokens to reach its "
+          "final value; the paper's columns use val_loss/val_acc whatever the run reads (a meta_predict run's "
+          "val_loss/val_acc are read with the data's next tags). '-' = never reached.")
+    marginal = None
+    if 'lime1_predict' in names and C.marginal_positions > 0:
+        marginal = predict_marginal(C, os.path.join(C.eff_dir, 'lime1_predict'))
     png = None
     if C.plot:
         png = plot_curves(runs, os.path.join(C.eff_dir, 'curves.png'))
-    return dict(runs=runs, baseline_final_tokens=logs['baseline'][-1]['tokens'], data_dir=C.data_dir,
+    return dict(runs=runs, marginal=marginal, baseline_final_tokens=logs['baseline'][-1]['tokens'],
+                data_dir=C.data_dir,
                 tokenizer=info.get('tokenizer'), vocab_size=info.get('vocab_size'),
                 train_tokens=info.get('train_tokens'), eff_dir=C.eff_dir, plot=png,
                 tokens_per_iter=logs['baseline'][-1]['tokens'] // max(C.max_iters, 1),
                 max_iters=C.max_iters, wall_s=time.time() - t0, train_args=train_args(C, 'baseline', 'OUT'),
                 notes=("frac_tokens_to_baseline_*: fraction of the baseline's training tokens at which the run "
-                       "first reaches the baseline's final val loss / accuracy (linear interpolation between "
-                       "eval points), the paper's data-efficiency metric; baseline_seed2 shows run-to-run noise."))
+                       "first reaches the baseline's final value (linear interpolation between eval points): "
+                       "_nll and _acc_honest on what the run could compute from the past alone (None for runs "
+                       "that read the future: reads_future), _loss and _acc the paper's metric on val_loss and "
+                       "val_acc whatever the run reads; baseline_seed2 shows run-to-run noise. marginal: the "
+                       "lime1_predict bound against the one-step marginal over its next tags."))
 
 
 # -----------------------------------------------------------------------------
@@ -757,21 +863,33 @@ def ensure_ckpt(C, run_dir, name):
 @torch.no_grad()
 def steering_accuracy(C, models, val, streams, T):
     """Next-token accuracy and loss on fixed val windows for the LIME+1 model with oracle hints
-    (the true next token's tags), with every tag <unk>, and for the baseline (same windows)."""
+    (the true next token's tags), with every tag <unk>, and for the baseline (same windows); for a
+    self-predicting model (models['predict']) with the data's next tags (an oracle too) and with its
+    heads' own argmax tags (from the past alone)."""
     from train import eval_starts
     starts = eval_starts(val.n, T, C.steer_windows)
     ctx = autocast_ctx(C)
-    acc = {'oracle_hints': [0, 0.0], 'unk_hints': [0, 0.0], 'baseline': [0, 0.0]}
+    arms = ['oracle_hints', 'unk_hints', 'baseline'] + (['predict_oracle_tags', 'predict_own_tags']
+                                                         if 'predict' in models else [])
+    acc = {k: [0, 0.0] for k in arms}
     n_tok = 0
     for j in range(0, len(starts), 16):
-        x, y, meta = val.windows(starts[j:j + 16], T)
+        x, y, meta = val.windows(starts[j:j + 16], T)  # meta: LIME+1's, the next token's tags
         x, y = x.to(C.device), y.to(C.device)
         meta = {s: m.to(C.device) for s, m in meta.items()}
         unk = {s: torch.full_like(m, UNK) for s, m in meta.items()}
-        for key, mdl, mt in (('oracle_hints', models['lime1'], meta), ('unk_hints', models['lime1'], unk),
-                             ('baseline', models['baseline'], None)):
-            with ctx:
-                logits, loss = mdl(x, mt, targets=y)
+        out = {}
+        with ctx:
+            out['oracle_hints'] = models['lime1'](x, meta, targets=y)
+            out['unk_hints'] = models['lime1'](x, unk, targets=y)
+            out['baseline'] = models['baseline'](x, None, targets=y)
+            if 'predict' in models:
+                pm, own_in = models['predict'], models['predict_inputs'](starts[j:j + 16], T)
+                h = pm.lower(x, own_in['meta'])
+                out['predict_oracle_tags'] = pm.upper(pm.inject(h, own_in['next']), targets=y)
+                own = {s: tl.argmax(-1) for s, tl in zip(pm.config.meta_streams, pm.tag_logits(h))}
+                out['predict_own_tags'] = pm.upper(pm.inject(h, own), targets=y)
+        for key, (logits, loss) in out.items():
             acc[key][0] += int((logits.argmax(-1) == y).sum())
             acc[key][1] += float(loss) * y.numel()
         n_tok += y.numel()
@@ -782,8 +900,8 @@ def steering_generation(C, models, val, streams, ner):
     """Generation with hints taken from real val text (the real next tokens' tags, so the hint
     sequences follow the data's tag distribution), through sample.py's generate() (prompt tags
     computed online, causal, as a user gets them; KV cache). For each arm: the fraction of
-    generated tokens whose causal tags (annotate_ids(prompt + generated, tags='causal')) equal
-    the hints."""
+    generated tokens whose causal tags (annotate_ids(prompt + generated, tags='causal')) equal the
+    hints; for the self-predicting model without hints, equal the tags it picked itself."""
     import metadata as md
     from sample import generate
     from train import eval_starts
@@ -791,61 +909,84 @@ def steering_generation(C, models, val, streams, ner):
     gstarts = eval_starts(val.n, P + G + 1, C.steer_samples)
     xs, _, ms = val.windows(gstarts, P + G)  # ms[s][:, t] = tag of token t+1
     prompts = xs[:, :P].tolist()
-    hints = {s: m[:, P - 1:P - 1 + G].numpy() for s, m in ms.items()}  # tags of true tokens P..P+G-1
+    base = lambda s: s[:-len('_causal')] if s.endswith('_causal') else s
+    hints = {base(s): m[:, P - 1:P - 1 + G].numpy() for s, m in ms.items()}  # tags of true tokens P..P+G-1
     gen = torch.Generator(device=C.device).manual_seed(C.seed)
     greedy = C.steer_top_k == 0
     kw = dict(temperature=0 if greedy else C.steer_temperature, top_k=1 if greedy else C.steer_top_k,
               ctx=autocast_ctx(C), generator=gen, tag_generated=False)
+    arms = [('hinted', 'lime1', True), ('unhinted_unk', 'lime1', False)]
+    if 'predict' in models:
+        arms += [('predict_hinted', 'predict', True), ('predict_unhinted', 'predict', False)]
     out = {}
-    for key, name, use_hints in (('hinted', 'lime1', True), ('unhinted_unk', 'lime1', False),
-                                 ('baseline', 'baseline', False)):
-        match = {s: 0 for s in streams}
+    for key, name, use_hints in arms + [('baseline', 'baseline', False)]:
+        model = models[name]
+        mstreams = list(model.config.meta_streams) or streams
+        match = {b: 0 for b in hints}
         both, sample_text = 0, None
         for b, prompt in enumerate(prompts):
-            h = [{s: int(hints[s][b][j]) for s in streams} for j in range(G)] if use_hints else None
-            tagger = md.CausalStream(ner) if name == 'lime1' else None
-            tokens = generate(models[name], prompt, G, tagger=tagger, hints=h, **kw)['tokens']
-            causal = md.annotate_ids(np.array(tokens), ner=ner, tags='causal')
+            h = [{s: int(hints[base(s)][b][j]) for s in mstreams} for j in range(G)] if use_hints else None
+            tagger = md.CausalStream(ner) if model.config.meta_streams else None
+            r = generate(model, prompt, G, tagger=tagger, hints=h, **kw)
+            causal = md.annotate_ids(np.array(r['tokens']), ner=ner, tags='causal')
+            own = {base(s): np.array(v) for s, v in r['given'].items()}
             ok = None
-            for s in streams:
-                base_name = s[:-len('_causal')] if s.endswith('_causal') else s
-                m = causal[base_name + '_causal'][P:] == hints[s][b]
-                match[s] += int(m.sum())
+            for bn in hints:
+                # the target: the hints, or for the self-predicting model unhinted, its own tags
+                m = causal[bn + '_causal'][P:] == (own[bn] if key == 'predict_unhinted' else hints[bn][b])
+                match[bn] += int(m.sum())
                 ok = m if ok is None else ok & m
             both += int(ok.sum())
             if sample_text is None:
-                sample_text = md.decode_text(tokens)[0]
+                sample_text = md.decode_text(r['tokens'])[0]
         n = len(prompts) * G
-        out[key] = dict(**{f'match_{s}': match[s] / n for s in streams}, match_all=both / n, sample=sample_text)
+        out[key] = dict(**{f'match_{bn}': match[bn] / n for bn in hints}, match_all=both / n, sample=sample_text,
+                        target='own tags' if key == 'predict_unhinted' else 'hints')
     return out, len(prompts)
 
 
 def run_steering(C):
-    """LIME+1 with oracle hints vs <unk> hints vs the baseline: next-token accuracy, then hinted
-    generation."""
+    """LIME+1 with oracle hints vs <unk> hints vs the baseline, and the self-predicting model with
+    its own tags or the hints: next-token accuracy, then hinted generation."""
     sys.path.insert(0, ROOT)
     from model import GPT
     from train import Split
     import metadata as md
-    lime_dir = C.ckpt_dir or os.path.join(C.eff_dir, 'lime1')
-    base_dir = C.base_ckpt_dir or os.path.join(C.eff_dir, 'baseline')
-    ensure_ckpt(C, lime_dir, 'lime1')
-    ensure_ckpt(C, base_dir, 'baseline')
-    ck = torch.load(os.path.join(lime_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    ckb = torch.load(os.path.join(base_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    dirs = {'lime1': C.ckpt_dir or os.path.join(C.eff_dir, 'lime1'),
+            'baseline': C.base_ckpt_dir or os.path.join(C.eff_dir, 'baseline')}
+    if C.steer_predict:
+        # the self-predicting run beside the LIME+1 one (eff_dir/lime1_predict by default)
+        d = C.predict_ckpt_dir or os.path.join(os.path.dirname(os.path.abspath(dirs['lime1'])), 'lime1_predict')
+        if C.predict_ckpt_dir or not C.ckpt_dir or os.path.isfile(os.path.join(d, 'ckpt.pt')):
+            dirs['predict'] = d
+        else:
+            print(f"{d}/ckpt.pt not found: the self-predicting arms are skipped (--predict_ckpt_dir=DIR)")
+    cks = {}
+    for k, d in dirs.items():
+        ensure_ckpt(C, d, {'predict': 'lime1_predict'}.get(k, k))
+        cks[k] = torch.load(os.path.join(d, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    ck = cks['lime1']
     if ck['model_args'].get('meta_shift') != 1:
-        fail(f"{lime_dir}/ckpt.pt is not a LIME+1 model (meta_shift={ck['model_args'].get('meta_shift')})")
+        fail(f"{dirs['lime1']}/ckpt.pt is not a LIME+1 model (meta_shift={ck['model_args'].get('meta_shift')})")
+    if 'predict' in cks and not cks['predict']['model_args'].get('meta_predict'):
+        fail(f"{dirs['predict']}/ckpt.pt is not a self-predicting model (meta_predict=False)")
     streams = list(ck['model_args']['meta_streams'])
     data_dir = ck['config']['data_dir']
     ds = ck.get('dataset') or json.load(open(os.path.join(data_dir, 'meta.json')))
-    if ckb.get('dataset', {}).get('tokenizer') != ds.get('tokenizer'):
-        fail(f"{base_dir}: baseline checkpoint uses another tokenizer than {lime_dir}")
-    models = {'lime1': GPT.from_checkpoint(ck, C.device).eval(), 'baseline': GPT.from_checkpoint(ckb, C.device).eval()}
+    for k in cks:
+        if cks[k].get('dataset', {}).get('tokenizer') != ds.get('tokenizer'):
+            fail(f"{dirs[k]}: checkpoint uses another tokenizer than {dirs['lime1']}")
+    models = {k: GPT.from_checkpoint(c, C.device).eval() for k, c in cks.items()}
     T = ck['model_args']['block_size']
     if C.steer_prompt + C.steer_new_tokens > T:
         fail(f"config error: steer_prompt + steer_new_tokens = {C.steer_prompt + C.steer_new_tokens} "
              f"> block_size {T}")
     val = Split(data_dir, 'val', streams, 1)
+    if 'predict' in models:
+        pval = Split(cks['predict']['config']['data_dir'], 'val', list(models['predict'].config.meta_streams), 0)
+        models['predict_inputs'] = lambda st, T: dict(
+            meta={s: m.to(C.device) for s, m in pval.windows(st, T)[2].items()},
+            next={s: m.to(C.device) for s, m in pval.next_tags(st, T).items()})
     md.set_tokenizer(ds['tokenizer'])
     accuracy, n_windows = steering_accuracy(C, models, val, streams, T)
     t0 = time.time()
@@ -854,19 +995,24 @@ def run_steering(C):
     table([dict(arm=k, **v) for k, v in accuracy.items()],
           [('arm', 'next-token (val)', ''), ('acc', 'acc', '.4f'), ('loss', 'loss', '.4f')])
     print()
+    bases = [s[:-len('_causal')] if s.endswith('_causal') else s for s in streams]
     table([dict(arm=k, **v) for k, v in generation.items()],
-          [('arm', 'generation', '')] + [(f'match_{s}', f'{s} match', '.3f') for s in streams] +
-          [('match_all', 'all match', '.3f')])
-    return dict(accuracy=accuracy, generation=generation, ckpt_dir=lime_dir,
-                base_ckpt_dir=base_dir, data_dir=data_dir, streams=streams, windows=n_windows,
+          [('arm', 'generation', ''), ('target', 'matched against', '')] +
+          [(f'match_{b}', f'{b} match', '.3f') for b in bases] + [('match_all', 'all match', '.3f')])
+    print("oracle_hints and predict_oracle_tags read the true next token's tags (the future); "
+          "predict_own_tags and predict_unhinted use only the model's own tags.")
+    return dict(accuracy=accuracy, generation=generation, ckpt_dir=dirs['lime1'],
+                base_ckpt_dir=dirs['baseline'], predict_ckpt_dir=dirs.get('predict'), data_dir=data_dir,
+                streams=streams, windows=n_windows,
                 samples=n_samples, prompt_tokens=C.steer_prompt, new_tokens=C.steer_new_tokens,
                 top_k=C.steer_top_k, meta_dropout=ck['config'].get('meta_dropout', 0.0),
                 generation_s=time.time() - t0, generator='sample.generate (prompt tags causal/online, KV cache)',
                 greedy=C.steer_top_k == 0,
                 notes=("hints = full tags of the real next tokens of val windows; match = the causal tags "
                        "(metadata.annotate_ids(prompt+generated, tags='causal')) of each generated token equal "
-                       "its hint. unhinted_unk feeds <unk> as every hint (meaningful only if the model was "
-                       "trained with meta_dropout > 0); baseline = the baseline model, compared to the same hints."))
+                       "its hint (predict_unhinted: the tags the model picked for it). unhinted_unk feeds <unk> "
+                       "as every hint (meaningful only if the model was trained with meta_dropout > 0); "
+                       "baseline = the baseline model, compared to the same hints."))
 
 
 # -----------------------------------------------------------------------------

@@ -276,12 +276,15 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
     as in training), val_tag_loss (their sum) and val_loss_bound = val_loss + val_tag_loss: the loss of
     the model as a generative model of (tags, text), an upper bound on its NLL of the text alone.
     first_tag_nll: {stream: -log p(tag)} per tag id (see first_tag_costs), the price of the tags of
-    each window's first position, which no head predicts: added to the bound when given."""
+    each window's first position, which no head predicts: added to the bound when given. val_acc of
+    a meta_predict model is read with the data's next tags (an oracle); val_acc_own with the heads'
+    own argmax tags (from the past alone)."""
     cfg = model.config
     heads = list(cfg.meta_streams) if cfg.meta_predict else []
     model.eval()
-    # loss, n, correct, start_ok, start_n, cont_ok, cont_n, first-tag cost, then (tag CE, tag ok) per stream
-    s = torch.zeros(8 + 2 * len(heads), dtype=torch.float64, device=device)
+    # loss, n, correct, start_ok, start_n, cont_ok, cont_n, first-tag cost, correct with own tags,
+    # then (tag CE, tag ok) per stream
+    s = torch.zeros(9 + 2 * len(heads), dtype=torch.float64, device=device)
     for j in range(0, len(starts), bs):
         chunk = starts[j:j + bs]
         x, y, meta = split.windows(chunk, T)
@@ -293,6 +296,8 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
                 h = model.lower(x, meta)
                 tag_logits = model.tag_logits(h)
                 logits, _ = model.upper(model.inject(h, nxt), targets=y)
+                own = {k: tl.argmax(-1) for k, tl in zip(heads, tag_logits)}
+                s[8] += (model.upper(model.inject(h, own), targets=y)[0].argmax(-1) == y).sum()
             else:
                 logits, _ = model(x, meta, targets=y)
         logits = logits.float()
@@ -307,8 +312,8 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
             s[5] += (ok & cont).sum(); s[6] += cont.sum()
         for d, (name, tl) in enumerate(zip(heads, tag_logits if heads else [])):
             tl = tl.float()
-            s[8 + 2 * d] += F.cross_entropy(tl.view(-1, tl.size(-1)), nxt[name].view(-1), reduction='sum').double()
-            s[9 + 2 * d] += (tl.argmax(-1) == nxt[name]).sum()
+            s[9 + 2 * d] += F.cross_entropy(tl.view(-1, tl.size(-1)), nxt[name].view(-1), reduction='sum').double()
+            s[10 + 2 * d] += (tl.argmax(-1) == nxt[name]).sum()
         if first_tag_nll:
             s[7] += sum(first_tag_nll[k][meta[k][:, 0].cpu()].sum() for k in first_tag_nll)
     if ddp:
@@ -317,15 +322,17 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
     s = s.tolist()
     loss = s[0] / s[1]
     out = dict(val_loss=loss, val_ppl=math.exp(min(loss, 700)), val_acc=s[2] / s[1],
-               val_acc_word_start=None, val_acc_word_cont=None, val_tag_loss=None, val_loss_bound=None)
+               val_acc_word_start=None, val_acc_word_cont=None, val_tag_loss=None, val_loss_bound=None,
+               val_acc_own=None)
     if word_ids is not None:
         out['val_acc_word_start'] = s[3] / s[4] if s[4] else None
         out['val_acc_word_cont'] = s[5] / s[6] if s[6] else None
     if heads:
-        out['val_tag_loss'] = sum(s[8 + 2 * d] for d in range(len(heads))) / s[1]
+        out['val_tag_loss'] = sum(s[9 + 2 * d] for d in range(len(heads))) / s[1]
         out['val_loss_bound'] = loss + out['val_tag_loss'] + s[7] / s[1]
+        out['val_acc_own'] = s[8] / s[1]
         for d, name in enumerate(heads):
-            out[f'val_tag_acc_{name}'] = s[9 + 2 * d] / s[1]
+            out[f'val_tag_acc_{name}'] = s[10 + 2 * d] / s[1]
     return out
 
 

@@ -2,8 +2,8 @@
 #   python bench.py configs/bench_gpu_check.py
 # 1) throughput of baseline / LIME / LIME+1 at GPT-2 small scale (124M, 50257 vocab, block 1024),
 #    bf16 autocast + torch.compile, random tokens (no dataset needed for this part);
-# 2) a short efficiency run (all six arms) on data/gutenberg_4k with a small model, eager;
-# 3) steering on that run's LIME+1 and baseline checkpoints.
+# 2) a short efficiency run (every arm of eff_runs) on data/gutenberg_4k with a small model, eager;
+# 3) steering on that run's LIME+1, self-predicting LIME+1 and baseline checkpoints.
 # data/gutenberg_4k is built with prepare.py if missing (full + causal tags; takes a few minutes
 # on 16 cores): carry a prebuilt copy to skip that.
 # throughput: the 124M setup of bench_throughput_124m.py (cuda, bf16, compile), fewer steps

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 import bench
 
-TINY_MODEL = ['--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4', '--device=cpu',
+TINY_MODEL = ['--n_layer=2', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_size=4', '--device=cpu',
               '--dtype=float32', '--threads=1']
 
 TEXT = ("The old man walked to the harbour in the morning. Mr. Smith sold 3 boats to the Navy in 1901, "
@@ -66,7 +66,7 @@ def eff(tiny_data):
     out = d / 'eff.json'
     run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}', f'--out_json={out}',
               '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
-              *TINY_MODEL)
+              '--marginal_positions=6', *TINY_MODEL)
     return d, data, load(out)
 
 
@@ -131,7 +131,7 @@ def test_efficiency(eff):
     d, data, res = eff
     assert all_finite(res)
     runs = res['result']['runs']
-    assert list(runs) == ['baseline', 'lime', 'lime_causal', 'lime1', 'shuffled', 'baseline_seed2']
+    assert list(runs) == ['baseline', 'lime', 'lime_causal', 'lime1', 'lime1_predict', 'shuffled', 'baseline_seed2']
     for name, r in runs.items():
         for k in ('final_val_loss', 'final_val_ppl', 'final_val_acc', 'final_val_acc_word_start',
                   'final_val_acc_word_cont'):
@@ -140,6 +140,18 @@ def test_efficiency(eff):
         for k in ('frac_tokens_to_baseline_loss', 'frac_tokens_to_baseline_acc'):
             assert r[k] is None or r[k] >= 0
     assert runs['baseline']['frac_tokens_to_baseline_loss'] == pytest.approx(1.0)
+    # val_nll exists exactly for the runs that read nothing of the future
+    honest = {n for n, r in runs.items() if not r['reads_future']}
+    assert honest == {'baseline', 'lime_causal', 'lime1_predict', 'baseline_seed2'}
+    for n, r in runs.items():
+        assert (r['final_val_nll'] is None) == r['reads_future']
+        if r['reads_future']:
+            assert r['frac_tokens_to_baseline_nll'] is None and bench.reach_cell(r, 'frac_tokens_to_baseline_nll') == 'n/a'
+    p = runs['lime1_predict']
+    assert p['final_val_nll'] == pytest.approx(p['final_val_loss_bound']) and p['final_val_nll'] > p['final_val_loss']
+    m = res['result']['marginal']
+    assert m['positions'] == 6 and m['marginalised'] == ['pos_causal', 'ner_causal'] and m['values'] == 48 * 6
+    assert 0 <= m['gap'] and m['marginal'] <= m['bound'] and 0 < m['tag_cost'] < m['bound']
     assert (d / 'eff' / 'lime1' / 'ckpt.pt').exists()
     # a second call reuses the finished runs instead of training again
     r = run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}',
@@ -157,8 +169,9 @@ def test_steering(eff):
     res = load(out)
     assert all_finite(res)
     r = res['result']
-    assert set(r['accuracy']) == {'oracle_hints', 'unk_hints', 'baseline'}
-    assert set(r['generation']) == {'hinted', 'unhinted_unk', 'baseline'}
+    assert set(r['accuracy']) == {'oracle_hints', 'unk_hints', 'baseline', 'predict_oracle_tags', 'predict_own_tags'}
+    assert set(r['generation']) == {'hinted', 'unhinted_unk', 'predict_hinted', 'predict_unhinted', 'baseline'}
+    assert r['predict_ckpt_dir'].endswith('lime1_predict') and r['generation']['predict_unhinted']['target'] == 'own tags'
     for g in r['generation'].values():
         for k in ('match_pos', 'match_ner', 'match_all'):
             assert 0.0 <= g[k] <= 1.0
