@@ -269,7 +269,8 @@ def eval_starts(n, T, count):
 
 
 @torch.no_grad()
-def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False, first_tag_nll=None):
+def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False, first_tag_nll=None,
+             token_bytes=None):
     """Summed over the windows: loss, next-token accuracy, and accuracy on targets that start a word
     (word tag B) vs continue one (I); <pad>/<space>/<unk> targets are left out of that split.
     meta_predict models also get each stream's next-tag loss and accuracy (fed the data's next tags,
@@ -278,13 +279,14 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
     first_tag_nll: {stream: -log p(tag)} per tag id (see first_tag_costs), the price of the tags of
     each window's first position, which no head predicts: added to the bound when given. val_acc of
     a meta_predict model is read with the data's next tags (an oracle); val_acc_own with the heads'
-    own argmax tags (from the past alone)."""
+    own argmax tags (from the past alone). token_bytes: UTF-8 bytes per token id (see
+    token_byte_lengths); val_bytes_per_token is the mean over the windows' targets."""
     cfg = model.config
     heads = list(cfg.meta_streams) if cfg.meta_predict else []
     model.eval()
     # loss, n, correct, start_ok, start_n, cont_ok, cont_n, first-tag cost, correct with own tags,
-    # then (tag CE, tag ok) per stream
-    s = torch.zeros(9 + 2 * len(heads), dtype=torch.float64, device=device)
+    # target bytes, then (tag CE, tag ok) per stream
+    s = torch.zeros(10 + 2 * len(heads), dtype=torch.float64, device=device)
     for j in range(0, len(starts), bs):
         chunk = starts[j:j + bs]
         x, y, meta = split.windows(chunk, T)
@@ -312,8 +314,10 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
             s[5] += (ok & cont).sum(); s[6] += cont.sum()
         for d, (name, tl) in enumerate(zip(heads, tag_logits if heads else [])):
             tl = tl.float()
-            s[9 + 2 * d] += F.cross_entropy(tl.view(-1, tl.size(-1)), nxt[name].view(-1), reduction='sum').double()
-            s[10 + 2 * d] += (tl.argmax(-1) == nxt[name]).sum()
+            s[10 + 2 * d] += F.cross_entropy(tl.view(-1, tl.size(-1)), nxt[name].view(-1), reduction='sum').double()
+            s[11 + 2 * d] += (tl.argmax(-1) == nxt[name]).sum()
+        if token_bytes is not None:
+            s[9] += token_bytes[y.cpu()].sum()
         if first_tag_nll:
             s[7] += sum(first_tag_nll[k][meta[k][:, 0].cpu()].sum() for k in first_tag_nll)
     if ddp:
@@ -323,17 +327,42 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
     loss = s[0] / s[1]
     out = dict(val_loss=loss, val_ppl=math.exp(min(loss, 700)), val_acc=s[2] / s[1],
                val_acc_word_start=None, val_acc_word_cont=None, val_tag_loss=None, val_loss_bound=None,
-               val_acc_own=None)
+               val_acc_own=None, val_bytes_per_token=s[9] / s[1] if token_bytes is not None else None)
     if word_ids is not None:
         out['val_acc_word_start'] = s[3] / s[4] if s[4] else None
         out['val_acc_word_cont'] = s[5] / s[6] if s[6] else None
     if heads:
-        out['val_tag_loss'] = sum(s[9 + 2 * d] for d in range(len(heads))) / s[1]
+        out['val_tag_loss'] = sum(s[10 + 2 * d] for d in range(len(heads))) / s[1]
         out['val_loss_bound'] = loss + out['val_tag_loss'] + s[7] / s[1]
         out['val_acc_own'] = s[8] / s[1]
         for d, name in enumerate(heads):
-            out[f'val_tag_acc_{name}'] = s[10 + 2 * d] / s[1]
+            out[f'val_tag_acc_{name}'] = s[11 + 2 * d] / s[1]
     return out
+
+
+def token_byte_lengths(info):
+    """UTF-8 bytes of each token id of the dataset's tokenizer, <|endoftext|> 0 (a separator, not
+    text): a tensor, or None when the tokenizer is unknown here. meta.json's 'token_bytes' (a list)
+    wins, so a dataset with its own tokenizer can still report bits per byte."""
+    if isinstance(info.get('token_bytes'), list):
+        return torch.tensor(info['token_bytes'], dtype=torch.float64)
+    import metadata as md
+    try:
+        md.set_tokenizer(info.get('tokenizer', 'gpt2'))
+        enc = md.encoding()
+    except md.MetadataError:
+        return None
+    n = np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.float64)
+    n[enc.eot_token] = 0
+    return torch.from_numpy(n)
+
+
+def bits_per_byte(nll, bytes_per_token):
+    """val_nll (nats per target token) as bits per UTF-8 byte of the targets' text: the one number
+    comparable across tokenizations and vocabularies. The separator's NLL is charged, its bytes are 0."""
+    if nll is None or not bytes_per_token:
+        return None
+    return nll / (math.log(2) * bytes_per_token)
 
 
 def is_causal(stream):
@@ -481,6 +510,7 @@ def main(argv):
     nll_key = nll_rule(streams, C.meta_shift, C.meta_predict, C.meta_shuffle)
     first_tags = (first_tag_costs(train_split, streams, [len(info['streams'][s]['tags']) for s in streams])
                   if C.meta_predict else None)
+    token_bytes = token_byte_lengths(info)
 
     # model
     model_args = dict(n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=C.block_size,
@@ -547,13 +577,14 @@ def main(argv):
             mfu = raw_model.estimate_mfu(C.batch_size * accum, dt / n_it, C.peak_flops) if n_it else None
             # ranks may hold different numbers of windows, so evaluate outside DDP's forward and all-reduce sums
             res = evaluate(model.module if ddp else model, val_split, val_windows, C.block_size, C.batch_size,
-                           ctx, C.device, word_ids, ddp, first_tags)
+                           ctx, C.device, word_ids, ddp, first_tags, token_bytes)
             res['val_nll'] = res[nll_key] if nll_key else None
+            res['val_bpb'] = bits_per_byte(res['val_nll'], res['val_bytes_per_token'])
             row = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, lr=lr, train_loss=train_loss, **res,
                        tokens_per_sec=tps, mfu=mfu, elapsed_s=time.time() - t_start)
             fmt = lambda v: 'n/a' if v is None else f"{v:.4f}"
             log(f"step {iter_num}: train loss {fmt(train_loss)}, val loss {res['val_loss']:.4f}, "
-                f"val_nll {fmt(res['val_nll'])}"
+                f"val_nll {fmt(res['val_nll'])} (bpb {fmt(res['val_bpb'])})"
                 + (f" (bound: tag loss {res['val_tag_loss']:.4f})" if C.meta_predict else "")
                 + f", ppl {res['val_ppl']:.2f}, acc {res['val_acc']:.4f} (word start {fmt(res['val_acc_word_start'])}, "
                 f"cont {fmt(res['val_acc_word_cont'])})" + (f", {tps:,.0f} tok/s" if tps else ""))

@@ -3,6 +3,7 @@
 # Same steps and batches for the other arms of the comparison:
 #   python train.py configs/cpu_demo_baseline.py   (no metadata)
 #   python train.py configs/cpu_demo_lime1.py      (LIME+1: tags of the next token)
+#   python train.py configs/cpu_demo_predict.py    (LIME+1 predicting the next tags itself)
 # tokens/iteration = 16 * 64 = 1,024; 600 iters ~ 0.6M tokens (the train split is ~2M tokens).
 # The 50257-way output layer dominates the cost at this size, so the model is narrow and the window short.
 out_dir = 'out-cpu-demo-lime'

@@ -192,6 +192,31 @@ def test_meta_predict_bound_is_honest_on_known_entropy(tmp_path):
         assert k in base
 
 
+def test_val_bpb_on_known_byte_counts(tmp_path):
+    d = write_dataset(tmp_path / 'd')
+    meta = json.loads((d / 'meta.json').read_text())
+    nbytes = [1 + i % 3 for i in range(64)]
+    nbytes[63] = 0  # the separator
+    meta['token_bytes'] = nbytes
+    (d / 'meta.json').write_text(json.dumps(meta))
+    r = run(d, tmp_path / 'o', '--max_iters=2', '--eval_interval=2')[-1]
+    tok = np.fromfile(d / 'val.bin', dtype=np.uint16)
+    targets = np.concatenate([tok[i + 1:i + 33] for i in train.eval_starts(len(tok), 32, 4 * 8)])
+    assert r['val_bytes_per_token'] == pytest.approx(np.mean(np.array(nbytes)[targets]))
+    assert r['val_bpb'] == pytest.approx(r['val_nll'] / (np.log(2) * r['val_bytes_per_token']))
+    # full tags read the future: no val_nll, so no bits per byte either
+    r = run(d, tmp_path / 'l', '--max_iters=2', '--eval_interval=2', '--metadata=pos')[-1]
+    assert r['val_nll'] is None and r['val_bpb'] is None
+
+
+def test_token_byte_lengths_of_gpt2():
+    import metadata as md
+    n = train.token_byte_lengths({'tokenizer': 'gpt2'})
+    enc = md.encoding()
+    assert n[enc.encode_ordinary(' the')[0]] == 4 and n[enc.eot_token] == 0 and len(n) == 50257
+    assert train.token_byte_lengths({'tokenizer': 'test'}) is None
+
+
 def test_val_nll_rule():
     r = train.nll_rule
     assert r([], 0, False, False) == 'val_loss'
