@@ -28,7 +28,7 @@ from metadata import UNK
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = 'throughput'  # throughput | tagging | efficiency | steering | gpu_check
+mode = 'throughput'  # throughput | tagging | efficiency | steering | curves | gpu_check
 out_json = ''  # '' = out-bench/bench_<mode>.json
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -91,6 +91,9 @@ launcher = ''  # prefix for train.py instead of the python running bench, e.g. '
 eff_parallel = 1  # training processes at once (CPU: 2 one-thread runs beat 1 two-thread run)
 train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
 plot = True  # eff_dir/curves.png when matplotlib is installed
+# curves: python bench.py --mode=curves RUN_DIR [RUN_DIR ...]
+curves_baseline = ''  # the run the others are measured against; '' = the first directory given
+curves_png = 'out-bench/curves.png'
 # steering
 ckpt_dir = ''  # a LIME+1 run dir with ckpt.pt; '' = eff_dir/lime1 (trained now if missing)
 base_ckpt_dir = ''  # the baseline run dir; '' = eff_dir/baseline (trained now if missing)
@@ -106,7 +109,8 @@ steer_temperature = 1.0
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODES = ('throughput', 'tagging', 'efficiency', 'steering', 'gpu_check')
+MODES = ('throughput', 'tagging', 'efficiency', 'steering', 'curves', 'gpu_check')
+PAPER_FRACTION = 0.4365  # the paper's headline: LIME reaches the baseline's loss with 43.65% of its tokens
 
 
 def fail(msg):
@@ -676,11 +680,11 @@ def honest_acc_key(rows):
     return 'val_acc_own' if last.get('val_acc_own') is not None else 'val_acc'
 
 
-def summarize_runs(logs, walls):
+def summarize_runs(logs, walls, baseline='baseline'):
     """Final numbers per run and the fraction of the baseline's tokens at which each run first
     reaches the baseline's final value: on val_nll and honest accuracy (runs that read the future
     have none: reads_future), and, as in the paper, on val_loss and val_acc whatever the run reads."""
-    base = logs['baseline'][-1]
+    base = logs[baseline][-1]
     base_tokens = base['tokens']
     frac = lambda t: t / base_tokens if t is not None and base_tokens else None
     out = {}
@@ -764,30 +768,105 @@ def predict_marginal(C, run_dir):
     return res
 
 
-def plot_curves(runs, path):
+def draw_curves(logs, baseline, path):
+    """One PNG of val_nll (val_loss, dashed, for runs that read the future), accuracy and the
+    cohesion accuracies against training tokens for logs {label: log.jsonl rows}, with the
+    baseline's final value marked, where each run first reaches it, and the paper's 43.65% of the
+    baseline's tokens. Returns the path, or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib); the curves are in the JSON")
+        print("matplotlib is not installed: no plot (pip install matplotlib); the numbers are in the JSON")
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in runs.items():
-        c = r['curve']
-        axes[0].plot(c['tokens'], c['val_loss'], label=name)
-        axes[1].plot(c['tokens'], c['val_acc'], label=name)
-    for ax, yl in zip(axes, ('val loss', 'val next-token accuracy')):
+    base = logs[baseline]
+    base_tokens = base[-1]['tokens']
+    panels = [('val_nll', 'val NLL per token', lambda v, t: v <= t),
+              ('val_acc', 'val next-token accuracy', lambda v, t: v >= t),
+              ('val_acc_word_start', 'accuracy, word-start targets', lambda v, t: v >= t),
+              ('val_acc_word_cont', 'accuracy, word-continuation targets', lambda v, t: v >= t)]
+
+    def curve_key(rows, key):
+        # (key to plot, from the past alone?): runs that read the future plot val_loss/val_acc, dashed;
+        # a meta_predict run's accuracy is its own-tag accuracy (its val_acc is teacher-forced)
+        honest = rows[-1].get('val_nll') is not None
+        predict = rows[-1].get('val_loss_bound') is not None
+        if key == 'val_nll':
+            return ('val_nll', True) if honest else ('val_loss', False)
+        if key == 'val_acc' and predict and rows[-1].get('val_acc_own') is not None:
+            return 'val_acc_own', True
+        return key, honest and not predict
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for ax, (key, title, better) in zip(axes.flat, panels):
+        target = base[-1].get(key)
+        drawn = 0
+        for k, (label, rows) in enumerate(logs.items()):
+            color = f'C{k}'
+            use, past_only = curve_key(rows, key)
+            pts = [(r['tokens'], r.get(use)) for r in rows if r.get(use) is not None]
+            if not pts:
+                continue
+            drawn += 1
+            ax.plot(*zip(*pts), color=color, ls='-' if past_only else '--', label=label)
+            reach = first_reach(rows, use, target, better) if target is not None else None
+            if reach is not None and label != baseline:
+                ax.axvline(reach, color=color, ls=':', lw=1)
+                ax.annotate(f"{100 * reach / base_tokens:.0f}%", (reach, target), color=color, fontsize=8,
+                            xytext=(3, 3 + 9 * k), textcoords='offset points')
+        if not drawn:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{title}: not in these logs", ha='center', transform=ax.transAxes)
+            continue
+        if target is not None:
+            ax.axhline(target, color='gray', lw=1, ls='--')
+            ax.text(0, target, "baseline's final", color='gray', fontsize=8, va='bottom')
+        ax.axvline(PAPER_FRACTION * base_tokens, color='black', lw=1, ls='-.', alpha=0.5)
+        ax.text(PAPER_FRACTION * base_tokens, ax.get_ylim()[1], ' paper: 43.65%', fontsize=8, va='top')
+        ax.set_title(title + ' (dashed: reads the future)', fontsize=10)
         ax.set_xlabel('training tokens')
-        ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.tmp.png'
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
     plt.close(fig)
     return path
+
+
+def run_curves(C, run_dirs):
+    """curves: draw_curves over any run directories (each with a log.jsonl); the first is the baseline
+    unless curves_baseline names another. Prints where each run first reaches the baseline's final
+    val_nll / accuracy."""
+    if not run_dirs:
+        fail("curves: give run directories, e.g. python bench.py --mode=curves out-a out-b")
+    logs = {}
+    for d in run_dirs:
+        path = os.path.join(d, 'log.jsonl')
+        if not os.path.isfile(path):
+            fail(f"{path}: not found (a train.py run directory holds one)")
+        rows = read_log(path)
+        if not rows:
+            fail(f"{path}: no evaluation rows yet")
+        logs[os.path.basename(os.path.normpath(d))] = rows
+    baseline = os.path.basename(os.path.normpath(C.curves_baseline or run_dirs[0]))
+    if baseline not in logs:
+        fail(f"curves_baseline={C.curves_baseline} is not one of the run directories")
+    runs = summarize_runs(logs, {}, baseline)
+    table([dict(run=k, **{c: reach_cell(r, c) for c in ('frac_tokens_to_baseline_nll', 'frac_tokens_to_baseline_loss',
+                                                        'frac_tokens_to_baseline_acc')},
+                final_val_nll=r['final_val_nll'], final_val_loss=r['final_val_loss']) for k, r in runs.items()],
+          [('run', 'run', ''), ('final_val_loss', 'val loss', '.4f'), ('final_val_nll', 'val_nll', '.4f'),
+           ('frac_tokens_to_baseline_nll', "to baseline's val_nll", ''),
+           ('frac_tokens_to_baseline_loss', "to baseline's loss", ''),
+           ('frac_tokens_to_baseline_acc', "to baseline's acc", '')])
+    png = draw_curves(logs, baseline, C.curves_png)
+    if png:
+        print(f"wrote {png}")
+    return dict(runs=runs, baseline=baseline, plot=png, run_dirs=[os.path.abspath(d) for d in run_dirs])
 
 
 def run_efficiency(C):
@@ -834,7 +913,7 @@ def run_efficiency(C):
         marginal = predict_marginal(C, os.path.join(C.eff_dir, 'lime1_predict'))
     png = None
     if C.plot:
-        png = plot_curves(runs, os.path.join(C.eff_dir, 'curves.png'))
+        png = draw_curves({n: logs[n] for n in names}, 'baseline', os.path.join(C.eff_dir, 'curves.png'))
     return dict(runs=runs, marginal=marginal, baseline_final_tokens=logs['baseline'][-1]['tokens'],
                 data_dir=C.data_dir,
                 tokenizer=info.get('tokenizer'), vocab_size=info.get('vocab_size'),
@@ -1038,8 +1117,12 @@ def run_gpu_check(C, cfg):
 
 def main(argv):
     from types import SimpleNamespace
-    cfg = configure(argv)
+    # curves: run directories may be given as plain arguments (config files are files, not directories)
+    run_dirs = [a for a in argv if not a.startswith('--') and os.path.isdir(a)]
+    cfg = configure([a for a in argv if a not in run_dirs])
     C = SimpleNamespace(**cfg)
+    if run_dirs and C.mode != 'curves':
+        fail(f"{run_dirs[0]}: a directory is only an argument of --mode=curves")
     if C.threads:
         torch.set_num_threads(C.threads)
     if C.device.startswith('cuda') and not torch.cuda.is_available():
@@ -1048,7 +1131,7 @@ def main(argv):
     t0 = time.time()
     print(f"bench mode={C.mode} device={C.device} dtype={C.dtype} compile={C.compile}", flush=True)
     res = {'throughput': run_throughput, 'tagging': run_tagging, 'efficiency': run_efficiency,
-           'steering': run_steering}.get(C.mode)
+           'steering': run_steering, 'curves': lambda C: run_curves(C, run_dirs)}.get(C.mode)
     result = res(C) if res else run_gpu_check(C, cfg)
     path = C.out_json or os.path.join("out-bench", f"bench_{C.mode}.json")
     write_json(path, dict(mode=C.mode, config=cfg, env=env_info(C), result=result,

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -158,6 +159,24 @@ def test_efficiency(eff):
                   f'--out_json={d / "eff2.json"}', '--max_iters=4', '--eval_interval=2', '--eval_iters=2',
                   '--warmup_iters=1', '--plot=False', '--eff_runs=baseline,lime', *TINY_MODEL)
     assert 'reusing' in r.stdout
+
+
+def test_curves(eff, monkeypatch, capsys):
+    d, _, _ = eff
+    runs = [str(d / 'eff' / n) for n in ('baseline', 'lime', 'lime_causal', 'lime1_predict')]
+    out, png = d / 'curves.json', d / 'curves.png'
+    run_bench(d, '--mode=curves', *runs, f'--out_json={out}', f'--curves_png={png}')
+    r = load(out)['result']
+    assert r['baseline'] == 'baseline' and set(r['runs']) == {'baseline', 'lime', 'lime_causal', 'lime1_predict'}
+    assert r['runs']['lime']['reads_future'] and not r['runs']['lime_causal']['reads_future']
+    pytest.importorskip('matplotlib')
+    assert png.stat().st_size > 10000 and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # without matplotlib: one line naming the package, and the numbers still come
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    assert bench.draw_curves({'b': bench.read_log(d / 'eff' / 'baseline' / 'log.jsonl')}, 'b', str(d / 'x.png')) is None
+    assert 'pip install matplotlib' in capsys.readouterr().out and not (d / 'x.png').exists()
+    with pytest.raises(SystemExit, match='log.jsonl: not found'):
+        bench.run_curves(types.SimpleNamespace(curves_baseline='', curves_png=str(png)), [str(d)])
 
 
 def test_steering(eff):
