@@ -575,7 +575,7 @@ def train_args(C, name, out_dir):
                 lr_decay_iters=C.max_iters, warmup_iters=C.warmup_iters, learning_rate=C.learning_rate,
                 min_lr=C.min_lr, weight_decay=C.weight_decay, eval_interval=C.eval_interval,
                 eval_iters=C.eval_iters, log_interval=max(C.max_iters // 10, 1), device=C.device,
-                dtype=C.dtype, compile=C.compile, always_save_checkpoint=True)
+                dtype=C.dtype, compile=C.compile, always_save_checkpoint=True, overwrite=True)  # a rerun replaces
     if name == 'lime1' and C.lime1_meta_dropout > 0:
         args['meta_dropout'] = C.lime1_meta_dropout
     return [f"--{k}={v}" for k, v in args.items()]
@@ -825,14 +825,14 @@ def run_steering(C):
     generation."""
     sys.path.insert(0, ROOT)
     from model import GPT
-    from train import Split
+    from train import Split, load_checkpoint  # weights_only: a checkpoint never runs code
     import metadata as md
     lime_dir = C.ckpt_dir or os.path.join(C.eff_dir, 'lime1')
     base_dir = C.base_ckpt_dir or os.path.join(C.eff_dir, 'baseline')
     ensure_ckpt(C, lime_dir, 'lime1')
     ensure_ckpt(C, base_dir, 'baseline')
-    ck = torch.load(os.path.join(lime_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
-    ckb = torch.load(os.path.join(base_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    ck = load_checkpoint(os.path.join(lime_dir, 'ckpt.pt'))
+    ckb = load_checkpoint(os.path.join(base_dir, 'ckpt.pt'))
     if ck['model_args'].get('meta_shift') != 1:
         fail(f"{lime_dir}/ckpt.pt is not a LIME+1 model (meta_shift={ck['model_args'].get('meta_shift')})")
     streams = list(ck['model_args']['meta_streams'])

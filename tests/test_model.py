@@ -111,3 +111,18 @@ def test_cached_greedy_decoding_equals_uncached():
             pos = T
             b = torch.cat([b, lg[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(a, b)
+
+
+def test_from_checkpoint_path_never_runs_code(tmp_path):
+    import pickle
+    from conftest import RunsCode
+    m = build(**META)
+    ck = dict(model=m.state_dict(), model_args=dict(vars(m.config)))
+    torch.save(ck, tmp_path / 'ok.pt')
+    again = GPT.from_checkpoint(str(tmp_path / 'ok.pt'))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in m.state_dict().items())
+    marker = tmp_path / 'pwned'
+    torch.save(dict(ck, extra=RunsCode(marker)), tmp_path / 'evil.pt')
+    with pytest.raises(pickle.UnpicklingError, match='posix.system'):
+        GPT.from_checkpoint(str(tmp_path / 'evil.pt'))
+    assert not marker.exists()
