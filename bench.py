@@ -590,7 +590,7 @@ def train_args(C, name, out_dir):
                 lr_decay_iters=C.max_iters, warmup_iters=C.warmup_iters, learning_rate=C.learning_rate,
                 min_lr=C.min_lr, weight_decay=C.weight_decay, eval_interval=C.eval_interval,
                 eval_iters=C.eval_iters, log_interval=max(C.max_iters // 10, 1), device=C.device,
-                dtype=C.dtype, compile=C.compile, always_save_checkpoint=True)
+                dtype=C.dtype, compile=C.compile, always_save_checkpoint=True, overwrite=True)  # a rerun replaces
     if name == 'lime1' and C.lime1_meta_dropout > 0:
         args['meta_dropout'] = C.lime1_meta_dropout
     if spec.get('meta_predict'):
@@ -731,8 +731,8 @@ def predict_marginal(C, run_dir):
     import itertools
     import torch.nn.functional as F
     from model import GPT
-    from train import Split, eval_starts
-    ck = torch.load(os.path.join(run_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    from train import Split, eval_starts, load_checkpoint
+    ck = load_checkpoint(os.path.join(run_dir, 'ckpt.pt'))
     model = GPT.from_checkpoint(ck, C.device).eval()
     cfg = model.config
     streams, n_tags, T = list(cfg.meta_streams), cfg.meta_n_tags, cfg.block_size
@@ -1029,7 +1029,7 @@ def run_steering(C):
     its own tags or the hints: next-token accuracy, then hinted generation."""
     sys.path.insert(0, ROOT)
     from model import GPT
-    from train import Split
+    from train import Split, load_checkpoint  # weights_only: a checkpoint never runs code
     import metadata as md
     dirs = {'lime1': C.ckpt_dir or os.path.join(C.eff_dir, 'lime1'),
             'baseline': C.base_ckpt_dir or os.path.join(C.eff_dir, 'baseline')}
@@ -1043,7 +1043,7 @@ def run_steering(C):
     cks = {}
     for k, d in dirs.items():
         ensure_ckpt(C, d, {'predict': 'lime1_predict'}.get(k, k))
-        cks[k] = torch.load(os.path.join(d, 'ckpt.pt'), map_location='cpu', weights_only=False)
+        cks[k] = load_checkpoint(os.path.join(d, 'ckpt.pt'))
     ck = cks['lime1']
     if ck['model_args'].get('meta_shift') != 1:
         fail(f"{dirs['lime1']}/ckpt.pt is not a LIME+1 model (meta_shift={ck['model_args'].get('meta_shift')})")

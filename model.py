@@ -311,9 +311,11 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt, device='cpu'):
-        """Rebuild a model from a train.py checkpoint (dict or path): model_args -> GPTConfig -> weights."""
+        """Rebuild a model from a train.py checkpoint (dict or path): model_args -> GPTConfig -> weights.
+        A path is loaded with weights_only=True: tensors and plain data only, so it cannot run code
+        (train.load_checkpoint does the same and names what is wrong with a file in one line)."""
         if not isinstance(ckpt, dict):
-            ckpt = torch.load(ckpt, map_location=device, weights_only=False)
+            ckpt = torch.load(ckpt, map_location='cpu', weights_only=True)
         model = cls(GPTConfig(**ckpt['model_args']))
         sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
         model.load_state_dict(sd)

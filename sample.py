@@ -23,14 +23,14 @@ from metadata import UNK  # the tag id of a missing hint, in every stream
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'
-start = '\n'  # prompt text, or FILE:path; '' starts a fresh document (<|endoftext|>)
-num_samples = 3
-max_new_tokens = 100
-temperature = 0.8  # 0 = greedy
-top_k = 200  # 1 = greedy; 0 = no top-k filtering
+start = '\n'  # prompt text (all of it text: a literal <|endoftext|> too), or FILE:path; '' starts a fresh document
+num_samples = 3  # >= 1
+max_new_tokens = 100  # >= 0
+temperature = 0.8  # >= 0; 0 = greedy (any positive value works: sampling is computed without overflow)
+top_k = 200  # >= 0; 1 = greedy; 0 = no top-k filtering
 seed = 1337
 device = 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+dtype = 'auto'  # float32, bfloat16, float16 (these two need a CUDA device); auto = bfloat16 on a CUDA GPU with bf16, else float32
 compile = False
 kv_cache = True  # False: recompute the whole context for every new token
 hints = ''  # LIME+1 / meta_predict: one element per generated token: CD, B-NE, CD/O, or _ for none
@@ -48,24 +48,45 @@ class SampleError(Exception):
 
 def configure(argv):
     """Config files and --key=value flags over DEFAULTS: train.py's configurator (a string option
-    keeps its raw text: --start=42 is the text "42")."""
+    keeps its raw text: --start=42 is the text "42"), then the ranges of the options."""
     from train import configure as train_configure
-    return train_configure(argv, DEFAULTS)[0]
+    cfg = train_configure(argv, DEFAULTS)[0]
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Ranges of the options: one line naming the allowed range (train.ConfigError), not a traceback."""
+    import math
+    from train import check_device, check_range, resolve_dtype
+    check_range(cfg, 'num_samples', cfg['num_samples'] >= 1, 'an integer >= 1')
+    for k in ('max_new_tokens', 'top_k', 'seed'):
+        check_range(cfg, k, cfg[k] >= 0, 'an integer >= 0' + (' (0: no top-k filtering)' if k == 'top_k' else ''))
+    check_range(cfg, 'temperature', math.isfinite(cfg['temperature']) and cfg['temperature'] >= 0,
+                'a finite number >= 0 (0: greedy)')
+    check_range(cfg, 'out_dir', cfg['out_dir'].strip() != '', 'a directory name')
+    check_device(cfg['device'])
+    resolve_dtype(cfg['dtype'], cfg['device'])
 
 
 # -----------------------------------------------------------------------------
 # checkpoint and tokenizer
 
 def load_checkpoint(out_dir, device):
+    """The model and checkpoint dict of out_dir/ckpt.pt, loaded with weights_only=True (train.load_checkpoint):
+    a file that is not one of train.py's checkpoints is refused, and nothing in it can run code."""
     from model import GPT
+    from train import CheckpointError, first_line, load_checkpoint as load
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(path):
         raise SampleError(f"{path}: not found (train a model with train.py first)")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        ckpt = load(path)
         model = GPT.from_checkpoint(ckpt, device)
+    except CheckpointError as e:
+        raise SampleError(e.msg)
     except Exception as e:
-        raise SampleError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})")
+        raise SampleError(f"{path}: cannot load checkpoint ({first_line(e)})")
     model.eval()
     return model, ckpt
 
@@ -92,15 +113,11 @@ class Text:
         self.eot = self.enc.eot_token
 
     def encode(self, text):
-        # 'lime' tokenization encodes each word on its own, so the words come from the tagger's
-        # word split; <|endoftext|> in the prompt separates documents, as in the training data
-        ids = []
-        for k, doc in enumerate(text.split('<|endoftext|>')):
-            if k:
-                ids.append(self.eot)
-            if doc:
-                ids.extend(self.md.annotate_text(doc, self.tokenization, self.ner)[0].tolist())
-        return ids
+        # exactly as prepare.py encodes a document ('lime' tokenization encodes each word on its own, so
+        # the words come from the tagger's word split). Text is text: a literal <|endoftext|> in it is
+        # ordinary tokens here as in the training data, where the separator only ever falls between
+        # documents; a prompt starts a new document with --start='' (the separator alone)
+        return self.md.annotate_text(text, self.tokenization, self.ner)[0].tolist()
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -151,7 +168,9 @@ def pick(logits, temperature, top_k, generator=None):
     logits = logits.float()
     if temperature == 0 or top_k == 1:
         return int(torch.argmax(logits))
-    logits = logits / temperature
+    # shifted so the largest logit is 0, in float64: any positive temperature (1e-300 too) gives
+    # finite or -inf values, never inf - inf = nan, and tends to greedy as it tends to 0
+    logits = (logits.double() - logits.max()) / temperature
     if top_k and top_k < logits.numel():
         v, _ = torch.topk(logits, top_k)
         logits = logits.masked_fill(logits < v[-1], -float('inf'))
@@ -302,14 +321,13 @@ def fmt_tags(vocabs, tags):
 
 def run(cfg, out=None, err=None):
     out, err = out or sys.stdout, err or sys.stderr
+    from train import resolve_dtype
+    check_config(cfg)
     torch.manual_seed(cfg['seed'])
-    if cfg['temperature'] < 0 or cfg['top_k'] < 0 or cfg['max_new_tokens'] < 0 or cfg['num_samples'] < 1:
-        raise SampleError("temperature, top_k and max_new_tokens must be >= 0, num_samples >= 1")
     dev = cfg['device']
     device_type = 'cuda' if 'cuda' in dev else 'cpu'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg['dtype'])
-    if ptdtype is None:
-        raise SampleError(f"--dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
+    dtype = resolve_dtype(cfg['dtype'], dev)
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
     model, ckpt = load_checkpoint(cfg['out_dir'], dev)
@@ -336,8 +354,8 @@ def run(cfg, out=None, err=None):
         if not streams:
             raise SampleError("--hints needs a LIME+1 checkpoint; this one is a baseline (no metadata streams)")
         if shift != 1 and not predict:
-            raise SampleError("--hints needs a LIME+1 checkpoint (meta_shift=1 or meta_predict); this LIME model "
-                              "computes the metadata of each token itself, after generating it")
+            raise SampleError("--hints needs a LIME+1 checkpoint (meta_shift=1) or a meta_predict one; this LIME "
+                              "model computes the metadata of each token itself, after generating it")
         hints = parse_hints(hint_text, {s: vocabs[s] for s in streams})
         if len(hints) > cfg['max_new_tokens']:
             raise SampleError(f"{len(hints)} hints for max_new_tokens={cfg['max_new_tokens']}")

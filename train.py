@@ -11,11 +11,14 @@ and --key=value flags override them, in command-line order.
 """
 
 import ast
+import glob
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import warnings
 import zlib
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -31,6 +34,7 @@ from model import GPT, GPTConfig
 # default config values: a small GPT-2 on data/gutenberg
 # I/O
 out_dir = 'out'
+overwrite = False  # a scratch run refuses an out_dir that holds a run (ckpt.pt, log.jsonl) unless True: it then replaces it
 eval_interval = 250
 log_interval = 10
 eval_iters = 20  # the fixed validation set is eval_iters * batch_size windows
@@ -72,7 +76,7 @@ min_lr = 6e-5
 # system
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+dtype = 'auto'  # float32, bfloat16, float16 (these two need a CUDA device); auto = bfloat16 on a CUDA GPU with bf16, else float32
 compile = False
 peak_flops = 0.0  # for MFU; 0 = the detected GPU's bf16 peak (H100/H200 989e12, A100 312e12), none on CPU
 # -----------------------------------------------------------------------------
@@ -158,6 +162,79 @@ def configure(argv, defaults=None):
     return cfg, explicit
 
 
+def check_device(device):
+    """The device must exist on this machine: a one-line error here, not an AssertionError deep in torch."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
+    if d.type == 'cuda':
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device={device} but no CUDA GPU is available here (use --device=cpu)")
+        if d.index is not None and d.index >= n:
+            raise ConfigError(f"device={device} but this machine has {n} CUDA GPU(s): cuda:0 to cuda:{n - 1}")
+    if d.type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device} but MPS is not available here (use --device=cpu)")
+
+
+def resolve_dtype(dtype, device):
+    """'auto' -> bfloat16 on a CUDA GPU that supports it, else float32. Only CUDA runs under autocast;
+    elsewhere the model computes in float32, so float16/bfloat16 there are refused, not silently ignored."""
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    cuda = device.startswith('cuda')
+    if dtype == 'auto':
+        return 'bfloat16' if cuda and torch.cuda.is_bf16_supported() else 'float32'
+    if dtype != 'float32' and not cuda:
+        raise ConfigError(f"dtype={dtype} needs a CUDA device: on {device} the model computes in float32 only "
+                          "(use --dtype=float32 or auto)")
+    return dtype
+
+
+def check_range(c, key, ok, allowed):
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed}, got {c[key]!r}")
+
+
+def check_config(c):
+    """Option ranges, checked at parse time (and again once a resume merged the checkpoint's config),
+    so a bad value is one line naming the allowed range instead of a traceback or a silent misrun."""
+    for k, v in c.items():
+        if isinstance(v, float):
+            check_range(c, k, math.isfinite(v), 'a finite number')
+    for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters',
+              'log_interval', 'n_layer', 'n_head', 'n_embd'):
+        check_range(c, k, c[k] >= 1, 'an integer >= 1')
+    for k in ('max_iters', 'warmup_iters', 'lr_decay_iters', 'seed'):
+        check_range(c, k, c[k] >= 0, 'an integer >= 0')
+    check_range(c, 'n_head', c['n_embd'] % c['n_head'] == 0, f"a divisor of n_embd={c['n_embd']}")
+    for k in ('dropout', 'meta_dropout', 'beta1', 'beta2'):
+        check_range(c, k, 0.0 <= c[k] < 1.0, 'in [0, 1)')
+    check_range(c, 'learning_rate', c['learning_rate'] > 0, '> 0')
+    check_range(c, 'min_lr', 0.0 <= c['min_lr'] <= c['learning_rate'],
+                f"in [0, learning_rate={c['learning_rate']:g}]")
+    for k in ('weight_decay', 'grad_clip', 'peak_flops'):
+        check_range(c, k, c[k] >= 0, '>= 0' + (' (0 disables clipping)' if k == 'grad_clip' else ''))
+    check_range(c, 'init_from', c['init_from'] in ('scratch', 'resume'), "'scratch' or 'resume'")
+    check_range(c, 'meta_shift', c['meta_shift'] in (0, 1), '0 (LIME) or 1 (LIME+1)')
+    check_range(c, 'meta_loss_weight', c['meta_loss_weight'] >= 0, '>= 0')
+    check_range(c, 'meta_inject_layer', 0 <= c['meta_inject_layer'] < c['n_layer'],
+                f"in [1, n_layer={c['n_layer']}), or 0 for n_layer // 2")
+    for k in ('out_dir', 'data_dir'):
+        check_range(c, k, c[k].strip() != '', 'a directory name')
+    w = c['meta_weight']
+    ws = w if isinstance(w, list) else [w]
+    check_range(c, 'meta_weight', all(math.isfinite(x) for x in ws), 'finite')
+    n = len([s for s in c['metadata'].split(',') if s.strip()])
+    check_range(c, 'meta_weight', not isinstance(w, list) or len(w) == n,
+                f"one float, or a list of {n} (one per stream of metadata={c['metadata']!r})")
+    check_device(c['device'])
+    resolve_dtype(c['dtype'], c['device'])
+
+
 # -----------------------------------------------------------------------------
 # data
 
@@ -166,22 +243,39 @@ def load_meta(data_dir, streams):
     meta_path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(meta_path):
         fail(f"{meta_path}: not found (build the dataset with prepare.py)")
-    with open(meta_path) as f:
-        info = json.load(f)
-    known = info.get('streams', {})
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            info = json.load(f)
+    except OSError as e:
+        fail(f"{meta_path}: cannot read ({e.strerror or e})")
+    except ValueError as e:  # not JSON, or not UTF-8
+        fail(f"{meta_path}: not valid JSON ({e})")
+    known = info.get('streams') if isinstance(info, dict) else None
+    if not isinstance(known, dict) or not all(isinstance(v, dict) and isinstance(v.get('tags'), list)
+                                              for v in known.values()):
+        fail(f"{meta_path}: not a prepare.py meta.json (needs 'streams': {{name: {{'tags': [...]}}}})")
+    if not isinstance(info.get('vocab_size'), int) or not 0 < info['vocab_size'] <= 65536:
+        fail(f"{meta_path}: not a prepare.py meta.json (needs 'vocab_size': an integer in [1, 65536])")
     for s in streams:
         if s not in known:
             fail(f"{meta_path}: unknown metadata stream '{s}' (available: {', '.join(known) or 'none'})")
+
+    def n_ids(path):  # uint16 ids: an odd size is a truncated or foreign file
+        size = os.path.getsize(path)
+        if size % 2:
+            fail(f"{path}: {size} bytes, not a whole number of uint16 ids (truncated, or not written by prepare.py)")
+        return size // 2
+
     for split in ('train', 'val'):
         tok_path = os.path.join(data_dir, f'{split}.bin')
         if not os.path.isfile(tok_path):
             fail(f"{tok_path}: not found")
-        n = os.path.getsize(tok_path) // 2
+        n = n_ids(tok_path)
         for s in streams:
             p = os.path.join(data_dir, f'{split}.{s}.bin')
             if not os.path.isfile(p):
                 fail(f"{p}: not found (stream '{s}' is listed in {meta_path})")
-            m = os.path.getsize(p) // 2
+            m = n_ids(p)
             if m != n:
                 fail(f"{p}: {m} tags but {tok_path} has {n} tokens")
     return info
@@ -424,29 +518,271 @@ def check_resume_data(ckpt, info, streams, ckpt_path, meta_path):
 
 
 # -----------------------------------------------------------------------------
+# checkpoints and the out_dir
+
+class CheckpointError(SystemExit):
+    """A checkpoint that cannot be used: exits with status 1 and one line naming the file, when not caught."""
+
+    def __init__(self, path, problem):
+        self.msg = f"{path}: {problem}"
+        super().__init__(self.msg)
+
+
+def first_line(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+# what every train.py checkpoint holds (model_args: GPTConfig's fields when this was written)
+CKPT_KEYS = ('model', 'model_args', 'config', 'dataset')
+RESUME_KEYS = ('iter_num', 'best_val_loss', 'optimizer', 'rng')
+MODEL_ARGS = dict(n_layer=int, n_head=int, n_embd=int, block_size=int, bias=bool, dropout=(int, float),
+                  vocab_size=int, meta_streams=(tuple, list), meta_n_tags=(tuple, list),
+                  meta_weight=(tuple, list), meta_shift=int)
+
+
+def load_checkpoint(path, resume=False):
+    """A train.py checkpoint as a dict, loaded with weights_only=True: only tensors and plain data
+    (numbers, strings, lists, tuples, dicts) are unpickled, so a file that would run code is refused,
+    never executed. Anything that is not one of our checkpoints (truncated, foreign, another project's)
+    raises CheckpointError: one line naming the file. resume: also the optimizer and RNG state."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # torch's notes about pickle protocols are not for the user
+            ck = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(path, "not found")
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read ({e.strerror or e})")
+    except pickle.UnpicklingError as e:
+        detail = [l.strip() for l in str(e).splitlines() if 'GLOBAL' in l or 'Unsupported' in l] + ['']
+        if 'GLOBAL' in detail[0]:  # a function or class to call: the way a pickle runs code
+            raise CheckpointError(path, f"refused: holds more than tensors and plain data, so loading it could "
+                                  f"run code (weights_only: {detail[0]}); train.py never writes such a file")
+        raise CheckpointError(path, "not a readable checkpoint, truncated or not written by torch.save "
+                              f"({detail[0] or first_line(e)})")
+    except Exception as e:  # zip/pickle errors of a truncated file or another format: RuntimeError, EOFError, ...
+        raise CheckpointError(path, f"not a readable checkpoint, truncated or not written by torch.save "
+                              f"({first_line(e)})")
+    need = CKPT_KEYS + (RESUME_KEYS if resume else ())
+    if not isinstance(ck, dict) or any(k not in ck for k in need):
+        missing = [k for k in need if k not in ck] if isinstance(ck, dict) else list(need)
+        raise CheckpointError(path, f"not a LIME checkpoint written by train.py (no {', '.join(missing)})")
+    a = ck['model_args'] if isinstance(ck['model_args'], dict) else {}
+    bad = [k for k, t in MODEL_ARGS.items() if not isinstance(a.get(k), t)]
+    if not bad and not all(isinstance(s, str) for s in a['meta_streams']):
+        bad = ['meta_streams']
+    if bad or not isinstance(ck['model'], dict):
+        raise CheckpointError(path, "not a LIME checkpoint written by train.py (model_args: no or bad "
+                              f"{', '.join(bad or ['model'])})")
+    if not (isinstance(ck['config'], dict) and isinstance(ck['dataset'], dict)):
+        raise CheckpointError(path, "not a LIME checkpoint written by train.py (bad config or dataset)")
+    if resume and not (isinstance(ck['iter_num'], int) and isinstance(ck['best_val_loss'], (int, float))
+                       and isinstance(ck['optimizer'], dict) and isinstance(ck['rng'], dict)
+                       and isinstance(ck['rng'].get('torch'), torch.Tensor)):
+        raise CheckpointError(path, "not a LIME checkpoint written by train.py (bad iter_num, best_val_loss, "
+                              "optimizer or rng state)")
+    return ck
+
+
+def fsync_dir(d):
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # makes the rename itself durable
+    finally:
+        os.close(fd)
+
+
+class _KeepWriteError:
+    """A file that remembers why a write failed: torch.save reports it only as an unhelpful RuntimeError."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def write_atomic(path, write):
+    """write(f) into a temporary name unique to this process, fsync, rename over path: a reader sees
+    the old file or the new one, never half of one. On failure the temporary file is removed; a full
+    disk or a read-only directory is one line naming the file."""
+    tmp, w = f"{path}.tmp-{os.getpid()}", None
+    try:
+        with open(tmp, 'wb') as f:
+            w = _KeepWriteError(f)
+            write(w)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or '.')
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, (OSError, RuntimeError)):
+            e = (w and w.error) or e
+            fail(f"{path}: cannot write ({e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)})")
+        raise
+
+
+def lock_out_dir(out_dir):
+    """One run per out_dir: an exclusive flock on out_dir/train.lock, which holds the owner's pid.
+    The kernel drops a flock when its process dies, so the lock of a killed run is stale: it is
+    detected (the file names a pid but nobody holds it) and taken over. Where the file system has
+    no flock, the pid alone decides (taken over when that process is gone). Returns the fd."""
+    import fcntl
+    path = os.path.join(out_dir, 'train.lock')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        fail(f"{out_dir}: cannot write to out_dir ({e.strerror or e})")
+    owner = os.pread(fd, 64, 0).decode('ascii', 'replace').strip()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = False
+    except BlockingIOError:
+        held = True
+    except OSError:  # no flock here (some network file systems): is the named process alive?
+        held = owner.isdigit() and int(owner) != os.getpid() and pid_alive(int(owner))
+    if held:
+        os.close(fd)
+        fail(f"{out_dir}: in use by another run (pid {owner or '?'}, {path}); one run per out_dir")
+    if owner:
+        print(f"note: {path}: stale lock of pid {owner} (not running), taken over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def unlock_out_dir(fd):
+    os.ftruncate(fd, 0)  # an empty lock file: released cleanly (a pid left in it means a killed run)
+    os.close(fd)
+
+
+def trim_log(log_path, last_iter):
+    """On resume: keep the rows up to the checkpoint's iteration. Later rows are from iterations the
+    resumed run redoes (a run killed during a save, or before saving: the row is written first) and
+    would be duplicated; a row cut short by a kill is dropped too. Rewritten atomically."""
+    if not os.path.isfile(log_path):
+        return
+    keep = []
+    with open(log_path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get('iter'), int) and row['iter'] <= last_iter:
+                keep.append(json.dumps(row) + '\n')
+    write_atomic(log_path, lambda f: f.write(''.join(keep).encode()))
+
+
+def append_log(log_path, row):
+    try:
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+    except OSError as e:
+        fail(f"{log_path}: cannot write ({e.strerror or e})")
+
+
+def prepare_out_dir(C, ckpt_path, log_path, iter_num):
+    """Before the first write: remove temporary files that a killed run left (the lock says no live run
+    owns them), then start the log afresh (scratch; an --overwrite'n run's checkpoint goes too, so
+    the directory never mixes two runs) or trim it to the checkpoint (resume)."""
+    for p in glob.glob(glob.escape(ckpt_path) + '.tmp*') + glob.glob(glob.escape(log_path) + '.tmp*'):
+        os.remove(p)
+    if C.init_from == 'scratch':
+        if os.path.exists(ckpt_path):
+            os.remove(ckpt_path)
+        write_atomic(log_path, lambda f: None)
+    else:
+        trim_log(log_path, iter_num)
+
+
+def existing_run(out_dir):
+    """The files of an earlier run in out_dir, if any (a scratch run would replace them)."""
+    found = []
+    for name in ('ckpt.pt', 'log.jsonl'):
+        p = os.path.join(out_dir, name)
+        if os.path.isfile(p) and os.path.getsize(p) > 0:
+            found.append(name)
+    return found
+
+
+def resume_conflicts(ckpt, cfg, explicit):
+    """Flags given now that contradict the checkpoint's architecture or metadata: a resume keeps those,
+    so a different value would be silently ignored. Equal values are fine."""
+    a = ckpt['model_args']
+    fixed = {k: a[k] for k in MODEL_KEYS}
+    fixed.update(metadata=list(a['meta_streams']), meta_shift=a['meta_shift'], meta_weight=list(a['meta_weight']),
+                 meta_shuffle=ckpt['config'].get('meta_shuffle', False),
+                 **{k: a.get(k, DEFAULTS[k]) for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight')})
+    given = dict(cfg, metadata=[s.strip() for s in cfg['metadata'].split(',') if s.strip()])
+    w = cfg['meta_weight']
+    given['meta_weight'] = [float(x) for x in w] if isinstance(w, list) else [float(w)] * len(given['metadata'])
+    return [f"--{k}={cfg[k]!r} (checkpoint: {fixed[k]!r})" for k in fixed if k in explicit and given[k] != fixed[k]]
+
+# -----------------------------------------------------------------------------
 
 def main(argv):
     cfg, explicit = configure(argv)
+    check_config(cfg)
+    lock = None
+    if int(os.environ.get('RANK', 0)) == 0 and not cfg['eval_only']:
+        lock = lock_out_dir(cfg['out_dir'])  # before reading or writing anything in it
+    try:
+        run(cfg, explicit)
+    finally:
+        if lock is not None:
+            unlock_out_dir(lock)
+
+
+def run(cfg, explicit):
     C = SimpleNamespace(**cfg)
+    master_env = int(os.environ.get('RANK', 0)) == 0
     ckpt_path = os.path.join(C.out_dir, 'ckpt.pt')
     ckpt = None
     if C.init_from == 'resume':
         if not os.path.isfile(ckpt_path):
             fail(f"{ckpt_path}: not found, cannot resume")
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, resume=True)
+        conflicts = resume_conflicts(ckpt, cfg, explicit)
+        if conflicts:
+            fail(f"{ckpt_path}: a resume keeps the checkpoint's architecture and metadata, but "
+                 f"{', '.join(conflicts)}; drop these flags, or train from scratch in another out_dir")
         # continue the checkpoint's run: its config, with only the keys set now on top
-        cfg = {**DEFAULTS, **{k: v for k, v in ckpt['config'].items() if k in DEFAULTS},
-               **{k: cfg[k] for k in explicit}}
-        for k in MODEL_KEYS:  # the architecture is the checkpoint's
-            cfg[k] = ckpt['model_args'][k]
+        old = {k: coerce(k, v, ckpt_path, DEFAULTS) for k, v in ckpt['config'].items() if k in DEFAULTS}
+        cfg = {**DEFAULTS, **old, **{k: cfg[k] for k in explicit}}
+        for k in MODEL_KEYS + ('meta_shift',):  # the architecture is the checkpoint's
+            cfg[k] = coerce(k, ckpt['model_args'][k], ckpt_path, DEFAULTS)
         cfg['metadata'] = ','.join(ckpt['model_args']['meta_streams'])
-        for k in ('meta_shift', 'meta_predict', 'meta_inject_layer', 'meta_loss_weight'):
+        for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight'):  # absent in older checkpoints
             cfg[k] = ckpt['model_args'].get(k, DEFAULTS[k])
+        check_config(cfg)  # the merged config, e.g. the checkpoint's device on this machine
         C = SimpleNamespace(**cfg)
-    elif C.init_from != 'scratch':
-        fail(f"config error: init_from must be 'scratch' or 'resume', got {C.init_from!r}")
-    if C.meta_shift not in (0, 1):
-        fail(f"config error: meta_shift must be 0 or 1, got {C.meta_shift}")
+    elif master_env and not C.eval_only and not C.overwrite and existing_run(C.out_dir):
+        fail(f"{C.out_dir}: already holds a run ({', '.join(existing_run(C.out_dir))}); continue it with "
+             "--init_from=resume, replace it with --overwrite=True, or choose another --out_dir")
     streams = [s.strip() for s in C.metadata.split(',') if s.strip()]
     if C.meta_predict:
         if not streams:
@@ -458,8 +794,6 @@ def main(argv):
         if not 1 <= C.meta_inject_layer < C.n_layer:
             fail(f"config error: meta_inject_layer must be in [1, n_layer={C.n_layer}), got {C.meta_inject_layer}")
     meta_weight = C.meta_weight
-    if isinstance(meta_weight, list) and len(meta_weight) != len(streams):
-        fail(f"config error: meta_weight has {len(meta_weight)} values for {len(streams)} streams")
 
     # distributed setup
     ddp = int(os.environ.get('RANK', -1)) != -1
@@ -486,9 +820,8 @@ def main(argv):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     device_type = 'cuda' if 'cuda' in C.device else 'cpu'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(C.dtype)
-    if ptdtype is None:
-        fail(f"config error: dtype must be float32, bfloat16 or float16, got {C.dtype!r}")
+    C.dtype = resolve_dtype(C.dtype, C.device)  # the saved config keeps what was asked for ('auto')
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[C.dtype]
     ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
     # data
@@ -524,17 +857,23 @@ def main(argv):
     model_args = dict(vars(model.config))  # normalised (meta_weight as one float per stream)
     iter_num, best_val_loss = 0, 1e9
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
+        try:
+            model.load_state_dict(ckpt['model'])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"{ckpt_path}: weights do not fit the checkpoint's model_args ({first_line(e)})")
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     model.to(C.device)
     raw_model = model
     scaler = torch.amp.GradScaler(device_type, enabled=(C.dtype == 'float16' and device_type == 'cuda'))
     optimizer = model.configure_optimizers(C.weight_decay, C.learning_rate, (C.beta1, C.beta2), device_type)
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if device_type == 'cuda' and ckpt['rng'].get('cuda') is not None:
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+            torch.set_rng_state(ckpt['rng']['torch'])
+            if device_type == 'cuda' and ckpt['rng'].get('cuda') is not None:
+                torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            fail(f"{ckpt_path}: bad optimizer or RNG state ({first_line(e)})")
     ckpt = None  # free memory
     if C.compile:
         log("compiling the model...")
@@ -550,10 +889,9 @@ def main(argv):
             f = lambda t: t.to(C.device)
         return f(x), f(y), {k: f(v) for k, v in meta.items()}
 
-    os.makedirs(C.out_dir, exist_ok=True)
     log_path = os.path.join(C.out_dir, 'log.jsonl')
-    if master and C.init_from == 'scratch' and not C.eval_only:
-        open(log_path, 'w').close()
+    if master and not C.eval_only:
+        prepare_out_dir(C, ckpt_path, log_path, iter_num)
     start_iter, t_start = iter_num, time.time()
     t_interval, it_interval = time.time(), iter_num
     loss_sum, loss_count = torch.zeros((), device=C.device), 0
@@ -592,8 +930,7 @@ def main(argv):
                 log(json.dumps(row))
                 break
             if master:
-                with open(log_path, 'a') as f:
-                    f.write(json.dumps(row) + '\n')
+                append_log(log_path, row)
             # the loss the run minimises: meta_predict models also pay for their tags
             score = res['val_loss_bound'] if C.meta_predict else res['val_loss']
             improved = score < best_val_loss
@@ -603,9 +940,7 @@ def main(argv):
                           iter_num=iter_num, best_val_loss=best_val_loss, config=cfg, dataset=info,
                           rng=dict(torch=torch.get_rng_state(),
                                    cuda=torch.cuda.get_rng_state_all() if device_type == 'cuda' else None))
-                # write then rename, so a crash mid-save never leaves a truncated ckpt.pt
-                torch.save(ck, ckpt_path + '.tmp')
-                os.replace(ckpt_path + '.tmp', ckpt_path)
+                write_atomic(ckpt_path, lambda f: torch.save(ck, f))  # never a truncated ckpt.pt
             loss_sum, loss_count = torch.zeros((), device=C.device), 0
             t_interval, it_interval = time.time(), iter_num
         if iter_num >= C.max_iters:

@@ -1,5 +1,6 @@
 """Shared test helpers: the repo root on sys.path, and tiny dataset directories in prepare.py's format."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,3 +79,14 @@ def write_markov_dataset(d, n_train=30000, n_val=6000, n_tags=4, class_size=4, s
 @pytest.fixture
 def dataset(tmp_path):
     return write_dataset(tmp_path / 'data')
+
+
+class RunsCode:
+    """A pickled object that runs a shell command when unpickled by an unsafe torch.load
+    (weights_only=False): put one in a checkpoint and a loader that executes it creates marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)

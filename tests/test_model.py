@@ -203,3 +203,17 @@ def test_meta_predict_kv_cache_matches_full_forward():
             pos += n
     torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(got_tags, 1), tags[0], rtol=1e-5, atol=1e-5)
+
+def test_from_checkpoint_path_never_runs_code(tmp_path):
+    import pickle
+    from conftest import RunsCode
+    m = build(**META)
+    ck = dict(model=m.state_dict(), model_args=dict(vars(m.config)))
+    torch.save(ck, tmp_path / 'ok.pt')
+    again = GPT.from_checkpoint(str(tmp_path / 'ok.pt'))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in m.state_dict().items())
+    marker = tmp_path / 'pwned'
+    torch.save(dict(ck, extra=RunsCode(marker)), tmp_path / 'evil.pt')
+    with pytest.raises(pickle.UnpicklingError, match='posix.system'):
+        GPT.from_checkpoint(str(tmp_path / 'evil.pt'))
+    assert not marker.exists()

@@ -10,7 +10,7 @@ import torch
 import metadata as md
 import sample
 import train
-from conftest import ROOT, write_dataset
+from conftest import ROOT, RunsCode, write_dataset
 from model import GPT, GPTConfig
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead, and the box is shared
@@ -155,7 +155,7 @@ def test_prompt_metadata_is_causal_annotation(tmp_path, shift):
     model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, ('pos_causal', 'ner_causal'), shift, predict=predict),
                                          'cpu')
     text = sample.Text(ckpt['dataset'])
-    prompt = text.encode('Alice met Bob in Paris.<|endoftext|>' + PROMPT)
+    prompt = text.encode('Alice met Bob in Paris.') + [text.eot] + text.encode(PROMPT)  # two documents
     ref = md.annotate_ids(prompt, NER, tags='causal')
     hints = sample.parse_hints('CD/B-NE', vocabs(ckpt))
     r = sample.generate(model, prompt, 3, 0.0, 0, True, tagger=text.tagger(),
@@ -321,3 +321,117 @@ def test_cli_show_tags_and_warnings(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.count('(online)') == 4 and 'warning' not in err and 'note' not in err  # causal streams: no warning
     assert 'tokens/s' in err  # the speed line goes to stderr, never into the text
+
+
+
+# --- reliability (issue 10) ----------------------------------------------------------------
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('sample.py: error: ') and 'Traceback' not in err, err
+    return err.strip()
+
+
+def test_refuses_a_checkpoint_that_runs_code(tmp_path, capsys):
+    d, marker = make_ckpt(tmp_path / 'c'), tmp_path / 'pwned'
+    path = os.path.join(d, 'ckpt.pt')
+    ck = torch.load(path, weights_only=True)
+    ck['dataset']['note'] = RunsCode(marker)
+    torch.save(ck, path)
+    assert sample.main([f'--out_dir={d}', '--max_new_tokens=2']) == 1
+    err = one_error_line(capsys)
+    assert f'{path}: refused' in err and 'posix.system' in err and not marker.exists()
+    rc, out, err = cli(f'--out_dir={d}', '--max_new_tokens=2')  # and through the script
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and 'refused' in err and not marker.exists(), err
+
+
+@pytest.mark.parametrize('kind,msg', [('truncated', 'not a readable checkpoint, truncated'),
+                                      ('foreign', 'not a LIME checkpoint written by train.py (no model_args'),
+                                      ('text', 'not a readable checkpoint')])
+def test_bad_checkpoint_is_one_line(tmp_path, capsys, kind, msg):
+    d = make_ckpt(tmp_path / 'c')
+    path = os.path.join(d, 'ckpt.pt')
+    if kind == 'truncated':
+        data = open(path, 'rb').read()
+        open(path, 'wb').write(data[:len(data) // 2])
+    elif kind == 'foreign':
+        torch.save({'model': {'w': torch.zeros(2)}, 'config': {}, 'dataset': {}}, path)
+    else:
+        open(path, 'w').write('not a checkpoint\n')
+    assert sample.main([f'--out_dir={d}']) == 1
+    err = one_error_line(capsys)
+    assert f'{path}: {msg}' in err, err
+
+
+BAD_OPTIONS = [
+    ('--temperature=-1.0', 'temperature must be a finite number >= 0 (0: greedy), got -1.0'),
+    ('--temperature=1e999', 'temperature must be a finite number >= 0 (0: greedy), got inf'),
+    ('--top_k=-1', 'top_k must be an integer >= 0 (0: no top-k filtering), got -1'),
+    ('--num_samples=0', 'num_samples must be an integer >= 1, got 0'),
+    ('--max_new_tokens=-3', 'max_new_tokens must be an integer >= 0, got -3'),
+    ('--seed=-1', 'seed must be an integer >= 0, got -1'),
+    ('--dtype=float16', 'dtype=float16 needs a CUDA device: on cpu the model computes in float32 only'),
+    ('--dtype=fp8', 'dtype must be auto, float32, bfloat16 or float16'),
+    ('--device=gpu', "device must be cpu, cuda, cuda:N or mps, got 'gpu'"),
+    pytest.param('--device=cuda', 'device=cuda but no CUDA GPU is available here (use --device=cpu)',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')),
+]
+
+
+@needs_nltk
+@pytest.mark.parametrize('flag,msg', BAD_OPTIONS)
+def test_bad_options_are_one_line_with_the_allowed_range(tmp_path, capsys, flag, msg):
+    d = make_ckpt(tmp_path / 'c')
+    assert sample.main([f'--out_dir={d}', '--max_new_tokens=2', '--num_samples=1', flag]) == 1
+    assert one_error_line(capsys).startswith(f'sample.py: error: {msg}')
+
+
+def test_any_positive_temperature_samples_safely():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50257, generator=g) * 30
+    best = int(torch.argmax(logits))
+    for t in (1e-45, 1e-300, 5e-324, 1e-30):  # 1e-45 once gave "probability tensor contains inf or nan"
+        assert sample.pick(logits, t, 0, generator=g) == best
+        assert sample.pick(logits, t, 50, generator=g) == best
+    big = torch.full((10,), 3e38)  # huge logits: no inf - inf either
+    big[7] = 3.4e38
+    assert sample.pick(big, 1e-3, 0, generator=g) == 7
+    # ordinary temperatures still sample the same distribution: frequencies match the softmax
+    small = torch.tensor([0.0, 1.0, 2.0])
+    n = 4000
+    counts = np.bincount([sample.pick(small, 0.7, 0, generator=g) for _ in range(n)], minlength=3)
+    p = torch.softmax(small / 0.7, -1).numpy()
+    assert np.abs(counts / n - p).max() < 0.03
+
+
+@needs_nltk
+def test_tiny_temperature_through_the_cli_is_greedy(tmp_path, capsys):
+    d = make_ckpt(tmp_path / 'c')
+    args = [f'--out_dir={d}', f'--start={PROMPT}', '--max_new_tokens=8', '--num_samples=1']
+    texts = []
+    for t in ('1e-45', '0'):  # 1e-45 once ended in "probability tensor contains either inf, nan or element < 0"
+        assert sample.main(args + [f'--temperature={t}']) == 0
+        texts.append([l for l in capsys.readouterr().out.splitlines() if not l.startswith('number of parameters')])
+    assert texts[0] == texts[1] and PROMPT in texts[0][0]
+
+
+@needs_nltk
+def test_literal_endoftext_is_text_as_in_prepare(tmp_path):
+    """One rule for prepare.py, metadata.py and sample.py: text is text, the separator only falls between
+    documents. A literal <|endoftext|> inside a prompt is the same ordinary tokens as inside a training
+    document; a new document is started by an empty --start."""
+    doc = 'He typed <|endoftext|> into the box.<|endoftext|>Then he left.'
+    inp = tmp_path / 'in'
+    inp.mkdir()
+    (inp / 'a.txt').write_text(doc, encoding='utf-8')
+    out = tmp_path / 'ds'
+    r = subprocess.run([sys.executable, str(ROOT / 'prepare.py'), '--no_progress', '--input', str(inp),
+                        '--out_dir', str(out), '--ner', 'binary', '--tags', 'full', '--val_fraction', '0'],
+                       capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr
+    trained = np.fromfile(out / 'train.bin', np.uint16).astype(np.int64).tolist()
+    text = sample.Text(dict(tokenizer='gpt2', tokenization='lime', ner=NER))
+    prompt = text.encode(doc)
+    assert trained == prompt + [text.eot]  # the document, then the one separator prepare.py appends
+    assert text.eot not in prompt and text.decode(prompt) == doc
+    assert md.annotate_text(doc, 'lime', NER)[0].tolist() == prompt  # metadata.py: the same

@@ -1,3 +1,6 @@
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -8,7 +11,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, write_dataset, write_markov_dataset
+from conftest import ROOT, RunsCode, write_dataset, write_markov_dataset
 from model import GPT
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead, and the box is shared
@@ -255,7 +258,7 @@ def test_resume_continues_the_same_run(tmp_path, dataset):
             else:
                 assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a['iter'], k)
     # the checkpoint alone rebuilds the model
-    ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)  # all of it: weights, optimizer, rng, config
     assert ckpt['iter_num'] == 20 and ckpt['dataset']['streams']['pos']['tags'][3] == 'T0'
     m = GPT.from_checkpoint(ckpt).eval()
     x, y, meta = train.Split(dataset, 'val', ['pos', 'ner'], 0).windows(train.eval_starts(4000, 32, 4 * 8), 32)
@@ -288,3 +291,335 @@ def test_ddp_matches_single_process(tmp_path, dataset):
 def test_compiled_training_step(tmp_path, dataset):
     rows = run(dataset, tmp_path / 'c', '--compile=True', '--metadata=pos', '--max_iters=1', '--eval_iters=1')
     assert rows[-1]['iter'] == 1 and np.isfinite(rows[-1]['train_loss'])
+
+
+
+# --- reliability (issue 10) ------------------------------------------------------------
+
+def one_line(e):
+    """The message of a SystemExit that exits with status 1 and prints one line."""
+    msg = e.value.code
+    assert isinstance(msg, str) and '\n' not in msg.strip() and 'Traceback' not in msg, msg
+    return msg
+
+
+def test_resume_refuses_a_checkpoint_that_runs_code(tmp_path, dataset):
+    out, marker = tmp_path / 'o', tmp_path / 'pwned'
+    run(dataset, out, '--max_iters=2')
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    ck['config']['note'] = RunsCode(marker)  # one poisoned entry in an otherwise real checkpoint
+    torch.save(ck, out / 'ckpt.pt')
+    before = (out / 'ckpt.pt').read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(dataset, out, '--init_from=resume', '--max_iters=4')
+    assert 'ckpt.pt: refused' in one_line(e) and 'posix.system' in one_line(e)
+    assert not marker.exists()
+    assert (out / 'ckpt.pt').read_bytes() == before  # not re-saved: the evidence stays
+
+
+def test_checkpoint_holds_only_plain_data(tmp_path, dataset):
+    out = tmp_path / 'o'
+    run(dataset, out, '--metadata=pos', '--meta_weight=[0.5]', '--max_iters=2')
+    ck = train.load_checkpoint(str(out / 'ckpt.pt'), resume=True)  # weights_only=True
+    assert ck['iter_num'] == 2 and ck['config']['meta_weight'] == [0.5] and ck['rng']['torch'].dtype == torch.uint8
+    assert ck['dataset']['streams']['pos']['tags'][3] == 'T0' and ck['optimizer']['state']
+
+
+def nanogpt_ckpt(p):  # another project's checkpoint: same layout, no metadata, no dataset
+    torch.save(dict(model={}, optimizer={}, iter_num=5, best_val_loss=1.0, config={},
+                    model_args=dict(n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, vocab_size=64,
+                                    dropout=0.0)), p)
+
+
+BAD_CKPTS = {
+    'truncated': (lambda p: p.write_bytes(p.read_bytes()[:3000]), 'not a readable checkpoint, truncated'),
+    'empty': (lambda p: p.write_bytes(b''), 'not a readable checkpoint'),
+    'text': (lambda p: p.write_text('hello\n'), 'not a readable checkpoint'),
+    'state_dict': (lambda p: torch.save({'wte.weight': torch.zeros(2)}, p), 'not a LIME checkpoint'),
+    'nanogpt': (nanogpt_ckpt, 'not a LIME checkpoint written by train.py (no dataset'),
+    'list': (lambda p: torch.save([1, 2], p), 'not a LIME checkpoint'),
+    'no_optimizer': (lambda p: torch.save({k: v for k, v in torch.load(p, weights_only=True).items()
+                                           if k != 'optimizer'}, p), '(no optimizer)'),
+    'bad_model_args': (lambda p: torch.save(dict(torch.load(p, weights_only=True),
+                                                 model_args=dict(n_layer='2', meta_streams=[1])), p),
+                       'model_args: no or bad n_layer, n_head, n_embd, block_size, bias, dropout, vocab_size'),
+    'other_weights': (lambda p: torch.save(dict(torch.load(p, weights_only=True), model={'x': torch.zeros(1)}), p),
+                      'weights do not fit'),
+}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """One tiny trained run, copied by the tests that spoil it."""
+    d = tmp_path_factory.mktemp('trained')
+    data = write_dataset(d / 'data')
+    run(data, d / 'out', '--metadata=pos', '--max_iters=2')
+    return data, d / 'out'
+
+
+@pytest.mark.parametrize('kind', sorted(BAD_CKPTS))
+def test_resume_of_a_bad_checkpoint_is_one_line(tmp_path, trained, kind):
+    data, src = trained
+    out = tmp_path / 'o'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes((src / 'ckpt.pt').read_bytes())
+    spoil, msg = BAD_CKPTS[kind]
+    spoil(out / 'ckpt.pt')
+    with pytest.raises(SystemExit) as e:
+        run(data, out, '--init_from=resume', '--max_iters=4')
+    assert one_line(e).startswith(f"{out / 'ckpt.pt'}: ") and msg in one_line(e)
+
+
+def test_scratch_run_refuses_an_out_dir_with_a_run(tmp_path, dataset):
+    out = tmp_path / 'o'
+    first = run(dataset, out, '--max_iters=2', '--eval_interval=1')
+    ckpt, log = (out / 'ckpt.pt').read_bytes(), (out / 'log.jsonl').read_text()
+    with pytest.raises(SystemExit) as e:
+        run(dataset, out, '--max_iters=4')
+    assert 'already holds a run (ckpt.pt, log.jsonl)' in one_line(e) and '--overwrite=True' in one_line(e)
+    assert (out / 'ckpt.pt').read_bytes() == ckpt and (out / 'log.jsonl').read_text() == log  # untouched
+    (out / 'ckpt.pt').unlink()  # a log alone is a run too (e.g. one that never reached a checkpoint)
+    with pytest.raises(SystemExit, match='already holds a run .log.jsonl.'):
+        run(dataset, out, '--max_iters=4')
+    # told to: the old run is replaced, never mixed in
+    rows = run(dataset, out, '--max_iters=3', '--eval_interval=3', '--overwrite=True', '--seed=5')
+    assert [r['iter'] for r in rows] == [0, 3] and rows[0]['val_loss'] != first[0]['val_loss']
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 3
+    # an overwriting run that fails before its first checkpoint leaves no old checkpoint behind
+    with pytest.raises(SystemExit, match='too few for block_size'):
+        run(dataset, out, '--max_iters=3', '--overwrite=True', '--block_size=5000')
+    assert (out / 'ckpt.pt').exists()  # the failure came before anything was replaced
+    with pytest.raises(SystemExit, match='already holds a run'):
+        run(dataset, out, '--max_iters=3')
+
+
+def test_one_run_per_out_dir(tmp_path, dataset, capsys):
+    out = tmp_path / 'o'
+    out.mkdir()
+    lock = out / 'train.lock'
+    with open(lock, 'w') as f:  # a live run holds the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write('4242\n')
+        f.flush()
+        with pytest.raises(SystemExit) as e:
+            run(dataset, out, '--max_iters=1')
+        assert 'in use by another run (pid 4242' in one_line(e)
+        with pytest.raises(SystemExit, match='in use by another run'):
+            run(dataset, out, '--init_from=resume', '--max_iters=1')
+    assert not (out / 'log.jsonl').exists()
+    # a stale lock: its pid is dead and nobody holds it
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    lock.write_text(f'{dead.pid}\n')
+    run(dataset, out, '--max_iters=1')
+    assert f'stale lock of pid {dead.pid} (not running), taken over' in capsys.readouterr().out
+    assert lock.read_text() == ''  # released cleanly at the end
+    run(dataset, out, '--init_from=resume', '--max_iters=2')
+    assert 'stale lock' not in capsys.readouterr().out
+
+
+KILL_IN_SECOND_SAVE = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import train
+real, n = torch.save, [0]
+def save(obj, f):
+    n[0] += 1
+    if n[0] == 2:  # the second checkpoint: half written, then the process is killed
+        f.write(b'PK' + bytes(5000)); f.flush()
+        os.kill(os.getpid(), 9)
+    real(obj, f)
+torch.save = save
+train.main(sys.argv[2:])
+"""
+
+
+def test_kill_during_a_save_then_resume(tmp_path, dataset, capsys):
+    out = tmp_path / 'o'
+    args = TINY + [f'--data_dir={dataset}', f'--out_dir={out}', '--eval_interval=5', '--lr_decay_iters=20']
+    r = subprocess.run([sys.executable, '-c', KILL_IN_SECOND_SAVE, str(ROOT), *args, '--max_iters=20'],
+                       capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == -9, r.stderr
+    killed = [json.loads(line) for line in open(out / 'log.jsonl')]
+    assert [row['iter'] for row in killed] == [0, 5, 10]  # row 10 written, its checkpoint was not
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 5
+    assert len(list(out.glob('ckpt.pt.tmp*'))) == 1 and (out / 'train.lock').read_text().strip().isdigit()
+    rows = run(dataset, out, '--init_from=resume', '--max_iters=20')
+    assert 'stale lock' in capsys.readouterr().out
+    assert [row['iter'] for row in rows] == [0, 5, 10, 15, 20]  # no duplicated row
+    assert rows[2]['val_loss'] == pytest.approx(killed[2]['val_loss'], rel=1e-6)  # iteration 10 redone, same result
+    assert not list(out.glob('*.tmp*'))
+
+
+def test_save_leaves_no_temporary_file_and_names_are_per_process(tmp_path, dataset, monkeypatch):
+    out = tmp_path / 'o'
+    seen = []
+    real = torch.save
+
+    def save(obj, f):
+        seen.append(f.f.name)
+        real(obj, f)
+    monkeypatch.setattr(torch, 'save', save)
+    run(dataset, out, '--max_iters=2', '--eval_interval=1')
+    assert seen == [f"{out / 'ckpt.pt'}.tmp-{os.getpid()}"] * 2
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt.pt', 'log.jsonl', 'train.lock']
+
+
+@contextlib.contextmanager
+def tmpfs(path, opts):
+    """A real tmpfs (a full or read-only disk); the test is skipped where mounting is not allowed."""
+    path.mkdir()
+    try:
+        r = subprocess.run(['mount', '-t', 'tmpfs', '-o', opts, 'tmpfs', str(path)], capture_output=True)
+    except FileNotFoundError:
+        r = None
+    if r is None or r.returncode:
+        pytest.skip('cannot mount a tmpfs here (needs root)')
+    try:
+        yield path
+    finally:
+        subprocess.run(['umount', '-l', str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize('how', ['tmpfs', 'patched'])
+def test_full_disk_during_a_save_is_one_line(tmp_path, dataset, monkeypatch, how):
+    with contextlib.ExitStack() as stack:
+        if how == 'tmpfs':  # room for the log and the lock, not for a checkpoint (~400 kB)
+            out = stack.enter_context(tmpfs(tmp_path / 'disk', 'size=96k')) / 'o'
+        else:
+            out = tmp_path / 'o'
+
+            def save(obj, f):
+                f.write(b'PK' + bytes(1000))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr(torch, 'save', save)
+        with pytest.raises(SystemExit) as e:
+            run(dataset, out, '--max_iters=1')
+        assert one_line(e) == f"{out / 'ckpt.pt'}: cannot write (No space left on device)"
+        assert not list(out.glob('ckpt.pt*'))  # no temporary file left, no half checkpoint
+
+
+@pytest.mark.parametrize('how', ['under_a_file', 'read_only_mount', 'chmod'])
+def test_unwritable_out_dir_is_one_line(tmp_path, dataset, how):
+    with contextlib.ExitStack() as stack:
+        if how == 'under_a_file':
+            (tmp_path / 'f').write_text('x')
+            out, why = tmp_path / 'f' / 'o', 'Not a directory'
+        elif how == 'read_only_mount':
+            out, why = stack.enter_context(tmpfs(tmp_path / 'ro', 'ro,size=64k')) / 'o', 'Read-only file system'
+        else:
+            if os.geteuid() == 0:
+                pytest.skip('root ignores file permissions (read_only_mount covers it)')
+            (tmp_path / 'ro').mkdir(mode=0o555)
+            out, why = tmp_path / 'ro' / 'o', 'Permission denied'
+        with pytest.raises(SystemExit) as e:
+            run(dataset, out, '--max_iters=1')
+        assert one_line(e) == f"{out}: cannot write to out_dir ({why})"
+
+
+def test_resume_refuses_conflicting_architecture_and_metadata_flags(tmp_path, dataset):
+    out = tmp_path / 'o'
+    run(dataset, out, '--metadata=pos', '--max_iters=2')
+    with pytest.raises(SystemExit) as e:
+        run(dataset, out, '--init_from=resume', '--max_iters=4', '--n_layer=3', '--metadata=pos,ner',
+            '--meta_shift=1', '--bias=True')
+    msg = one_line(e)
+    for flag in ("--n_layer=3 (checkpoint: 2)", "--metadata='pos,ner' (checkpoint: ['pos'])",
+                 "--meta_shift=1 (checkpoint: 0)", "--bias=True (checkpoint: False)"):
+        assert flag in msg, msg
+    assert 'n_embd' not in msg  # TINY passes --n_embd=32, equal to the checkpoint's: fine
+    for flags in (['--meta_weight=2.0'], ['--block_size=64'], ['--meta_shuffle=True'], ['--dropout=0.1']):
+        with pytest.raises(SystemExit, match=flags[0].split('=')[0]):
+            run(dataset, out, '--init_from=resume', '--max_iters=4', *flags)
+    rows = run(dataset, out, '--init_from=resume', '--max_iters=4', '--metadata=pos', '--meta_weight=1.0',
+               '--learning_rate=1e-3')  # equal flags, and training ones, are fine
+    assert rows[-1]['iter'] == 4 and rows[-1]['lr'] != rows[0]['lr']
+
+
+BAD_OPTIONS = [
+    ('--batch_size=0', 'batch_size must be an integer >= 1, got 0'),
+    ('--eval_iters=0', 'eval_iters must be an integer >= 1, got 0'),
+    ('--eval_interval=0', 'eval_interval must be an integer >= 1, got 0'),
+    ('--gradient_accumulation_steps=0', 'gradient_accumulation_steps must be an integer >= 1, got 0'),
+    ('--log_interval=0', 'log_interval must be an integer >= 1'),
+    ('--block_size=0', 'block_size must be an integer >= 1'),
+    ('--n_layer=0', 'n_layer must be an integer >= 1'),
+    ('--n_head=3', 'n_head must be a divisor of n_embd=32, got 3'),
+    ('--max_iters=-1', 'max_iters must be an integer >= 0'),
+    ('--warmup_iters=-5', 'warmup_iters must be an integer >= 0'),
+    ('--lr_decay_iters=-1', 'lr_decay_iters must be an integer >= 0'),
+    ('--seed=-1', 'seed must be an integer >= 0'),
+    ('--learning_rate=-1e-3', 'learning_rate must be > 0, got -0.001'),
+    ('--learning_rate=1e999', 'learning_rate must be a finite number, got inf'),
+    ('--min_lr=0.1', 'min_lr must be in [0, learning_rate=0.003], got 0.1'),
+    ('--weight_decay=-0.1', 'weight_decay must be >= 0'),
+    ('--beta1=1.0', 'beta1 must be in [0, 1), got 1.0'),
+    ('--beta2=-0.5', 'beta2 must be in [0, 1)'),
+    ('--grad_clip=-1', 'grad_clip must be >= 0 (0 disables clipping)'),
+    ('--dropout=1.0', 'dropout must be in [0, 1), got 1.0'),
+    ('--meta_dropout=1.5', 'meta_dropout must be in [0, 1), got 1.5'),
+    ('--meta_shift=2', 'meta_shift must be 0 (LIME) or 1 (LIME+1), got 2'),
+    ('--init_from=gpt2', "init_from must be 'scratch' or 'resume', got 'gpt2'"),
+    ('--meta_weight=[1.0, 2.0]', "meta_weight must be one float, or a list of 1 (one per stream of metadata='pos')"),
+    ('--dtype=float16', 'dtype=float16 needs a CUDA device: on cpu the model computes in float32 only'),
+    ('--dtype=bfloat16', 'dtype=bfloat16 needs a CUDA device'),
+    ('--dtype=half', 'dtype must be auto, float32, bfloat16 or float16'),
+    ('--device=tpu', "device must be cpu, cuda, cuda:N or mps, got 'tpu'"),
+    pytest.param('--device=cuda', 'device=cuda but no CUDA GPU is available here (use --device=cpu)',
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')),
+    ('--out_dir=', 'out_dir must be a directory name'),
+]
+
+
+@pytest.mark.parametrize('flag,msg', BAD_OPTIONS)
+def test_bad_options_are_one_line_with_the_allowed_range(tmp_path, dataset, flag, msg):
+    out = tmp_path / 'o'
+    argv = TINY + [f'--data_dir={dataset}', f'--out_dir={out}', '--metadata=pos', '--max_iters=1', flag]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert one_line(e) == f"config error: {msg}" or one_line(e).startswith(f"config error: {msg}"), one_line(e)
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize('flag,msg', [('--batch_size=0', 'batch_size must be an integer >= 1, got 0'),
+                                      ('--dtype=float16', 'dtype=float16 needs a CUDA device')])
+def test_bad_option_through_the_script(tmp_path, dataset, flag, msg):
+    r = script(*TINY, f'--data_dir={dataset}', f'--out_dir={tmp_path / "o"}', flag)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
+
+
+def test_resume_checks_the_merged_config(tmp_path, dataset):
+    out = tmp_path / 'o'
+    run(dataset, out, '--max_iters=2')
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    ck['config']['meta_dropout'] = 1.5  # e.g. written before this value was refused
+    torch.save(ck, out / 'ckpt.pt')
+    with pytest.raises(SystemExit, match=r"config error: meta_dropout must be in \[0, 1\), got 1.5"):
+        run(dataset, out, '--init_from=resume', '--max_iters=4')
+    run(dataset, out, '--init_from=resume', '--max_iters=4', '--meta_dropout=0.1')  # the flag fixes it
+
+
+BAD_DATA = {
+    'odd_train_bin': (lambda d: open(d / 'train.bin', 'ab').write(b'x'),
+                      'train.bin: 40001 bytes, not a whole number of uint16 ids'),
+    'odd_stream_bin': (lambda d: open(d / 'val.pos.bin', 'ab').write(b'x'), 'val.pos.bin: 8001 bytes'),
+    'meta_not_json': (lambda d: (d / 'meta.json').write_text('{"vocab_size": 64,'), 'meta.json: not valid JSON'),
+    'meta_not_utf8': (lambda d: (d / 'meta.json').write_bytes(b'\xff\xfe{}'), 'meta.json: not valid JSON'),
+    'meta_a_list': (lambda d: (d / 'meta.json').write_text('[1, 2]'), "meta.json: not a prepare.py meta.json"),
+    'meta_no_streams': (lambda d: (d / 'meta.json').write_text('{"vocab_size": 64}'), "needs 'streams'"),
+    'meta_no_vocab': (lambda d: (d / 'meta.json').write_text('{"streams": {"pos": {"tags": ["a"]}}}'),
+                      "needs 'vocab_size'"),
+    'meta_bad_stream': (lambda d: (d / 'meta.json').write_text('{"vocab_size": 64, "streams": {"pos": 3}}'),
+                        "needs 'streams'"),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(BAD_DATA))
+def test_bad_dataset_is_one_line(tmp_path, kind):
+    data = write_dataset(tmp_path / 'data')
+    spoil, msg = BAD_DATA[kind]
+    spoil(data)
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path / 'o', '--metadata=pos', '--max_iters=1')
+    assert one_line(e).startswith(str(data)) and msg in one_line(e), one_line(e)
