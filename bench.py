@@ -95,8 +95,8 @@ plot = True  # eff_dir/curves.png when matplotlib is installed
 curves_baseline = ''  # the run the others are measured against; '' = the first directory given
 curves_png = 'out-bench/curves.png'
 # steering
-ckpt_dir = ''  # a LIME+1 run dir with ckpt.pt; '' = eff_dir/lime1 (trained now if missing)
-base_ckpt_dir = ''  # the baseline run dir; '' = eff_dir/baseline (trained now if missing)
+ckpt_dir = ''  # a LIME+1 run dir with ckpt.pt, or a checkpoint file; '' = eff_dir/lime1 (trained now if missing)
+base_ckpt_dir = ''  # the baseline run dir or checkpoint file; '' = eff_dir/baseline (trained now if missing)
 predict_ckpt_dir = ''  # self-predicting LIME+1 run dir; '' = lime1_predict beside ckpt_dir (trained if missing there)
 steer_predict = True  # also compare the self-predicting model (with and without hints)
 steer_windows = 64  # fixed val windows for next-token accuracy
@@ -186,7 +186,7 @@ def ensure_dataset(C):
     if not C.build_data:
         fail(f"{meta}: not found (build it with prepare.py, or set --build_data=True)")
     cmd = [sys.executable, os.path.join(ROOT, 'prepare.py'), '--ner', 'binary', '--tags', 'full,causal',
-           '--tokenizer', C.data_tokenizer, '--out_dir', C.data_dir, '--no_progress']
+           '--tokenizer', C.data_tokenizer, '--out_dir', C.data_dir]
     if C.data_input:
         cmd += ['--input'] + C.data_input.split(',')
     print('building the dataset:', ' '.join(cmd), flush=True)
@@ -932,7 +932,7 @@ def run_efficiency(C):
 # steering: LIME+1 with oracle hints vs <unk> hints vs the baseline; hinted generation
 
 def ensure_ckpt(C, run_dir, name):
-    if os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):
+    if os.path.isfile(run_dir) or os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):  # a checkpoint file, or a run
         return
     print(f"{run_dir}/ckpt.pt not found: training run '{name}' now", flush=True)
     ensure_dataset(C)
@@ -1030,25 +1030,27 @@ def run_steering(C):
     sys.path.insert(0, ROOT)
     from model import GPT
     from train import Split, load_checkpoint  # weights_only: a checkpoint never runs code
+    from sample import checkpoint_path
     import metadata as md
     dirs = {'lime1': C.ckpt_dir or os.path.join(C.eff_dir, 'lime1'),
             'baseline': C.base_ckpt_dir or os.path.join(C.eff_dir, 'baseline')}
     if C.steer_predict:
         # the self-predicting run beside the LIME+1 one (eff_dir/lime1_predict by default)
-        d = C.predict_ckpt_dir or os.path.join(os.path.dirname(os.path.abspath(dirs['lime1'])), 'lime1_predict')
-        if C.predict_ckpt_dir or not C.ckpt_dir or os.path.isfile(os.path.join(d, 'ckpt.pt')):
+        run = dirs['lime1'] if not os.path.isfile(dirs['lime1']) else os.path.dirname(os.path.abspath(dirs['lime1']))
+        d = C.predict_ckpt_dir or os.path.join(os.path.dirname(os.path.abspath(run)), 'lime1_predict')
+        if C.predict_ckpt_dir or not C.ckpt_dir or os.path.isfile(checkpoint_path(d)):
             dirs['predict'] = d
         else:
             print(f"{d}/ckpt.pt not found: the self-predicting arms are skipped (--predict_ckpt_dir=DIR)")
     cks = {}
     for k, d in dirs.items():
         ensure_ckpt(C, d, {'predict': 'lime1_predict'}.get(k, k))
-        cks[k] = load_checkpoint(os.path.join(d, 'ckpt.pt'))
+        cks[k] = load_checkpoint(checkpoint_path(d))
     ck = cks['lime1']
     if ck['model_args'].get('meta_shift') != 1:
-        fail(f"{dirs['lime1']}/ckpt.pt is not a LIME+1 model (meta_shift={ck['model_args'].get('meta_shift')})")
+        fail(f"{checkpoint_path(dirs['lime1'])} is not a LIME+1 model (meta_shift={ck['model_args'].get('meta_shift')})")
     if 'predict' in cks and not cks['predict']['model_args'].get('meta_predict'):
-        fail(f"{dirs['predict']}/ckpt.pt is not a self-predicting model (meta_predict=False)")
+        fail(f"{checkpoint_path(dirs['predict'])} is not a self-predicting model (meta_predict=False)")
     streams = list(ck['model_args']['meta_streams'])
     data_dir = ck['config']['data_dir']
     ds = ck.get('dataset') or json.load(open(os.path.join(data_dir, 'meta.json')))

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from metadata import UNK  # the tag id of a missing hint, in every stream
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'
+out_dir = 'out'  # a train.py run directory (its ckpt.pt), or a checkpoint file (e.g. out/ckpt_000500.pt)
 start = '\n'  # prompt text (all of it text: a literal <|endoftext|> too), or FILE:path; '' starts a fresh document
 num_samples = 3  # >= 1
 max_new_tokens = 100  # >= 0
@@ -72,12 +72,18 @@ def check_config(cfg):
 # -----------------------------------------------------------------------------
 # checkpoint and tokenizer
 
+def checkpoint_path(out_dir):
+    """A run directory means its ckpt.pt; a file is the checkpoint itself (a step snapshot, ckpt_best.pt)."""
+    return out_dir if os.path.isfile(out_dir) else os.path.join(out_dir, 'ckpt.pt')
+
+
 def load_checkpoint(out_dir, device):
-    """The model and checkpoint dict of out_dir/ckpt.pt, loaded with weights_only=True (train.load_checkpoint):
-    a file that is not one of train.py's checkpoints is refused, and nothing in it can run code."""
+    """The model and checkpoint dict of out_dir/ckpt.pt (or of the checkpoint file out_dir), loaded with
+    weights_only=True (train.load_checkpoint): a file that is not one of train.py's checkpoints is
+    refused, and nothing in it can run code."""
     from model import GPT
     from train import CheckpointError, first_line, load_checkpoint as load
-    path = os.path.join(out_dir, 'ckpt.pt')
+    path = checkpoint_path(out_dir)
     if not os.path.isfile(path):
         raise SampleError(f"{path}: not found (train a model with train.py first)")
     try:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import time
 import warnings
@@ -40,9 +41,14 @@ log_interval = 10
 eval_iters = 20  # the fixed validation set is eval_iters * batch_size windows
 eval_only = False
 always_save_checkpoint = True  # False: save only when val loss improves (then resume restarts from the best)
+keep_checkpoints = 0  # also keep the last N evaluations' snapshots, out_dir/ckpt_{iter:06d}.pt (and ckpt_best.pt)
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+# run tracking (optional: pip install wandb); every log.jsonl field goes to wandb
+wandb_log = False
+wandb_project = 'lime'
+wandb_run_name = ''  # '' = out_dir's name
 # data
-data_dir = 'data/gutenberg'  # a directory written by prepare.py
+data_dir = 'data/gutenberg'  # a directory written by prepare.py (the default corpus is built when missing)
 gradient_accumulation_steps = 1  # global count, divided across DDP ranks
 batch_size = 12  # rows per micro-step per rank
 block_size = 256
@@ -221,6 +227,13 @@ def check_config(c):
     check_range(c, 'init_from', c['init_from'] in ('scratch', 'resume'), "'scratch' or 'resume'")
     check_range(c, 'meta_shift', c['meta_shift'] in (0, 1), '0 (LIME) or 1 (LIME+1)')
     check_range(c, 'meta_loss_weight', c['meta_loss_weight'] >= 0, '>= 0')
+    check_range(c, 'keep_checkpoints', c['keep_checkpoints'] >= 0, 'an integer >= 0')
+    if c['meta_predict']:
+        check_range(c, 'metadata', any(s.strip() for s in c['metadata'].split(',')),
+                    'one or more streams with meta_predict=True (e.g. pos_causal,ner_causal)')
+        check_range(c, 'meta_shift', c['meta_shift'] == 0, "0 with meta_predict=True (it reads each token's "
+                    "own tags and predicts the next token's)")
+        check_range(c, 'n_layer', c['n_layer'] >= 2, '>= 2 with meta_predict=True (tag heads after block k < n_layer)')
     check_range(c, 'meta_inject_layer', 0 <= c['meta_inject_layer'] < c['n_layer'],
                 f"in [1, n_layer={c['n_layer']}), or 0 for n_layer // 2")
     for k in ('out_dir', 'data_dir'):
@@ -634,6 +647,25 @@ def write_atomic(path, write):
         raise
 
 
+def snapshot(src, dst):
+    """dst becomes a copy of src, atomically: a hard link (no extra disk; ckpt.pt is later replaced by
+    a rename, so the link keeps this version), or a plain copy where links are not possible."""
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        with open(src, 'rb') as f:
+            write_atomic(dst, lambda out: shutil.copyfileobj(f, out, 1 << 24))
+
+
+def snapshots(out_dir):
+    """The step snapshots ckpt_{iter:06d}.pt of out_dir, oldest first."""
+    return sorted(glob.glob(os.path.join(glob.escape(out_dir), 'ckpt_[0-9]*.pt')))
+
+
 def lock_out_dir(out_dir):
     """One run per out_dir: an exclusive flock on out_dir/train.lock, which holds the owner's pid.
     The kernel drops a flock when its process dies, so the lock of a killed run is stale: it is
@@ -712,8 +744,9 @@ def prepare_out_dir(C, ckpt_path, log_path, iter_num):
     for p in glob.glob(glob.escape(ckpt_path) + '.tmp*') + glob.glob(glob.escape(log_path) + '.tmp*'):
         os.remove(p)
     if C.init_from == 'scratch':
-        if os.path.exists(ckpt_path):
-            os.remove(ckpt_path)
+        for p in [ckpt_path, os.path.join(C.out_dir, 'ckpt_best.pt')] + snapshots(C.out_dir):
+            if os.path.exists(p):
+                os.remove(p)
         write_atomic(log_path, lambda f: None)
     else:
         trim_log(log_path, iter_num)
@@ -722,11 +755,52 @@ def prepare_out_dir(C, ckpt_path, log_path, iter_num):
 def existing_run(out_dir):
     """The files of an earlier run in out_dir, if any (a scratch run would replace them)."""
     found = []
-    for name in ('ckpt.pt', 'log.jsonl'):
+    for name in ('ckpt.pt', 'ckpt_best.pt', 'log.jsonl'):
         p = os.path.join(out_dir, name)
         if os.path.isfile(p) and os.path.getsize(p) > 0:
             found.append(name)
-    return found
+    return found + [os.path.basename(p) for p in snapshots(out_dir)][-1:]
+
+
+def start_wandb(C, cfg):
+    """A wandb run for this training run (wandb_log=True): the config, then every log.jsonl row.
+    wandb is optional and imported only here; WANDB_MODE=offline logs without a network."""
+    try:
+        import wandb
+    except ImportError:
+        fail("config error: wandb_log=True needs the wandb package: pip install wandb")
+    try:
+        return wandb.init(project=C.wandb_project, name=C.wandb_run_name or os.path.basename(os.path.abspath(C.out_dir)),
+                          config=cfg, dir=C.out_dir)
+    except Exception as e:
+        fail(f"wandb.init failed ({first_line(e)}); log in with `wandb login`, or set WANDB_MODE=offline")
+
+
+# the default corpora, built on first use by any run that names them (offline-capable NER mode)
+DEFAULT_CORPORA = {'data/gutenberg': ['--ner', 'binary'],
+                   'data/gutenberg_4k': ['--ner', 'binary', '--tokenizer', 'gpt2-4096']}
+
+
+def ensure_data(data_dir):
+    """A missing default corpus (NLTK's Gutenberg, see DEFAULT_CORPORA) is built with prepare.py,
+    with its progress bar; any other missing data_dir is an error that names the command to run.
+    DDP: rank 0 builds, the others wait for its meta.json (written last)."""
+    if os.path.isfile(os.path.join(data_dir, 'meta.json')):
+        return
+    args = DEFAULT_CORPORA.get(os.path.normpath(data_dir))
+    if args is None:
+        fail(f"{os.path.join(data_dir, 'meta.json')}: not found; build the dataset first: "
+             f"python prepare.py --input YOUR_FILES --out_dir {data_dir} --ner binary")
+    if int(os.environ.get('RANK', 0)) != 0:
+        while not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+            time.sleep(1)
+        return
+    import subprocess
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'prepare.py'),
+           '--out_dir', data_dir, *args]
+    print(f"{data_dir} not found: building the default corpus first ({' '.join(cmd[1:])})", flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        fail(f"prepare.py failed building {data_dir} (see its error above)")
 
 
 def resume_conflicts(ckpt, cfg, explicit):
@@ -784,15 +858,8 @@ def run(cfg, explicit):
         fail(f"{C.out_dir}: already holds a run ({', '.join(existing_run(C.out_dir))}); continue it with "
              "--init_from=resume, replace it with --overwrite=True, or choose another --out_dir")
     streams = [s.strip() for s in C.metadata.split(',') if s.strip()]
-    if C.meta_predict:
-        if not streams:
-            fail("config error: meta_predict needs metadata streams (e.g. --metadata=pos_causal,ner_causal)")
-        if C.meta_shift != 0:
-            fail("config error: meta_predict reads each token's own tags (meta_shift=0) and predicts the next "
-                 "token's; it cannot be combined with meta_shift=1")
+    if C.meta_predict:  # 0 = the middle block (the default: see README's sweep)
         C.meta_inject_layer = cfg['meta_inject_layer'] = C.meta_inject_layer or C.n_layer // 2
-        if not 1 <= C.meta_inject_layer < C.n_layer:
-            fail(f"config error: meta_inject_layer must be in [1, n_layer={C.n_layer}), got {C.meta_inject_layer}")
     meta_weight = C.meta_weight
 
     # distributed setup
@@ -825,6 +892,7 @@ def run(cfg, explicit):
     ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
     # data
+    ensure_data(C.data_dir)
     info = load_meta(C.data_dir, streams)
     meta_path = os.path.join(C.data_dir, 'meta.json')
     if ckpt is not None:
@@ -892,6 +960,7 @@ def run(cfg, explicit):
     log_path = os.path.join(C.out_dir, 'log.jsonl')
     if master and not C.eval_only:
         prepare_out_dir(C, ckpt_path, log_path, iter_num)
+    wb = start_wandb(C, cfg) if master and C.wandb_log and not C.eval_only else None
     start_iter, t_start = iter_num, time.time()
     t_interval, it_interval = time.time(), iter_num
     loss_sum, loss_count = torch.zeros((), device=C.device), 0
@@ -931,6 +1000,8 @@ def run(cfg, explicit):
                 break
             if master:
                 append_log(log_path, row)
+                if wb is not None:
+                    wb.log({k: v for k, v in row.items() if v is not None}, step=iter_num)
             # the loss the run minimises: meta_predict models also pay for their tags
             score = res['val_loss_bound'] if C.meta_predict else res['val_loss']
             improved = score < best_val_loss
@@ -941,6 +1012,12 @@ def run(cfg, explicit):
                           rng=dict(torch=torch.get_rng_state(),
                                    cuda=torch.cuda.get_rng_state_all() if device_type == 'cuda' else None))
                 write_atomic(ckpt_path, lambda f: torch.save(ck, f))  # never a truncated ckpt.pt
+                if C.keep_checkpoints:
+                    snapshot(ckpt_path, os.path.join(C.out_dir, f'ckpt_{iter_num:06d}.pt'))
+                    for old in snapshots(C.out_dir)[:-C.keep_checkpoints]:
+                        os.remove(old)
+                if C.keep_checkpoints and improved and C.always_save_checkpoint:
+                    snapshot(ckpt_path, os.path.join(C.out_dir, 'ckpt_best.pt'))  # ckpt.pt is the latest
             loss_sum, loss_count = torch.zeros((), device=C.device), 0
             t_interval, it_interval = time.time(), iter_num
         if iter_num >= C.max_iters:
@@ -982,6 +1059,8 @@ def run(cfg, explicit):
             log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {(time.time() - t0) * 1000:.1f}ms")
         iter_num += 1
 
+    if wb is not None:
+        wb.finish()
     if ddp:
         # wait for rank 0 to finish its checkpoint: a rank that tears gloo down while its peer is
         # still busy can abort ("terminate called without an active exception")

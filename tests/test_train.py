@@ -231,8 +231,9 @@ def test_val_nll_rule():
 
 
 def test_meta_predict_config_errors(tmp_path, dataset):
-    for extra, msg in [(['--meta_predict=True'], 'meta_predict needs metadata streams'),
-                       (['--meta_predict=True', '--metadata=pos', '--meta_shift=1'], 'cannot be combined'),
+    for extra, msg in [(['--meta_predict=True'], 'metadata must be one or more streams with meta_predict=True'),
+                       (['--meta_predict=True', '--metadata=pos', '--meta_shift=1'],
+                        'meta_shift must be 0 with meta_predict=True'),
                        (['--meta_predict=True', '--metadata=pos', '--meta_inject_layer=2'],
                         r'meta_inject_layer must be in \[1, n_layer=2\)')]:
         with pytest.raises(SystemExit, match=msg):
@@ -623,3 +624,78 @@ def test_bad_dataset_is_one_line(tmp_path, kind):
     with pytest.raises(SystemExit) as e:
         run(data, tmp_path / 'o', '--metadata=pos', '--max_iters=1')
     assert one_line(e).startswith(str(data)) and msg in one_line(e), one_line(e)
+
+
+# --- around training: step checkpoints, run tracking, the default corpus ---------------
+
+def test_keep_checkpoints_keeps_the_last_snapshots_and_the_best(tmp_path, dataset):
+    import sample
+    out = tmp_path / 'o'
+    rows = run(dataset, out, '--max_iters=8', '--eval_interval=2', '--keep_checkpoints=2')
+    assert sorted(p.name for p in out.glob('ckpt*.pt')) == ['ckpt.pt', 'ckpt_000006.pt', 'ckpt_000008.pt',
+                                                            'ckpt_best.pt']
+    assert torch.load(out / 'ckpt_000006.pt', weights_only=True)['iter_num'] == 6
+    best = min(rows[1:], key=lambda r: r['val_loss'])['iter']
+    assert torch.load(out / 'ckpt_best.pt', weights_only=True)['iter_num'] == best
+    # sample.py takes a checkpoint file as well as a run directory
+    _, ck = sample.load_checkpoint(str(out / 'ckpt_000006.pt'), 'cpu')
+    assert ck['iter_num'] == 6 and sample.load_checkpoint(str(out), 'cpu')[1]['iter_num'] == 8
+    # a snapshot is a run too, and an overwriting run leaves none of the old ones
+    (out / 'ckpt.pt').unlink()
+    (out / 'log.jsonl').unlink()
+    with pytest.raises(SystemExit, match='already holds a run'):
+        run(dataset, out, '--max_iters=2')
+    run(dataset, out, '--max_iters=2', '--eval_interval=2', '--overwrite=True')
+    assert sorted(p.name for p in out.glob('ckpt*.pt')) == ['ckpt.pt']
+
+
+def test_wandb_gets_every_log_field(tmp_path, dataset, monkeypatch):
+    import types
+    calls = []
+
+    class Run:
+        def log(self, row, step):
+            calls.append(('log', row, step))
+
+        def finish(self):
+            calls.append(('finish',))
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(('init', kw)) or Run())
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    rows = run(dataset, tmp_path / 'o', '--max_iters=4', '--eval_interval=2', '--wandb_log=True',
+               '--wandb_project=p', '--metadata=pos', '--meta_predict=True', '--meta_inject_layer=1')
+    assert calls[0][0] == 'init' and calls[0][1]['project'] == 'p' and calls[0][1]['name'] == 'o'
+    assert calls[0][1]['config']['meta_predict'] is True and calls[-1] == ('finish',)
+    logged = [c for c in calls if c[0] == 'log']
+    assert [c[2] for c in logged] == [r['iter'] for r in rows]
+    for (_, row, _), r in zip(logged, rows):
+        assert row == {k: v for k, v in r.items() if v is not None}
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # not installed: one line naming the package
+    with pytest.raises(SystemExit, match='pip install wandb'):
+        run(dataset, tmp_path / 'o2', '--max_iters=2', '--wandb_log=True')
+
+
+def test_wandb_offline_run(tmp_path, dataset):
+    pytest.importorskip('wandb')
+    r = script(*TINY, f'--data_dir={dataset}', f'--out_dir={tmp_path / "o"}', '--max_iters=2', '--eval_interval=1',
+               '--wandb_log=True', env={'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true'})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list((tmp_path / 'o' / 'wandb').glob('offline-run-*/run-*.wandb'))
+
+
+def test_missing_default_corpus_is_built_other_data_named(tmp_path, dataset, monkeypatch):
+    with pytest.raises(SystemExit, match=r'nothing/meta.json: not found; build the dataset first: python prepare.py'):
+        run(tmp_path / 'nothing', tmp_path / 'o', '--max_iters=1')
+    # a default corpus is built on first use (here a small stand-in, so the test stays fast)
+    docs = tmp_path / 'docs'
+    docs.mkdir()
+    for i in range(4):
+        (docs / f'{i}.txt').write_text('The old man walked to the harbour in the morning. ' * (40 + i))
+    data = str(tmp_path / 'corpus')
+    monkeypatch.setitem(train.DEFAULT_CORPORA, os.path.normpath(data),
+                        ['--input', str(docs), '--ner', 'binary', '--workers', '1', '--tokenizer', 'gpt2-512',
+                         '--val_fraction', '0.25', '--no_progress'])
+    rows = train.main(TINY + ['--block_size=16', f'--data_dir={data}', f'--out_dir={tmp_path / "o"}', '--max_iters=1',
+                              '--metadata=pos_causal'])
+    assert json.loads((tmp_path / 'corpus' / 'meta.json').read_text())['tokenizer'] == 'gpt2-512'
+    assert (tmp_path / 'o' / 'ckpt.pt').exists()
