@@ -12,6 +12,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import metadata as md  # noqa: E402
+import nltk_fast  # noqa: E402
 
 TRICKY = [
     "Hello,\r\nworld.\r\nCRLF line endings\r\n",
@@ -303,7 +304,7 @@ def test_canonical_word_pieces_equal_nltk():
     # the letter-only contractions and runs next to an apostrophe): same spans as NLTK
     from nltk.tokenize import NLTKWordTokenizer
     ref = NLTKWordTokenizer()
-    fast = md.FastWordSpans()
+    fast = nltk_fast.FastWordSpans()
     sents = ["He said: \"Don't go there, cannot you see?\" (It was 3.14 p.m.)", "Gimme that; gonna wanna gotta.",
              "'Tis the d'ye more'n 'twas rock'n'roll.", "Mr. O'Neill's dogs' bones... end.", "Hello,world:x --y",
              "CANNOT Cannot cannotx xcannot can-not.", "\"Quoted\" ``tex'' and 'single' quotes.'", "Ends with U.S.",

@@ -1,0 +1,831 @@
+"""
+Exact re-implementations of the NLTK models LIME uses, fast: the averaged-perceptron POS tagger
+(FastPOSTagger), the maxent NE chunker (FastNEChunker), the Treebank word-span tokenizer
+(FastWordSpans) and a memo for punkt's sentence-break decision (punkt_memo).
+
+The contract: each returns exactly what NLTK returns on the same input (the same tags, labels,
+spans and sentence breaks; tests/test_metadata.py compares them on Gutenberg and Brown). The
+NLTK objects are passed in (metadata.py loads them once per process); nothing here reads
+metadata.py. Where our floating-point sums could order two scores differently from NLTK's (a
+gap below a tiny epsilon), that one token is recomputed by NLTK's own code.
+
+How they are fast. Both taggers are greedy left to right and read only the one or two previous
+tags, so we vectorise ACROSS words: everything that does not depend on earlier predictions is
+computed up front per token (feature rows cached per word), then rounds over all words add the
+history features until no tag changes (the same fixpoint as the left-to-right loop).
+FastWordSpans tokenizes each whitespace-separated piece once (given the characters around it)
+and caches it; punkt_memo caches punkt's decision per context string.
+
+What the causal code in metadata.py relies on (the window widths of the models):
+- POS_WINDOW = 2: the POS tag of word i reads words i-2 .. i+2 (START / END markers beyond the
+  sentence) and the tags of words i-1 and i-2. So a word's tag changes only if a word within 2
+  of it, or an earlier tag, changed; and a job resumed at index >= 2 reads only real words.
+- NE_WINDOW = 1: the raw NE label of token i reads the (word, pos) tokens i-1 .. i+1 and the label
+  of token i-1; NE_START = 2: it also reads whether i is 0, 1 or later, so a job resumed at
+  index >= 2 reads as mid-sentence.
+- The layout interface: ids(words) gives cache ids of words (tokens), and tag_windows /
+  label_windows score many windows of such ids in one call, each window resuming the greedy
+  tagger after given tags. Ids stay valid until the scoring call that uses them (the per-word
+  caches are emptied after a call that leaves them over max_cache entries).
+- FastWordSpans works within whitespace-separated pieces (see its docstring).
+- punkt's decision at a candidate break is a pure function of its context string.
+"""
+import re
+
+import numpy as np
+
+POS_WINDOW = 2   # POS tag i reads words i-2 .. i+2 and the tags of i-1, i-2
+NE_WINDOW = 1    # raw NE label i reads tokens i-1 .. i+1 and the label of i-1
+NE_START = 2     # ... and whether i is 0, 1 or more
+
+
+def iob(raw, prev):
+    """Final IOB tag of a word from its raw NE label and the previous word's (None at the start):
+    NEChunkParser turns an I-X that does not continue an X chunk into B-X."""
+    if raw.startswith('I-') and not (prev is not None and prev[:2] in ('B-', 'I-') and prev[2:] == raw[2:]):
+        return 'B-' + raw[2:]
+    return raw
+
+
+def punkt_memo(tok, maxsize=1 << 16):
+    """Memoised tok.text_contains_sentbreak. A context 'word. Next' whose word is ASCII
+    letters (2 or more) is looked up with the word replaced by a fixed one: punkt reads that
+    word only through its type (lowercased), and only to ask whether it is an abbreviation,
+    an initial, a number or the first half of a known collocation. So when it is none of
+    these, any such word gives the same answer, and new words mostly hit the cache."""
+    raw = tok.text_contains_sentbreak
+    params = tok._params
+    special = set(params.abbrev_types) | {a for a, _ in params.collocations}
+    canon = 'qqqq'
+    assert canon not in special
+    simple = re.compile(r"[A-Za-z]{2,}(?=[.?!]\s+\S+$)")
+    cache = {}
+
+    def run(ctx):
+        r = cache.get(ctx)
+        if r is None:
+            if len(cache) >= maxsize:
+                cache.clear()
+            m = simple.match(ctx)
+            if m and m.group().lower() not in special:
+                key = canon + ctx[m.end():]
+                r = cache.get(key)
+                if r is None:
+                    r = cache[key] = raw(key)
+            else:
+                r = raw(ctx)
+            cache[ctx] = r
+        return r
+    return run
+
+
+def _run_batched(run, jobs, max_tokens):
+    """run(jobs) on consecutive batches of about max_tokens tagged tokens, in the jobs' order
+    (the taggers take any order). jobs: (items, start, history, stop); an empty job gives []."""
+    jobs = list(jobs)
+    lens = [b - a for _, a, _, b in jobs]
+    keep = [k for k, n in enumerate(lens) if n > 0]
+    if len(keep) < len(jobs):   # an empty job: nothing to tag, and no layout to give it
+        out = [[] for _ in jobs]
+        for k, r in zip(keep, _run_batched(run, [jobs[k] for k in keep], max_tokens)):
+            out[k] = r
+        return out
+    out = []
+    lo, ntok = 0, 0
+    for k, n in enumerate(lens):
+        ntok += n
+        if ntok >= max_tokens:
+            out += run(jobs[lo:k + 1])
+            lo, ntok = k + 1, 0
+    if lo < len(jobs):
+        out += run(jobs[lo:])
+    return out
+
+
+def _grow(arr, n):
+    # amortised-doubling growth of a per-word cache table (rows = word ids)
+    if n <= arr.shape[0]:
+        return arr
+    new = np.zeros((max(n, 2 * arr.shape[0]),) + arr.shape[1:], dtype=arr.dtype)
+    new[: arr.shape[0]] = arr
+    return new
+
+
+class FastPOSTagger:
+    """Exact, vectorised equivalent of tagger.tag() for tagger = nltk.tag.PerceptronTagger()."""
+
+    # per-word cache columns (row ids into self.W; 0 is the all-zero row)
+    TD, ISUF, IPREF, IWORD, M1WORD, M1SUF, M2WORD, P1WORD, P1SUF, P2WORD, TWID = range(11)
+
+    def __init__(self, tagger, max_batch_tokens=32768, eps=1e-6, max_cache=2_000_000):
+        self.max_cache = max_cache  # per-word cache entries kept after a call (bounds memory)
+        self.tagger = tagger        # NLTK's own model (near-ties are recomputed with it)
+        model = tagger.model
+        self.max_batch_tokens = max_batch_tokens
+        # weights are rounded to 3 decimals, so distinct scores differ by ~1e-3;
+        # a gap below eps means an exact tie (or float-order sensitive) -> NLTK
+        self.eps = eps
+        self.classes = sorted(model.classes)
+        C = len(self.classes)
+        # tag vocabulary for prev/prev2: classes first (so argmax index == tag
+        # index), then the START markers and any tagdict-only tags
+        self.tags = list(self.classes)
+        for t in list(tagger.START) + sorted(set(tagger.tagdict.values())):
+            if t not in self.tags:
+                self.tags.append(t)
+        self.tag_idx = {t: i for i, t in enumerate(self.tags)}
+        self.tags_obj = np.array(self.tags, dtype=object)
+        NT = self.NT = len(self.tags)
+        cidx = {c: i for i, c in enumerate(self.classes)}
+        # dense weight matrix: feature string -> row
+        self.feat_row = {}
+        W = np.zeros((len(model.weights) + 1, C), dtype=np.float64)
+        for f, wd in model.weights.items():
+            r = len(self.feat_row) + 1
+            self.feat_row[f] = r
+            for lab, w in wd.items():
+                if lab in cidx:  # NLTK only takes the max over self.classes
+                    W[r, cidx[lab]] = w
+        self.W = W
+        fr = self.feat_row.get
+        self.bias = W[fr("bias", 0)]
+        # (prev, prev2) -> sum of 'i-1 tag', 'i-2 tag', 'i tag+i-2 tag' rows
+        T = np.zeros((NT, NT, C))
+        for a, ta in enumerate(self.tags):
+            for b, tb in enumerate(self.tags):
+                T[a, b] = W[fr("i-1 tag " + ta, 0)] + W[fr("i-2 tag " + tb, 0)] + W[fr("i tag+i-2 tag " + ta + " " + tb, 0)]
+        self.T = T
+        # 'i-1 tag+i word' features: key = word_id * NT + prev_tag -> row
+        self.tw_word = {}
+        keys, rows = [], []
+        pre = "i-1 tag+i word "
+        for f, r in self.feat_row.items():
+            if f.startswith(pre):
+                t, w = f[len(pre):].split(" ", 1)  # tags contain no spaces
+                if t in self.tag_idx:
+                    wid = self.tw_word.setdefault(w, len(self.tw_word))
+                    keys.append(wid * NT + self.tag_idx[t])
+                    rows.append(r)
+        o = np.argsort(keys)
+        self.tw_keys = np.asarray(keys, dtype=np.int64)[o]
+        self.tw_rows = np.asarray(rows, dtype=np.int64)[o]
+        self.tw_keys_list = self.tw_keys.tolist()
+        # per-word cache; ids 0..3 are the context pseudo-words, which are NOT
+        # normalised (a real token '-START-' normalises to '-start-')
+        self._reset_cache()
+
+    def _reset_cache(self):
+        self.word_id = {}
+        self.roles = np.zeros((1024, 11), dtype=np.int64)
+        self.n_words = 0
+        for k, s in enumerate(list(self.tagger.START) + list(self.tagger.END)):
+            self._add(s, pseudo=True)
+            self.word_id[k] = k  # int keys (never a word) name the pseudo-words in _run
+
+    def _row(self, w, pseudo=False):
+        tg, fr = self.tagger, self.feat_row.get
+        n = w if pseudo else tg.normalize(w)
+        td = tg.tagdict.get(w)
+        return [
+            self.tag_idx[td] if (td and not pseudo) else -1,
+            fr("i suffix " + w[-3:], 0),
+            fr("i pref1 " + (w[0] if w else ""), 0),
+            fr("i word " + n, 0),
+            fr("i-1 word " + n, 0),
+            fr("i-1 suffix " + n[-3:], 0),
+            fr("i-2 word " + n, 0),
+            fr("i+1 word " + n, 0),
+            fr("i+1 suffix " + n[-3:], 0),
+            fr("i+2 word " + n, 0),
+            self.tw_word.get(n, -1),
+        ]
+
+    def _add(self, w, pseudo=False):
+        return self._add_many([w], pseudo)
+
+    def _add_many(self, words, pseudo=False):
+        # cache the feature rows of new words (their ids: n_words, n_words + 1, ...)
+        i, k = self.n_words, len(words)
+        self.roles = _grow(self.roles, i + k)
+        self.roles[i:i + k] = np.asarray([self._row(w, pseudo) for w in words], dtype=np.int64).reshape(k, -1)
+        self.n_words += k
+        if not pseudo:
+            for r, w in enumerate(words):
+                self.word_id[w] = i + r
+        return i
+
+    def tag_sents(self, sents):
+        """sents: list of list of word strings -> list of list of tag strings."""
+        return _run_batched(self._run, [(s, 0, (), len(s)) for s in sents], self.max_batch_tokens)
+
+    def tag_resume(self, jobs):
+        """Greedy continuation: jobs of (words, start, prev, stop) -> the tags of
+        words[start:stop] given prev = the tags of words[start-2:start] (fewer at the
+        sentence start): what NLTK's greedy loop gives when it reaches words[start] with
+        those tags."""
+        return _run_batched(self._run, jobs, self.max_batch_tokens)
+
+    def _run(self, jobs):
+        # jobs in any order (an empty one gives an empty list)
+        # flat layout per job: the words start-2 .. stop+1 of its sentence, with
+        # -START- -START2- before word 0 and -END- -END2- after the last word (pseudo-word
+        # ids 0..3, written as their int keys); words are mapped to ids in one pass after
+        fw, starts, lens, h1, h2 = [], [], [], [], []
+        START, tidx = self.tagger.START, self.tag_idx
+        t_s0, t_s1 = tidx[START[0]], tidx[START[1]]
+        for s, start, prev, stop in jobs:
+            n = len(s)
+            a = start - 2 if start > 2 else 0
+            b = stop + 2 if stop + 2 < n else n
+            if start < 2:
+                fw += (0, 1)[start:]
+            starts.append(len(fw) + (start - a))
+            lens.append(stop - start)
+            fw += s[a:b]
+            if b < stop + 2:
+                fw += (2, 3)[: stop + 2 - b]
+            # history (NLTK: prev, prev2 = START, then shifted by each tag)
+            k = len(prev)
+            h1.append(tidx[prev[-1]] if k else t_s0)
+            h2.append(tidx[prev[-2]] if k > 1 else (t_s0 if k else t_s1))
+        flat = self.ids(fw)
+        starts = np.asarray(starts, dtype=np.int64)
+        lens = np.asarray(lens, dtype=np.int64)
+        tags, realpos, offs = self._score(flat, starts, lens, h1, h2, jobs.__getitem__)
+        self._bound_cache()
+        names = self.tags_obj[tags[realpos]].tolist()
+        return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
+
+    def ids(self, words):
+        """Cache ids of words (int keys 0..3: the pseudo-words), new words added in order.
+        They stay valid until the next scoring call has returned."""
+        get = self.word_id.get
+        flat = list(map(get, words))
+        if None in flat:
+            self._add_many(list(dict.fromkeys(w for i, w in zip(flat, words) if i is None)))
+            flat = list(map(get, words))
+        return np.asarray(flat, dtype=np.int64)
+
+    def tag_windows(self, flat, starts, lens, h1, h2, job):
+        """The causal code's entry point: greedy tagging of many windows laid out in one array.
+        flat: word ids (from ids(); 0, 1 = -START-, -START2-, 2, 3 = -END-, -END2-); window k
+        tags flat[starts[k]:starts[k] + lens[k]] after the tag indices h1[k], h2[k] (the
+        previous tag, the one before), and the POS_WINDOW words before and after each tagged
+        one are in flat. job(k) -> (words, index of the first tagged one) is called only to
+        recompute a near-tie with NLTK. Returns the tag indices (into self.tags) over flat."""
+        tags = self._score(flat, starts, lens, h1, h2, job)[0]
+        self._bound_cache()
+        return tags
+
+    def _bound_cache(self):
+        if self.n_words > self.max_cache:
+            self._reset_cache()
+
+    def _score(self, flat, starts, lens, h1, h2, job):
+        # tag_windows; also returns the tagged positions (realpos) and each window's offset
+        # among them (offs)
+        W, T, C, NT = self.W, self.T, len(self.classes), self.NT
+        R = self.roles[flat]
+        N = len(flat)
+        tags = np.full(N, -1, dtype=np.int64)
+        # history: for i=0 prev='-START-', prev2='-START2-' (sic, NLTK order)
+        tags[starts - 1] = h1
+        tags[starts - 2] = h2
+        # the positions to tag, job after job
+        offs = np.cumsum(lens) - lens
+        realpos = np.repeat(starts - offs, lens) + np.arange(int(lens.sum()))
+        real = np.zeros(N, dtype=bool)
+        real[realpos] = True
+        td = R[:, self.TD]
+        is_td = real & (td >= 0)
+        tags[is_td] = td[is_td]  # tagdict shortcut: fixed tag, no prediction
+        p = np.nonzero(real & (td < 0))[0]
+        # all prediction-independent features, summed once per token
+        S = self.bias + W[R[p, self.ISUF]]
+        S += W[R[p, self.IPREF]]
+        S += W[R[p, self.IWORD]]
+        S += W[R[p - 1, self.M1WORD]]
+        S += W[R[p - 1, self.M1SUF]]
+        S += W[R[p - 2, self.M2WORD]]
+        S += W[R[p + 1, self.P1WORD]]
+        S += W[R[p + 1, self.P1SUF]]
+        S += W[R[p + 2, self.P2WORD]]
+        # Greedy left to right gives the unique tags with tags[p] = best(p, tags[p-1], tags[p-2])
+        # at every position. Solve that in rounds over all positions at once: start from the
+        # best tag ignoring history, then each round recomputes the positions one or two after
+        # a tag that changed, until none changes. Every position's last computation read the
+        # final tags before it, so this equals the sequential loop, in a few rounds instead
+        # of one step per word of the longest sentence.
+        TW = R[:, self.TWID]
+        pred = np.zeros(N, dtype=bool)
+        pred[p] = True
+        srow = np.full(N, -1, dtype=np.int64)
+        srow[p] = np.arange(len(p))
+        tags[p] = S.argmax(axis=1) if len(p) else tags[p]
+        tw_keys, tw_rows = self.tw_keys, self.tw_rows
+        nk = len(tw_keys)
+        cur = p
+        while len(cur):
+            prev, prev2 = tags[cur - 1], tags[cur - 2]
+            sc = S[srow[cur]] + T[prev, prev2]
+            tw = TW[cur]
+            m = np.nonzero(tw >= 0)[0]
+            if len(m) and nk:
+                key = tw[m] * NT + prev[m]
+                loc = np.minimum(np.searchsorted(tw_keys, key), nk - 1)
+                hit = tw_keys[loc] == key
+                sc[m[hit]] += W[tw_rows[loc[hit]]]
+            best = sc.argmax(axis=1)
+            part = np.partition(sc, C - 2, axis=1)
+            for a in np.nonzero(part[:, C - 1] - part[:, C - 2] < self.eps)[0].tolist():
+                best[a] = self._exact(job, starts, tags, int(cur[a]))   # same inputs as sc
+            changed = cur[best != tags[cur]]
+            tags[cur] = best
+            nxt = np.union1d(changed + 1, changed + 2)
+            cur = nxt[pred[nxt]]
+        return tags, realpos, offs
+
+    def _exact(self, job, starts, tags, p):
+        # recompute one token exactly as NLTK does (near-tie in our scores)
+        tg = self.tagger
+        k = int(np.searchsorted(starts, p, side="right")) - 1
+        words, start = job(k)[:2]
+        i = start + p - int(starts[k])
+        context = tg.START + [tg.normalize(w) for w in words] + tg.END
+        prev, prev2 = self.tags[tags[p - 1]], self.tags[tags[p - 2]]
+        feats = tg._get_features(i, words[i], context, prev, prev2)
+        return self.tag_idx[tg.model.predict(feats)[0]]
+
+
+class FastNEChunker:
+    """Exact, vectorised equivalent of
+    [iob for (w, p, iob) in tree2conlltags(chunker.parse(sent))] for chunker =
+    nltk.chunk.ne_chunker(fmt) (the binary or the multiclass model)."""
+
+    def __init__(self, chunker, max_batch_tokens=32768, eps=1e-9, max_cache=2_000_000):
+        self.max_cache = max_cache  # per-(word, pos) cache entries kept after a call
+        import nltk
+        from nltk.chunk.named_entity import shape, simplify_pos
+        self._shape, self._simplify_pos = self._compile_shape(shape), simplify_pos
+        self.chunker = chunker  # NLTK's own (near-ties are recomputed with it)
+        self.nt = nt = self.chunker._tagger  # NEChunkParserTagger
+        clf = nt._classifier
+        enc = clf._encoding
+        self.max_batch_tokens = max_batch_tokens
+        self.eps = eps
+        # our scoring mirrors BinaryMaxentFeatureEncoding + log-linear maxent
+        assert isinstance(enc, nltk.classify.maxent.BinaryMaxentFeatureEncoding)
+        assert clf._logarithmic and not enc._unseen and nt._cutoff_prob is None
+        self.labels = list(enc.labels())
+        self.labels_obj = np.array(self.labels, dtype=object)
+        self.label_idx = {lab: j for j, lab in enumerate(self.labels)}
+        for lab in self.labels:
+            assert lab == "O" or lab[:2] in ("B-", "I-"), lab
+        L = len(self.labels)
+        lidx = {lab: j for j, lab in enumerate(self.labels)}
+        wts = clf._weights
+        # (fname, fval) -> row of per-label weights; a python dict keyed like
+        # NLTK's mapping, so value equality (True == 1, None, ints) is the same
+        self.feat_row = {}
+        rows = [np.zeros(L)]
+        for (fname, fval, lab), fid in enc._mapping.items():
+            r = self.feat_row.get((fname, fval))
+            if r is None:
+                r = self.feat_row[(fname, fval)] = len(rows)
+                rows.append(np.zeros(L))
+            rows[r][lidx[lab]] = wts[fid]
+        self.W = np.array(rows)
+        self.aon = np.zeros(L)
+        if enc._alwayson:
+            for lab, fid in enc._alwayson.items():
+                self.aon[lidx[lab]] = wts[fid]
+        self.wl = nt._english_wordlist()
+        # values the 'prevtag' feature can take: None (index 0), a label's
+        # first character (index 1: NLTK uses history[index - 1][0]) or the
+        # full label (index >= 2)
+        self.vals = [None] + self.labels + sorted({lab[0] for lab in self.labels})
+        vidx = {v: j for j, v in enumerate(self.vals)}
+        self.v_full = np.array([vidx[lab] for lab in self.labels])
+        self.v_char = np.array([vidx[lab[0]] for lab in self.labels])
+        fr = self.feat_row.get
+        self.r_prevtag = np.array([fr(("prevtag", v), 0) for v in self.vals])
+        self.r_shpt_none = np.array([fr(("shape+prevtag", f"{None}+{v}"), 0) for v in self.vals])
+        self.r_none = {k: fr((k, None), 0) for k in ("prevpos", "prevword", "nextpos", "nextword")}
+        # 'word+nextpos' (f"{word.lower()}+{next pos.lower()}", 'None' at the sentence end) as a
+        # dense table: [index of the lowercased word, index of the next pos] -> row. Next-pos
+        # indices of the model's features come first (0 = None); any other pos has no row.
+        self.wn_word, self.wn_pl = {}, {None: 0}
+        cells = []
+        for (fname, fval), r in self.feat_row.items():
+            if fname == "word+nextpos" and isinstance(fval, str):
+                w, _, npos = fval.rpartition("+")
+                wi = self.wn_word.setdefault(w, len(self.wn_word) + 1)   # 0: no such word
+                pi = self.wn_pl.setdefault(None if npos == "None" else npos, len(self.wn_pl))
+                cells.append((wi, pi, r))
+        self.wn_tab = np.zeros((len(self.wn_word) + 1, len(self.wn_pl)), dtype=np.int64)
+        for wi, pi, r in cells:
+            self.wn_tab[wi, pi] = r
+        self._reset_cache()
+
+    @staticmethod
+    def _compile_shape(nltk_shape):
+        """NLTK's shape() with its three patterns compiled once: NLTK >= 3.10 recompiles them
+        through its ReDoS guard on every call (7 us a word). Same engine (the `regex` module
+        there, `re` before), same patterns and flags, so the same answers (tests compare)."""
+        import inspect
+        pats = (r"[0-9]+(\.[0-9]*)?|[0-9]*\.[0-9]+$", r"\W+$", r"\w+$")
+        try:
+            src = inspect.getsource(nltk_shape)
+        except Exception:
+            return nltk_shape
+        if not all(f'r"{p}"' in src for p in pats):
+            return nltk_shape   # a different NLTK shape(): use it as it is
+        uses_redos = 'redos.' in src
+        if uses_redos:
+            from nltk import redos
+        if uses_redos:
+            num, punct, word_rx = [getattr(c, '_rx', c).match for c in (redos.compile(p, re.UNICODE) for p in pats)]
+        else:
+            num, punct, word_rx = [re.compile(p, re.UNICODE).match for p in pats]
+
+        memo = {}
+
+        def shape(word):
+            r = memo.get(word)
+            if r is None:
+                if len(memo) >= 1 << 20:
+                    memo.clear()
+                r = memo[word] = shape_of(word)
+            return r
+
+        def shape_of(word):
+            if num(word):
+                return "number"
+            elif punct(word):
+                return "punct"
+            elif word_rx(word):
+                if word.istitle():
+                    return "upcase"
+                elif word.islower():
+                    return "downcase"
+                else:
+                    return "mixedcase"
+            else:
+                return "other"
+        return shape
+
+    def _reset_cache(self):
+        # per-(word, pos) caches
+        L, V = len(self.labels), len(self.vals)
+        self.tok_id = {}
+        self.selfvec = np.zeros((1024, L))
+        self.cols = np.zeros((1024, 4), dtype=np.int64)  # prevpos, prevword, nextpos, nextword rows
+        self.ppt = np.zeros((1024, V), dtype=np.int64)  # 'pos+prevtag' rows
+        self.shpt = np.zeros((1024, V), dtype=np.int64)  # 'shape+prevtag' rows (as previous token)
+        self.n_tok = 0  # (word, pos) pairs cached
+        self.plid = np.zeros(1024, dtype=np.int64)  # id of pos.lower() (0 = None: no next token)
+        self.pl_id = dict(self.wn_pl)  # pos.lower() -> index (the model's next-pos values first)
+        self.wnw = np.zeros(1024, dtype=np.int64)  # index of the lowercased word in wn_tab
+        self._ppt_rows, self._shpt_rows = {}, {}
+
+    def _add_many(self, toks):
+        """Cache the features of new (word, pos) tokens: Python lookups per token, the row sums
+        for all of them at once (in NLTK's order: float addition is not associative)."""
+        fr = self.feat_row.get
+        W, shape, wl = self.W, self._shape, self.wl
+        i0, k = self.n_tok, len(toks)
+        for name in ('selfvec', 'cols', 'ppt', 'shpt', 'plid', 'wnw'):
+            setattr(self, name, _grow(getattr(self, name), i0 + k))
+        own, cols, ppt, shpt, plid, wnw = [], [], [], [], [], []
+        for r, tok in enumerate(toks):
+            word, pos = tok
+            sp = self._simplify_pos(pos)
+            lw, pl = word.lower(), pos.lower()
+            own.append([fr(key, 0) for key in (
+                ("bias", True),
+                ("shape", shape(word)),
+                ("wordlen", len(word)),
+                ("prefix3", word[:3].lower()),
+                ("suffix3", word[-3:].lower()),
+                ("pos", sp),
+                ("word", word),
+                ("en-wordlist", word in wl),
+            )])
+            cols.append((fr(("prevpos", sp), 0), fr(("prevword", lw), 0), fr(("nextpos", pl), 0),
+                         fr(("nextword", lw), 0)))
+            # the prevtag pair rows depend on the simplified pos / the shape only: few values
+            row = self._ppt_rows.get(sp)
+            if row is None:
+                row = self._ppt_rows[sp] = [fr(("pos+prevtag", f"{sp}+{t}"), 0) for t in self.vals]
+            ppt.append(row)
+            psh = shape(lw)  # prevshape is the shape of the LOWERCASED previous word
+            row = self._shpt_rows.get(psh)
+            if row is None:
+                row = self._shpt_rows[psh] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
+            shpt.append(row)
+            plid.append(self.pl_id.setdefault(pl, len(self.pl_id)))
+            wnw.append(self.wn_word.get(lw, 0))
+            self.tok_id[tok] = i0 + r
+        own = np.asarray(own, dtype=np.int64).reshape(k, 8)
+        v = np.repeat(self.aon[None, :], k, axis=0)
+        for c in range(8):
+            v += W[own[:, c]]
+        self.selfvec[i0:i0 + k] = v
+        self.cols[i0:i0 + k] = np.asarray(cols, dtype=np.int64).reshape(k, 4)
+        self.ppt[i0:i0 + k] = np.asarray(ppt, dtype=np.int64).reshape(k, -1)
+        self.shpt[i0:i0 + k] = np.asarray(shpt, dtype=np.int64).reshape(k, -1)
+        self.plid[i0:i0 + k] = plid
+        self.wnw[i0:i0 + k] = wnw
+        self.n_tok += k
+
+    def iob_sents(self, tagged_sents):
+        """tagged_sents: list of list of (word, pos) -> list of list of IOB tags."""
+        # tree2conlltags(_tagged_to_parse(...)): an I-X that does not continue an X chunk
+        # opens a new chunk, i.e. becomes B-X (iob)
+        return [[iob(lab, labs[i - 1] if i else None) for i, lab in enumerate(labs)]
+                for labs in self.raw_sents(tagged_sents)]
+
+    def raw_sents(self, tagged_sents):
+        """The raw labels of NLTK's NE tagger (before the chunk/IOB fixup) of each sentence."""
+        return _run_batched(self._run, [(s, 0, (), len(s)) for s in tagged_sents], self.max_batch_tokens)
+
+    def raw_resume(self, jobs):
+        """Greedy continuation: jobs of (tokens, start, history, stop) -> the raw labels of
+        tokens[start:stop] given history = the raw labels of tokens[:start] (only the
+        last one is read; pos of tokens past stop is not read): what NLTK's greedy loop gives
+        when it reaches tokens[start] with that history."""
+        return _run_batched(self._run, jobs, self.max_batch_tokens)
+
+    def _run(self, jobs):
+        # jobs in any order (an empty one gives an empty list)
+        lidx = self.label_idx
+        # flat layout per job: tokens start-1 .. stop (those its features read)
+        fw, starts, lens, absst, fpos, lpos, hpos, hlab = [], [], [], [], [], [], [], []
+        for s, start, hist, stop in jobs:
+            n = len(s)
+            a = start - 1 if start else 0
+            b = stop + 1 if stop < n else n
+            st = len(fw) + (start - a)
+            starts.append(st)
+            lens.append(stop - start)
+            absst.append(start)
+            if start == 0:
+                fpos.append(st)
+            else:
+                hpos.append(st - 1)
+                hlab.append(lidx[hist[start - 1]])
+            if b == n:
+                lpos.append(st + (n - 1 - start))
+            fw += s[a:b]
+        ids = self.ids(fw)
+        starts = np.asarray(starts, dtype=np.int64)
+        lens = np.asarray(lens, dtype=np.int64)
+        absst = np.asarray(absst, dtype=np.int64)  # index of each job's first tagged token
+        labs, realpos, offs = self._score(ids, starts, lens, absst, fpos, lpos, hpos, hlab, jobs.__getitem__)
+        self._bound_cache()
+        names = self.labels_obj[labs[realpos]].tolist()
+        return [names[o:o + n] for o, n in zip(offs.tolist(), lens.tolist())]
+
+    def ids(self, toks):
+        """Cache ids of (word, pos) tokens, new ones added in order. They stay valid until the
+        next scoring call has returned."""
+        get = self.tok_id.get
+        ids = list(map(get, toks))
+        if None in ids:
+            self._add_many(list(dict.fromkeys(t for i, t in zip(ids, toks) if i is None)))
+            ids = list(map(get, toks))
+        return np.asarray(ids, dtype=np.int64)
+
+    def label_windows(self, ids, starts, lens, absst, fpos, lpos, hpos, hlab, job):
+        """The causal code's entry point: greedy raw labelling of many windows laid out in one
+        array. ids: token ids (from ids()); window k labels ids[starts[k]:starts[k] + lens[k]],
+        the first of them at index absst[k] of its sentence; fpos / lpos: positions of
+        sentence-first / sentence-last tokens; hpos, hlab: given label indices (the history
+        before each window). The NE_WINDOW tokens before and after each labelled one are in ids.
+        job(k) -> (tokens, start, history) is called only to recompute a near-tie with NLTK.
+        Returns the label indices (into self.labels) over ids."""
+        labs = self._score(ids, starts, lens, absst, fpos, lpos, hpos, hlab, job)[0]
+        self._bound_cache()
+        return labs
+
+    def _bound_cache(self):
+        if self.n_tok > self.max_cache:
+            self._reset_cache()
+
+    def _score(self, ids, starts, lens, absst, fpos, lpos, hpos, hlab, job):
+        # label_windows; also returns the labelled positions (realpos) and each window's
+        # offset among them (offs)
+        W, L = self.W, len(self.labels)
+        N = len(ids)
+        first = np.zeros(N, dtype=bool)
+        first[fpos] = True
+        last = np.zeros(N, dtype=bool)
+        last[lpos] = True
+        cols = self.cols[ids]
+        # prediction-independent features: own (word, pos) features, neighbours
+        S = self.selfvec[ids].copy()
+        r = np.where(first, self.r_none["prevpos"], np.roll(cols[:, 0], 1))
+        S += W[r]
+        r = np.where(first, self.r_none["prevword"], np.roll(cols[:, 1], 1))
+        S += W[r]
+        r = np.where(last, self.r_none["nextpos"], np.roll(cols[:, 2], -1))
+        S += W[r]
+        r = np.where(last, self.r_none["nextword"], np.roll(cols[:, 3], -1))
+        S += W[r]
+        # 'word+nextpos': the table cell of (this word, next pos); a next pos the model never
+        # saw with any word has no row
+        npl = np.where(last, 0, np.roll(self.plid[ids], -1))
+        width = self.wn_tab.shape[1]
+        S += W[np.where(npl < width, self.wn_tab[self.wnw[ids], np.minimum(npl, width - 1)], 0)]
+        ppt = self.ppt[ids]
+        shpt_prev = np.roll(self.shpt[ids], 1, axis=0)
+        labs = np.full(N, -1, dtype=np.int64)
+        labs[hpos] = hlab
+        # The only prediction-dependent input is the previous label, through v (the value of
+        # the 'prevtag' features: None at the sentence start, the label's first character
+        # at index 1, the label from index 2 on; NLTK's quirk) and the 'shape+prevtag' pair.
+        # So the scores of every tagged token for every possible previous label are computed
+        # up front, in the same order of additions as one token at a time (same floats):
+        # table[r, l] = scores of tagged token r (job after job) after label l.
+        offs = np.cumsum(lens) - lens
+        realpos = np.repeat(starts - offs, lens) + np.arange(int(lens.sum()))
+        ai = np.repeat(absst - offs, lens) + np.arange(len(realpos))  # index in the sentence
+        base = S[realpos][:, None, :] + W[self.r_prevtag][None, :, :]
+        base += W[ppt[realpos]]
+        base += W[np.where((ai >= 2)[:, None], shpt_prev[realpos], self.r_shpt_none[None, :])]
+        vsel = np.where((ai == 0)[:, None], 0,
+                        np.where((ai == 1)[:, None], self.v_char[None, :], self.v_full[None, :]))
+        M = len(realpos)
+        table = base[np.arange(M)[:, None], vsel].reshape(M * L, L)
+        # Greedy left to right = the unique labels with labs[p] = best(p, labs[p-1]); solved in
+        # rounds over all positions at once, as in FastPOSTagger._score: start from the best
+        # label after 'O'-like column 0, then recompute the position after each change.
+        row = np.full(N, -1, dtype=np.int64)
+        row[realpos] = np.arange(M)
+        tagged = np.zeros(N + 1, dtype=bool)
+        tagged[realpos] = True
+        if M:
+            labs[realpos] = table[np.arange(M) * L].argmax(axis=1)
+        cur = realpos
+        while len(cur):
+            # (at a sentence start every column is the same)
+            sc = table[row[cur] * L + np.maximum(labs[cur - 1], 0)]
+            best = sc.argmax(axis=1)
+            if L > 1:
+                part = np.partition(sc, L - 2, axis=1)
+                for a in np.nonzero(part[:, L - 1] - part[:, L - 2] < self.eps)[0].tolist():
+                    best[a] = self._exact(job, starts, labs, int(cur[a]))   # same inputs as sc
+            changed = cur[best != labs[cur]]
+            labs[cur] = best
+            nxt = changed + 1
+            cur = nxt[tagged[nxt]]
+        return labs, realpos, offs
+
+    def _exact(self, job, starts, labs, p):
+        # recompute one token exactly as NLTK does (near-tie in our scores)
+        k = int(np.searchsorted(starts, p, side="right")) - 1
+        toks, start, hist = job(k)[:3]
+        i = start + p - int(starts[k])
+        history = list(hist[:start]) + [self.labels[t] for t in labs[int(starts[k]) : p].tolist()]
+        tag = self.nt.choose_tag(list(toks), i, history)
+        return self.labels.index(tag)
+
+
+_TO_0 = str.maketrans({ch: '0' for ch in '0123456789'})
+_TO_A = str.maketrans({**{ch: 'a' for ch in 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'}, **_TO_0})
+
+class FastWordSpans:
+    """Exact, cached equivalent of list(NLTKWordTokenizer().span_tokenize(sentence)).
+
+    NLTK runs ~25 regex passes over the whole sentence. Almost all of them are
+    local to a whitespace-separated piece, given the whitespace character right
+    before and after it; the exceptions are anchored at the sentence start
+    (^") or end (final period + closing quotes/brackets, trailing ':' ','). So:
+    - every piece is tokenised ONCE as "x" + before + piece + after + "x" by
+      NLTK itself, and the result cached under (before, piece, after);
+    - the first piece (when it starts the text) uses its true start context;
+    - the tail (last piece containing a non-closer character, to the end) is
+      tokenised by NLTK with its true end context (also cached).
+    Any surprise (token not inside its piece) falls back to NLTK on the whole
+    sentence. Verified identical on all of Gutenberg and Brown (LIME_FULL_CHECK=1 python -m
+    pytest tests/test_metadata.py -k corpora)."""
+
+    CLOSERS = set("])}>\"'»”’")
+    # NLTK's CONTRACTIONS2 patterns without an apostrophe (they split a letters-only word)
+    LETTER_SPLITS = frozenset(["cannot", "gimme", "gonna", "gotta", "lemme", "wanna"])
+
+    def __init__(self, max_cache=2_000_000):
+        from nltk.tokenize import NLTKWordTokenizer
+        self.wt = NLTKWordTokenizer()
+        # NLTK >= 3.10 runs every regex through the `regex` engine with a timeout guard
+        # (nltk.redos), about 2x slower than the stdlib; recompile the same patterns with re
+        # (the corpus tests check the spans stay identical to NLTK's)
+        flags = re.I | re.M | re.S | re.X | re.A
+        plain = lambda p: re.compile(getattr(p, '_rx', p).pattern, getattr(p, '_rx', p).flags & flags)
+        for name in ('STARTING_QUOTES', 'PUNCTUATION', 'ENDING_QUOTES', 'CONVERT_PARENTHESES'):
+            setattr(self.wt, name, [(plain(p), r) for p, r in getattr(self.wt, name)])
+        for name in ('PARENS_BRACKETS', 'DOUBLE_DASHES'):
+            p, r = getattr(self.wt, name)
+            setattr(self.wt, name, (plain(p), r))
+        for name in ('CONTRACTIONS2', 'CONTRACTIONS3'):
+            setattr(self.wt, name, [plain(p) for p in getattr(self.wt, name)])
+        self.ws = re.compile(r"\S+")
+        # maximal runs of ASCII letters with no apostrophe next to them
+        self.letters = re.compile(r"(?<![A-Za-z'])[A-Za-z]+(?![A-Za-z'])")
+        self.splits_rx = re.compile('|'.join(sorted(self.LETTER_SPLITS)), re.I)
+        self.cache = {}
+        self.max_cache = max_cache
+
+    def _canon_run(self, m):
+        w = m.group()
+        return w if w.lower() in self.LETTER_SPLITS else 'a' * len(w)
+
+    def _piece(self, key):
+        # key = (before char or '' at text start, piece text, after char or '$' at text end / tail)
+        b, piece, a = key
+        if piece.isascii() and piece.isalpha() and piece.lower() not in self.LETTER_SPLITS:
+            # ASCII letters only: every rule needs a non-letter (quote, punctuation, bracket,
+            # dash, apostrophe) except the letter-only contractions (cannot -> can not, ...)
+            spans = ((0, len(piece)),)
+            if len(self.cache) >= self.max_cache:
+                self.cache.clear()
+            self.cache[key] = spans
+            return spans
+        # Only the letter-only contractions and the rules around an apostrophe read which
+        # letters a word has: any other run of ASCII letters tokenizes like 'a' * its length.
+        # And the rules only ask whether a character is a digit, never which: ASCII digits
+        # become '0'. So pieces are tokenized (and cached) in that canonical form: "boat." and
+        # "house." become "aaaa." and "aaaaa.", "3:14" becomes "0:00", and new words mostly
+        # hit the cache.
+        if "'" not in piece and not self.splits_rx.search(piece):
+            canon = piece.translate(_TO_A)   # no apostrophe, no letter-only contraction: every run
+        else:
+            canon = self.letters.sub(self._canon_run, piece).translate(_TO_0)
+        if canon != piece:
+            spans = self.cache.get((b, canon, a))
+            if spans is None:
+                spans = self._piece((b, canon, a))
+                if spans is None:
+                    return None
+            self.cache[key] = spans
+            return spans
+        if a == "$" and b == "":  # the whole text is one tail: plain NLTK
+            syn, off = piece, 0
+            spans = list(self.wt.span_tokenize(syn))
+            ok = True
+        elif a == "$":  # tail: true end of text
+            syn, off = "x" + b + piece, 1 + len(b)
+            spans = list(self.wt.span_tokenize(syn))
+            ok = spans[:1] == [(0, 1)]
+            spans = spans[1:]
+        elif b == "":  # first piece at text start: true start context
+            syn, off = piece + a + "x", 0
+            spans = list(self.wt.span_tokenize(syn))
+            ok = spans[-1:] == [(len(syn) - 1, len(syn))]
+            spans = spans[:-1]
+        else:
+            syn, off = "x" + b + piece + a + "x", 1 + len(b)
+            spans = list(self.wt.span_tokenize(syn))
+            ok = spans[:1] == [(0, 1)] and spans[-1:] == [(len(syn) - 1, len(syn))]
+            spans = spans[1:-1]
+        spans = tuple([(s - off, e - off) for s, e in spans])
+        if not ok or any(s < 0 or e > len(piece) for s, e in spans):
+            return None
+        if len(self.cache) >= self.max_cache:
+            self.cache.clear()
+        self.cache[key] = spans
+        return spans
+
+    def __call__(self, text):
+        ps = [m.span() for m in self.ws.finditer(text)]
+        if not ps:
+            return list(self.wt.span_tokenize(text))
+        # tail = from the last piece with a non-closer character to the end
+        j = len(ps) - 1
+        closers = self.CLOSERS
+        while j > 0 and all(c in closers for c in text[ps[j][0] : ps[j][1]]):
+            j -= 1
+        out = []
+        get = self.cache.get
+        for k in range(j + 1):
+            s, e = ps[k]
+            b = text[s - 1] if s > 0 else ""
+            if k == j:
+                key = (b, text[s:], "$")
+            else:
+                key = (b, text[s:e], text[e])
+            spans = get(key)
+            if spans is None:
+                spans = self._piece(key)
+                if spans is None:
+                    break
+            if len(spans) == 1:   # most pieces are one word
+                x, y = spans[0]
+                out.append((s + x, s + y))
+            else:
+                out += [(s + x, s + y) for x, y in spans]
+        else:
+            return out
+        # surprise: NLTK itself on the whole sentence
+        return list(self.wt.span_tokenize(text))
+
