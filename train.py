@@ -49,11 +49,14 @@ meta_weight = 1.0  # scale of each metadata embedding: one float, or a list with
 meta_dropout = 0.0  # training only: replace a token's tag by <unk> (id 2) with this probability
 meta_shuffle = False  # leakage control: read each stream through a fixed permutation of positions
 # model
+arch = 'gpt2'  # 'gpt2' (learned positions, LayerNorm, GELU) or 'gemma' (rotary, RMSNorm, GeGLU, GQA, no biases)
 n_layer = 6
 n_head = 6
+n_kv_head = 0  # key/value heads (gemma's grouped-query attention): 0 = n_head, 1 = multi-query
 n_embd = 384
+mlp_hidden = 0  # MLP hidden width (gemma: per gate/up projection); 0 = 4 * n_embd
 dropout = 0.0
-bias = False
+bias = False  # gpt2 only
 # adamw optimizer
 learning_rate = 6e-4
 max_iters = 5000
@@ -75,7 +78,7 @@ peak_flops = 0.0  # for MFU; 0 = the detected GPU's bf16 peak (H100/H200 989e12,
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout')
+MODEL_KEYS = ('arch', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'block_size', 'bias', 'dropout')
 
 
 def fail(msg):
@@ -325,8 +328,8 @@ def main(argv):
         # continue the checkpoint's run: its config, with only the keys set now on top
         cfg = {**DEFAULTS, **{k: v for k, v in ckpt['config'].items() if k in DEFAULTS},
                **{k: cfg[k] for k in explicit}}
-        for k in MODEL_KEYS:  # the architecture is the checkpoint's
-            cfg[k] = ckpt['model_args'][k]
+        for k in MODEL_KEYS:  # the architecture is the checkpoint's (older ones: gpt2, no arch keys)
+            cfg[k] = ckpt['model_args'].get(k, DEFAULTS[k])
         cfg['metadata'] = ','.join(ckpt['model_args']['meta_streams'])
         cfg['meta_shift'] = ckpt['model_args']['meta_shift']
         C = SimpleNamespace(**cfg)
@@ -387,12 +390,17 @@ def main(argv):
     val_windows = eval_starts(val_split.n, C.block_size, C.eval_iters * C.batch_size)[rank::world]
 
     # model
-    model_args = dict(n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=C.block_size,
+    model_args = dict(arch=C.arch, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head, n_embd=C.n_embd,
+                      mlp_hidden=C.mlp_hidden, block_size=C.block_size,
                       bias=C.bias, dropout=C.dropout, vocab_size=info['vocab_size'],
                       meta_streams=tuple(streams),
                       meta_n_tags=tuple(len(info['streams'][s]['tags']) for s in streams),
                       meta_weight=meta_weight, meta_shift=C.meta_shift)
-    model = GPT(GPTConfig(**model_args))
+    try:
+        model_config = GPTConfig(**model_args)
+    except ValueError as e:  # e.g. n_head not a multiple of n_kv_head
+        fail(f"config error: {e}")
+    model = GPT(model_config)
     model_args = dict(vars(model.config))  # normalised (meta_weight as one float per stream)
     iter_num, best_val_loss = 0, 1e9
     if ckpt is not None:
