@@ -46,7 +46,7 @@ build_data = True
 arch = 'gpt2'  # 'gpt2' or 'gemma' (model.py)
 n_layer = 4
 n_head = 4
-n_kv_head = 0  # gemma only (ignored for gpt2, so one preset serves both archs): 0 = n_head, 1 = multi-query
+n_kv_head = 2  # gemma only (ignored for gpt2, so one preset serves both archs): 0 = n_head, 1 = multi-query
 n_embd = 128
 mlp_hidden = 0  # MLP hidden width (gemma: per gate/up projection); 0 = 4 * n_embd
 block_size = 128

@@ -9,7 +9,7 @@ import torch
 
 import train
 from conftest import ROOT, write_dataset
-from model import GPT
+from model import GPT, GPTConfig
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead, and the box is shared
 
@@ -264,3 +264,22 @@ def test_bad_model_shape_is_a_one_line_error(tmp_path, dataset):
     assert r.stderr.strip().splitlines()[-1] == "config error: n_head=4 is not a multiple of n_kv_head=3"
     r = script(*TINY, f'--data_dir={dataset}', f'--out_dir={tmp_path}', '--n_kv_head=1')
     assert r.returncode != 0 and "grouped-query attention needs arch='gemma'" in r.stderr
+
+
+@pytest.mark.parametrize('name', ['gemma_500m', 'gemma_1b', 'gemma_2b', 'cpu_demo_gemma'])
+def test_gemma_configs_build_with_the_sizes_they_state(name):
+    import re
+    path = ROOT / 'configs' / f'{name}.py'
+    cfg, _ = train.configure([str(path)])
+    assert cfg['arch'] == 'gemma' and cfg['n_head'] % cfg['n_kv_head'] == 0
+    kw = {k: cfg[k] for k in train.MODEL_KEYS}
+    with torch.device('meta'):  # sizes without memory
+        base = GPT(GPTConfig(**kw, vocab_size=50257))
+        lime = GPT(GPTConfig(**kw, vocab_size=50257, meta_streams=('pos', 'ner'), meta_n_tags=(48, 6)))
+    m = re.search(r'# parameters: ([\d,]+) \(meta device\); \+([\d,]+) with', path.read_text())
+    if name.startswith('gemma_'):  # the GPU configs say their size; GPT-2's vocabulary, 48 POS + 6 NER tags
+        assert m, name
+        assert base.get_num_params() == int(m[1].replace(',', ''))
+        assert lime.get_num_params() - base.get_num_params() == int(m[2].replace(',', ''))
+        tokens = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * cfg['block_size']
+        assert f"= {tokens:,}" in path.read_text()
