@@ -2,6 +2,7 @@
 Benchmarks for LIME: what the metadata costs, what it buys, and how well LIME+1 hints steer.
 
 $ python bench.py --mode=throughput                        # train-step tokens/s, param overhead, MFU
+$ python bench.py --mode=throughput --arch=gemma           # the same on the Gemma-style model
 $ python bench.py --mode=tagging                           # annotation words/s: fast path vs plain NLTK
 $ python bench.py configs/bench_efficiency_cpu.py          # baseline vs LIME variants, same data/steps
 $ python bench.py --mode=steering --ckpt_dir=out-bench-eff/lime1
@@ -42,12 +43,15 @@ data_tokenizer = 'gpt2-4096'  # only used to build data_dir when it is missing (
 data_input = ''  # '' = NLTK's Gutenberg corpus; else comma-separated prepare.py --input paths
 build_data = True
 # model (throughput, efficiency)
+arch = 'gpt2'  # 'gpt2' or 'gemma' (model.py)
 n_layer = 4
 n_head = 4
+n_kv_head = 2  # gemma only (ignored for gpt2, so one preset serves both archs): 0 = n_head, 1 = multi-query
 n_embd = 128
+mlp_hidden = 0  # MLP hidden width (gemma: per gate/up projection); 0 = 4 * n_embd
 block_size = 128
 batch_size = 16
-bias = False
+bias = False  # gpt2 only
 dropout = 0.0
 vocab_size = 0  # throughput only: 0 = data_dir's vocab if it exists, else 4096
 # throughput
@@ -57,6 +61,7 @@ tp_steps = 10  # timed steps per variant and round
 tp_rounds = 5  # rounds; variants are interleaved within each round
 tp_variants = 'baseline,lime,lime1'
 peak_flops = 0.0  # for MFU; 0 = the detected GPU's bf16 peak
+gc_gemma_variants = ''  # gpu_check: also time these variants on arch='gemma' (same sizes, n_kv_head above)
 # tagging
 tag_ner = 'binary'
 tag_warm_words = 300000  # words of the corpus annotated (untimed) before the warm-cache timing
@@ -210,6 +215,11 @@ def sync(C):
         torch.cuda.synchronize()
 
 
+def arch_args(C):
+    """The architecture keys of a bench config, as train.py and GPTConfig take them."""
+    return dict(arch=C.arch, n_kv_head=C.n_kv_head if C.arch == 'gemma' else 0, mlp_hidden=C.mlp_hidden)
+
+
 # -----------------------------------------------------------------------------
 # throughput: training-step tokens/s of baseline, LIME and LIME+1 on identical batches
 
@@ -261,9 +271,12 @@ def run_throughput(C):
     for v in variants:
         torch.manual_seed(C.seed)  # same init: LIME = baseline weights + metadata tables
         ms = streams if v != 'baseline' else ()
-        cfg = GPTConfig(n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=T, bias=C.bias,
-                        dropout=C.dropout, vocab_size=V, meta_streams=ms, meta_n_tags=n_tags[:len(ms)],
-                        meta_shift=1 if v == 'lime1' else 0)
+        try:
+            cfg = GPTConfig(n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=T, bias=C.bias,
+                            dropout=C.dropout, vocab_size=V, meta_streams=ms, meta_n_tags=n_tags[:len(ms)],
+                            meta_shift=1 if v == 'lime1' else 0, **arch_args(C))
+        except ValueError as e:
+            fail(f"config error: {e}")
         raw = GPT(cfg).to(C.device)
         opt = raw.configure_optimizers(0.1, 1e-4, (0.9, 0.95), 'cuda' if C.device.startswith('cuda') else 'cpu')
         model = torch.compile(raw) if C.compile else raw
@@ -335,6 +348,7 @@ def run_throughput(C):
                  ('param_overhead_pct', '+params %', '.4f'), ('mfu', 'MFU', '.3f')])
     return dict(variants=out, vocab_size=V, meta_n_tags=dict(zip(streams, n_tags)), batch_size=B,
                 block_size=T, n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, data=C.tp_data,
+                arch=C.arch, n_kv_head=cfg.n_kv_head, mlp_hidden=cfg.mlp_hidden,
                 warmup_steps=C.tp_warmup, timed_steps=C.tp_steps, rounds=C.tp_rounds)
 
 
@@ -585,7 +599,7 @@ def train_args(C, name, out_dir):
     args = dict(data_dir=os.path.abspath(C.data_dir), out_dir=os.path.abspath(out_dir),
                 metadata=spec.get('metadata', ''), meta_shift=spec.get('meta_shift', 0),
                 meta_shuffle=spec.get('meta_shuffle', False), seed=C.seed + spec.get('seed_offset', 0),
-                **m, bias=C.bias, dropout=C.dropout,
+                **m, **arch_args(C), bias=C.bias, dropout=C.dropout,
                 gradient_accumulation_steps=C.gradient_accumulation_steps, max_iters=C.max_iters,
                 lr_decay_iters=C.max_iters, warmup_iters=C.warmup_iters, learning_rate=C.learning_rate,
                 min_lr=C.min_lr, weight_decay=C.weight_decay, eval_interval=C.eval_interval,
@@ -1104,6 +1118,9 @@ def run_gpu_check(C, cfg):
     out = {}
     t0 = time.time()
     out['throughput'] = run_throughput(C)
+    if C.gc_gemma_variants:
+        out['throughput_gemma'] = run_throughput(SimpleNamespace(**{**cfg, 'arch': 'gemma',
+                                                                    'tp_variants': C.gc_gemma_variants}))
     # the efficiency runs are short: compiling each of them would cost more than it saves
     C = SimpleNamespace(**{**cfg, 'compile': False})
     out['efficiency'] = run_efficiency(C)
@@ -1131,7 +1148,7 @@ def main(argv):
         fail(f"config error: device={C.device} but CUDA is not available")
     sys.path.insert(0, ROOT)
     t0 = time.time()
-    print(f"bench mode={C.mode} device={C.device} dtype={C.dtype} compile={C.compile}", flush=True)
+    print(f"bench mode={C.mode} arch={C.arch} device={C.device} dtype={C.dtype} compile={C.compile}", flush=True)
     res = {'throughput': run_throughput, 'tagging': run_tagging, 'efficiency': run_efficiency,
            'steering': run_steering, 'curves': lambda C: run_curves(C, run_dirs)}.get(C.mode)
     result = res(C) if res else run_gpu_check(C, cfg)

@@ -1,11 +1,17 @@
 """
 GPT language model with LIME metadata embeddings, in one file.
 
-The transformer is a plain GPT-2 (pre-LayerNorm, causal attention, tied
-input/output embeddings). LIME adds one embedding table per metadata stream
-(e.g. POS tags, NER tags) whose rows are added to the token embedding:
+Two decoder architectures, chosen by config.arch, both pre-norm with causal attention and
+tied input/output embeddings:
+- 'gpt2' (default): nanoGPT's GPT-2: learned positions (wpe), LayerNorm, GELU MLP, optional biases.
+- 'gemma': a Gemma-style (Gemma 1) decoder: rotary positions, RMSNorm with Gemma's (1 + weight)
+  scale, GeGLU MLP (tanh-approximated GELU gate), grouped-query attention (n_kv_head key/value
+  heads; 1 = multi-query), no biases, token embeddings scaled by sqrt(n_embd).
+LIME adds one embedding table per metadata stream (e.g. POS tags, NER tags) whose rows are added
+to the token input:
 
-    x = wte(tok) + wpe(pos) + sum_d w_d * E_d(meta_d)
+    gpt2:  x = wte(tok) + wpe(pos) + sum_d w_d * E_d(meta_d)
+    gemma: x = sqrt(n_embd) * wte(tok) + sum_d w_d * E_d(meta_d)   (positions: rotary, inside attention)
 
 Nothing else in the network or the loss looks at metadata, and with no
 streams configured the model is exactly the baseline GPT.
@@ -27,7 +33,10 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True  # gpt2 only: Gemma has no biases (forced False for arch='gemma')
+    arch: str = 'gpt2'  # 'gpt2' or 'gemma' (see the top of this file)
+    n_kv_head: int = 0  # key/value heads, n_head a multiple of it; 0 = n_head; 1 = multi-query. gpt2: n_head
+    mlp_hidden: int = 0  # MLP hidden width (gemma: of each of the gate and up projections); 0 = 4 * n_embd
     # metadata streams, in a fixed order; meta_n_tags[i] is the size of stream i's tag vocabulary
     meta_streams: tuple = ()
     meta_n_tags: tuple = ()
@@ -44,6 +53,21 @@ class GPTConfig:
     meta_loss_weight: float = 1.0  # loss = token CE + meta_loss_weight * sum over streams of tag CE
 
     def __post_init__(self):
+        # a wrong model shape is a config mistake: ValueError with one line (train.py prints it)
+        if self.arch not in ('gpt2', 'gemma'):
+            raise ValueError(f"arch must be 'gpt2' or 'gemma', got {self.arch!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_kv_head < 0 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.arch == 'gpt2' and self.n_kv_head != self.n_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head}: grouped-query attention needs arch='gemma'")
+        if self.arch == 'gemma':
+            self.bias = False
+            if (self.n_embd // self.n_head) % 2:
+                raise ValueError(f"rotary embeddings need an even head size, got {self.n_embd // self.n_head}")
+        self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         self.meta_streams = tuple(self.meta_streams)
         self.meta_n_tags = tuple(int(n) for n in self.meta_n_tags)
         w = self.meta_weight
@@ -58,34 +82,77 @@ class GPTConfig:
 
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding: (n_layer, B, n_head, max_len, head_dim)."""
+    """Preallocated keys/values for incremental decoding: (n_layer, B, n_kv_head, max_len, head_dim).
+    gemma: the keys are stored already rotated to their absolute positions."""
 
     def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+ROPE_THETA = 10000.0  # Gemma's rotary base
+
+
+def rotary_tables(head_dim, max_len):
+    """cos and sin of the rotary angles pos * theta^(-2i/head_dim), (max_len, head_dim/2), float32."""
+    inv_freq = ROPE_THETA ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each pair (x[..., i], x[..., i + hs/2]) of x (B, nh, T, hs) by its position's angle
+    (Gemma's half-split layout); cos, sin: (T, hs/2). In float32, returned in x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + weight), computed in float32; weight starts at 0 (scale 1)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def norm(config):
+    return RMSNorm(config.n_embd) if config.arch == 'gemma' else nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.layer_idx = layer_idx
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.n_embd = config.n_embd
+        self.hs = config.n_embd // config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # queries for n_head heads, keys and values for n_kv_head heads (gpt2: n_kv_head = n_head, 3 * n_embd)
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * self.hs, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, start_pos=0):
+    def forward(self, x, rope=None, kv_cache=None, start_pos=0):
+        """rope: (cos, sin) of positions start_pos..start_pos+T-1 (gemma), None for gpt2."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        kv = self.n_kv_head * self.hs
+        q, k, v = self.c_attn(x).split([self.n_embd, kv, kv], dim=2)
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)
+        if rope is not None:
+            # rotated at their absolute positions before caching: a cached key needs no later fix-up,
+            # and q.k then depends only on the distance between the two positions
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         mask, is_causal = None, True
         if kv_cache is not None:
             end = start_pos + T
@@ -99,36 +166,48 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 if T > 1:
                     mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        # grouped-query attention: query head h reads key/value head h // (n_head / n_kv_head)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0)
+                                           dropout_p=self.dropout if self.training else 0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """gpt2: c_proj(gelu(c_fc(x))). gemma (GeGLU): c_fc holds the gate and up projections side by
+    side, c_proj(gelu_tanh(x W_gate) * (x W_up))."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.gated = config.arch == 'gemma'
+        hidden = config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=config.bias)
+        self.gelu = nn.GELU(approximate='tanh' if self.gated else 'none')
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.gelu(gate) * up
+        else:
+            h = self.gelu(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, start_pos=0):
-        x = x + self.attn(self.ln_1(x), kv_cache, start_pos)
+    def forward(self, x, rope=None, kv_cache=None, start_pos=0):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, start_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -138,38 +217,52 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
+        gemma = config.arch == 'gemma'
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not gemma:  # gemma: positions are rotary, no table
+            modules['wpe'] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **modules,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if gemma:
+            # rotary cos/sin for every position: derived from the config, so not saved in checkpoints
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer('rope_cos', cos, persistent=False)
+            self.register_buffer('rope_sin', sin, persistent=False)
 
         # GPT-2 init for the baseline parameters first, so a LIME model built from the same seed
         # starts from exactly the baseline's weights and differs only by the metadata tables
+        # (gemma too: N(0, 0.02) matrices and embeddings, RMSNorm weights 0 = scale 1)
         self.apply(self._init_weights)
         # residual projections scaled by 1/sqrt(2*n_layer), as in GPT-2
         for pn, p in self.named_parameters():
             if pn.endswith('c_proj.weight'):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-        # metadata tables, created (and drawn from the RNG) last; absent entirely for the baseline
+        # metadata tables, created (and drawn from the RNG) last; absent entirely for the baseline.
+        # Initialised at the scale of the token input they are added to: wte's std 0.02 for gpt2,
+        # 0.02 * sqrt(n_embd) for gemma's scaled embedding (at 0.02 there they would start 1/sqrt(n_embd)
+        # as large as the token signal, and LIME+1 learns the synthetic next-tag task several times slower)
         if config.meta_streams:
+            std = 0.02 * (math.sqrt(config.n_embd) if gemma else 1.0)
             self.meta_emb = nn.ModuleList([nn.Embedding(n, config.n_embd) for n in config.meta_n_tags])
             for e in self.meta_emb:
-                torch.nn.init.normal_(e.weight, mean=0.0, std=0.02)  # same scale as wte
+                torch.nn.init.normal_(e.weight, mean=0.0, std=std)
         # self-predicted metadata: created after everything else, so a meta_predict model starts
-        # from the LIME model's weights of the same seed
+        # from the LIME model's weights of the same seed; the next-tag tables at the metadata tables' scale
         if config.meta_predict:
-            self.tag_head = nn.ModuleList([nn.Sequential(nn.LayerNorm(config.n_embd, bias=config.bias),
-                                                         nn.Linear(config.n_embd, n, bias=False))
+            self.tag_head = nn.ModuleList([nn.Sequential(norm(config), nn.Linear(config.n_embd, n, bias=False))
                                            for n in config.meta_n_tags])
             self.meta_next_emb = nn.ModuleList([nn.Embedding(n, config.n_embd) for n in config.meta_n_tags])
-            for m in list(self.tag_head) + list(self.meta_next_emb):
-                m.apply(self._init_weights)
+            for head in self.tag_head:
+                head.apply(self._init_weights)
+            for e in self.meta_next_emb:
+                torch.nn.init.normal_(e.weight, mean=0.0, std=std)
 
         n, n_meta = self.get_num_params(), self.get_num_meta_params()
         print(f"number of parameters: {n/1e6:.2f}M (metadata tables{' and tag heads' if config.meta_predict else ''}: "
@@ -185,10 +278,12 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=False):
         """Total parameters (tied wte/lm_head counted once). non_embedding drops the lookup-only
-        tables (wpe and metadata); wte stays because it is also the output projection."""
+        tables (wpe, gpt2 only, and metadata); wte stays because it is also the output projection."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel() + self.get_num_meta_params(lookup_only=True)
+            n -= self.get_num_meta_params(lookup_only=True)
+            if 'wpe' in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
         return n
 
     def get_num_meta_params(self, lookup_only=False):
@@ -232,23 +327,33 @@ class GPT(nn.Module):
         B, T = idx.size()
         assert start_pos + T <= self.config.block_size, \
             f"cannot forward position {start_pos + T - 1}, block size is only {self.config.block_size}"
-        pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        rope = self.rope(start_pos, T)
+        if self.config.arch == 'gemma':
+            # The tied table is sized for the output layer (std 0.02); sqrt(n_embd) lifts its rows to
+            # the residual stream's scale (RMS ~ 1) at the input. The metadata tables are input-only, not
+            # tied, so they need no such factor: they are added after it (and initialised at that scale),
+            # so the sum is the paper's, the model's own token input plus the metadata, and w_d = 0 (or
+            # no streams) leaves exactly the baseline's input.
+            x = self.transformer.wte(idx) * math.sqrt(self.config.n_embd)
+        else:
+            pos = torch.arange(start_pos, start_pos + T, dtype=torch.long, device=idx.device)
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         if self.config.meta_streams:
-            if meta is None:
-                raise ValueError(f"this model needs metadata streams {list(self.config.meta_streams)}")
-            for name, w, emb in zip(self.config.meta_streams, self.config.meta_weight, self.meta_emb):
-                if name not in meta:
-                    raise ValueError(f"missing metadata stream '{name}'")
-                x = x + w * emb(meta[name])
+            x = self.add_meta(x, meta)
         x = self.transformer.drop(x)
         for block in self.transformer.h[:self.n_lower]:
-            x = block(x, kv_cache, start_pos)
+            x = block(x, rope, kv_cache, start_pos)
         return x
 
     @property
     def n_lower(self):
         return self.config.meta_inject_layer if self.config.meta_predict else self.config.n_layer
+
+    def rope(self, start_pos, T):
+        """gemma: cos and sin of the rotary angles of positions start_pos..start_pos+T-1; gpt2: None."""
+        if self.config.arch != 'gemma':
+            return None
+        return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
 
     def tag_logits(self, x):
         """Next-token tag logits of every position of lower()'s output: one (B, T, n_tags) per stream."""
@@ -264,8 +369,9 @@ class GPT(nn.Module):
 
     def upper(self, x, targets=None, kv_cache=None, start_pos=0):
         """The remaining blocks, the final norm and the LM head; the token loss when targets are given."""
+        rope = self.rope(start_pos, x.size(1))
         for block in self.transformer.h[self.n_lower:]:
-            x = block(x, kv_cache, start_pos)
+            x = block(x, rope, kv_cache, start_pos)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -274,6 +380,16 @@ class GPT(nn.Module):
             logits = self.lm_head(x[:, [-1], :])  # inference: only the last position is needed
             loss = None
         return logits, loss
+
+    def add_meta(self, x, meta):
+        """x + sum_d w_d * E_d(meta_d), streams in config order; meta: {stream name: (B, T) tag ids}."""
+        if meta is None:
+            raise ValueError(f"this model needs metadata streams {list(self.config.meta_streams)}")
+        for name, w, emb in zip(self.config.meta_streams, self.config.meta_weight, self.meta_emb):
+            if name not in meta:
+                raise ValueError(f"missing metadata stream '{name}'")
+            x = x + w * emb(meta[name])
+        return x
 
     def new_kv_cache(self, batch_size, max_len=None, device=None, dtype=None):
         p = self.lm_head.weight
@@ -293,8 +409,11 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def flops_per_token(self):
-        """Training FLOPs per token (forward+backward), PaLM appendix B style. Embedding lookups
-        (wpe, metadata tables) count as 0; wte counts through the tied lm_head matmul."""
+        """Training FLOPs per token (forward+backward), PaLM appendix B style: 6 per weight of every
+        matmul, so the gated MLP's three matrices and the grouped (n_kv_head) key/value projections
+        count at their real sizes, plus the attention scores and mix, 12*L*H*Q*T, over all n_head
+        query heads. Embedding lookups (wpe, metadata tables) count as 0; wte counts through the tied
+        lm_head matmul; norm weights (a few n_embd vectors) are counted as if they were matmul weights."""
         cfg = self.config
         N = self.get_num_params(non_embedding=True)
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size

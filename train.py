@@ -62,11 +62,14 @@ meta_predict = False  # LIME+1 without an oracle: the model predicts the next to
 meta_inject_layer = 0  # meta_predict: tag heads read block k's output, the next tags are added after it; 0 = n_layer // 2
 meta_loss_weight = 1.0  # meta_predict: loss = token CE + meta_loss_weight * sum over streams of tag CE
 # model
+arch = 'gpt2'  # 'gpt2' (learned positions, LayerNorm, GELU) or 'gemma' (rotary, RMSNorm, GeGLU, GQA, no biases)
 n_layer = 6
 n_head = 6
+n_kv_head = 0  # key/value heads (gemma's grouped-query attention): 0 = n_head, 1 = multi-query
 n_embd = 384
+mlp_hidden = 0  # MLP hidden width (gemma: per gate/up projection); 0 = 4 * n_embd
 dropout = 0.0
-bias = False
+bias = False  # gpt2 only
 # adamw optimizer
 learning_rate = 6e-4
 max_iters = 5000
@@ -88,7 +91,7 @@ peak_flops = 0.0  # for MFU; 0 = the detected GPU's bf16 peak (H100/H200 989e12,
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout')
+MODEL_KEYS = ('arch', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'block_size', 'bias', 'dropout')
 
 
 class ConfigError(SystemExit):
@@ -807,7 +810,7 @@ def resume_conflicts(ckpt, cfg, explicit):
     """Flags given now that contradict the checkpoint's architecture or metadata: a resume keeps those,
     so a different value would be silently ignored. Equal values are fine."""
     a = ckpt['model_args']
-    fixed = {k: a[k] for k in MODEL_KEYS}
+    fixed = {k: a.get(k, DEFAULTS[k]) for k in MODEL_KEYS}
     fixed.update(metadata=list(a['meta_streams']), meta_shift=a['meta_shift'], meta_weight=list(a['meta_weight']),
                  meta_shuffle=ckpt['config'].get('meta_shuffle', False),
                  **{k: a.get(k, DEFAULTS[k]) for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight')})
@@ -847,8 +850,8 @@ def run(cfg, explicit):
         # continue the checkpoint's run: its config, with only the keys set now on top
         old = {k: coerce(k, v, ckpt_path, DEFAULTS) for k, v in ckpt['config'].items() if k in DEFAULTS}
         cfg = {**DEFAULTS, **old, **{k: cfg[k] for k in explicit}}
-        for k in MODEL_KEYS + ('meta_shift',):  # the architecture is the checkpoint's
-            cfg[k] = coerce(k, ckpt['model_args'][k], ckpt_path, DEFAULTS)
+        for k in MODEL_KEYS + ('meta_shift',):  # the architecture is the checkpoint's (older ones: gpt2)
+            cfg[k] = coerce(k, ckpt['model_args'].get(k, DEFAULTS[k]), ckpt_path, DEFAULTS)
         cfg['metadata'] = ','.join(ckpt['model_args']['meta_streams'])
         for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight'):  # absent in older checkpoints
             cfg[k] = ckpt['model_args'].get(k, DEFAULTS[k])
@@ -914,14 +917,19 @@ def run(cfg, explicit):
     token_bytes = token_byte_lengths(info)
 
     # model
-    model_args = dict(n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=C.block_size,
+    model_args = dict(arch=C.arch, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head, n_embd=C.n_embd,
+                      mlp_hidden=C.mlp_hidden, block_size=C.block_size,
                       bias=C.bias, dropout=C.dropout, vocab_size=info['vocab_size'],
                       meta_streams=tuple(streams),
                       meta_n_tags=tuple(len(info['streams'][s]['tags']) for s in streams),
                       meta_weight=meta_weight, meta_shift=C.meta_shift, meta_predict=C.meta_predict,
                       meta_inject_layer=C.meta_inject_layer if C.meta_predict else 0,
                       meta_loss_weight=C.meta_loss_weight)
-    model = GPT(GPTConfig(**model_args))
+    try:
+        model_config = GPTConfig(**model_args)
+    except ValueError as e:  # e.g. n_head not a multiple of n_kv_head
+        fail(f"config error: {e}")
+    model = GPT(model_config)
     model_args = dict(vars(model.config))  # normalised (meta_weight as one float per stream)
     iter_num, best_val_loss = 0, 1e9
     if ckpt is not None:

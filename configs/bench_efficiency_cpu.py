@@ -5,6 +5,8 @@
 # Vocabulary: GPT-2's first 4096 ranks (prepare.py --tokenizer gpt2-4096, a valid BPE): with the
 # full 50257-way output layer a model this small would spend most of its time in the softmax.
 # data/gutenberg_4k is built on first use (NLTK Gutenberg, full + causal tags).
+# The Gemma-style model on the same runs (4 layers, d=128, 4 query / 2 key-value heads, GeGLU 512):
+#   python bench.py configs/bench_efficiency_cpu.py --arch=gemma --eff_dir=out-bench-eff-cpu-gemma
 mode = 'efficiency'
 out_json = 'out-bench/bench_efficiency_cpu.json'
 device = 'cpu'
@@ -17,6 +19,7 @@ eff_parallel = 2  # two one-thread runs at a time use 2 cores better than one tw
 train_threads = 1
 n_layer = 4
 n_head = 4
+n_kv_head = 2  # --arch=gemma only: the 4 query heads share 2 key/value heads (gpt2 ignores it)
 n_embd = 128
 block_size = 128
 batch_size = 8  # 1,024 tokens per iteration

@@ -102,6 +102,23 @@ def test_throughput(tmp_path):
         assert r['ratio_vs_baseline'] > 0 and r['mfu'] is None  # no MFU on CPU
 
 
+def test_throughput_gemma(tmp_path):
+    out = tmp_path / 'tp.json'
+    run_bench(tmp_path, '--mode=throughput', '--arch=gemma', '--n_kv_head=1', f'--out_json={out}', '--tp_rounds=1',
+              '--tp_steps=1', '--tp_warmup=1', '--vocab_size=64', *TINY_MODEL)
+    res = load(out)['result']
+    assert res['arch'] == 'gemma' and res['n_kv_head'] == 1 and res['mlp_hidden'] == 64 and all_finite(res)
+    v = res['variants']
+    L, C, V, F = 2, 16, 64, 64  # 2 layers, 2 query heads of 8, 1 key/value head, GeGLU 4 * 16
+    n = L * (C * (2 + 2) * 8 + C * C + 3 * C * F + 2 * C) + V * C + C
+    assert v['baseline']['n_params'] == n and v['lime']['param_overhead'] == (48 + 6) * C
+    # n_kv_head is gemma's: the same preset runs gpt2 with all heads
+    out2 = tmp_path / 'tp2.json'
+    run_bench(tmp_path, '--mode=throughput', '--n_kv_head=1', f'--out_json={out2}', '--tp_rounds=1', '--tp_steps=1',
+              '--tp_warmup=1', '--vocab_size=64', '--tp_variants=baseline', *TINY_MODEL)
+    assert load(out2)['result']['n_kv_head'] == 2
+
+
 def test_throughput_real_data(tiny_data, tmp_path):
     _, data, _ = tiny_data
     out = tmp_path / 'tp.json'
@@ -206,8 +223,10 @@ def test_gpu_check_plumbing_on_cpu(tiny_data):
               '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--eff_runs=baseline,lime1', '--plot=False',
               '--steer_windows=2', '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL,
               '--eff_n_layer=0', '--eff_n_head=0', '--eff_n_embd=0', '--eff_block_size=0', '--eff_batch_size=0',
-              '--compile=False')  # inductor on CPU needs a C++ toolchain and minutes; CUDA compiles in the real check
+              '--n_kv_head=1', '--compile=False')  # inductor on CPU needs a C++ toolchain and minutes; CUDA compiles in the real check
     res = load(out)
     assert res['mode'] == 'gpu_check' and all_finite(res)
-    assert {'throughput', 'efficiency', 'steering'} <= set(res['result'])
+    assert {'throughput', 'throughput_gemma', 'efficiency', 'steering'} <= set(res['result'])
+    assert res['result']['throughput_gemma']['arch'] == 'gemma' and res['result']['throughput']['arch'] == 'gpt2'
+    assert set(res['result']['throughput_gemma']['variants']) == {'lime'}
     assert res['result']['steering']['generator'].startswith('sample.generate')

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,9 +130,10 @@ def pieces(m, idx, meta, nxt):
     return tags, logits
 
 
-def test_meta_predict_is_causal():
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_meta_predict_is_causal(arch):
     # everything at position t depends on tokens and tags <= t and the next tags given at <= t only
-    m = build(**PRED)
+    m = build(**PRED, **(dict(arch='gemma', n_head=4, n_kv_head=2) if arch == 'gemma' else {}))
     idx, meta = batch(B=2, T=20)
     _, nxt = batch(B=2, T=20, seed=2)
     tags, logits = pieces(m, idx, meta, nxt)
@@ -186,8 +189,9 @@ def test_old_checkpoint_args_load_as_plain_lime():
     assert torch.equal(a(idx, meta)[0], b(idx, meta)[0])
 
 
-def test_meta_predict_kv_cache_matches_full_forward():
-    m = build(**PRED)
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_meta_predict_kv_cache_matches_full_forward(arch):
+    m = build(**PRED, **(dict(arch='gemma', n_head=4, n_kv_head=2) if arch == 'gemma' else {}))
     idx, meta = batch(B=2, T=20)
     _, nxt = batch(B=2, T=20, seed=2)
     tags, full = pieces(m, idx, meta, nxt)
@@ -217,3 +221,255 @@ def test_from_checkpoint_path_never_runs_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match='posix.system'):
         GPT.from_checkpoint(str(tmp_path / 'evil.pt'))
     assert not marker.exists()
+
+
+# --- arch='gpt2' is the model it was before the gemma arch existed ---------------------------------
+
+# recorded with model.py at e4d39d2 (before arch='gemma'), by gpt2_reference_values() below:
+# [loss, sum of logits, sum of squared logits, logits[0,0,0], logits[1,7,13], logits[2,15,63], sum of parameters]
+GPT2_REFERENCE = {
+    'baseline': [4.158453464508057, 16.63646285836876, 47.461600855269396, 0.13196444511413574, 0.1291774958372116, 0.036216381937265396, 162.05067553213826],
+    'lime': [4.154613971710205, 13.905087989802723, 44.738570218369375, 0.04397901892662048, 0.18222889304161072, 0.0697709396481514, 161.6806971960084],
+    'lime1': [4.148941993713379, -3.283820660188212, 41.07188356279565, -0.27664604783058167, 0.01592118851840496, -0.14510317146778107, 167.30423634825974],
+    'baseline_x4': [5.477395534515381, 67.63444026363686, 10375.882668128292, -0.2104576826095581, -2.517760753631592, -0.14761857688426971, 633.7971023249879],
+}
+GPT2_REFERENCE_GREEDY = [37, 43, 12, 8, 15, 15, 15, 15, 15, 50, 21, 63, 15, 51]  # 4 prompt tokens + 10 cached greedy steps
+
+
+def gpt2_reference_values():
+    """Logit/loss summaries of fixed-seed tiny GPT-2 models (baseline, LIME with per-stream weights,
+    LIME+1 without biases, a baseline with 4x weights so the nonlinearities matter) and a cached
+    greedy decode. Unchanged since the values above were recorded."""
+    cases = {'baseline': dict(), 'lime': dict(meta_weight=[1.0, 0.5], **META),
+             'lime1': dict(seed=3, bias=False, meta_shift=1, **META), 'baseline_x4': dict(seed=5)}
+    idx, meta = batch()
+    y = torch.roll(idx, -1, 1)
+    out = {}
+    for name, kw in cases.items():
+        m = build(**kw)
+        if name.endswith('_x4'):  # larger weights: the nonlinearities matter more
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.mul_(4.0)
+        with torch.no_grad():
+            lg, loss = m(idx, meta if 'meta_streams' in kw else None, targets=y)
+            d = lg.double()
+            out[name] = [loss.item(), d.sum().item(), (d * d).sum().item(),
+                         lg[0, 0, 0].item(), lg[1, 7, 13].item(), lg[2, 15, 63].item(),
+                         sum(p.double().sum().item() for p in m.parameters())]
+    # greedy decoding with the KV cache from the x4 model
+    m = build(seed=5, **META)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4.0)
+        cache, toks, pos = m.new_kv_cache(1), idx[:1, :4], 0
+        mt = {k: v[:1] for k, v in meta.items()}
+        for t in range(10):
+            T = toks.size(1)
+            lg, _ = m(toks[:, pos:], {k: v[:, pos:T] for k, v in mt.items()}, kv_cache=cache, start_pos=pos)
+            pos = T
+            toks = torch.cat([toks, lg[:, -1].argmax(-1, keepdim=True)], 1)
+    return out, toks[0].tolist()
+
+
+def test_gpt2_matches_values_recorded_before_the_gemma_arch():
+    # on the machine that recorded them the values are bit-identical (so were the state dicts and
+    # gradients); the tolerance only allows for another CPU's float rounding, while any change to the
+    # gpt2 computation or its init order moves these numbers by orders of magnitude more
+    out, greedy = gpt2_reference_values()
+    assert set(out) == set(GPT2_REFERENCE)
+    for name, want in GPT2_REFERENCE.items():
+        assert out[name] == pytest.approx(want, rel=1e-6, abs=1e-6), name
+    assert greedy == GPT2_REFERENCE_GREEDY
+    assert build().config.arch == 'gpt2' and build().config.n_kv_head == 2  # the defaults
+
+
+def test_old_checkpoint_without_arch_keys_loads_as_gpt2():
+    m = build(**META)
+    old_args = {k: v for k, v in vars(m.config).items() if k not in ('arch', 'n_kv_head', 'mlp_hidden')}
+    m2 = GPT.from_checkpoint(dict(model=m.state_dict(), model_args=old_args)).eval()
+    assert m2.config.arch == 'gpt2' and m2.config.n_kv_head == 2 and m2.config.mlp_hidden == 4 * 32
+    idx, meta = batch()
+    with torch.no_grad():
+        assert torch.equal(m(idx, meta, targets=idx)[0], m2(idx, meta, targets=idx)[0])
+
+
+def test_config_errors_are_value_errors():
+    for kw, msg in [(dict(arch='llama'), 'arch must be'), (dict(n_kv_head=1), "needs arch='gemma'"),
+                    (dict(arch='gemma', n_head=4, n_kv_head=3), 'multiple of n_kv_head'),
+                    (dict(n_head=3), 'multiple of n_head'), (dict(arch='gemma', n_head=32), 'even head size')]:
+        with pytest.raises(ValueError, match=msg):
+            GPTConfig(**{**TINY, **kw})
+
+
+# --- arch='gemma' ------------------------------------------------------------------------------------
+
+from model import apply_rotary, rotary_tables  # noqa: E402
+
+GEMMA = dict(arch='gemma', n_head=4, n_kv_head=2)  # head size 8, two query heads per key/value head
+
+
+def test_gemma_parameters_and_flops():
+    m = build(**GEMMA)  # bias=True in TINY: gemma has none regardless
+    C, V, L, H, K, Q, F = 32, 64, 2, 4, 2, 8, 128
+    names = {k: tuple(p.shape) for k, p in m.named_parameters()}
+    expected = {'transformer.wte.weight': (V, C), 'transformer.ln_f.weight': (C,)}
+    for i in range(L):
+        expected |= {f'transformer.h.{i}.ln_1.weight': (C,), f'transformer.h.{i}.ln_2.weight': (C,),
+                     f'transformer.h.{i}.attn.c_attn.weight': ((H + 2 * K) * Q, C),
+                     f'transformer.h.{i}.attn.c_proj.weight': (C, H * Q),
+                     f'transformer.h.{i}.mlp.c_fc.weight': (2 * F, C),  # gate and up
+                     f'transformer.h.{i}.mlp.c_proj.weight': (C, F)}
+    assert names == expected  # no wpe, no biases; lm_head.weight is wte's
+    assert m.lm_head.weight is m.transformer.wte.weight and not m.config.bias
+    assert all(torch.equal(p, torch.zeros(C)) for k, p in m.named_parameters() if k.endswith('ln_1.weight'))
+    assert not any(k.startswith('rope') for k in m.state_dict())  # derived buffers are not saved
+    matmul = L * (C * (H + 2 * K) * Q + C * C + C * 2 * F + F * C) + V * C
+    n = matmul + (2 * L + 1) * C
+    assert m.get_num_params() == n == m.get_num_params(non_embedding=True)
+    assert m.flops_per_token() == 6 * n + 12 * L * H * Q * 32
+    lime = build(**GEMMA, **META)
+    assert lime.get_num_params() == n + (11 + 5) * C and lime.get_num_meta_params() == 16 * C
+    assert lime.flops_per_token() == m.flops_per_token()  # metadata lookups are 0 FLOPs
+    assert abs(lime.meta_emb[0].weight.std().item() - 0.02 * C ** 0.5) < 0.03  # the scaled token input's scale
+    # multi-query: one key/value head
+    mq = build(arch='gemma', n_head=4, n_kv_head=1)
+    assert mq.get_num_params() == n - L * 2 * C * Q
+    with torch.device('meta'):  # sizes can be counted without memory
+        big = GPT(GPTConfig(arch='gemma', n_layer=18, n_head=8, n_kv_head=1, n_embd=2048, mlp_hidden=16384))
+    assert big.get_num_params() == 18 * (2048 * 10 * 256 + 2048 ** 2 + 3 * 2048 * 16384 + 2 * 2048) + 50257 * 2048 + 2048
+
+
+def test_gemma_input_norm_mlp_and_attention_by_hand():
+    m = build(**GEMMA, **META, meta_weight=[1.0, 0.5])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # norm weights away from 0 too
+    idx, meta = batch(B=2, T=10)
+    seen = {}
+    m.transformer.drop.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+    with torch.no_grad():
+        m(idx, meta)
+        wte = m.transformer.wte.weight
+        want = wte[idx] * 32 ** 0.5 + m.meta_emb[0].weight[meta['pos']] + 0.5 * m.meta_emb[1].weight[meta['ner']]
+        torch.testing.assert_close(seen['x'], want)
+        x = torch.randn(2, 10, 32)
+        blk = m.transformer.h[0]
+        # RMSNorm with Gemma's (1 + weight)
+        rms = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        torch.testing.assert_close(blk.ln_1(x), rms * (1 + blk.ln_1.weight))
+        # GeGLU: c_proj(gelu_tanh(x W_gate) * (x W_up))
+        wg, wu = blk.mlp.c_fc.weight.chunk(2, 0)
+        h = F.gelu(x @ wg.T, approximate='tanh') * (x @ wu.T)
+        torch.testing.assert_close(blk.mlp(x), h @ blk.mlp.c_proj.weight.T)
+        # grouped-query attention: query heads 0,1 read kv head 0, heads 2,3 kv head 1; rotary q and k
+        q, k, v = (x @ blk.attn.c_attn.weight.T).split([32, 16, 16], -1)
+        q, k, v = (t.view(2, 10, -1, 8).transpose(1, 2) for t in (q, k, v))
+        cos, sin = rotary_tables(8, 10)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        att = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(torch.ones(10, 10).triu(1).bool(), float('-inf'))
+        y = (att.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, 32)
+        torch.testing.assert_close(blk.attn(x, (cos, sin)), y @ blk.attn.c_proj.weight.T)
+
+
+def test_rotary_is_relative_and_offset_by_position():
+    cos, sin = rotary_tables(8, 64)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+    rot = lambda x, p: apply_rotary(x, cos[p:p + 1], sin[p:p + 1])
+    dot = lambda m, n: (rot(q, m) * rot(k, n)).sum().item()
+    assert torch.equal(rot(q, 0), q)  # position 0: no rotation
+    assert rot(q, 17).norm().item() == pytest.approx(q.norm().item(), rel=1e-6)
+    # q.k depends only on the distance: what makes a cached key valid for every later query
+    for m, n in [(3, 1), (13, 11), (50, 48)]:
+        assert dot(m, n) == pytest.approx(dot(2, 0), rel=1e-5, abs=1e-6)
+    assert abs(dot(3, 1) - dot(3, 2)) > 1e-3 and abs(dot(5, 5) - dot(5, 0)) > 1e-3
+    # the highest frequency turns by 1 radian per position, the lowest by theta^(-6/8)
+    assert cos[1, 0].item() == pytest.approx(math.cos(1.0)) and sin[1, 3].item() == pytest.approx(math.sin(1e4 ** -0.75))
+
+
+@pytest.mark.parametrize('kw', [dict(n_kv_head=2), dict(n_kv_head=1), dict(n_kv_head=4, **META)])
+def test_gemma_kv_cache_matches_full_forward(kw):
+    m = build(arch='gemma', n_head=4, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)  # sharper attention: a wrong rotary offset shows clearly
+    idx, meta = batch(B=2, T=20)
+    meta = meta if 'meta_streams' in kw else None
+    with torch.no_grad():
+        full, _ = m(idx, meta, targets=idx)
+        cache = m.new_kv_cache(batch_size=2)
+        assert cache.k.shape == (2, 2, kw['n_kv_head'], 32, 8)  # the cache holds n_kv_head heads
+        pieces, pos = [], 0
+        for n in (7, 5) + (1,) * 8:  # prefill, a chunk past position 0, then one token at a time
+            sl = slice(pos, pos + n)
+            lg, _ = m(idx[:, sl], {k: v[:, sl] for k, v in meta.items()} if meta else None,
+                      targets=idx[:, sl], kv_cache=cache, start_pos=pos)
+            pieces.append(lg)
+            pos += n
+        inc = torch.cat(pieces, 1)
+        torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
+        # the same chunks with rotary positions restarting at 0 in every call would not match
+        cos, sin = m.rope_cos.clone(), m.rope_sin.clone()
+        cache, pos, wrong = m.new_kv_cache(batch_size=2), 0, []
+        for n in (7, 5):
+            m.rope_cos[pos:pos + n], m.rope_sin[pos:pos + n] = cos[:n], sin[:n]
+            sl = slice(pos, pos + n)
+            lg, _ = m(idx[:, sl], {k: v[:, sl] for k, v in meta.items()} if meta else None,
+                      targets=idx[:, sl], kv_cache=cache, start_pos=pos)
+            wrong.append(lg)
+            pos += n
+        m.rope_cos.copy_(cos), m.rope_sin.copy_(sin)
+    assert (wrong[1] - full[:, 7:12]).abs().max() > 1e-3  # 100x the tolerance above
+
+
+def test_gemma_cached_greedy_decoding_equals_uncached():
+    m = build(**GEMMA, **META)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n != 'transformer.wte.weight':  # at init the tied sqrt(d)-scaled table would just repeat the last token
+                p.mul_(8.0)
+    idx, meta = batch(B=2, T=4)
+    g = torch.Generator().manual_seed(3)
+    future = {k: torch.randint(v.max().item() + 1, (2, 12), generator=g) for k, v in meta.items()}
+    full_meta = {k: torch.cat([meta[k], future[k]], 1) for k in meta}
+    with torch.no_grad():
+        a = idx
+        for t in range(12):
+            T = a.size(1)
+            lg, _ = m(a, {k: v[:, :T] for k, v in full_meta.items()})
+            a = torch.cat([a, lg[:, -1].argmax(-1, keepdim=True)], 1)
+        cache = m.new_kv_cache(2)
+        b, pos = idx, 0
+        for t in range(12):
+            T = b.size(1)
+            lg, _ = m(b[:, pos:], {k: v[:, pos:T] for k, v in full_meta.items()}, kv_cache=cache, start_pos=pos)
+            pos = T
+            b = torch.cat([b, lg[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(a, b) and len(set(a[1, 4:].tolist())) > 5
+
+
+def test_gemma_zero_meta_weight_is_baseline():
+    base, lime = build(**GEMMA), build(**GEMMA, meta_weight=0.0, **META)
+    bsd, lsd = base.state_dict(), lime.state_dict()
+    assert all(torch.equal(v, lsd[k]) for k, v in bsd.items())
+    idx, meta = batch()
+    y = torch.randint(64, idx.shape)
+    lb, loss_b = base(idx, targets=y)
+    ll, loss_l = lime(idx, meta, targets=y)
+    assert torch.equal(lb, ll) and torch.equal(loss_b, loss_l)
+    lime2 = build(**GEMMA, meta_weight=[1.0, 0.5], **META)
+    assert not torch.equal(lime2(idx, meta, targets=y)[0], lb)
+    with pytest.raises(ValueError, match='ner'):
+        lime2(idx, {'pos': meta['pos']})
+
+
+def test_gemma_bf16_autocast_forward_backward():
+    # rotary and RMSNorm run in float32 and hand back the activation dtype, so SDPA sees one dtype
+    m = build(**GEMMA, **META).train()
+    idx, meta = batch()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, loss = m(idx, meta, targets=idx)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters())

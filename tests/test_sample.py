@@ -32,16 +32,18 @@ def gpt2_tokenizer():
     md.set_tokenizer('gpt2')  # the tokenizer is process-global: leave it as the other tests expect
 
 
-def make_ckpt(d, streams=(), shift=0, meta_dropout=0.0, tokenizer='gpt2-512', block_size=16, seed=0, predict=False):
+def make_ckpt(d, streams=(), shift=0, meta_dropout=0.0, tokenizer='gpt2-512', block_size=16, seed=0, predict=False,
+              **model_kw):
     """A checkpoint in train.py's format from a random model (weights scaled up, so greedy decoding has
-    no near-ties) and the dataset info prepare.py would write."""
+    no near-ties) and the dataset info prepare.py would write. model_kw: more GPTConfig keys (arch...)."""
     n = md.parse_tokenizer(tokenizer)
     vocab = (n + 1) if n else 50257
     tags = {s: md.stream_tags(s, NER) for s in streams}
     torch.manual_seed(seed)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab, bias=False,
-                    meta_streams=tuple(streams), meta_n_tags=tuple(len(t) for t in tags.values()), meta_shift=shift,
-                    meta_predict=predict, meta_inject_layer=1 if predict else 0)
+    cfg = GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab, bias=False,
+                              meta_streams=tuple(streams), meta_n_tags=tuple(len(t) for t in tags.values()),
+                              meta_shift=shift, meta_predict=predict, meta_inject_layer=1 if predict else 0),
+                       **model_kw})
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -113,15 +115,17 @@ def test_causal_stream_equals_annotate_causal():
 # --- KV cache ------------------------------------------------------------------------
 
 @needs_nltk
-@pytest.mark.parametrize('kind', ['baseline', 'lime', 'lime1', 'predict'])
+@pytest.mark.parametrize('kind', ['baseline', 'lime', 'lime1', 'predict', 'predict_gemma'])
 def test_kv_cache_matches_recompute(tmp_path, kind):
     streams, shift = {'baseline': ((), 0), 'lime': (('pos_causal', 'ner_causal'), 0),
-                      'lime1': (('pos_causal', 'ner_causal'), 1), 'predict': (('pos_causal', 'ner_causal'), 0)}[kind]
-    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, streams, shift, predict=kind == 'predict'), 'cpu')
+                      'lime1': (('pos_causal', 'ner_causal'), 1)}.get(kind, (('pos_causal', 'ner_causal'), 0))
+    arch = dict(arch='gemma', n_kv_head=1, seed=1) if kind == 'predict_gemma' else {}  # seed 0: a constant stream
+    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, streams, shift, predict=kind.startswith('predict'),
+                                                   **arch), 'cpu')
     text = sample.Text(ckpt['dataset'])
     prompt = text.encode(PROMPT)
     assert len(prompt) > 16  # longer than block_size: the context is cropped from the start
-    hints = sample.parse_hints('NNP _ VBD/O . B-NE', vocabs(ckpt)) if shift or kind == 'predict' else None
+    hints = sample.parse_hints('NNP _ VBD/O . B-NE', vocabs(ckpt)) if shift or kind.startswith('predict') else None
     runs = []
     for use_cache in (True, False):
         for temperature, top_k in ((0.0, 0), (1.0, 1)):  # both spellings of greedy
@@ -133,6 +137,27 @@ def test_kv_cache_matches_recompute(tmp_path, kind):
                                     tagger=text.tagger() if streams else None, hints=hints, generator=g)['tokens'])
     assert runs[0] == runs[1] == runs[3] == runs[4]
     assert runs[2] == runs[5]
+    assert len(set(runs[0][len(prompt):])) > 1  # not a degenerate constant stream
+
+
+@needs_nltk
+@pytest.mark.parametrize('kind', ['baseline', 'lime', 'lime1'])
+def test_gemma_kv_cache_matches_recompute(tmp_path, kind):
+    # a Gemma-style checkpoint (rotary, grouped-query attention): cached greedy decoding, through the
+    # cache refills past block_size, gives what recomputing the context gives
+    streams, shift = {'baseline': ((), 0), 'lime': (('pos_causal', 'ner_causal'), 0),
+                      'lime1': (('pos_causal', 'ner_causal'), 1)}[kind]
+    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, streams, shift, arch='gemma', n_head=4, n_kv_head=2),
+                                         'cpu')
+    assert model.config.arch == 'gemma' and 'wpe' not in model.transformer
+    with torch.no_grad():  # the tied, sqrt(d)-scaled table at 5x would make the model repeat its last token
+        model.transformer.wte.weight.mul_(0.1)
+    text = sample.Text(ckpt['dataset'])
+    prompt = text.encode(PROMPT)
+    hints = sample.parse_hints('NNP _ VBD/O . B-NE', vocabs(ckpt)) if shift else None
+    runs = [sample.generate(model, prompt, 24, 0.0, 0, use_cache, tagger=text.tagger() if streams else None,
+                            hints=hints)['tokens'] for use_cache in (True, False)]
+    assert runs[0] == runs[1]
     assert len(set(runs[0][len(prompt):])) > 1  # not a degenerate constant stream
 
 

@@ -12,7 +12,7 @@ import torch
 
 import train
 from conftest import ROOT, RunsCode, write_dataset, write_markov_dataset
-from model import GPT
+from model import GPT, GPTConfig
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead, and the box is shared
 
@@ -268,9 +268,13 @@ def test_resume_continues_the_same_run(tmp_path, dataset):
     assert loss.item() == pytest.approx(resumed[-1]['val_loss'], rel=1e-4)
 
 
-def test_ddp_matches_single_process(tmp_path, dataset):
-    args = TINY + [f'--data_dir={dataset}', '--metadata=pos', '--meta_dropout=0.2', '--max_iters=6',
-                   '--eval_interval=3', '--gradient_accumulation_steps=4', '--lr_decay_iters=6']
+GEMMA = ['--arch=gemma', '--n_head=4', '--n_kv_head=2']  # head size 8, grouped-query attention
+
+
+@pytest.mark.parametrize('arch', [[], GEMMA + ['--n_kv_head=1']], ids=['gpt2', 'gemma'])
+def test_ddp_matches_single_process(tmp_path, dataset, arch):
+    args = TINY + arch + [f'--data_dir={dataset}', '--metadata=pos', '--meta_dropout=0.2', '--max_iters=6',
+                          '--eval_interval=3', '--gradient_accumulation_steps=4', '--lr_decay_iters=6']
     r1 = script(*args, f'--out_dir={tmp_path / "one"}')
     assert r1.returncode == 0, r1.stderr
     r2 = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -289,10 +293,18 @@ def test_ddp_matches_single_process(tmp_path, dataset):
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a['iter'], k)
 
 
-def test_compiled_training_step(tmp_path, dataset):
-    rows = run(dataset, tmp_path / 'c', '--compile=True', '--metadata=pos', '--max_iters=1', '--eval_iters=1')
+@pytest.mark.parametrize('arch', [[], GEMMA], ids=['gpt2', 'gemma'])
+def test_compiled_training_step(tmp_path, dataset, arch):
+    rows = run(dataset, tmp_path / 'c', *arch, '--compile=True', '--metadata=pos', '--max_iters=1', '--eval_iters=1')
     assert rows[-1]['iter'] == 1 and np.isfinite(rows[-1]['train_loss'])
-
+    if arch:  # the compiled gemma model computes what the eager one does
+        ckpt = torch.load(tmp_path / 'c' / 'ckpt.pt', weights_only=True)
+        m = GPT.from_checkpoint(ckpt).eval()
+        assert m.config.arch == 'gemma' and m.config.n_kv_head == 2
+        x, y, meta = train.Split(dataset, 'val', ['pos'], 0).windows(train.eval_starts(4000, 32, 8), 32)
+        with torch.no_grad():
+            _, loss = m(x, meta, targets=y)
+        assert loss.item() == pytest.approx(rows[-1]['val_loss'], rel=1e-4)
 
 
 # --- reliability (issue 10) ------------------------------------------------------------
@@ -699,3 +711,65 @@ def test_missing_default_corpus_is_built_other_data_named(tmp_path, dataset, mon
                               '--metadata=pos_causal'])
     assert json.loads((tmp_path / 'corpus' / 'meta.json').read_text())['tokenizer'] == 'gpt2-512'
     assert (tmp_path / 'o' / 'ckpt.pt').exists()
+
+
+
+def test_gemma_lime_plus_one_uses_next_tokens_metadata(tmp_path, dataset):
+    # test_lime_plus_one_uses_next_tokens_metadata on the Gemma-style model: the same task, steps, limits
+    common = [*GEMMA, '--max_iters=150', '--eval_interval=150', '--lr_decay_iters=150', '--batch_size=16']
+    base = run(dataset, tmp_path / 'b', *common)[-1]
+    lime = run(dataset, tmp_path / 'l', *common, '--metadata=pos')[-1]
+    lime1 = run(dataset, tmp_path / 'l1', *common, '--metadata=pos', '--meta_shift=1')[-1]
+    print(base['val_loss'], lime['val_loss'], lime1['val_loss'])
+    assert base['val_loss'] > 1.8 and lime['val_loss'] > 1.8  # log(8) = 2.08
+    assert lime1['val_loss'] < 0.3 and lime1['val_acc'] > 0.99
+    ckpt = torch.load(tmp_path / 'l1' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_args']['arch'] == 'gemma' and 'transformer.wpe.weight' not in ckpt['model']
+
+
+def test_arch_comes_from_the_checkpoint_on_resume(tmp_path, dataset):
+    args = ['--metadata=pos', '--eval_interval=5', '--lr_decay_iters=10']
+    full = run(dataset, tmp_path / 'a', *GEMMA, *args, '--max_iters=10')
+    run(dataset, tmp_path / 'b', *GEMMA, *args, '--max_iters=5')
+    # no arch flags (TINY's --n_head=2 would contradict the checkpoint's 4: a resume refuses that)
+    resumed = run(dataset, tmp_path / 'b', '--n_head=4', '--init_from=resume', '--max_iters=10')
+    assert resumed[-1]['val_loss'] == pytest.approx(full[-1]['val_loss'], rel=1e-6)
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['model_args']['n_kv_head'] == 2
+    # a checkpoint written before the arch keys existed resumes as gpt2
+    run(dataset, tmp_path / 'old', *args, '--max_iters=5')
+    path = tmp_path / 'old' / 'ckpt.pt'
+    ckpt = torch.load(path, weights_only=True)
+    for k in ('arch', 'n_kv_head', 'mlp_hidden'):
+        del ckpt['model_args'][k]
+        del ckpt['config'][k]
+    torch.save(ckpt, path)
+    rows = run(dataset, tmp_path / 'old', '--init_from=resume', '--max_iters=10')
+    assert rows[-1]['iter'] == 10
+    assert torch.load(path, weights_only=True)['model_args']['arch'] == 'gpt2'
+
+
+def test_bad_model_shape_is_a_one_line_error(tmp_path, dataset):
+    r = script(*TINY, f'--data_dir={dataset}', f'--out_dir={tmp_path}', '--arch=gemma', '--n_head=4', '--n_kv_head=3')
+    assert r.returncode != 0 and 'Traceback' not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "config error: n_head=4 is not a multiple of n_kv_head=3"
+    r = script(*TINY, f'--data_dir={dataset}', f'--out_dir={tmp_path}', '--n_kv_head=1')
+    assert r.returncode != 0 and "grouped-query attention needs arch='gemma'" in r.stderr
+
+
+@pytest.mark.parametrize('name', ['gemma_500m', 'gemma_1b', 'gemma_2b', 'cpu_demo_gemma'])
+def test_gemma_configs_build_with_the_sizes_they_state(name):
+    import re
+    path = ROOT / 'configs' / f'{name}.py'
+    cfg, _ = train.configure([str(path)])
+    assert cfg['arch'] == 'gemma' and cfg['n_head'] % cfg['n_kv_head'] == 0
+    kw = {k: cfg[k] for k in train.MODEL_KEYS}
+    with torch.device('meta'):  # sizes without memory
+        base = GPT(GPTConfig(**kw, vocab_size=50257))
+        lime = GPT(GPTConfig(**kw, vocab_size=50257, meta_streams=('pos', 'ner'), meta_n_tags=(48, 6)))
+    m = re.search(r'# parameters: ([\d,]+) \(meta device\); \+([\d,]+) with', path.read_text())
+    if name.startswith('gemma_'):  # the GPU configs say their size; GPT-2's vocabulary, 48 POS + 6 NER tags
+        assert m, name
+        assert base.get_num_params() == int(m[1].replace(',', ''))
+        assert lime.get_num_params() - base.get_num_params() == int(m[2].replace(',', ''))
+        tokens = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * cfg['block_size']
+        assert f"= {tokens:,}" in path.read_text()
