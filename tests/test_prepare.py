@@ -467,7 +467,7 @@ def write_records(path, texts, field='text'):
     data = ''.join(json.dumps({field: t, 'id': i}) + '\n' for i, t in enumerate(texts)).encode('utf-8')
     if path.name.endswith('.gz'):
         data = gzip.compress(data)
-    elif path.name.endswith('.zst'):
+    elif path.name.endswith(('.zst', '.zstd')):
         import zstandard
         data = zstandard.ZstdCompressor().compress(data)
     path.write_bytes(data)
@@ -490,11 +490,11 @@ def same_dataset(a, b, ignore=()):
     assert {k: v for k, v in ma.items() if k not in skip} == {k: v for k, v in mb.items() if k not in skip}
 
 def test_formats_equal_jsonl(tmp_path):
-    """The same records as .jsonl, .jsonl.gz, .jsonl.zst and .parquet (3 rows per row group):
+    """The same records as .jsonl, .jsonl.gz, .jsonl.zst(d) and .parquet (3 rows per row group):
     identical datasets, split by README's rule (key = path without extension, 0-based index);
     as a Hugging Face dataset (a local directory, streamed): the same documents."""
     outs = {}
-    for fmt in ('jsonl', 'jsonl.gz', 'jsonl.zst', 'parquet'):
+    for fmt in ('jsonl', 'jsonl.gz', 'jsonl.zst', 'jsonl.zstd', 'parquet'):  # DCLM: .jsonl.zstd
         d = write_records(tmp_path / fmt.replace('.', '_') / f'part.{fmt}', RECORDS, field='body').parent
         outs[fmt] = tmp_path / f'ds_{fmt}'
         r = run_prepare(['--input', str(d), '--out_dir', str(outs[fmt]), '--ner', 'binary', '--tags', 'full',
@@ -506,7 +506,7 @@ def test_formats_equal_jsonl(tmp_path):
     assert val and train
     assert docs_of(data['val']) == val and docs_of(data['train']) == train
     assert meta['val_docs'] == len(val) and meta['train_docs'] == len(train)
-    for fmt in ('jsonl.gz', 'jsonl.zst', 'parquet'):
+    for fmt in ('jsonl.gz', 'jsonl.zst', 'jsonl.zstd', 'parquet'):
         same_dataset(outs['jsonl'], outs[fmt], ignore=['inputs'])
     out = tmp_path / 'ds_hf'
     r = run_prepare(['--hf_dataset', str(tmp_path / 'parquet'), '--out_dir', str(out), '--ner', 'binary',
