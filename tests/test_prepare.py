@@ -1,8 +1,11 @@
 """prepare.py end to end on small inputs: binaries read back, split, shards, bad input."""
 import os
 import sys
+import gzip
 import json
+import time
 import shutil
+import hashlib
 import signal
 import subprocess
 
@@ -21,9 +24,9 @@ DOCS = [
     "The old man the boat.",
 ]
 
-def run_prepare(args, cwd=None):
+def run_prepare(args, cwd=None, env=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), '--no_progress'] + args,
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 def write_inputs(d):
     d.mkdir(parents=True, exist_ok=True)
@@ -57,7 +60,12 @@ def test_end_to_end(tmp_path):
     assert meta['vocab_size'] == 50257 and meta['tokenizer'] == 'gpt2' and meta['tokenization'] == 'lime'
     assert meta['ner'] == 'binary' and set(meta['streams']) == {'pos', 'ner', 'word'}
     assert meta['streams']['ner']['tags'] == md.stream_tags('ner', 'binary')
-    assert meta['train_docs'] == 3 and meta['val_docs'] == 2
+    # README's split: the 3 .txt files by a seeded permutation (round(3 * 0.4) = 1 in val), the
+    # 2 JSONL records by blake2b of (seed, path without extension, line index)
+    val_txt = np.random.default_rng(1337).permutation(3)[:1].tolist()
+    val = [DOCS[i] for i in val_txt] + [t for i, t in enumerate(DOCS[3:]) if record_in_val('more', i, fraction=0.4)]
+    assert sorted(docs_of(data['val'])) == sorted(val) and meta['val_docs'] == len(val)
+    assert meta['train_docs'] == 5 - len(val)
     assert meta['train_tokens'] == len(data['train']) and meta['val_tokens'] == len(data['val'])
     assert 'nltk' in meta['versions'] and 'tiktoken' in meta['versions']
     # lossless: every input document comes back exactly, once, each followed by <|endoftext|>
@@ -91,21 +99,6 @@ def test_end_to_end(tmp_path):
                             '--val_fraction', '0.4', '--seed', str(seed), '--workers', '1']).returncode == 0
         splits.add(tuple(sorted(docs_of(read_dataset(o)[1]['val']))))
     assert len(splits) > 1
-
-def test_shards_and_merge(tmp_path):
-    inp = write_inputs(tmp_path / 'in')
-    common = ['--input', str(inp), '--ner', 'binary', '--tags', 'full', '--workers', '1', '--val_fraction', '0.2']
-    assert run_prepare(common + ['--out_dir', str(tmp_path / 'all')]).returncode == 0
-    for i in range(2):
-        r = run_prepare(common + ['--out_dir', str(tmp_path / f'sh{i}'), '--num_shards', '2', '--shard_index', str(i)])
-        assert r.returncode == 0, r.stderr
-    r = run_prepare(['--merge', str(tmp_path / 'sh0'), str(tmp_path / 'sh1'), '--out_dir', str(tmp_path / 'merged')])
-    assert r.returncode == 0, r.stderr
-    m_all, d_all = read_dataset(tmp_path / 'all')
-    m_mer, d_mer = read_dataset(tmp_path / 'merged')
-    for split in ('train', 'val'):
-        assert sorted(docs_of(d_all[split])) == sorted(docs_of(d_mer[split]))
-    assert m_all['train_tokens'] == m_mer['train_tokens'] and m_all['val_docs'] == m_mer['val_docs']
 
 def no_leftovers(tmp_path, out):
     assert not out.exists()
@@ -177,8 +170,11 @@ def test_small_vocab_tokenizer(tmp_path):
 def test_default_corpus_is_gutenberg():
     sys.path.insert(0, ROOT)
     import prepare
-    refs = prepare.enumerate_documents(None)
-    assert len(refs) >= 17 and all(k == 'gutenberg' for k, _, _ in refs)
+    units = prepare.enumerate_documents(None)
+    assert len(units) >= 17 and all(k == 'gutenberg' for k, _, _ in units)
+    texts = list(prepare.iter_texts(units[:2]))  # bench.py reads corpora this way
+    from nltk.corpus import gutenberg
+    assert texts == [gutenberg.raw(f) for _, f, _ in units[:2]]
 
 # -----------------------------------------------------------------------------
 # reliability (issue 10): dead workers, signals, the output directory, merge checks, options
@@ -230,13 +226,13 @@ def test_dead_worker_ends_the_run(tmp_path):
     inp = write_inputs(tmp_path / 'in')
     (inp / 'kill.txt').write_text('KILLME here.')
     out = tmp_path / 'ds'
-    t0 = __import__('time').time()
+    t0 = time.time()
     proc = run_hooked("if 'KILLME' in repr(item): os.kill(os.getpid(), signal.SIGKILL)",
                       ['--input', str(inp), '--out_dir', str(out), '--ner', 'binary', '--workers', '2'])
     err = finish(proc, 90)
     assert proc.returncode == 1
     one_line_error(err, 'worker died', 'SIGKILL')
-    assert __import__('time').time() - t0 < 60
+    assert time.time() - t0 < 60
     assert not out.exists() and leftovers(out) == []
 
 def test_sigterm_cleans_up(tmp_path):
@@ -244,7 +240,6 @@ def test_sigterm_cleans_up(tmp_path):
     out = tmp_path / 'ds'
     proc = run_hooked("time.sleep(600)", ['--input', str(inp), '--out_dir', str(out), '--ner', 'none',
                                           '--workers', '2'])
-    import time
     t0 = time.time()
     while not leftovers(out) and time.time() - t0 < 60:
         time.sleep(0.05)
@@ -452,3 +447,309 @@ def test_merge_any_order(shards, tmp_path):
             assert (a / f).read_bytes() == (b / f).read_bytes(), f
     meta = json.load(open(a / 'meta.json'))
     assert meta['num_shards'] == 1 and meta['shard_index'] == 0
+
+# -----------------------------------------------------------------------------
+# corpus scale (issue 14): formats, shards that read only their own files, restarts, Slurm,
+# pieces of long documents
+
+RECORDS = DOCS + ['A second look at the same bank.', '', 'Short.', 'Dr. Who? Yes. "Quote!" she said.',
+                  'Visit New York in May.', 'The end.']
+HF_ENV = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'}
+
+def write_records(path, texts, field='text'):
+    """texts as one file in the format its name gives (.jsonl, .jsonl.gz, .jsonl.zst, .parquet)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith('.parquet'):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({'id': list(range(len(texts))), field: texts}), str(path), row_group_size=3)
+        return path
+    data = ''.join(json.dumps({field: t, 'id': i}) + '\n' for i, t in enumerate(texts)).encode('utf-8')
+    if path.name.endswith('.gz'):
+        data = gzip.compress(data)
+    elif path.name.endswith(('.zst', '.zstd')):
+        import zstandard
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+def record_in_val(key, index, seed=1337, fraction=0.1):
+    """README's rule for a record (a JSONL line, a parquet row): blake2b-64 of seed, key, index."""
+    h = hashlib.blake2b(f'{seed}\0{key}\0{index}'.encode('utf-8'), digest_size=8).digest()
+    return int.from_bytes(h, 'big') < fraction * 2 ** 64
+
+RUN_KEYS = {'elapsed_s', 'words_per_sec', 'versions', 'shard_from', 'merged_from'}
+
+def same_dataset(a, b, ignore=()):
+    names = sorted(n for n in os.listdir(a) if n.endswith('.bin'))
+    assert names == sorted(n for n in os.listdir(b) if n.endswith('.bin'))
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    ma, mb = json.load(open(a / 'meta.json')), json.load(open(b / 'meta.json'))
+    skip = RUN_KEYS | set(ignore)
+    assert {k: v for k, v in ma.items() if k not in skip} == {k: v for k, v in mb.items() if k not in skip}
+
+def test_formats_equal_jsonl(tmp_path):
+    """The same records as .jsonl, .jsonl.gz, .jsonl.zst(d) and .parquet (3 rows per row group):
+    identical datasets, split by README's rule (key = path without extension, 0-based index);
+    as a Hugging Face dataset (a local directory, streamed): the same documents."""
+    outs = {}
+    for fmt in ('jsonl', 'jsonl.gz', 'jsonl.zst', 'jsonl.zstd', 'parquet'):  # DCLM: .jsonl.zstd
+        d = write_records(tmp_path / fmt.replace('.', '_') / f'part.{fmt}', RECORDS, field='body').parent
+        outs[fmt] = tmp_path / f'ds_{fmt}'
+        r = run_prepare(['--input', str(d), '--out_dir', str(outs[fmt]), '--ner', 'binary', '--tags', 'full',
+                         '--text_field', 'body', '--val_fraction', '0.4', '--workers', '1'])
+        assert r.returncode == 0, r.stderr
+    meta, data = read_dataset(outs['jsonl'])
+    val = [t for i, t in enumerate(RECORDS) if t and record_in_val('part', i, fraction=0.4)]
+    train = [t for i, t in enumerate(RECORDS) if t and not record_in_val('part', i, fraction=0.4)]
+    assert val and train
+    assert docs_of(data['val']) == val and docs_of(data['train']) == train
+    assert meta['val_docs'] == len(val) and meta['train_docs'] == len(train)
+    for fmt in ('jsonl.gz', 'jsonl.zst', 'jsonl.zstd', 'parquet'):
+        same_dataset(outs['jsonl'], outs[fmt], ignore=['inputs'])
+    out = tmp_path / 'ds_hf'
+    r = run_prepare(['--hf_dataset', str(tmp_path / 'parquet'), '--out_dir', str(out), '--ner', 'binary',
+                     '--tags', 'full', '--text_field', 'body', '--val_fraction', '0', '--workers', '1'],
+                    env={**os.environ, **HF_ENV, 'HF_HOME': str(tmp_path / 'hf_home')})
+    assert r.returncode == 0, r.stderr
+    meta, data = read_dataset(out)
+    assert docs_of(data['train']) == [t for t in RECORDS if t] and meta['val_docs'] == 0
+    assert meta['inputs'] == [f'hf:{tmp_path / "parquet"}::train']
+
+def mixed_corpus(d):
+    """Six input files of four formats: units 0-5 in listing order."""
+    d.mkdir(parents=True)
+    for i, name in enumerate(['a.txt', 'b.txt', 'c.txt']):
+        (d / name).write_text(DOCS[i] + ' ' + RECORDS[-1 - i])
+    write_records(d / 'd.jsonl', RECORDS[:6])
+    write_records(d / 'e.jsonl.zst', RECORDS[6:] + DOCS[:2])
+    write_records(d / 'f.parquet', DOCS[2:] + RECORDS[7:])
+    return sorted(os.listdir(d))
+
+def test_shards_read_only_their_files_and_merge_into_one_run(tmp_path):
+    """3 shards from a Slurm job array (--array=1-3): shard i reads files i, i+3 only (the
+    others are garbage while it runs), and the merge equals one unsharded run byte for byte."""
+    inp = tmp_path / 'in'
+    names = mixed_corpus(inp)
+    common = ['--input', str(inp), '--ner', 'binary', '--tags', 'full,causal', '--workers', '2',
+              '--val_fraction', '0.3']
+    r = run_prepare(common + ['--out_dir', str(tmp_path / 'all')])
+    assert r.returncode == 0, r.stderr
+    real = {n: (inp / n).read_bytes() for n in names}
+    for i in range(3):
+        for j, n in enumerate(names):
+            (inp / n).write_bytes(real[n] if j % 3 == i else b'\xff\xfe not this shard \x00')
+        env = {**os.environ, 'SLURM_ARRAY_TASK_ID': str(i + 1), 'SLURM_ARRAY_TASK_MIN': '1',
+               'SLURM_ARRAY_TASK_COUNT': '3'}
+        r = run_prepare(common + ['--out_dir', str(tmp_path / f'sh{i}')], env=env)
+        assert r.returncode == 0, r.stderr
+        m = json.load(open(tmp_path / f'sh{i}' / 'meta.json'))
+        assert (m['shard_index'], m['num_shards']) == (i, 3) and 'SLURM_ARRAY_TASK_ID' in m['shard_from']
+        assert [u[0] for u in m['units']] == [i, i + 3]
+    for n in names:
+        (inp / n).write_bytes(real[n])
+    merged = tmp_path / 'merged'
+    r = run_prepare(['--merge', str(tmp_path / 'sh2'), str(tmp_path / 'sh0'), str(tmp_path / 'sh1'),
+                     '--out_dir', str(merged)])
+    assert r.returncode == 0, r.stderr
+    same_dataset(tmp_path / 'all', merged)
+    meta, data = read_dataset(merged)
+    assert meta['val_docs'] > 0 and meta['train_docs'] > 0 and 'pos_causal' in meta['streams']
+
+def test_slurm_and_shard_count_errors(tmp_path):
+    inp = write_inputs(tmp_path / 'in')  # 4 files
+    env = {**os.environ, 'SLURM_ARRAY_TASK_ID': '4', 'SLURM_ARRAY_TASK_COUNT': '2'}  # --array=0-4:4
+    r = run_prepare(['--input', str(inp), '--out_dir', str(tmp_path / 'o')], env=env)
+    assert r.returncode != 0
+    one_line_error(r.stderr, '--shard_index=4', '[0, --num_shards=2)', 'SLURM_ARRAY_TASK_ID')
+    r = run_prepare(['--input', str(inp), '--out_dir', str(tmp_path / 'o'), '--num_shards', '5',
+                     '--ner', 'none'])
+    assert r.returncode != 0
+    one_line_error(r.stderr, '--num_shards=5', 'only 4 files', 'at most 4')
+    assert not (tmp_path / 'o').exists() and leftovers(tmp_path / 'o') == []
+
+def test_killed_shard_reruns_cleanly_and_a_complete_one_is_skipped(tmp_path):
+    inp = write_inputs(tmp_path / 'in')
+    common = ['--input', str(inp), '--ner', 'none', '--tags', 'full', '--num_shards', '2', '--shard_index', '1',
+              '--workers', '2']
+    ref = tmp_path / 'ref'
+    assert run_prepare(common + ['--out_dir', str(ref)]).returncode == 0
+    out = tmp_path / 'sh1'
+    proc = run_hooked('time.sleep(600)', common + ['--out_dir', str(out)])
+    t0 = time.time()
+    while not (leftovers(out) and children_of(proc.pid)) and time.time() - t0 < 60:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the workers are at work (asleep in the hook)
+    workers = children_of(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)  # the main process, as the OOM killer would
+    t0 = time.time()
+    while [w for w in workers if alive(w)] and time.time() - t0 < 10:
+        time.sleep(0.05)
+    lingering = [w for w in workers if alive(w)]
+    if lingering:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not lingering, 'workers outlived the main process'
+    assert not out.exists() and len(leftovers(out)) == 1
+    r = run_prepare(common + ['--out_dir', str(out)])
+    assert r.returncode == 0, r.stderr
+    assert 'removed' in r.stderr and leftovers(out) == []
+    same_dataset(ref, out)
+    stamp = (out / 'meta.json').stat().st_mtime_ns
+    r = run_prepare(common + ['--out_dir', str(out)])
+    assert r.returncode == 0 and 'already complete' in r.stdout and 'skipped' in r.stdout, r.stdout + r.stderr
+    assert (out / 'meta.json').stat().st_mtime_ns == stamp
+    r = run_prepare(common + ['--out_dir', str(out), '--seed', '5'])
+    assert r.returncode != 0
+    one_line_error(r.stderr, 'another seed', '--overwrite')
+    r = run_prepare(common + ['--out_dir', str(out), '--overwrite'])
+    assert r.returncode == 0, r.stderr
+    assert (out / 'meta.json').stat().st_mtime_ns != stamp
+    same_dataset(ref, out)
+
+def run_without(package, args, **kw):
+    code = (f"import sys\nsys.modules[{package!r}] = None\nsys.path.insert(0, {ROOT!r})\nimport prepare\n"
+            f"prepare.main({['--no_progress'] + args!r})\n")
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, **kw)
+
+@pytest.mark.parametrize('case', ['zst_garbage', 'zst_truncated', 'gz_truncated', 'gz_bad_record',
+                                  'parquet_no_column', 'parquet_not_text', 'parquet_null', 'parquet_garbage',
+                                  'hf_missing'])
+def test_bad_records(tmp_path, case):
+    inp = tmp_path / 'in'
+    inp.mkdir()
+    (inp / 'ok.txt').write_text('A fine document.')
+    many = [f'Document number {i}.' for i in range(3000)]
+    args, env = ['--input', str(inp)], None
+    if case == 'zst_garbage':
+        (inp / 'x.jsonl.zst').write_bytes(b'not zstd at all ' * 10)
+        expect = ['x.jsonl.zst', 'corrupt or truncated', 'after line 0']
+    elif case == 'zst_truncated':
+        z = write_records(inp / 'x.jsonl.zst', many).read_bytes()
+        (inp / 'x.jsonl.zst').write_bytes(z[:len(z) // 2])
+        expect = ['x.jsonl.zst', 'truncated', 'after line']
+    elif case == 'gz_truncated':
+        z = write_records(inp / 'x.jsonl.gz', many).read_bytes()
+        (inp / 'x.jsonl.gz').write_bytes(z[:len(z) // 2])
+        expect = ['x.jsonl.gz', 'truncated', 'after line']
+    elif case == 'gz_bad_record':
+        (inp / 'x.jsonl.gz').write_bytes(gzip.compress(b'{"text": "ok"}\n{"text": 5}\n'))
+        expect = ['x.jsonl.gz:2', 'no string field "text"']
+    elif case == 'parquet_no_column':
+        write_records(inp / 'x.parquet', ['a', 'b'], field='body')
+        expect = ['x.parquet', 'no column "text"', 'body']
+    elif case == 'parquet_not_text':
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({'text': [1, 2]}), str(inp / 'x.parquet'))
+        expect = ['x.parquet', 'column "text" holds int64']
+    elif case == 'parquet_null':
+        write_records(inp / 'x.parquet', ['a', 'b', 'c', None, 'e'])
+        expect = ['x.parquet: row 3', 'null']
+    elif case == 'parquet_garbage':
+        (inp / 'x.parquet').write_bytes(b'PAR1 this is not parquet')
+        expect = ['x.parquet', 'not a readable parquet file']
+    elif case == 'hf_missing':
+        args = ['--hf_dataset', str(tmp_path / 'nope')]
+        env = {**os.environ, **HF_ENV, 'HF_HOME': str(tmp_path / 'hf_home')}
+        expect = ['--hf_dataset', 'nope', 'cannot load']
+    out = tmp_path / 'out'
+    r = run_prepare(args + ['--out_dir', str(out), '--ner', 'none', '--tags', 'full', '--workers', '2'], env=env)
+    assert r.returncode == 1
+    one_line_error(r.stderr, *expect)
+    no_leftovers(tmp_path, out)
+
+@pytest.mark.parametrize('package,pip,name', [('zstandard', 'zstandard', 'x.jsonl.zst'),
+                                              ('pyarrow', 'pyarrow', 'x.parquet'),
+                                              ('datasets', 'datasets', 'hf')])
+def test_missing_optional_package(tmp_path, package, pip, name):
+    inp = tmp_path / 'in'
+    if name == 'hf':
+        args = ['--hf_dataset', 'some/dataset']
+    else:
+        write_records(inp / name, ['One.', 'Two.'])
+        args = ['--input', str(inp)]
+    out = tmp_path / 'out'
+    r = run_without(package, args + ['--out_dir', str(out), '--ner', 'none', '--workers', '1'])
+    assert r.returncode == 1
+    one_line_error(r.stderr, f'needs the {package} package (pip install {pip})')
+    no_leftovers(tmp_path, out)
+
+TEMPT = ('Mr. Smith met Dr. Jones. He said no. Then J. R. R. Tolkien wrote. It was 3 p.m. Then they left. '
+         'See e.g. this. The U.S. Army came. Is it? Yes! "Stop." He ran. (It was late.) Then dawn. '
+         'Chapter 3. The end. Etc. And so on. Them vs. us. No. 5 is here. Jan. 5 was cold. It cost $5. Then '
+         'more.\n\nReally?\n\nYes.\r\nOK!  Fine. \tGo. A. B. C. Done... And then. Wow!!! Hi. i.e. that. '
+         'St. Paul. Co. Ltd. Inc. Fine. Ms. Lee and Mrs. Lee. Gen. Grant. Prof. X? Sure. ok. so. '
+         'He left.\u201d She stayed. It ended.) Then. 2nd. Third! Fourth? fifth. Sixth.\n')
+
+def test_pieces_equal_whole_documents():
+    """A long document is tagged in pieces (balanced work); cut where README's rule says, the
+    pieces' tokens, full and causal tags, both tokenizations, equal the whole document's."""
+    import prepare
+    from nltk.corpus import gutenberg
+    cases = [(TEMPT * 3, 1)]  # size 1: a cut at every point the rule allows
+    for book, n in (('austen-emma.txt', 30000), ('melville-moby_dick.txt', 30000), ('whitman-leaves.txt', 20000),
+                    ('shakespeare-hamlet.txt', 20000)):
+        cases.append((gutenberg.raw(book)[:n], 400))
+    for text, size in cases:
+        pieces = prepare.cut_document(text, size)
+        assert ''.join(pieces) == text and len(pieces) >= 10, len(pieces)
+        for tokenization in ('lime', 'plain'):
+            ids, full = md.annotate_text(text, tokenization, 'binary')
+            causal = md.annotate_ids(ids, 'binary', 'causal')
+            parts = [md.annotate_text(piece, tokenization, 'binary') for piece in pieces]
+            assert np.array_equal(np.concatenate([i for i, _ in parts]), ids)
+            for k in full:
+                assert np.array_equal(np.concatenate([s[k] for _, s in parts]), full[k]), (k, tokenization)
+            pc = [md.annotate_ids(i, 'binary', 'causal') for i, _ in parts]
+            for k in causal:
+                assert np.array_equal(np.concatenate([c[k] for c in pc]), causal[k]), (k, tokenization)
+    assert prepare.cut_document('Short text. Here it is.', 1 << 17) == ['Short text. Here it is.']
+
+def test_long_documents_spread_over_workers(tmp_path):
+    """--chunk_chars 2000: a 60k-character book is tagged as pieces by both workers; the dataset
+    is the one written from whole documents."""
+    from nltk.corpus import gutenberg
+    inp = tmp_path / 'in'
+    inp.mkdir()
+    (inp / 'book.txt').write_text(gutenberg.raw('austen-persuasion.txt')[:60000])
+    (inp / 'short.txt').write_text(DOCS[1])
+    common = ['--input', str(inp), '--ner', 'binary', '--workers', '2']
+    r = run_prepare(common + ['--out_dir', str(tmp_path / 'whole')])
+    assert r.returncode == 0, r.stderr
+    log = tmp_path / 'pids'
+    proc = run_hooked(f"open({str(log)!r}, 'a').write(f'{{os.getpid()}} {{len(item)}}\\n')",
+                      common + ['--out_dir', str(tmp_path / 'pieces'), '--chunk_chars', '2000'])
+    err = finish(proc, 300)
+    assert proc.returncode == 0, err
+    rows = [line.split() for line in log.read_text().splitlines()]
+    assert len(rows) >= 20 and len({pid for pid, _ in rows}) == 2
+    same_dataset(tmp_path / 'whole', tmp_path / 'pieces')
+
+# the default dataset (python prepare.py --ner binary, the offline NLTK Gutenberg) before issue 14
+GUTENBERG_SHA256 = {
+    'train.bin': 'a06a53ecd795ea06968a09f43c6f10020fffc50161192e6068c69d0061960e69',
+    'train.ner.bin': '67a38de74dad791a6f35f118daa033f79caf5854d20f7bf230e006565ec33434',
+    'train.ner_causal.bin': '459c8abc496e65698e00d16e8c4d62bd2a4fb04992560ce43dadd95541a6d6f4',
+    'train.pos.bin': '677ade9fb883b24b44346cb4fbbbff847b59fb3ab1e35979d056f7b58006f135',
+    'train.pos_causal.bin': 'cd2c53b4bfdff7018431af6d1636918e160f92875b8eaf377349f10f51487bad',
+    'train.word.bin': 'ae5c81d9d43d98a8ca50a9881f5cfd58991c8369ce3d722a60058761aeacb743',
+    'val.bin': 'a1990a1ad7fc2bb97c5688632bcd988517ceac0e3915adc67bc3ab65fcce09bf',
+    'val.ner.bin': '6d776153ba653adfdea997ba58628ed27f07a254f33760571e90b4930a22bff5',
+    'val.ner_causal.bin': '6235cabd16408605ea3b2fc065c74ab2f200a992bd55565adbebccf17318a755',
+    'val.pos.bin': '8d51551453b79b695c7fd6d92c4ac39a174417f57a6c7b4aec89c4dd128970a7',
+    'val.pos_causal.bin': '3a71071a877b8646fadf4629cc8044900ee30f6c91a1c7f1b6e96d930aaecb05',
+    'val.word.bin': 'ff06a5086ffb63e5c8d208a3eb67089e7df0c82b6da5553b3f9af26d7ed6cbdd',
+}
+
+@pytest.mark.skipif(not os.environ.get('LIME_FULL_CHECK'), reason='LIME_FULL_CHECK=1: the whole default corpus')
+def test_default_dataset_unchanged(tmp_path):
+    """python prepare.py --ner binary writes the same 12 files as before issue 14 (pieces, the
+    new shards and splits change nothing for it). Hashes of NLTK 3.10.4 / tiktoken 0.14.0."""
+    out = tmp_path / 'gutenberg'
+    r = run_prepare(['--ner', 'binary', '--out_dir', str(out)])
+    assert r.returncode == 0, r.stderr
+    got = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in GUTENBERG_SHA256}
+    assert got == GUTENBERG_SHA256
