@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import sample
 from metadata import PAD, UNK
 
 # -----------------------------------------------------------------------------
@@ -119,8 +120,6 @@ class Scorer:
     token lists and greedy generation, with the tags the policy promises."""
 
     def __init__(self, out_dir, policy='', device='cpu', batch_size=16, dtype='float32', err=None):
-        import sample
-        self.sample = sample
         self.err = err or sys.stderr
         try:
             self.model, ckpt = sample.load_checkpoint(out_dir, device)
@@ -323,8 +322,8 @@ class Scorer:
             self.note("note: hints ignored under the unk policy (every tag <unk>)")
             return []
         try:
-            return self.sample.parse_hints(hints, self.vocabs)
-        except self.sample.SampleError as e:
+            return sample.parse_hints(hints, self.vocabs)
+        except sample.SampleError as e:
             raise HarnessError(f"gen_kwargs hints: {e}")
 
     def generate(self, ctx, until=(), max_new_tokens=32, hints='', temperature=0.0, generator=None):
@@ -343,7 +342,7 @@ class Scorer:
         def stop(new):
             return new[-1] == self.text.eot or any(u in decode(new) for u in until)
 
-        r = self.sample.generate(self.model, list(ctx) or [self.text.eot], max_new_tokens, temperature,
+        r = sample.generate(self.model, list(ctx) or [self.text.eot], max_new_tokens, temperature,
                                  1 if temperature == 0 else 0, True, tagger=self.tagger(), hints=h, ctx=self.ctx,
                                  generator=generator, cache_dtype=self.cache_dtype, tag_generated=False,
                                  meta_temperature=0 if temperature == 0 else None, stop=stop if max_new_tokens else None)
@@ -358,7 +357,7 @@ class Scorer:
         """Whether greedy generation after ctx produces exactly the tokens cont (stops at the first miss)."""
         cont = list(cont)
         ctx = list(ctx) or [self.text.eot]
-        r = self.sample.generate(self.model, ctx, len(cont), 0.0, 1, True, tagger=self.tagger(), ctx=self.ctx,
+        r = sample.generate(self.model, ctx, len(cont), 0.0, 1, True, tagger=self.tagger(), ctx=self.ctx,
                                  cache_dtype=self.cache_dtype, tag_generated=False, meta_temperature=0,
                                  stop=lambda new: new[-1] != cont[len(new) - 1])
         return r['tokens'][len(ctx):] == cont
@@ -782,10 +781,9 @@ def run(cfg, out=None):
 
 def main(argv):
     from train import ConfigError
-    from sample import SampleError
     try:
         run(configure(argv))
-    except (HarnessError, ConfigError, SampleError) as e:
+    except (HarnessError, ConfigError, sample.SampleError) as e:
         print(f"harness.py: error: {getattr(e, 'msg', e)}", file=sys.stderr)
         return 1
     return 0

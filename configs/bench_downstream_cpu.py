@@ -13,5 +13,5 @@ eff_dir = 'out-bench-ds-cpu'
 ds_task_dir = 'tasks/lime'
 ds_arith_problems = 40000
 lime1_meta_dropout = 0.1
-max_iters = 2000  # 2.05M tokens per run
+max_iters = 1200  # 1.23M tokens per run, as the efficiency preset
 eval_interval = 250

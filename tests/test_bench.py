@@ -67,7 +67,7 @@ def eff(tiny_data):
     out = d / 'eff.json'
     run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}', f'--out_json={out}',
               '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
-              '--marginal_positions=6', *TINY_MODEL)
+              '--marginal_positions=6', *TINY_MODEL, timeout=900)  # 8 runs and two datasets: slow on a busy box
     return d, data, load(out)
 
 
@@ -240,7 +240,7 @@ def test_downstream(tiny_data):
               f'--ds_task_dir={d / "tasks"}', '--ds_cloze_n=5', '--ds_arith_n=2', '--ds_arith_problems=300',
               f'--eff_dir={d / "ds"}', f'--out_json={out}', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
               '--warmup_iters=1', '--ds_runs=lime1', '--ds_limit=2', '--lime1_meta_dropout=0.1',
-              '--ds_tasks=lime_cloze,lime_arithmetic_hinted', *TINY_MODEL)
+              '--ds_tasks=lime_cloze,lime_arithmetic_hinted', *TINY_MODEL, timeout=600)
     res = load(out)['result']
     assert [(r['run'], r['policy'], r['reads_future']) for r in res['rows']] == [
         ('lime1', 'causal', False), ('lime1', 'oracle', True), ('lime1', 'unk', False)]
