@@ -6,6 +6,7 @@ $ python bench.py --mode=throughput --arch=gemma           # the same on the Gem
 $ python bench.py --mode=tagging                           # annotation words/s: fast path vs plain NLTK
 $ python bench.py configs/bench_efficiency_cpu.py          # baseline vs LIME variants, same data/steps
 $ python bench.py --mode=steering --ckpt_dir=out-bench-eff/lime1
+$ python bench.py configs/bench_downstream_cpu.py            # cloze/arithmetic accuracy per model and tag policy
 $ python bench.py configs/bench_gpu_check.py               # one short GPU smoke test of all of the above
 
 Every module-level name below is a config key; config files (python, exec'd) and --key=value
@@ -29,7 +30,7 @@ from metadata import UNK
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = 'throughput'  # throughput | tagging | efficiency | steering | curves | gpu_check
+mode = 'throughput'  # throughput | tagging | efficiency | steering | curves | downstream | gpu_check
 out_json = ''  # '' = out-bench/bench_<mode>.json
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -73,7 +74,8 @@ tag_tokenizer = 'gpt2'
 tag_reference = True  # time plain NLTK too (slow)
 tag_causal = True  # time the causal path too
 # efficiency
-eff_runs = 'baseline,lime,lime_causal,lime1,lime1_predict,shuffled,baseline_seed2'
+eff_runs = 'baseline,lime,lime_causal,lime1,lime1_predict,shuffled,baseline_seed2,baseline_plain'
+plain_data_dir = ''  # baseline_plain: data_dir's documents and split prepared with --tokenization plain; '' = data_dir + '_plain' (built on first use)
 eff_dir = 'out-bench-eff'  # each run trains in eff_dir/<run>
 eff_reuse = True  # skip a run whose eff_dir/<run> finished with identical arguments
 max_iters = 1000
@@ -96,6 +98,16 @@ launcher = ''  # prefix for train.py instead of the python running bench, e.g. '
 eff_parallel = 1  # training processes at once (CPU: 2 one-thread runs beat 1 two-thread run)
 train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
 plot = True  # eff_dir/curves.png when matplotlib is installed
+# downstream: train ds_runs on data_dir (the default corpus plus generated arithmetic problems, none of
+# them a test problem), then score each with harness.py's offline tasks under every tag policy it has
+ds_runs = 'baseline,lime_causal,lime1,lime1_predict,baseline_seed2'
+ds_task_dir = 'tasks/lime'  # built here (harness.py --build_tasks) when missing
+ds_tasks = 'lime_cloze,lime_arithmetic,lime_arithmetic_hinted,lime_arithmetic_ll'
+ds_arith_problems = 20000  # arithmetic problems mixed into the training corpus (50 per document)
+ds_cloze_n = 500  # harness.py cloze_n / arith_n / task_seed for the tasks built here
+ds_arith_n = 50
+ds_task_seed = 1234
+ds_limit = 0  # examples per task; 0 = all
 # curves: python bench.py --mode=curves RUN_DIR [RUN_DIR ...]
 curves_baseline = ''  # the run the others are measured against; '' = the first directory given
 curves_png = 'out-bench/curves.png'
@@ -114,7 +126,7 @@ steer_temperature = 1.0
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODES = ('throughput', 'tagging', 'efficiency', 'steering', 'curves', 'gpu_check')
+MODES = ('throughput', 'tagging', 'efficiency', 'steering', 'curves', 'downstream', 'gpu_check')
 PAPER_FRACTION = 0.4365  # the paper's headline: LIME reaches the baseline's loss with 43.65% of its tokens
 
 
@@ -190,17 +202,54 @@ def ensure_dataset(C):
         return json.load(open(meta))
     if not C.build_data:
         fail(f"{meta}: not found (build it with prepare.py, or set --build_data=True)")
-    cmd = [sys.executable, os.path.join(ROOT, 'prepare.py'), '--ner', 'binary', '--tags', 'full,causal',
-           '--tokenizer', C.data_tokenizer, '--out_dir', C.data_dir]
-    if C.data_input:
-        cmd += ['--input'] + C.data_input.split(',')
+    return build_dataset(C.data_dir, ['--ner', 'binary', '--tags', 'full,causal', '--tokenizer', C.data_tokenizer]
+                         + (['--input'] + C.data_input.split(',') if C.data_input else []))
+
+
+def build_dataset(out_dir, args):
+    cmd = [sys.executable, os.path.join(ROOT, 'prepare.py'), *args, '--out_dir', out_dir]
     print('building the dataset:', ' '.join(cmd), flush=True)
     t0 = time.time()
     r = subprocess.run(cmd)
     if r.returncode != 0:
-        fail(f"prepare.py failed (exit {r.returncode}) building {C.data_dir}")
-    print(f"built {C.data_dir} in {time.time() - t0:.0f}s", flush=True)
-    return json.load(open(meta))
+        fail(f"prepare.py failed (exit {r.returncode}) building {out_dir}")
+    print(f"built {out_dir} in {time.time() - t0:.0f}s", flush=True)
+    return json.load(open(os.path.join(out_dir, 'meta.json')))
+
+
+def plain_dir(C):
+    return C.plain_data_dir or C.data_dir.rstrip('/') + '_plain'
+
+
+def ensure_plain_dataset(C, info):
+    """The baseline_plain arm's data: data_dir's documents, split, tokenizer and NER mode, prepared
+    with --tokenization plain (GPT-2's own encoding of the whole text), from data_dir's meta.json."""
+    d = plain_dir(C)
+    meta = os.path.join(d, 'meta.json')
+    same = ('tokenizer', 'ner', 'train_docs', 'val_docs', 'inputs', 'seed', 'val_fraction')
+    if os.path.isfile(meta):
+        p = json.load(open(meta))
+        bad = [k for k in same if p.get(k) != info.get(k)]
+        if p.get('tokenization') != 'plain' or bad:
+            fail(f"{meta}: not data_dir's documents with plain tokenization (differs in: "
+                 f"{', '.join(bad) or 'tokenization'}); remove it or set plain_data_dir")
+        return p
+    if info.get('tokenization', 'lime') == 'plain':
+        fail(f"{C.data_dir} is plain-tokenized already: baseline_plain compares plain with LIME tokenization")
+    if info.get('merged_from') or info.get('num_shards', 1) != 1:
+        fail(f"{C.data_dir} was merged from shards: build its plain twin with prepare.py and set plain_data_dir")
+    if not C.build_data:
+        fail(f"{meta}: not found (prepare.py --tokenization plain, or set --build_data=True)")
+    inputs = info.get('inputs') or []
+    args = ['--tokenization', 'plain', '--tags', 'full', '--tokenizer', info['tokenizer'], '--ner', info['ner'],
+            '--seed', str(info['seed']), '--val_fraction', str(info['val_fraction'])]
+    if inputs != ['nltk.corpus.gutenberg']:
+        args += ['--input'] + inputs
+    p = build_dataset(d, args)
+    bad = [k for k in same if p.get(k) != info.get(k)]
+    if bad:
+        fail(f"{d}: plain twin differs from {C.data_dir} in {', '.join(bad)}")
+    return p
 
 
 def autocast_ctx(C):
@@ -586,17 +635,20 @@ RUN_SPECS = {
     'lime1_predict_full': dict(metadata='pos,ner', meta_predict=True),  # the same, predicting full tags
     'shuffled': dict(metadata='pos,ner', meta_shuffle=True),
     'baseline_seed2': dict(metadata='', seed_offset=1),
+    # the tokenization itself: GPT-2's own encoding of the same documents (its own data dir), compared by val_bpb
+    'baseline_plain': dict(metadata='', tokenization='plain'),
 }
 LABELS = {'baseline': 'baseline', 'lime': 'LIME (full tags)', 'lime_causal': 'LIME (causal tags)',
           'lime1': 'LIME+1 (full, oracle next-token tags)', 'lime1_predict': 'LIME+1, self-predicted tags (causal)',
           'lime1_predict_full': 'LIME+1, self-predicted tags (full)', 'shuffled': 'shuffled tags (control)',
-          'baseline_seed2': 'baseline, seed 2'}
+          'baseline_seed2': 'baseline, seed 2', 'baseline_plain': 'baseline, plain tokenization'}
 
 
 def train_args(C, name, out_dir):
     spec = dict(RUN_SPECS[name])
     m = {k: getattr(C, 'eff_' + k) or getattr(C, k) for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size')}
-    args = dict(data_dir=os.path.abspath(C.data_dir), out_dir=os.path.abspath(out_dir),
+    data = plain_dir(C) if spec.get('tokenization') == 'plain' else C.data_dir
+    args = dict(data_dir=os.path.abspath(data), out_dir=os.path.abspath(out_dir),
                 metadata=spec.get('metadata', ''), meta_shift=spec.get('meta_shift', 0),
                 meta_shuffle=spec.get('meta_shuffle', False), seed=C.seed + spec.get('seed_offset', 0),
                 **m, **arch_args(C), bias=C.bias, dropout=C.dropout,
@@ -694,10 +746,12 @@ def honest_acc_key(rows):
     return 'val_acc_own' if last.get('val_acc_own') is not None else 'val_acc'
 
 
-def summarize_runs(logs, walls, baseline='baseline'):
+def summarize_runs(logs, walls, baseline='baseline', other_tokens=()):
     """Final numbers per run and the fraction of the baseline's tokens at which each run first
     reaches the baseline's final value: on val_nll and honest accuracy (runs that read the future
-    have none: reads_future), and, as in the paper, on val_loss and val_acc whatever the run reads."""
+    have none: reads_future), and, as in the paper, on val_loss and val_acc whatever the run reads;
+    on val_bpb for every run that has it. Runs in other_tokens see other tokens (another
+    tokenization): only val_bpb compares them with the baseline."""
     base = logs[baseline][-1]
     base_tokens = base['tokens']
     frac = lambda t: t / base_tokens if t is not None and base_tokens else None
@@ -721,15 +775,28 @@ def summarize_runs(logs, walls, baseline='baseline'):
             if acc_key else None,
             frac_tokens_to_baseline_loss=frac(first_reach(rows, 'val_loss', base['val_loss'], lower)),
             frac_tokens_to_baseline_acc=frac(first_reach(rows, 'val_acc', base['val_acc'], higher)),
-            curve={k: [r.get(k) for r in rows] for k in ('iter', 'tokens', 'val_loss', 'val_nll', 'val_ppl',
+            final_val_bpb=last.get('val_bpb'), final_val_bytes_per_token=last.get('val_bytes_per_token'),
+            frac_tokens_to_baseline_bpb=(frac(first_reach(rows, 'val_bpb', base['val_bpb'], lower))
+                                         if last.get('val_bpb') is not None and base.get('val_bpb') is not None
+                                         else None),
+            other_tokens=name in other_tokens,
+            curve={k: [r.get(k) for r in rows] for k in ('iter', 'tokens', 'val_loss', 'val_nll', 'val_bpb', 'val_ppl',
                                                          'val_acc', 'val_acc_own', 'val_acc_word_start',
                                                          'val_acc_word_cont', 'train_loss')})
+        if name in other_tokens:  # per-token numbers of other tokens: not comparable with the baseline's
+            for k in ('frac_tokens_to_baseline_nll', 'frac_tokens_to_baseline_acc_honest',
+                      'frac_tokens_to_baseline_loss', 'frac_tokens_to_baseline_acc'):
+                out[name][k] = None
     return out
 
 
 def reach_cell(r, key):
-    """'n/a' for a run that reads the future, 'never' when it does not reach the baseline."""
-    if r['reads_future'] and key in ('frac_tokens_to_baseline_nll', 'frac_tokens_to_baseline_acc_honest'):
+    """'n/a' for a run that reads the future (or, except on bpb, sees other tokens), 'never' when it
+    does not reach the baseline."""
+    if r['reads_future'] and key in ('frac_tokens_to_baseline_nll', 'frac_tokens_to_baseline_acc_honest',
+                                     'frac_tokens_to_baseline_bpb'):
+        return 'n/a'
+    if r.get('other_tokens') and key != 'frac_tokens_to_baseline_bpb':
         return 'n/a'
     return 'never' if r[key] is None else f"{100 * r[key]:.1f}%"
 
@@ -896,20 +963,25 @@ def run_efficiency(C):
             if s and s not in info['streams']:
                 fail(f"{C.data_dir}: stream '{s}' missing for run '{n}' (prepare.py --tags full,causal)")
     names = ['baseline'] + [n for n in names if n != 'baseline']
+    plain = [n for n in names if RUN_SPECS[n].get('tokenization') == 'plain']
+    plain_info = ensure_plain_dataset(C, info) if plain else None
     logs, walls = {}, {}
     t0 = time.time()
     res = train_runs(C, [(n, os.path.join(C.eff_dir, n)) for n in names])
     for n in names:
         logs[n], walls[n] = res[n]
-    runs = summarize_runs(logs, walls)
+    runs = summarize_runs(logs, walls, other_tokens=plain)
     rows = [dict(run=LABELS.get(n, n), **{k: v for k, v in r.items() if k != 'curve'},
                  **{k + '_cell': reach_cell(r, k) for k in ('frac_tokens_to_baseline_nll',
                                                             'frac_tokens_to_baseline_acc_honest',
                                                             'frac_tokens_to_baseline_loss',
-                                                            'frac_tokens_to_baseline_acc')})
+                                                            'frac_tokens_to_baseline_acc',
+                                                            'frac_tokens_to_baseline_bpb')})
             for n, r in runs.items()]
     print()
     table(rows, [('run', 'run', ''), ('final_val_loss', 'val loss', '.4f'), ('final_val_nll', 'val_nll', '.4f'),
+                 ('final_val_bpb', 'val_bpb', '.4f'), ('final_val_bytes_per_token', 'bytes/token', '.3f'),
+                 ('frac_tokens_to_baseline_bpb_cell', 'to base bpb', ''),
                  ('final_val_acc', 'acc', '.4f'), ('final_val_acc_honest', 'acc (past only)', '.4f'),
                  ('final_val_acc_word_start', 'acc word-start', '.4f'),
                  ('final_val_acc_word_cont', 'acc word-cont', '.4f'),
@@ -921,7 +993,9 @@ def run_efficiency(C):
           "'-' (and n/a) for runs that read tags depending on tokens they have not seen (full tags, LIME+1's "
           "oracle next-token tags, shuffled tags). 'to base ...': fraction of the baseline's tokens to reach its "
           "final value; the paper's columns use val_loss/val_acc whatever the run reads (a meta_predict run's "
-          "val_loss/val_acc are read with the data's next tags). '-' = never reached.")
+          "val_loss/val_acc are read with the data's next tags). '-' = never reached. val_bpb: val_nll in bits per "
+          "UTF-8 byte of the val targets, the one number comparable across tokenizations: baseline_plain (GPT-2's "
+          "own encoding of the same documents, same tokens per iteration) is compared on it alone.")
     marginal = None
     if 'lime1_predict' in names and C.marginal_positions > 0:
         marginal = predict_marginal(C, os.path.join(C.eff_dir, 'lime1_predict'))
@@ -933,6 +1007,8 @@ def run_efficiency(C):
                 tokenizer=info.get('tokenizer'), vocab_size=info.get('vocab_size'),
                 train_tokens=info.get('train_tokens'), eff_dir=C.eff_dir, plot=png,
                 tokens_per_iter=logs['baseline'][-1]['tokens'] // max(C.max_iters, 1),
+                plain_data_dir=plain_dir(C) if plain else None,
+                plain_train_tokens=plain_info.get('train_tokens') if plain_info else None,
                 max_iters=C.max_iters, wall_s=time.time() - t0, train_args=train_args(C, 'baseline', 'OUT'),
                 notes=("frac_tokens_to_baseline_*: fraction of the baseline's training tokens at which the run "
                        "first reaches the baseline's final value (linear interpolation between eval points): "
@@ -1111,6 +1187,138 @@ def run_steering(C):
 
 
 # -----------------------------------------------------------------------------
+# downstream: cloze and arithmetic accuracy per model and tag policy (harness.py; lm-eval)
+
+def ensure_downstream_data(C):
+    """The offline tasks (ds_task_dir, built on first use) and data_dir: NLTK's Gutenberg books (or
+    data_input) plus ds_arith_problems generated arithmetic problems in lm-eval's format, none of them
+    a test problem (checked on every run, against the task file); kept in data_dir + '-docs'."""
+    import harness
+    task = os.path.join(C.ds_task_dir, 'arithmetic.jsonl')
+    if not (os.path.isfile(task) and os.path.isfile(os.path.join(C.ds_task_dir, 'cloze.jsonl'))):
+        try:
+            harness.build_task_dir(C.ds_task_dir, C.ds_cloze_n, C.ds_arith_n, C.ds_task_seed)
+        except harness.HarnessError as e:
+            fail(str(e))
+    test = [json.loads(line) for line in open(task)]
+    docs = C.data_dir.rstrip('/') + '-docs'
+    arith = os.path.join(docs, 'arithmetic.jsonl')
+    if not os.path.isfile(os.path.join(C.data_dir, 'meta.json')):
+        if not C.build_data:
+            fail(f"{C.data_dir}/meta.json: not found (set --build_data=True)")
+        tmp = f"{docs}.tmp-{os.getpid()}"
+        os.makedirs(tmp)
+        if not C.data_input:  # the default corpus, as files (prepare.py reads it with the problems)
+            from nltk.corpus import gutenberg
+            for f in gutenberg.fileids():
+                with open(os.path.join(tmp, f), 'w', encoding='utf-8') as fo:
+                    fo.write(gutenberg.raw(f))
+        with open(os.path.join(tmp, 'arithmetic.jsonl'), 'w') as fo:
+            for d in harness.arithmetic_train(C.ds_arith_problems, test, C.ds_task_seed, per_doc=500):
+                fo.write(json.dumps({'text': d}) + '\n')
+        if os.path.isdir(docs):
+            import shutil
+            shutil.rmtree(docs)
+        os.replace(tmp, docs)
+        build_dataset(C.data_dir, ['--ner', 'binary', '--tags', 'full,causal', '--tokenizer', C.data_tokenizer,
+                                   '--input', docs] + (C.data_input.split(',') if C.data_input else []))
+    # held apart: no test problem (question and answer) in the training documents
+    if os.path.isfile(arith):
+        held = {d['context'] + d['completion'] for d in test}
+        seen = {p for line in open(arith) for p in json.loads(line)['text'].split('\n\n')}
+        if held & seen:
+            fail(f"{arith}: {len(held & seen)} test problems of {task} are in the training documents "
+                 f"(rebuild {C.data_dir} after changing the tasks)")
+    return json.load(open(os.path.join(C.data_dir, 'meta.json'))), test
+
+
+def by_kind(samples, metric):
+    """{kind: mean of metric} over lm-eval's per-document samples (arithmetic: 1da, 1ds, ... 3ds)."""
+    acc = {}
+    for x in samples:
+        acc.setdefault(x['doc'].get('kind', '?'), []).append(float(x[metric]))
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
+
+def run_downstream(C):
+    """Train ds_runs on the default corpus with arithmetic mixed in, then run harness.py's offline
+    tasks on each run under every tag policy that applies to it: cloze accuracy and the final word's
+    log-likelihood, arithmetic exact match by generation (unhinted; hinted CD for LIME+1 and
+    meta_predict), and lm-eval's arithmetic metric (greedy continuation, a log-likelihood request)."""
+    import harness
+    t0 = time.time()
+    info, test = ensure_downstream_data(C)
+    names = [n for n in C.ds_runs.split(',') if n]
+    for n in names:
+        if n not in RUN_SPECS or RUN_SPECS[n].get('tokenization') or RUN_SPECS[n].get('meta_shuffle'):
+            fail(f"config error: ds_runs: {n!r} is not a run downstream can score "
+                 f"({', '.join(k for k, v in RUN_SPECS.items() if not v.get('tokenization') and not v.get('meta_shuffle'))})")
+    res = train_runs(C, [(n, os.path.join(C.eff_dir, n)) for n in names])
+    t_train = time.time() - t0
+    tasks = [t for t in C.ds_tasks.split(',') if t]
+    rows, kinds = [], {}
+    t1 = time.time()
+    for n in names:
+        try:
+            sc = harness.Scorer(os.path.join(C.eff_dir, n), '', C.device, 16, C.dtype)
+        except harness.HarnessError as e:
+            fail(str(e))
+        for pol in harness.POLICIES[sc.kind]:
+            sc.set_policy(pol)
+            hinted_ok = sc.kind in ('lime1', 'predict')
+            ts = [t for t in tasks if hinted_ok or not t.endswith('_hinted')]  # others ignore hints: same as unhinted
+            te = time.time()
+            try:
+                out = harness.evaluate(harness.make_lm(scorer=sc), ts, C.ds_task_dir, C.ds_limit, -1, 1000,
+                                       log_samples=True)
+            except harness.HarnessError as e:
+                fail(str(e))
+            r, smp = out['results'], out.get('samples', {})
+            get = lambda t, k: r.get(t, {}).get(k)
+            ppl = get('lime_cloze', 'perplexity,none')
+            row = dict(run=n, label=LABELS.get(n, n), model=harness.KIND_NAMES[sc.kind], policy=pol,
+                       reads_future=sc.oracle, cloze_acc=get('lime_cloze', 'acc,none'), cloze_ppl=ppl,
+                       cloze_ll=-math.log(ppl) if ppl else None,
+                       arith_em=get('lime_arithmetic', 'exact_match,strip'),
+                       arith_em_hinted=get('lime_arithmetic_hinted', 'exact_match,strip'),
+                       arith_ll_acc=get('lime_arithmetic_ll', 'acc,none'), eval_s=time.time() - te)
+            for t, key, m in (('lime_arithmetic', 'arith_em', 'exact_match'),
+                              ('lime_arithmetic_hinted', 'arith_em_hinted', 'exact_match'),
+                              ('lime_arithmetic_ll', 'arith_ll_acc', 'acc')):
+                if t in smp:
+                    kinds[(n, pol, key)] = by_kind(smp[t], m)
+                    row[key + '_by_kind'] = kinds[(n, pol, key)]
+            rows.append(row)
+            print(f"{n} [{pol}]: " + ', '.join(f"{k} {row[k]:.4f}" for k in ('cloze_acc', 'cloze_ll', 'arith_em',
+                                                                           'arith_em_hinted', 'arith_ll_acc')
+                                              if row[k] is not None) + f" ({row['eval_s']:.0f}s)", flush=True)
+    print()
+    for x in rows:
+        x['policy_cell'] = x['policy'] + (' (ORACLE)' if x['reads_future'] else '')
+    table(rows, [('label', 'model', ''), ('policy_cell', 'tags', ''), ('cloze_acc', 'cloze acc', '.4f'),
+                 ('cloze_ll', 'cloze ll (nats)', '.3f'), ('arith_em', 'arith EM', '.4f'),
+                 ('arith_em_hinted', 'arith EM, hint CD', '.4f'), ('arith_ll_acc', 'arith acc (lm-eval)', '.4f')])
+    print("tags: causal = the causal tags of the text so far (LIME+1: <unk> at scored positions); predict = the "
+          "model's own next tags (cloze ll: the bound, tag log-prob included); oracle = the continuation's own "
+          "tags (reads the future); unk = every tag <unk>. arith EM: exact match of the generated answer; hint CD: "
+          "the first answer token hinted CD (a number, known from the task format); arith acc (lm-eval): the "
+          "greedy continuation is the answer ('-': generation has no oracle, hints only for LIME+1/meta_predict).")
+    kind_rows = [dict(label=x['label'], policy_cell=x['policy_cell'], **{k: v for k, v in x['arith_em_by_kind'].items()})
+                 for x in rows if x.get('arith_em_by_kind')]
+    if kind_rows:
+        ks = sorted({k for x in kind_rows for k in x if k not in ('label', 'policy_cell')})
+        print()
+        table(kind_rows, [('label', 'arith EM by kind', ''), ('policy_cell', 'tags', '')] + [(k, k, '.3f') for k in ks])
+    ds = {n: res[n][0][-1] for n in names}
+    return dict(rows=rows, data_dir=C.data_dir, task_dir=C.ds_task_dir, tasks=tasks, eff_dir=C.eff_dir,
+                runs={n: dict(final_val_loss=ds[n]['val_loss'], final_val_nll=ds[n].get('val_nll'),
+                              final_val_bpb=ds[n].get('val_bpb'), wall_s=res[n][1]) for n in names},
+                train_tokens=info.get('train_tokens'), arith_problems=C.ds_arith_problems,
+                test_problems=len(test), max_iters=C.max_iters, train_s=t_train, eval_s=time.time() - t1,
+                wall_s=time.time() - t0, train_args=train_args(C, 'baseline', 'OUT'))
+
+
+# -----------------------------------------------------------------------------
 # gpu_check: one short pass over throughput, efficiency and steering (sized by the config file)
 
 def run_gpu_check(C, cfg):
@@ -1150,7 +1358,8 @@ def main(argv):
     t0 = time.time()
     print(f"bench mode={C.mode} arch={C.arch} device={C.device} dtype={C.dtype} compile={C.compile}", flush=True)
     res = {'throughput': run_throughput, 'tagging': run_tagging, 'efficiency': run_efficiency,
-           'steering': run_steering, 'curves': lambda C: run_curves(C, run_dirs)}.get(C.mode)
+           'steering': run_steering, 'curves': lambda C: run_curves(C, run_dirs),
+           'downstream': run_downstream}.get(C.mode)
     result = res(C) if res else run_gpu_check(C, cfg)
     path = C.out_json or os.path.join("out-bench", f"bench_{C.mode}.json")
     write_json(path, dict(mode=C.mode, config=cfg, env=env_info(C), result=result,

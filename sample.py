@@ -195,7 +195,7 @@ def pick_tag(probs, temperature, generator=None):
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, tagger=None,
              hints=None, ctx=nullcontext(), generator=None, cache_dtype=None, tag_generated=True,
-             meta_temperature=None):
+             meta_temperature=None, stop=None):
     """Generate max_new_tokens after the token ids prompt (batch of one).
     tagger: an object with extend(ids) -> {base stream: tag ids of those tokens} (metadata.CausalStream,
     or a fake in tests); needed for models with metadata. hints: LIME+1 and meta_predict models, one
@@ -209,7 +209,9 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cac
     'predicted', or 'hinted+predicted' when only some streams were hinted), head (meta_predict: per
     new token {stream: (top tag id, its probability)} of the head's distribution), causal {base
     stream: causal tags of every token} (when a tagger is given; for LIME+1 and meta_predict the
-    generated tokens are tagged only if tag_generated, since generation itself never needs them)."""
+    generated tokens are tagged only if tag_generated, since generation itself never needs them).
+    stop: called with the new token ids after each one; generation ends early when it returns True
+    (harness.py: stop strings)."""
     cfg = model.config
     dev = model.lm_head.weight.device
     streams, shift, predict = list(cfg.meta_streams), cfg.meta_shift, cfg.meta_predict
@@ -316,6 +318,8 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cac
                 m, _ = hinted(i + 1)
             for s in streams:
                 meta[s].append(m[s])
+        if stop is not None and stop(tokens[len(prompt):]):
+            break
     return dict(tokens=tokens, meta=meta, given=given, source=source, head=head, causal=causal)
 
 

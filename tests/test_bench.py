@@ -67,7 +67,7 @@ def eff(tiny_data):
     out = d / 'eff.json'
     run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}', f'--out_json={out}',
               '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
-              '--marginal_positions=6', *TINY_MODEL)
+              '--marginal_positions=6', *TINY_MODEL, timeout=900)  # 8 runs and two datasets: slow on a busy box
     return d, data, load(out)
 
 
@@ -149,7 +149,8 @@ def test_efficiency(eff):
     d, data, res = eff
     assert all_finite(res)
     runs = res['result']['runs']
-    assert list(runs) == ['baseline', 'lime', 'lime_causal', 'lime1', 'lime1_predict', 'shuffled', 'baseline_seed2']
+    assert list(runs) == ['baseline', 'lime', 'lime_causal', 'lime1', 'lime1_predict', 'shuffled', 'baseline_seed2',
+                          'baseline_plain']
     for name, r in runs.items():
         for k in ('final_val_loss', 'final_val_ppl', 'final_val_acc', 'final_val_acc_word_start',
                   'final_val_acc_word_cont'):
@@ -160,13 +161,29 @@ def test_efficiency(eff):
     assert runs['baseline']['frac_tokens_to_baseline_loss'] == pytest.approx(1.0)
     # val_nll exists exactly for the runs that read nothing of the future
     honest = {n for n, r in runs.items() if not r['reads_future']}
-    assert honest == {'baseline', 'lime_causal', 'lime1_predict', 'baseline_seed2'}
+    assert honest == {'baseline', 'lime_causal', 'lime1_predict', 'baseline_seed2', 'baseline_plain'}
     for n, r in runs.items():
-        assert (r['final_val_nll'] is None) == r['reads_future']
+        assert (r['final_val_nll'] is None) == r['reads_future'] == (r['final_val_bpb'] is None)
+        assert r['final_val_bytes_per_token'] > 0 and r['other_tokens'] == (n == 'baseline_plain')
+        if not r['reads_future']:  # bits per byte: val_nll / (ln 2 * bytes per target token)
+            assert r['final_val_bpb'] == pytest.approx(r['final_val_nll'] / (math.log(2) * r['final_val_bytes_per_token']))
         if r['reads_future']:
             assert r['frac_tokens_to_baseline_nll'] is None and bench.reach_cell(r, 'frac_tokens_to_baseline_nll') == 'n/a'
     p = runs['lime1_predict']
     assert p['final_val_nll'] == pytest.approx(p['final_val_loss_bound']) and p['final_val_nll'] > p['final_val_loss']
+    # the plain-tokenization arm: the same documents and split, GPT-2's own encoding, compared by bpb only
+    plain = runs['baseline_plain']
+    assert plain['frac_tokens_to_baseline_nll'] is None and plain['frac_tokens_to_baseline_loss'] is None
+    assert bench.reach_cell(plain, 'frac_tokens_to_baseline_nll') == 'n/a'
+    assert bench.reach_cell(plain, 'frac_tokens_to_baseline_bpb') != 'n/a'
+    assert runs['baseline']['frac_tokens_to_baseline_bpb'] == pytest.approx(1.0)
+    lime_meta, plain_meta = load(data / 'meta.json'), load(str(data) + '_plain/meta.json')
+    assert plain_meta['tokenization'] == 'plain' and lime_meta['tokenization'] == 'lime'
+    for k in ('train_docs', 'val_docs', 'tokenizer', 'inputs', 'seed'):
+        assert plain_meta[k] == lime_meta[k]
+    assert res['result']['plain_data_dir'] == str(data) + '_plain'
+    args = load(d / 'eff' / 'baseline_plain' / 'bench_args.json')['args']
+    assert f'--data_dir={data}_plain' in args
     m = res['result']['marginal']
     assert m['positions'] == 6 and m['marginalised'] == ['pos_causal', 'ner_causal'] and m['values'] == 48 * 6
     assert 0 <= m['gap'] and m['marginal'] <= m['bound'] and 0 < m['tag_cost'] < m['bound']
@@ -230,3 +247,30 @@ def test_gpu_check_plumbing_on_cpu(tiny_data):
     assert res['result']['throughput_gemma']['arch'] == 'gemma' and res['result']['throughput']['arch'] == 'gpt2'
     assert set(res['result']['throughput_gemma']['variants']) == {'lime'}
     assert res['result']['steering']['generator'].startswith('sample.generate')
+
+
+def test_downstream(tiny_data):
+    """The downstream mode end to end on tiny data: arithmetic mixed in (no test problem), offline
+    tasks through harness.py, a row per model and tag policy, the oracle marked."""
+    pytest.importorskip('lm_eval')
+    d, _, docs = tiny_data
+    out = d / 'ds.json'
+    run_bench(d, '--mode=downstream', f'--data_dir={d / "ds_data"}', f'--data_input={docs}', '--data_tokenizer=gpt2-512',
+              f'--ds_task_dir={d / "tasks"}', '--ds_cloze_n=5', '--ds_arith_n=2', '--ds_arith_problems=300',
+              f'--eff_dir={d / "ds"}', f'--out_json={out}', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
+              '--warmup_iters=1', '--ds_runs=lime1', '--ds_limit=2', '--lime1_meta_dropout=0.1',
+              '--ds_tasks=lime_cloze,lime_arithmetic_hinted', *TINY_MODEL, timeout=600)
+    res = load(out)['result']
+    assert [(r['run'], r['policy'], r['reads_future']) for r in res['rows']] == [
+        ('lime1', 'causal', False), ('lime1', 'oracle', True), ('lime1', 'unk', False)]
+    for r in res['rows']:
+        assert 0 <= r['cloze_acc'] <= 1 and r['cloze_ll'] < 0
+        # generation has no oracle
+        assert (r['arith_em_hinted'] is None) == (r['policy'] == 'oracle') and r['arith_em'] is None
+        assert r['policy'] == 'oracle' or set(r['arith_em_hinted_by_kind']) == {'1da', '1ds'}
+    assert res['test_problems'] == 12  # 2 per kind
+    # held apart: no test problem in the training documents
+    test = {json.loads(l)['context'] for l in open(d / 'tasks' / 'arithmetic.jsonl')}
+    train = open(d / 'ds_data-docs' / 'arithmetic.jsonl').read()
+    assert len(test) == 12 and not any(json.dumps(t)[1:-1] + ' ' in train for t in test)
+    assert 'Question: What is' in train and load(d / 'ds_data' / 'meta.json')['train_docs'] > 0

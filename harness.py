@@ -1,0 +1,793 @@
+"""
+Downstream evaluation: this project's checkpoints as an EleutherAI lm-evaluation-harness model,
+and the offline tasks (LAMBADA-style cloze, arithmetic) built from data that needs no download.
+
+$ python harness.py --build_tasks=True --task_dir=tasks/lime            # write the offline tasks
+$ python harness.py --out_dir=out-cpu-demo-lime --tasks=lime_cloze,lime_arithmetic
+$ python harness.py --out_dir=DIR --tasks=lime_cloze --tag_policy=causal,oracle,unk
+$ python harness.py --out_dir=DIR --tasks=lambada_openai,hellaswag      # standard tasks (internet)
+
+From python: lm_eval.simple_evaluate(model=harness.make_lm(out_dir=DIR, tag_policy='causal'), ...).
+
+Tag policies: what the model is fed at every position, printed with every result:
+  causal   every position gets the causal tags of the text so far (tags of token t from tokens <= t).
+           The default for baseline, LIME and LIME+1. LIME+1 (position t reads token t+1's tags): a
+           position whose next token is in the context gets that token's causal tags, a scored
+           position (its next token is the continuation's) gets <unk>; generation takes the task's
+           hints (gen_kwargs 'hints', sample.py's syntax), <unk> elsewhere.
+  predict  meta_predict models (their default): a log-likelihood is the honest bound, the heads'
+           log-probability of the text's causal next tags plus the token log-probability given
+           them; generation draws the heads' own tags (argmax when greedy), hints override them.
+  oracle   LIME+1 / meta_predict read the continuation's own next-token tags (the tag kind the
+           model was trained on, over context and continuation): reads the future, marked ORACLE
+           in every output, never the default; log-likelihoods only (generation has no reference).
+  unk      every tag <unk> (LIME+1 and meta_predict: next-token tags too).
+Full tags computed over context and continuation together would leak the continuation: refused.
+Every module-level name below is a config key (--key=value, or a config file), as in train.py.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+import sample
+from metadata import PAD, UNK
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # the checkpoint's directory (ckpt.pt, from train.py)
+tasks = 'lime_cloze,lime_arithmetic,lime_arithmetic_ll'  # comma-separated lm-eval task names
+task_dir = 'tasks/lime'  # the offline tasks (built here on first use when a lime_* task is asked for)
+tag_policy = ''  # '' = the model's default (causal; predict for meta_predict); comma-separated list; 'all'
+limit = 0  # examples per task; 0 = all
+num_fewshot = -1  # -1 = the task's default
+batch_size = 16  # rows per forward pass (log-likelihoods)
+bootstrap_iters = 1000  # lm-eval's bootstrap for the stderr of non-mean metrics (perplexity)
+device = 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+seed = 1337
+out_json = ''  # '' = out_dir/harness.json
+# task builder (--build_tasks=True)
+build_tasks = False
+cloze_n = 500  # cloze passages, shared evenly over the five corpora
+cloze_min_words = 30  # words of a passage (whitespace-separated, target included)
+cloze_max_words = 80
+arith_n = 50  # test problems per kind (1-3 digits x plus/minus), at most half of a kind's problems
+task_seed = 1234
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+
+LM_EVAL_PIN = 'lm-eval==0.4.13'
+POLICIES = {  # model kind -> its policies, the default first
+    'baseline': ('causal',),
+    'lime': ('causal', 'unk'),
+    'lime1': ('causal', 'oracle', 'unk'),
+    'predict': ('predict', 'oracle', 'unk'),
+}
+KIND_NAMES = {'baseline': 'baseline', 'lime': 'LIME', 'lime1': 'LIME+1', 'predict': 'LIME+1, self-predicted tags'}
+
+
+class HarnessError(Exception):
+    """Bad input: main prints it as one line and exits 1."""
+
+
+def configure(argv):
+    from train import configure as train_configure
+    return train_configure(argv, DEFAULTS)[0]
+
+
+def require_lm_eval():
+    """lm_eval, imported on first use (slow, optional): a one-line error naming the package."""
+    try:
+        import lm_eval
+        import lm_eval.api.model  # noqa: F401
+    except ImportError:
+        raise HarnessError(f"lm-eval is not installed: pip install {LM_EVAL_PIN} "
+                           "(or pip install -r requirements-dev.txt)")
+    return lm_eval
+
+
+def policy_label(policy, kind):
+    if kind == 'baseline':
+        return 'causal (baseline: no tags)'
+    return {'causal': 'causal', 'unk': 'unk (every tag <unk>)',
+            'predict': 'predict (honest bound: tag log-prob + token log-prob)',
+            'oracle': "ORACLE (reads the continuation's own tags)"}[policy]
+
+
+# -----------------------------------------------------------------------------
+# the scorer: tags per policy, log-likelihoods, generation (no lm_eval needed)
+
+class UnkTagger:
+    """A tagger for sample.generate that gives every token <unk> (the unk policy)."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+
+    def extend(self, ids):
+        return {k: np.full(len(ids), UNK, dtype=np.uint16) for k in self.keys}
+
+
+class Scorer:
+    """A checkpoint, its tokenizer and a tag policy: log-likelihoods of (context, continuation)
+    token lists and greedy generation, with the tags the policy promises."""
+
+    def __init__(self, out_dir, policy='', device='cpu', batch_size=16, dtype='float32', err=None):
+        self.err = err or sys.stderr
+        try:
+            self.model, ckpt = sample.load_checkpoint(out_dir, device)
+        except sample.SampleError as e:
+            raise HarnessError(str(e))
+        self.out_dir, self.device, self.batch_size = out_dir, device, max(int(batch_size), 1)
+        cfg = self.model.config
+        self.streams = list(cfg.meta_streams)
+        self.bases = [sample.base_stream(s) for s in self.streams]
+        self.block_size = cfg.block_size
+        self.kind = ('baseline' if not self.streams else 'predict' if cfg.meta_predict
+                     else 'lime1' if cfg.meta_shift == 1 else 'lime')
+        dataset = ckpt.get('dataset') or {}
+        if (ckpt.get('config') or {}).get('meta_shuffle'):
+            raise HarnessError(f"{out_dir}: trained with meta_shuffle (a control): its tags mean nothing at evaluation")
+        for s in self.streams:
+            if sample.base_stream(s) not in ('pos', 'ner'):
+                raise HarnessError(f"{out_dir}: stream '{s}' cannot be computed from text (only pos/ner, full or causal)")
+        try:
+            self.text = sample.Text(dataset)
+        except sample.SampleError as e:
+            raise HarnessError(str(e))
+        self.vocabs = {s: dataset.get('streams', {}).get(s, {}).get('tags') for s in self.streams}
+        for s in self.streams:
+            if self.vocabs[s] != self.text.md.stream_tags(sample.base_stream(s), self.text.ner):
+                raise HarnessError(f"{out_dir}: stream '{s}': the checkpoint's tag vocabulary differs from metadata.py's")
+        self.set_policy(policy)
+        dev_type = 'cuda' if 'cuda' in device else 'cpu'
+        ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
+        if ptdtype is None:
+            raise HarnessError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        self.ctx = nullcontext() if dev_type == 'cpu' else torch.amp.autocast(device_type=dev_type, dtype=ptdtype)
+        self.cache_dtype = ptdtype if dev_type == 'cuda' else None
+        self.noted = set()
+        if self.policy == 'causal' and any(not s.endswith('_causal') for s in self.streams):
+            self.note(f"note: {out_dir} was trained on full tags ({', '.join(self.streams)}); the causal policy "
+                      "feeds it causal tags (full tags of the text would read the continuation)")
+
+    def note(self, msg):
+        if msg not in self.noted:
+            self.noted.add(msg)
+            print(msg, file=self.err)
+
+    def set_policy(self, policy):
+        """Switch the tag policy ('' = the model's default); the model stays loaded."""
+        self.policy = self.check_policy(policy)
+        self.label = policy_label(self.policy, self.kind)
+        self.oracle = self.policy == 'oracle'
+
+    def check_policy(self, policy):
+        allowed = POLICIES[self.kind]
+        policy = policy or allowed[0]
+        if policy == 'full':
+            raise HarnessError("tag policy 'full' is refused: full tags computed over context and continuation "
+                               "read the continuation (use causal; oracle for LIME+1, which is marked)")
+        if policy not in ('causal', 'predict', 'oracle', 'unk'):
+            raise HarnessError(f"unknown tag policy {policy!r} (causal, predict, oracle, unk)")
+        if policy not in allowed:
+            raise HarnessError(f"tag policy '{policy}' does not apply to a {KIND_NAMES[self.kind]} model "
+                               f"({self.out_dir}): use {' or '.join(allowed)}")
+        return policy
+
+    # --- tags ---
+
+    def causal_tags(self, seq):
+        """{base stream: causal tags of each token of seq} (tags of token t from tokens <= t)."""
+        c = self.text.md.annotate_causal(np.asarray(seq, dtype=np.int64), self.text.ner)
+        return {b: c[b + '_causal'].astype(np.int64) for b in set(self.bases)}
+
+    def full_tags(self, seq):
+        f = self.text.md.annotate_ids(np.asarray(seq, dtype=np.int64), self.text.ner, 'full')
+        return {b: f[b].astype(np.int64) for b in set(self.bases)}
+
+    def policy_inputs(self, seq, n_ctx):
+        """The tags fed at input positions 0..len(seq)-2 of a token sequence whose tokens from index
+        n_ctx on are scored (the continuation): (meta {stream: ids}, next {stream: ids} for
+        meta_predict models, else None). Position t predicts seq[t+1]."""
+        P = len(seq) - 1
+        if not self.streams:
+            return {}, None
+        if self.policy == 'unk':
+            unk = {s: np.full(P, UNK, dtype=np.int64) for s in self.streams}
+            return unk, (dict(unk) if self.kind == 'predict' else None)
+        C = self.causal_tags(seq)
+        if self.kind == 'lime':
+            return {s: C[b][:P] for s, b in zip(self.streams, self.bases)}, None
+        if self.kind == 'predict':  # own tags causal; next tags: the text's causal tags (paid for, or oracle)
+            return ({s: C[b][:P] for s, b in zip(self.streams, self.bases)},
+                    {s: C[b][1:] for s, b in zip(self.streams, self.bases)})
+        meta = {}
+        if self.policy == 'oracle':  # the tags the model was trained on, of the real next tokens
+            full = self.full_tags(seq) if any(not s.endswith('_causal') for s in self.streams) else None
+            for s, b in zip(self.streams, self.bases):
+                meta[s] = (C if s.endswith('_causal') else full)[b][1:].copy()
+        else:  # causal: next token's causal tags while it is in the context, <unk> where it is scored
+            for s, b in zip(self.streams, self.bases):
+                m = C[b][1:].copy()
+                m[max(n_ctx - 1, 0):] = UNK
+                meta[s] = m
+        return meta, None
+
+    # --- log-likelihoods ---
+
+    def row(self, seq, meta, nxt, hi, n):
+        """A forward row ending at seq[hi-1]: the last block_size inputs before it, n scored targets."""
+        if n > self.block_size:
+            raise HarnessError(f"a continuation of {n} tokens is longer than block_size {self.block_size}")
+        lo = max(0, hi - 1 - self.block_size)
+        sl = slice(lo, hi - 1)
+        return (list(seq[lo:hi]), {s: v[sl] for s, v in meta.items()},
+                {s: v[sl] for s, v in nxt.items()} if nxt is not None else None, n)
+
+    def loglikelihood(self, pairs):
+        """[(context ids, continuation ids)] -> [(log-likelihood of the continuation, is_greedy)].
+        is_greedy: greedy generation (temperature 0; for meta_predict the heads' argmax tags, which
+        become the token's own tags) would produce the continuation."""
+        rows = []
+        for ctx, cont in pairs:
+            seq = list(ctx) + list(cont)
+            meta, nxt = self.policy_inputs(seq, len(ctx))
+            rows.append(self.row(seq, meta, nxt, len(seq), len(cont)))
+        out = self.forward_rows(rows)
+        if self.policy == 'predict':  # the greedy check follows the heads' own tags: generate
+            out = [(ll, self.greedy_continues(ctx, cont)) for (ll, _), (ctx, cont) in zip(out, pairs)]
+        return out
+
+    def rolling(self, tokens, windows):
+        """The log-likelihood of a whole document tokens (prefix token first: tokens[0] is not
+        scored), scored in windows [(start, end)] of target indices; tags from the whole document."""
+        meta, nxt = self.policy_inputs(tokens, 1)
+        rows = [self.row(tokens, meta, nxt, b, b - a) for a, b in windows]
+        return sum(ll for ll, _ in self.forward_rows(rows))
+
+    @torch.no_grad()
+    def forward_rows(self, rows):
+        """rows: (tokens, meta, next, n): inputs tokens[:-1] with their tags, targets tokens[1:], the
+        last n scored. Batched, longest first, right-padded (causal attention: padding after a
+        position changes nothing at it). predict: adds the heads' log-probs of the next tags."""
+        model, dev = self.model, self.model.lm_head.weight.device
+        out = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b:b + self.batch_size]
+            T = max(len(rows[i][0]) - 1 for i in idx)
+            x = torch.full((len(idx), T), self.text.eot, dtype=torch.long)
+            y = torch.full((len(idx), T), -1, dtype=torch.long)
+            meta = {s: torch.full((len(idx), T), PAD, dtype=torch.long) for s in self.streams}
+            nxt = {s: torch.full((len(idx), T), PAD, dtype=torch.long) for s in self.streams}
+            for r, i in enumerate(idx):
+                tok, m, nx, _ = rows[i]
+                L = len(tok) - 1
+                x[r, :L] = torch.tensor(tok[:-1])
+                y[r, :L] = torch.tensor(tok[1:])
+                for s in self.streams:
+                    meta[s][r, :L] = torch.as_tensor(m[s])
+                    if nx is not None:
+                        nxt[s][r, :L] = torch.as_tensor(nx[s])
+            x, y = x.to(dev), y.to(dev)
+            meta = {s: v.to(dev) for s, v in meta.items()}
+            nxt = {s: v.to(dev) for s, v in nxt.items()}
+            tag_lp = None
+            with self.ctx:
+                if self.kind == 'predict':
+                    h = model.lower(x, meta)
+                    if self.policy == 'predict':
+                        tag_lp = sum(F.log_softmax(tl.float(), -1).gather(-1, nxt[s].unsqueeze(-1)).squeeze(-1)
+                                     for s, tl in zip(self.streams, model.tag_logits(h)))
+                    logits, _ = model.upper(model.inject(h, nxt), targets=y)
+                else:
+                    logits, _ = model(x, meta if self.streams else None, targets=y)
+            logp = F.log_softmax(logits.float(), -1)
+            for r, i in enumerate(idx):
+                tok, _, _, n = rows[i]
+                L = len(tok) - 1
+                pos = slice(L - n, L)
+                tgt = y[r, pos]
+                ll = logp[r, pos].gather(-1, tgt.unsqueeze(-1)).sum()
+                if tag_lp is not None:
+                    ll = ll + tag_lp[r, pos].sum()
+                greedy = bool((logp[r, pos].argmax(-1) == tgt).all())
+                out[i] = (float(ll), greedy)
+        return out
+
+    # --- generation ---
+
+    def tagger(self):
+        if not self.streams:
+            return None
+        if self.policy == 'unk':
+            return UnkTagger(set(self.bases))
+        return self.text.tagger()
+
+    def parse_hints(self, hints):
+        if not hints:
+            return []
+        if self.kind not in ('lime1', 'predict'):
+            self.note(f"note: hints ignored: a {KIND_NAMES[self.kind]} model reads no next-token tags")
+            return []
+        if self.policy == 'unk':
+            self.note("note: hints ignored under the unk policy (every tag <unk>)")
+            return []
+        try:
+            return sample.parse_hints(hints, self.vocabs)
+        except sample.SampleError as e:
+            raise HarnessError(f"gen_kwargs hints: {e}")
+
+    def generate(self, ctx, until=(), max_new_tokens=32, hints='', temperature=0.0, generator=None):
+        """Text generated after the token ids ctx (sample.generate: KV cache, online causal tags),
+        up to the first stop string (not included) or <|endoftext|>."""
+        if self.oracle:
+            raise HarnessError("tag policy 'oracle' has no generation: the continuation's tags need the "
+                               "reference continuation (log-likelihood tasks only)")
+        until = [u for u in ([until] if isinstance(until, str) else list(until or ())) if u]
+        h = self.parse_hints(hints)
+        if self.kind == 'predict' and self.policy == 'unk':
+            h = [{s: UNK for s in self.streams}] * max_new_tokens  # next tags <unk> too
+        h = h[:max_new_tokens]
+        decode = lambda new: self.text.decode([t for t in new if t != self.text.eot])
+
+        def stop(new):
+            return new[-1] == self.text.eot or any(u in decode(new) for u in until)
+
+        r = sample.generate(self.model, list(ctx) or [self.text.eot], max_new_tokens, temperature,
+                                 1 if temperature == 0 else 0, True, tagger=self.tagger(), hints=h, ctx=self.ctx,
+                                 generator=generator, cache_dtype=self.cache_dtype, tag_generated=False,
+                                 meta_temperature=0 if temperature == 0 else None, stop=stop if max_new_tokens else None)
+        new = r['tokens'][len(ctx) or 1:]
+        if self.text.eot in new:
+            new = new[:new.index(self.text.eot)]
+        text = decode(new)
+        cut = min([text.index(u) for u in until if u in text], default=len(text))
+        return text[:cut]
+
+    def greedy_continues(self, ctx, cont):
+        """Whether greedy generation after ctx produces exactly the tokens cont (stops at the first miss)."""
+        cont = list(cont)
+        ctx = list(ctx) or [self.text.eot]
+        r = sample.generate(self.model, ctx, len(cont), 0.0, 1, True, tagger=self.tagger(), ctx=self.ctx,
+                                 cache_dtype=self.cache_dtype, tag_generated=False, meta_temperature=0,
+                                 stop=lambda new: new[-1] != cont[len(new) - 1])
+        return r['tokens'][len(ctx):] == cont
+
+
+# -----------------------------------------------------------------------------
+# the lm-evaluation-harness model (lm_eval imported on first use)
+
+_LM_CLASS = []
+
+
+def lm_class():
+    """The lm_eval.api.model.TemplateLM subclass for this project's checkpoints (registered as 'lime':
+    simple_evaluate(model='lime', model_args='out_dir=DIR,tag_policy=causal') works too)."""
+    if _LM_CLASS:
+        return _LM_CLASS[0]
+    require_lm_eval()
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+
+    class LimeLM(TemplateLM):
+        """loglikelihood / loglikelihood_rolling / generate_until through Scorer, with its tag policy
+        (self.tag_policy, self.policy_label: printed with every result by harness.py)."""
+
+        def __init__(self, out_dir='out', tag_policy='', device='cpu', batch_size=16, dtype='float32',
+                     scorer=None, **unused):
+            super().__init__()
+            device = device or 'cpu'  # simple_evaluate(model='lime') passes device=None
+            self.scorer = scorer or Scorer(out_dir, tag_policy, device, int(batch_size or 16), dtype or 'float32')
+            self.tag_policy, self.policy_label = self.scorer.policy, self.scorer.label
+            self._device = device
+
+        @property
+        def eot_token_id(self):
+            return self.scorer.text.eot
+
+        @property
+        def max_length(self):
+            return self.scorer.block_size
+
+        @property
+        def tokenizer_name(self):
+            return f"{self.scorer.text.md.TOKENIZER}/{self.scorer.text.tokenization}"
+
+        def tok_encode(self, string, add_special_tokens=None, **kwargs):
+            return self.scorer.text.encode(string)  # the checkpoint's tokenizer and tokenization
+
+        def tok_decode(self, tokens, **kwargs):
+            return self.scorer.text.decode(tokens)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+            res = self.scorer.loglikelihood([(c, k) for _, c, k in requests])
+            for (key, _, _), r in zip(requests, res):
+                if key is not None:
+                    self.cache_hook.add_partial('loglikelihood', key, r)
+            return res
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            out = []
+            for (string,) in [r.args for r in requests]:
+                tokens = self.tok_encode(string)
+                # lm-eval's windows of max_length (disjoint targets, each with the most context that fits)
+                windows, k = [], 0
+                for _, pred in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                        token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                        context_len=1)):
+                    windows.append((k + 1, k + 1 + len(pred)))  # target indices in [prefix] + tokens
+                    k += len(pred)
+                ll = self.scorer.rolling([self.prefix_token_id] + tokens, windows) if windows else 0.0
+                self.cache_hook.add_partial('loglikelihood_rolling', (string,), ll)
+                out.append(ll)
+            return out
+
+        def generate_until(self, requests, disable_tqdm=False):
+            out = []
+            g = torch.Generator(device=self.scorer.model.lm_head.weight.device).manual_seed(seed)
+            for context, kw in [r.args for r in requests]:
+                kw = dict(kw or {})
+                temp = float(kw.get('temperature', 0.0) or 0.0) if kw.get('do_sample', False) else 0.0
+                text = self.scorer.generate(self.tok_encode(context), kw.get('until', ()),
+                                            int(kw.get('max_gen_toks', 256)), kw.get('hints', ''), temp, g)
+                self.cache_hook.add_partial('generate_until', (context, kw), text)
+                out.append(text)
+            return out
+
+    register_model('lime')(LimeLM)
+    _LM_CLASS.append(LimeLM)
+    return LimeLM
+
+
+def make_lm(**kwargs):
+    """An lm-eval model for a checkpoint: make_lm(out_dir=DIR, tag_policy='causal', device='cpu')."""
+    return lm_class()(**kwargs)
+
+
+# -----------------------------------------------------------------------------
+# offline tasks: cloze (LAMBADA-style) and arithmetic, from NLTK corpora and a generator
+
+CLOZE_SOURCES = ('brown', 'treebank', 'inaugural', 'state_union', 'webtext')  # not Gutenberg: the training corpus
+ARITH_KINDS = tuple((d, op) for d in (1, 2, 3) for op in ('plus', 'minus'))
+
+
+def arith_name(d, op):
+    return f"{d}d{'a' if op == 'plus' else 's'}"
+
+
+def arith_doc(a, op, b, d):
+    """lm-eval's arithmetic format (its tasks' context and completion); subtraction never goes negative."""
+    ans = a + b if op == 'plus' else a - b
+    return dict(context=f"Question: What is {a} {op} {b}?\nAnswer:", completion=f" {ans}", answer=str(ans),
+                kind=arith_name(d, op))
+
+
+def _operands(d, rng):
+    lo = 0 if d == 1 else 10 ** (d - 1)
+    return int(rng.integers(lo, 10 ** d)), int(rng.integers(lo, 10 ** d))
+
+
+def _pair(d, op, rng):
+    a, b = _operands(d, rng)
+    return (max(a, b), min(a, b)) if op == 'minus' else (a, b)
+
+
+def arithmetic_test(n=50, seed=1234):
+    """n distinct problems per kind (at most half of the kind's problems, so training keeps the rest),
+    seeded, in kind order then drawing order."""
+    rng = np.random.default_rng([seed, 1])
+    docs = []
+    for d, op in ARITH_KINDS:
+        size = (10 if d == 1 else 9 * 10 ** (d - 1)) ** 2
+        size = (size + (10 if d == 1 else 9 * 10 ** (d - 1))) // 2 if op == 'minus' else size
+        k, seen = min(n, size // 2), set()
+        while len(seen) < k:
+            p = _pair(d, op, rng)
+            if p not in seen:
+                seen.add(p)
+                docs.append(arith_doc(p[0], op, p[1], d))
+    return docs
+
+
+def arithmetic_train(n, test, seed=1234, per_doc=50):
+    """Training documents: n problems (kinds uniform) that are not test problems, per_doc a document
+    (separated by blank lines, the way lm-eval puts few-shot examples)."""
+    held = {d['context'] for d in test}
+    rng = np.random.default_rng([seed, 2])
+    probs = []
+    while len(probs) < n:
+        d, op = ARITH_KINDS[int(rng.integers(len(ARITH_KINDS)))]
+        a, b = _pair(d, op, rng)
+        doc = arith_doc(a, op, b, d)
+        if doc['context'] not in held:
+            probs.append(doc['context'] + doc['completion'])
+    return ['\n\n'.join(probs[i:i + per_doc]) for i in range(0, len(probs), per_doc)]
+
+
+def corpus_sentences(name):
+    """(fileid, sentences as text) of each document of an offline NLTK corpus, in fileid order. Brown
+    and the Treebank come tokenized (their sentences, detokenized; Treebank traces dropped), the
+    others raw (punkt)."""
+    import nltk
+    from nltk.tokenize.treebank import TreebankWordDetokenizer
+    corpus = getattr(nltk.corpus, name)
+    detok = TreebankWordDetokenizer().detokenize
+    brackets = {'-LRB-': '(', '-RRB-': ')', '-LCB-': '{', '-RCB-': '}', '-LSB-': '[', '-RSB-': ']'}
+    for f in corpus.fileids():
+        if name == 'brown':
+            yield f, (lambda f=f: [detok(s) for para in corpus.paras(f) for s in para])
+        elif name == 'treebank':
+            yield f, (lambda f=f: [detok([brackets.get(w, w) for w, t in s if t != '-NONE-'])
+                                   for s in corpus.tagged_sents(f)])
+        else:
+            yield f, (lambda f=f: nltk.sent_tokenize(corpus.raw(f)))
+
+
+def cloze_candidates(sents, min_words, max_words):
+    """LAMBADA-style passages of one document: consecutive sentences (the fewest that reach min_words,
+    at most max_words) whose last word, alphabetic and 3+ letters, ends the last sentence (before its
+    final punctuation) and already occurs in the passage: predictable from the broad context, which
+    is what LAMBADA's human filter selected for. Non-overlapping, in order. -> [(context, target)]."""
+    import re
+    words = [s.split() for s in sents]
+    end = re.compile(r'^([A-Za-z]{3,})[.!?]["\u201d\']?$')
+    out, last = [], -1
+    for j, w in enumerate(words):
+        if not w or not end.match(w[-1]):
+            continue
+        n, i = 0, j
+        while i > last and n < min_words:
+            n += len(words[i])
+            i -= 1
+        i += 1
+        if n < min_words or n > max_words:
+            continue
+        passage = [x for k in range(i, j + 1) for x in words[k]]
+        target = end.match(passage[-1]).group(1)
+        context = passage[:-1]
+        if target not in {re.sub(r'^\W+|\W+$', '', x) for x in context}:
+            continue
+        out.append((' '.join(context), ' ' + target))
+        last = j
+    return out
+
+
+def cloze_docs(n=500, seed=1234, min_words=30, max_words=80):
+    """n passages, an equal share from each corpus: documents in a seeded order until three times the
+    share of candidates is found, then a seeded draw of the share among them, kept in corpus order."""
+    quota = -(-n // len(CLOZE_SOURCES))
+    docs = []
+    for c, name in enumerate(CLOZE_SOURCES):
+        rng = np.random.default_rng([seed, 3, c])
+        files = list(corpus_sentences(name))
+        cands = []
+        for k in rng.permutation(len(files)).tolist():
+            fid, sents = files[k]
+            cands += [(fid, j, ctx, tgt) for j, (ctx, tgt) in enumerate(cloze_candidates(sents(), min_words, max_words))]
+            if len(cands) >= 3 * quota:
+                break
+        pick = sorted(rng.choice(len(cands), min(quota, len(cands)), replace=False).tolist())
+        docs += [dict(context=cands[i][2], target=cands[i][3], source=f"{name}/{cands[i][0]}") for i in pick]
+    rng = np.random.default_rng([seed, 4])
+    keep = sorted(rng.choice(len(docs), min(n, len(docs)), replace=False).tolist())
+    return [docs[i] for i in keep]
+
+
+def yaml_dump(obj, indent=0):
+    """Task configs as YAML: keys plain, values as JSON scalars and lists (valid YAML, exact escapes)."""
+    lines = []
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            lines.append(' ' * indent + f"{k}:")
+            lines.append(yaml_dump(v, indent + 2))
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            lines.append(' ' * indent + f"{k}:")
+            for item in v:
+                sub = yaml_dump(item, indent + 4).split('\n')
+                lines.append(' ' * (indent + 2) + '- ' + sub[0].lstrip())
+                lines += sub[1:]
+        else:
+            lines.append(' ' * indent + f"{k}: {json.dumps(v, ensure_ascii=False)}")
+    return '\n'.join(lines)
+
+
+def task_configs(task_dir):
+    """{file name: config} of the offline tasks; data files by absolute path (lm-eval's json loader)."""
+    data = lambda f: {'test': os.path.join(os.path.abspath(task_dir), f)}
+    common = dict(dataset_path='json', test_split='test', target_delimiter='')
+    gen = dict(until=['\n'], max_gen_toks=8, do_sample=False, temperature=0.0)
+    strip = [dict(name='strip', filter=[dict(function='remove_whitespace'), dict(function='take_first')])]
+    em = [dict(metric='exact_match', aggregation='mean', higher_is_better=True)]
+    ll_metrics = [dict(metric='acc', aggregation='mean', higher_is_better=True),
+                  dict(metric='perplexity', aggregation='perplexity', higher_is_better=False)]
+    return {
+        'lime_cloze.yaml': dict(
+            task='lime_cloze', dataset_kwargs=dict(data_files=data('cloze.jsonl')), **common,
+            output_type='loglikelihood', doc_to_text='{{context}}', doc_to_target='{{target}}',
+            metric_list=ll_metrics, metadata=dict(version=1.0)),
+        'lime_arithmetic.yaml': dict(
+            task='lime_arithmetic', dataset_kwargs=dict(data_files=data('arithmetic.jsonl')), **common,
+            output_type='generate_until', doc_to_text='{{context}}', doc_to_target='{{answer}}',
+            generation_kwargs=gen, filter_list=strip, metric_list=em, metadata=dict(version=1.0)),
+        # LIME+1 / meta_predict: the first answer token is hinted CD (a number): known from the format
+        'lime_arithmetic_hinted.yaml': dict(
+            task='lime_arithmetic_hinted', dataset_kwargs=dict(data_files=data('arithmetic.jsonl')), **common,
+            output_type='generate_until', doc_to_text='{{context}}', doc_to_target='{{answer}}',
+            generation_kwargs=dict(gen, hints='CD'), filter_list=strip, metric_list=em, metadata=dict(version=1.0)),
+        # lm-eval's own arithmetic metric: is the greedy continuation the answer (log-likelihood request)
+        'lime_arithmetic_ll.yaml': dict(
+            task='lime_arithmetic_ll', dataset_kwargs=dict(data_files=data('arithmetic.jsonl')), **common,
+            output_type='loglikelihood', doc_to_text='{{context}}', doc_to_target='{{completion}}',
+            metric_list=ll_metrics[:1], metadata=dict(version=1.0)),
+    }
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def build_task_dir(task_dir, cloze_n=500, arith_n=50, seed=1234, min_words=30, max_words=80, out=None):
+    """Write the offline tasks (cloze.jsonl, arithmetic.jsonl and one lm-eval yaml per task) into
+    task_dir: deterministic for given arguments. Returns {file: number of docs}."""
+    import metadata as md
+    out = out or sys.stdout
+    try:
+        md.ensure_resources('binary')  # punkt_tab; the corpora are read through NLTK
+    except md.MetadataError as e:
+        raise HarnessError(str(e))
+    t0 = time.time()
+    try:
+        cloze = cloze_docs(cloze_n, seed, min_words, max_words)
+    except LookupError as e:
+        raise HarnessError(f"an NLTK corpus is missing ({str(e).strip().splitlines()[0]}): the cloze task "
+                           f"reads {', '.join(CLOZE_SOURCES)}")
+    arith = arithmetic_test(arith_n, seed)
+    os.makedirs(task_dir, exist_ok=True)
+    for name, docs in (('cloze.jsonl', cloze), ('arithmetic.jsonl', arith)):
+        write_atomic(os.path.join(task_dir, name), ''.join(json.dumps(d, ensure_ascii=False) + '\n' for d in docs))
+    for name, cfg in task_configs(task_dir).items():
+        write_atomic(os.path.join(task_dir, name), f"# written by python harness.py --build_tasks=True\n"
+                                                   f"{yaml_dump(cfg)}\n")
+    print(f"wrote {task_dir}: {len(cloze)} cloze passages ({', '.join(CLOZE_SOURCES)}), {len(arith)} arithmetic "
+          f"problems, tasks {', '.join(n[:-5] for n in task_configs(task_dir))} ({time.time() - t0:.1f}s)", file=out)
+    return {'cloze.jsonl': len(cloze), 'arithmetic.jsonl': len(arith)}
+
+
+# -----------------------------------------------------------------------------
+# running tasks
+
+def metric_rows(results):
+    """lm-eval's results dict -> [(task, metric, value, stderr)] (metric keys 'name,filter')."""
+    rows = []
+    for task, res in results.items():
+        for key, v in res.items():
+            if ',' not in key or '_stderr' in key or not isinstance(v, (int, float)):
+                continue
+            name, filt = key.split(',', 1)
+            se = res.get(f"{name}_stderr,{filt}")
+            rows.append((task, name if filt == 'none' else f"{name} ({filt})", float(v),
+                         se if isinstance(se, (int, float)) else None))
+            if name == 'perplexity' and v > 0:  # lm-eval's perplexity is exp(-mean log-likelihood)
+                rows.append((task, 'loglikelihood (mean)', -math.log(v), None))
+    return rows
+
+
+def evaluate(lm, task_names, task_dir='', limit=0, num_fewshot=-1, bootstrap_iters=1000, log_samples=False):
+    """lm_eval.simple_evaluate on an LM from make_lm; the local tasks from task_dir. Returns lm-eval's
+    results dict with 'lime' added: checkpoint, model kind, tag policy (and whether it is an oracle)."""
+    import logging
+    lm_eval = require_lm_eval()
+    from lm_eval.tasks import TaskManager
+    logging.getLogger('lm_eval').setLevel(logging.WARNING)
+    ours = all(t.startswith('lime_') for t in task_names)
+    tm = TaskManager(include_path=task_dir if task_dir and os.path.isdir(task_dir) else None,
+                     include_defaults=not ours)
+    missing = [t for t in task_names if t not in tm.all_tasks]
+    if missing:
+        raise HarnessError(f"unknown task(s) {', '.join(missing)}" + (
+            f" (the offline tasks are in {task_dir}: python harness.py --build_tasks=True --task_dir={task_dir})"
+            if any(t.startswith('lime_') for t in missing) else ''))
+    task_names, skipped = list(task_names), []
+    if lm.scorer.oracle:  # the continuation's tags need the continuation: no generation tasks
+        from lm_eval.tasks import get_task_dict
+        td = get_task_dict(task_names, tm)
+        skipped = [n for n in task_names if getattr(td.get(n), 'OUTPUT_TYPE', None) == 'generate_until']
+        task_names = [n for n in task_names if n not in skipped]
+        if skipped:
+            print(f"note: tag policy oracle: generation tasks skipped ({', '.join(skipped)}): the continuation's "
+                  "tags need the reference continuation", file=sys.stderr)
+    if not task_names:
+        return dict(results={}, lime=lime_info(lm.scorer, skipped))
+    res = lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=tm, limit=limit or None,
+                                  num_fewshot=None if num_fewshot < 0 else num_fewshot,
+                                  bootstrap_iters=bootstrap_iters, log_samples=log_samples,
+                                  random_seed=0, numpy_random_seed=1234, torch_random_seed=1234)
+    res['lime'] = lime_info(lm.scorer, skipped)
+    return res
+
+
+def lime_info(s, skipped=()):
+    return dict(out_dir=s.out_dir, model=KIND_NAMES[s.kind], streams=s.streams, tag_policy=s.policy,
+                policy_label=s.label, oracle=s.oracle, block_size=s.block_size, skipped_tasks=list(skipped),
+                tokenizer=s.text.md.TOKENIZER, tokenization=s.text.tokenization)
+
+
+def print_results(res, out=None):
+    out = out or sys.stdout
+    info = res['lime']
+    rows = metric_rows(res['results'])
+    w = max([len(t) for t, _, _, _ in rows] + [4])
+    mw = max([len(m) for _, m, _, _ in rows] + [6])
+    print(f"{info['out_dir']} ({info['model']}{': ' + ','.join(info['streams']) if info['streams'] else ''}), "
+          f"tag policy: {info['policy_label']}", file=out)
+    num = lambda v: f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
+    for task, metric, v, se in rows:
+        print(f"  {task:<{w}}  {metric:<{mw}}  {num(v):>10}" + (f" ± {num(se)}" if se is not None else '')
+              + f"  [tags: {info['tag_policy']}{', ORACLE' if info['oracle'] else ''}]", file=out)
+    if not rows:
+        print(f"  (no task ran: {', '.join(info['skipped_tasks'])} skipped)", file=out)
+
+
+def run(cfg, out=None):
+    out = out or sys.stdout
+    if cfg['build_tasks']:
+        return build_task_dir(cfg['task_dir'], cfg['cloze_n'], cfg['arith_n'], cfg['task_seed'],
+                              cfg['cloze_min_words'], cfg['cloze_max_words'], out)
+    names = [t.strip() for t in cfg['tasks'].split(',') if t.strip()]
+    if not names:
+        raise HarnessError("--tasks is empty")
+    if os.environ.get('LIME_NO_DOWNLOAD') == '1':
+        os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # local json tasks must not reach for the hub
+    if any(t.startswith('lime_') for t in names) and not os.path.isfile(os.path.join(cfg['task_dir'], 'cloze.jsonl')):
+        print(f"{cfg['task_dir']}: no offline tasks yet, building them", file=out)
+        build_task_dir(cfg['task_dir'], cfg['cloze_n'], cfg['arith_n'], cfg['task_seed'],
+                       cfg['cloze_min_words'], cfg['cloze_max_words'], out)
+    torch.manual_seed(cfg['seed'])
+    first = Scorer(cfg['out_dir'], '', cfg['device'], cfg['batch_size'], cfg['dtype'])
+    lm_class()  # lm-eval missing: one line
+    pols = [p.strip() for p in cfg['tag_policy'].split(',') if p.strip()] or [first.policy]
+    if pols == ['all']:
+        pols = list(POLICIES[first.kind])
+    pols = [first.check_policy(p) for p in pols]  # every policy checked before the first evaluation
+    results = {}
+    for p in pols:
+        first.set_policy(p)
+        t0 = time.time()
+        res = evaluate(make_lm(scorer=first), names, cfg['task_dir'], cfg['limit'], cfg['num_fewshot'],
+                       cfg['bootstrap_iters'])
+        print_results(res, out)
+        results[p] = dict(lime=res['lime'], results=res['results'], n_samples=res.get('n-samples'),
+                          configs={k: {kk: str(vv) for kk, vv in v.items()} for k, v in res.get('configs', {}).items()},
+                          wall_s=time.time() - t0)
+    path = cfg['out_json'] or os.path.join(cfg['out_dir'], 'harness.json')
+    from bench import write_json
+    write_json(path, dict(config=cfg, policies=results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
+    print(f"wrote {path}", file=out)
+    return results
+
+
+def main(argv):
+    from train import ConfigError
+    try:
+        run(configure(argv))
+    except (HarnessError, ConfigError, sample.SampleError) as e:
+        print(f"harness.py: error: {getattr(e, 'msg', e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,409 @@
+"""harness.py (issue 13): tag policies, the lm-eval model against direct forward passes, rolling
+windows, stop strings, the offline task builder, and an lm-eval run end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+import metadata as md
+from conftest import ROOT
+from metadata import UNK
+from test_sample import HAVE_NLTK, make_ckpt
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.skipif(not HAVE_NLTK, reason='NLTK data or tiktoken cache unavailable')
+
+CTX = 'Mr. Smith went to Washington in 2024. He said that the ship was'
+CONT = ' late again'
+LONG = ('The old man walked to the harbour in the morning. Mr. Smith sold 3 boats to the Navy in 1901, '
+        'and the people of London cheered. She said that it would rain, but it did not.')
+KINDS = {  # name: (streams, meta_shift, meta_predict)
+    'baseline': ((), 0, False),
+    'lime': (('pos_causal', 'ner_causal'), 0, False),
+    'lime_full': (('pos', 'ner'), 0, False),
+    'lime1': (('pos', 'ner'), 1, False),
+    'lime1_causal': (('pos_causal', 'ner_causal'), 1, False),
+    'predict': (('pos_causal', 'ner_causal'), 0, True),
+}
+
+
+@pytest.fixture(autouse=True)
+def gpt2_tokenizer():
+    yield
+    md.set_tokenizer('gpt2')  # process-global: leave it as the other tests expect
+
+
+@pytest.fixture(scope='module')
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp('harness')
+    return {k: make_ckpt(d / k, s, sh, predict=p, block_size=24, seed=i)
+            for i, (k, (s, sh, p)) in enumerate(KINDS.items())}
+
+
+@pytest.fixture(scope='module')
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp('tasks') / 'lime'
+    harness.build_task_dir(str(d), cloze_n=5, arith_n=2, seed=7)
+    return d
+
+
+try:
+    import lm_eval  # noqa: F401
+    HAVE_LM_EVAL = True
+except ImportError:
+    HAVE_LM_EVAL = False
+
+
+def lm_eval_or_skip():
+    return pytest.importorskip('lm_eval', reason='lm-eval not installed (pip install -r requirements-dev.txt)')
+
+
+def causal(seq):
+    c = md.annotate_causal(np.array(seq), 'binary')
+    return {'pos': c['pos_causal'].astype(np.int64), 'ner': c['ner_causal'].astype(np.int64)}
+
+
+def full(seq):
+    f = md.annotate_ids(np.array(seq), 'binary', 'full')
+    return {'pos': f['pos'].astype(np.int64), 'ner': f['ner'].astype(np.int64)}
+
+
+def base(s):
+    return s.replace('_causal', '')
+
+
+# --- tag policies ---------------------------------------------------------------------
+
+def test_each_policy_gives_its_tags(ckpts):
+    text = harness.Scorer(ckpts['baseline']).text
+    ctx = text.encode(CTX)
+    seq = text.encode(CTX + CONT)
+    assert seq[:len(ctx)] == ctx  # the split at the context is clean here
+    n, P = len(ctx), len(seq) - 1
+    C, Fu = causal(seq), full(seq)
+
+    s = harness.Scorer(ckpts['baseline'])
+    assert s.policy == 'causal' and s.policy_inputs(seq, n) == ({}, None) and 'no tags' in s.label
+
+    s = harness.Scorer(ckpts['lime'])  # default causal: tags of token t from tokens <= t
+    meta, nxt = s.policy_inputs(seq, n)
+    assert s.policy == 'causal' and nxt is None
+    for st in s.streams:
+        assert np.array_equal(meta[st], C[base(st)][:P])
+    meta, _ = harness.Scorer(ckpts['lime'], 'unk').policy_inputs(seq, n)
+    assert all((m == UNK).all() for m in meta.values())
+
+    s = harness.Scorer(ckpts['lime1'])  # causal: next tags while in the context, <unk> where scored
+    meta, nxt = s.policy_inputs(seq, n)
+    assert s.policy == 'causal' and not s.oracle and nxt is None
+    for st in s.streams:
+        assert np.array_equal(meta[st][:n - 1], C[base(st)][1:n]) and (meta[st][n - 1:] == UNK).all()
+    s = harness.Scorer(ckpts['lime1'], 'oracle')  # full streams: full tags of the next tokens
+    meta, _ = s.policy_inputs(seq, n)
+    assert s.oracle and 'ORACLE' in s.label
+    for st in s.streams:
+        assert np.array_equal(meta[st], Fu[base(st)][1:])
+    meta, _ = harness.Scorer(ckpts['lime1_causal'], 'oracle').policy_inputs(seq, n)
+    for st in meta:
+        assert np.array_equal(meta[st], C[base(st)][1:])
+
+    s = harness.Scorer(ckpts['predict'])  # own tags causal, next tags the text's causal tags (paid)
+    meta, nxt = s.policy_inputs(seq, n)
+    assert s.policy == 'predict' and 'bound' in s.label
+    for st in s.streams:
+        assert np.array_equal(meta[st], C[base(st)][:P]) and np.array_equal(nxt[st], C[base(st)][1:])
+    meta, nxt = harness.Scorer(ckpts['predict'], 'unk').policy_inputs(seq, n)
+    assert all((m == UNK).all() for m in list(meta.values()) + list(nxt.values()))
+
+
+def test_honest_policies_do_not_read_the_continuation(ckpts):
+    text = harness.Scorer(ckpts['baseline']).text
+    ctx = text.encode(CTX)
+    a, b = ctx + text.encode(' late again')[:2], ctx + text.encode(' Paris, France')[:2]
+    n = len(ctx)
+    for kind, policy in [('lime', 'causal'), ('lime1', 'causal'), ('predict', 'predict'), ('lime', 'unk')]:
+        s = harness.Scorer(ckpts[kind], policy)
+        (ma, na), (mb, nb) = s.policy_inputs(a, n), s.policy_inputs(b, n)
+        for st in s.streams:  # what position t sees depends on tokens <= t only
+            for t in range(len(a) - 1):
+                same_past = a[:t + 1] == b[:t + 1]
+                assert not same_past or ma[st][t] == mb[st][t], (kind, st, t)
+    s = harness.Scorer(ckpts['lime1'], 'oracle')  # the oracle does read it
+    ma, mb = s.policy_inputs(a, n)[0], s.policy_inputs(b, n)[0]
+    assert any((ma[st][n - 1:] != mb[st][n - 1:]).any() for st in s.streams)
+
+
+@pytest.mark.parametrize('kind,policy,match', [
+    ('lime_full', 'full', 'read the continuation'), ('lime', 'oracle', "does not apply"),
+    ('baseline', 'unk', 'does not apply'), ('lime1', 'predict', 'does not apply'),
+    ('predict', 'causal', 'does not apply'), ('lime', 'bogus', 'unknown tag policy')])
+def test_policy_refusals(ckpts, kind, policy, match):
+    with pytest.raises(harness.HarnessError, match=match):
+        harness.Scorer(ckpts[kind], policy)
+
+
+# --- log-likelihoods against direct forward passes ------------------------------------
+
+def direct_ll(model, seq, n_cont, meta=None, nxt=None, pay=False):
+    """log p(last n_cont tokens of seq) by one plain forward over the last block_size inputs."""
+    T = model.config.block_size
+    lo = max(0, len(seq) - 1 - T)
+    x = torch.tensor([seq[lo:-1]])
+    y = torch.tensor([seq[lo + 1:]])
+    m = {s: torch.from_numpy(np.asarray(v[lo:]))[None] for s, v in (meta or {}).items()} or None
+    with torch.no_grad():
+        if nxt is None:
+            logits, _ = model(x, m, targets=y)
+            tag_lp = 0
+        else:
+            nx = {s: torch.from_numpy(np.asarray(v[lo:]))[None] for s, v in nxt.items()}
+            h = model.lower(x, m)
+            logits, _ = model.upper(model.inject(h, nx), targets=y)
+            tag_lp = sum(F.log_softmax(tl, -1)[0, -n_cont:].gather(-1, nx[s][0, -n_cont:, None]).sum()
+                         for s, tl in zip(model.config.meta_streams, model.tag_logits(h))) if pay else 0
+    lp = F.log_softmax(logits, -1)[0, -n_cont:].gather(-1, y[0, -n_cont:, None]).sum()
+    greedy = bool((logits[0, -n_cont:].argmax(-1) == y[0, -n_cont:]).all())
+    return float(lp + tag_lp), greedy
+
+
+@pytest.mark.parametrize('kind,policy', [('baseline', ''), ('lime', 'causal'), ('lime1', 'causal'),
+                                         ('lime1', 'oracle'), ('predict', 'predict'), ('predict', 'oracle')])
+def test_loglikelihood_equals_a_forward_pass(ckpts, kind, policy):
+    lm_eval_or_skip()
+    from lm_eval.api.instance import Instance
+    lm = harness.make_lm(out_dir=ckpts[kind], tag_policy=policy, batch_size=2)
+    model, text = lm.scorer.model, lm.scorer.text
+    # three batched requests of different lengths, one longer than block_size (left-truncated), an empty context
+    pairs = [(CTX, CONT), (LONG, ' again'), ('The ship was ', 'late'), ('', 'The ship')]
+    got = lm.loglikelihood([Instance('loglikelihood', {}, p, i) for i, p in enumerate(pairs)])
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        if ctx:  # lm-eval's split: trailing whitespace goes to the continuation, the whole encoded at once
+            ctx, cont = ctx.rstrip(), ctx[len(ctx.rstrip()):] + cont
+            whole, c = text.encode(ctx + cont), text.encode(ctx)
+        else:
+            c, whole = [text.eot], [text.eot] + text.encode(cont)
+        seq, n = whole, len(whole) - len(c)
+        C = causal(seq)
+        streams = lm.scorer.streams
+        meta = nxt = None
+        if kind in ('lime',):
+            meta = {s: C[base(s)][:-1] for s in streams}
+        elif kind == 'lime1':
+            src = full(seq) if policy == 'oracle' else C
+            meta = {s: src[base(s)][1:].copy() for s in streams}
+            if policy == 'causal':
+                for s in streams:
+                    meta[s][len(c) - 1:] = UNK
+        elif kind == 'predict':
+            meta = {s: C[base(s)][:-1] for s in streams}
+            nxt = {s: C[base(s)][1:] for s in streams}
+        want, want_greedy = direct_ll(model, seq, n, meta, nxt, pay=policy == 'predict')
+        assert ll == pytest.approx(want, abs=1e-4), (ctx, cont)
+        if policy != 'predict':  # predict: greedy means generation with the heads' own tags (below)
+            assert greedy == want_greedy
+
+
+def test_greedy_is_generation(ckpts):
+    """is_greedy is True exactly for what greedy generation produces (meta_predict: with its own tags)."""
+    import sample
+    for kind in ('baseline', 'lime', 'lime1', 'predict'):
+        s = harness.Scorer(ckpts[kind])
+        ctx = s.text.encode('He said that the ship was')  # context + continuation within block_size
+        tagger = s.text.tagger() if s.streams else None
+        gen = sample.generate(s.model, ctx, 4, 0.0, 1, True, tagger=tagger, tag_generated=False,
+                              meta_temperature=0)['tokens'][len(ctx):]
+        other = gen[:-1] + [(gen[-1] + 1) % s.text.eot]
+        (ll, ok), (ll2, bad) = s.loglikelihood([(ctx, gen), (ctx, other)])
+        assert ok and not bad and ll > ll2, kind
+
+
+@pytest.mark.parametrize('kind', ['baseline', 'lime', 'predict'])
+def test_loglikelihood_rolling_is_the_sum_over_windows(ckpts, kind):
+    lm_eval_or_skip()
+    from lm_eval import utils as lmu
+    from lm_eval.api.instance import Instance
+    lm = harness.make_lm(out_dir=ckpts[kind])
+    model, text = lm.scorer.model, lm.scorer.text
+    tokens = text.encode(LONG)
+    T = model.config.block_size
+    assert len(tokens) > 2 * T  # several windows, the last one partial
+    got = lm.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (LONG,), 0)])[0]
+    doc = [text.eot] + tokens
+    C = causal(doc)
+    streams = lm.scorer.streams
+    total, done = 0.0, 0
+    windows = list(map(lmu.make_disjoint_window, lmu.get_rolling_token_windows(tokens, text.eot, T, 1)))
+    assert len(windows) >= 3
+    for ctx, pred in windows:
+        end = done + len(pred) + 1  # doc[:end] ends with this window's last target
+        assert doc[end - len(pred):end] == pred
+        meta = {s: C[base(s)][:end - 1] for s in streams} if streams else None
+        nxt = {s: C[base(s)][1:end] for s in streams} if kind == 'predict' else None
+        total += direct_ll(model, doc[:end], len(pred), meta, nxt, pay=kind == 'predict')[0]
+        done += len(pred)
+    assert done == len(tokens)
+    assert got == pytest.approx(total, abs=1e-3)
+
+
+# --- generation ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kind', ['baseline', 'lime', 'lime1', 'predict'])
+def test_generate_until_stops_at_stop_strings(ckpts, kind, monkeypatch):
+    lm_eval_or_skip()
+    import sample
+    from lm_eval.api.instance import Instance
+    lm = harness.make_lm(out_dir=ckpts[kind])
+    s = lm.scorer
+    ctx = s.text.encode(CTX)
+    free = s.generate(ctx, max_new_tokens=12)
+    # sample.py's own generate, greedy, gives the same text (generate_until goes through it)
+    tagger = s.text.tagger() if s.streams else None
+    r = sample.generate(s.model, ctx, 12, 0.0, 1, True, tagger=tagger, tag_generated=False, meta_temperature=0)
+    new = [t for t in r['tokens'][len(ctx):]]
+    if s.text.eot in new:
+        new = new[:new.index(s.text.eot)]
+    assert free == s.text.decode(new)
+    k = next(i for i in range(1, len(free) - 2) if free[i:i + 2] not in free[:i + 1])
+    stop = free[k:k + 2]
+    calls = []
+    real = sample.generate
+    monkeypatch.setattr(sample, 'generate', lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
+    out = lm.generate_until([Instance('generate_until', {}, (CTX, {'until': ['@@@', stop], 'max_gen_toks': 12}), 0)])
+    assert out == [free[:k]]
+    n_new = len(calls[0]['tokens']) - len(ctx)
+    assert s.text.decode(calls[0]['tokens'][len(ctx):]).find(stop) >= 0
+    assert stop not in s.text.decode(calls[0]['tokens'][len(ctx):len(ctx) + n_new - 1])  # it stopped at once
+
+
+def test_generation_hints_and_unk(ckpts, monkeypatch):
+    lm_eval_or_skip()
+    import sample
+    from lm_eval.api.instance import Instance
+    seen = []
+    real = sample.generate
+    monkeypatch.setattr(sample, 'generate', lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    req = [Instance('generate_until', {}, ('Question: What is 2 plus 3?\nAnswer:', {'until': ['\n'], 'max_gen_toks': 4,
+                                                                                     'hints': 'CD'}), 0)]
+    cd = md.stream_tags('pos', 'binary').index('CD')
+    harness.make_lm(out_dir=ckpts['lime1']).generate_until(req)
+    assert seen[-1]['hints'] == [{'pos': cd}]  # first answer token hinted CD, the rest <unk>
+    harness.make_lm(out_dir=ckpts['predict']).generate_until(req)
+    assert seen[-1]['hints'] == [{'pos_causal': cd}]  # the heads fill in the rest
+    harness.make_lm(out_dir=ckpts['predict'], tag_policy='unk').generate_until(req)
+    assert seen[-1]['hints'] == [{'pos_causal': UNK, 'ner_causal': UNK}] * 4
+    assert isinstance(seen[-1]['tagger'], harness.UnkTagger)
+    harness.make_lm(out_dir=ckpts['lime']).generate_until(req)  # a LIME model reads no next-token tags
+    assert seen[-1]['hints'] == []
+    with pytest.raises(harness.HarnessError, match='oracle'):
+        harness.make_lm(out_dir=ckpts['lime1'], tag_policy='oracle').generate_until(req)
+
+
+# --- offline tasks --------------------------------------------------------------------------
+
+def test_task_builder_is_deterministic(tmp_path, task_dir):
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    harness.build_task_dir(str(a), cloze_n=5, arith_n=2, seed=7)
+    harness.build_task_dir(str(b), cloze_n=5, arith_n=2, seed=7)
+    for name in sorted(os.listdir(task_dir)):
+        x, y, z = ((d / name).read_text() for d in (a, b, task_dir))
+        assert x == y.replace(str(b), str(a)) == z.replace(str(task_dir), str(a)), name
+    assert {'cloze.jsonl', 'arithmetic.jsonl', 'lime_cloze.yaml', 'lime_arithmetic.yaml',
+            'lime_arithmetic_hinted.yaml', 'lime_arithmetic_ll.yaml'} <= set(os.listdir(a))
+    cloze = [json.loads(l) for l in (a / 'cloze.jsonl').read_text().splitlines()]
+    assert len(cloze) == 5 and {c['source'].split('/')[0] for c in cloze} == set(harness.CLOZE_SOURCES)
+    for c in cloze:
+        w = c['target'][1:]
+        assert c['target'] == ' ' + w and w.isalpha() and w in c['context'] and 30 <= len(c['context'].split()) + 1 <= 80
+    harness.build_task_dir(str(b), cloze_n=5, arith_n=2, seed=8)
+    assert (a / 'cloze.jsonl').read_text() != (b / 'cloze.jsonl').read_text()  # the seed matters
+
+
+def test_arithmetic_problems():
+    test = harness.arithmetic_test(n=40, seed=3)
+    kinds = [d['kind'] for d in test]
+    assert kinds.count('1da') == 40 and kinds.count('1ds') == 27 and kinds.count('3ds') == 40  # 1ds: half of 55
+    assert test == harness.arithmetic_test(n=40, seed=3)
+    for d in test:
+        q = d['context']
+        assert q.startswith('Question: What is ') and q.endswith('?\nAnswer:') and d['completion'] == ' ' + d['answer']
+        a, op, b = q[len('Question: What is '):-len('?\nAnswer:')].split()
+        assert int(d['answer']) == (int(a) + int(b) if op == 'plus' else int(a) - int(b)) >= 0
+        assert len(a) == len(b) == int(d['kind'][0])
+    train = harness.arithmetic_train(3000, test, seed=3, per_doc=50)
+    assert len(train) == 60
+    problems = [p for doc in train for p in doc.split('\n\n')]
+    held = {d['context'] + d['completion'] for d in test}
+    assert len(problems) == 3000 and not held & set(problems)
+    one_digit_sums = {p for p in problems if ' plus ' in p and len(p.split()[3]) == 1}
+    assert 0 < len(one_digit_sums) <= 100 - 40  # the 60 that are not test problems
+
+
+# --- lm-eval end to end -----------------------------------------------------------------------
+
+def cli(*argv):
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, str(ROOT / 'harness.py'), *argv], capture_output=True, text=True, env=env,
+                       timeout=600)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_lm_eval_end_to_end(ckpts, task_dir, tmp_path):
+    lm_eval = lm_eval_or_skip()
+    out = tmp_path / 'h.json'
+    rc, so, se = cli(f'--out_dir={ckpts["lime1"]}', '--tasks=lime_cloze,lime_arithmetic,lime_arithmetic_ll',
+                     f'--task_dir={task_dir}', '--tag_policy=causal,oracle', f'--out_json={out}', '--limit=3')
+    assert rc == 0, se[-3000:]
+    lines = so.splitlines()
+    heads = [l for l in lines if 'tag policy:' in l]
+    assert len(heads) == 2 and heads[0].endswith('tag policy: causal') and 'ORACLE' in heads[1]
+    rows = [l for l in lines if '[tags:' in l]
+    assert all(l.endswith('[tags: causal]') or l.endswith('[tags: oracle, ORACLE]') for l in rows)
+    assert sum('ORACLE' in l for l in rows) == 4  # cloze acc, perplexity, mean ll; arithmetic_ll acc
+    assert sum('lime_arithmetic ' in l for l in rows) == 1  # generation: causal only (oracle skips it)
+    res = json.loads(out.read_text())['policies']
+    assert res['oracle']['lime']['oracle'] and not res['causal']['lime']['oracle']
+    assert res['oracle']['lime']['skipped_tasks'] == ['lime_arithmetic']
+    r = res['causal']['results']
+    assert 0 <= r['lime_cloze']['acc,none'] <= 1 and r['lime_cloze']['perplexity,none'] > 1
+    assert 0 <= r['lime_arithmetic']['exact_match,strip'] <= 1 and 'acc,none' in r['lime_arithmetic_ll']
+    # the same through lm_eval.simple_evaluate directly, and the registered name
+    from lm_eval.tasks import TaskManager
+    harness.lm_class()  # registers 'lime'
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    res2 = lm_eval.simple_evaluate(model='lime', model_args=f'out_dir={ckpts["lime1"]},tag_policy=causal',
+                                   tasks=['lime_cloze'], task_manager=tm, limit=3, bootstrap_iters=0)
+    assert res2['results']['lime_cloze']['acc,none'] == r['lime_cloze']['acc,none']
+    assert res2['results']['lime_cloze']['perplexity,none'] == pytest.approx(r['lime_cloze']['perplexity,none'])
+
+
+def test_cli_errors(ckpts, task_dir, tmp_path, capsys, monkeypatch):
+    def err(*argv):
+        assert harness.main(list(argv)) == 1
+        e = capsys.readouterr().err.strip().splitlines()
+        assert e[-1].startswith('harness.py: error: ')
+        return e[-1]
+    assert 'ckpt.pt: not found' in err(f'--out_dir={tmp_path}', '--tasks=lime_cloze', f'--task_dir={task_dir}')
+    assert 'read the continuation' in err(f'--out_dir={ckpts["lime_full"]}', '--tag_policy=full', f'--task_dir={task_dir}')
+    assert "does not apply" in err(f'--out_dir={ckpts["lime"]}', '--tag_policy=causal,oracle', f'--task_dir={task_dir}')
+    assert "unknown key 'tag_polcy'" in err('--tag_polcy=x')
+    assert '--tasks is empty' in err('--tasks=,')
+    if HAVE_LM_EVAL:
+        assert 'unknown task(s) lime_nope' in err(f'--out_dir={ckpts["lime"]}', '--tasks=lime_nope',
+                                                  f'--task_dir={task_dir}')
+    # lm-eval missing: one line naming the package
+    monkeypatch.setitem(sys.modules, 'lm_eval', None)
+    monkeypatch.setattr(harness, '_LM_CLASS', [])
+    assert 'pip install lm-eval==' in err(f'--out_dir={ckpts["lime"]}', f'--task_dir={task_dir}')
+
+
+def test_no_lm_eval_import_elsewhere():
+    code = ("import sys; import harness, sample, train, bench, model, metadata, prepare; "
+            "print('lm_eval' in sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith('False'), r.stderr
