@@ -1240,6 +1240,9 @@ def by_kind(samples, metric):
     return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
 
 
+DS_LABELS = {'lime1': 'LIME+1 (full tags)'}  # which tags it reads is the policy column's business
+
+
 def run_downstream(C):
     """Train ds_runs on the default corpus with arithmetic mixed in, then run harness.py's offline
     tasks on each run under every tag policy that applies to it: cloze accuracy and the final word's
@@ -1276,7 +1279,7 @@ def run_downstream(C):
             r, smp = out['results'], out.get('samples', {})
             get = lambda t, k: r.get(t, {}).get(k)
             ppl = get('lime_cloze', 'perplexity,none')
-            row = dict(run=n, label=LABELS.get(n, n), model=harness.KIND_NAMES[sc.kind], policy=pol,
+            row = dict(run=n, label=DS_LABELS.get(n, LABELS.get(n, n)), model=harness.KIND_NAMES[sc.kind], policy=pol,
                        reads_future=sc.oracle, cloze_acc=get('lime_cloze', 'acc,none'), cloze_ppl=ppl,
                        cloze_ll=-math.log(ppl) if ppl else None,
                        arith_em=get('lime_arithmetic', 'exact_match,strip'),

@@ -85,6 +85,8 @@ def configure(argv):
 
 def require_lm_eval():
     """lm_eval, imported on first use (slow, optional): a one-line error naming the package."""
+    if os.environ.get('LIME_NO_DOWNLOAD') == '1':  # offline: local json tasks must not reach for the hub
+        os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # (read when datasets is first imported)
     try:
         import lm_eval
         import lm_eval.api.model  # noqa: F401
@@ -749,8 +751,6 @@ def run(cfg, out=None):
     names = [t.strip() for t in cfg['tasks'].split(',') if t.strip()]
     if not names:
         raise HarnessError("--tasks is empty")
-    if os.environ.get('LIME_NO_DOWNLOAD') == '1':
-        os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # local json tasks must not reach for the hub
     if any(t.startswith('lime_') for t in names) and not os.path.isfile(os.path.join(cfg['task_dir'], 'cloze.jsonl')):
         print(f"{cfg['task_dir']}: no offline tasks yet, building them", file=out)
         build_task_dir(cfg['task_dir'], cfg['cloze_n'], cfg['arith_n'], cfg['task_seed'],
