@@ -568,7 +568,7 @@ class _CausalDoc:
         self.isws[ws] = True
         self.brk = []        # set by _punkt_settlement
         self.middles = {}    # long words' middles (_word_str)
-        self.sentence_ends = {}   # stretch start -> _sentence_end_head's search
+        self.sentence_ends = {}   # stretch start -> what _sentence_ends has read
 
     def sep_before(self, x):
         """The last ' ', '\\n', '\\r' or '\\t' at or before x (-1: none)."""
@@ -881,8 +881,10 @@ def _best_word_tags(doc, cs, ce, old, found, ner_id):
 #    (a token's sentence break depends on it and the next token only), and reads a long token only
 #    through its first and last characters and a few properties of its characters. So the middle of
 #    a long stretch can be replaced, for punkt, by a few characters read the same way: between two
-#    one-character tokens ( ) [ ] { } " ; : * @ when the middle holds no ? ! and no period outside
-#    a decimal number; or, when the middle holds only characters punkt never splits at, by one
+#    one-character tokens ( ) [ ] { } " ; : * @ when the middle holds no ? ! and no period that
+#    ends a token; or when the text from the stretch's start up to the middle already holds a
+#    sentence-ending pair of tokens and the tail holds the stretch's last candidate break (only
+#    that one counts); or, when the middle holds only characters punkt never splits at, by one
 #    character of each class present (letter, digit, other).
 # Each holds for the NLTK rules it was checked against (_long_run_checks compares them); with
 # another NLTK the exact per-token path runs (slower on long runs, the same tags).
@@ -1000,8 +1002,8 @@ def _pair_flags(a, b):
     return (ca and b == _U) or (not ca and b == _L), not ca and cb
 
 _CLASS_TABLE = {}   # ord(character) -> its class as a digit, 'x' for none (for str.translate)
-_BAD1 = ('00', '10', '21', '31', '41', '51', '61', '71')   # class pairs bad for istitle of the word
-_BAD2 = tuple(a + b for a in '234567' for b in '01')        # ... of the lowercased word
+_BAD1 = re.compile('[01]0|[2-7]1')   # class pairs bad for istitle of the word (cased then U, uncased then L)
+_BAD2 = re.compile('[2-7][01]')      # ... of the lowercased word (uncased then cased)
 
 class _MiddleSummary:
     """The classes of a long word's middle, scanned left to right (extended as the prefix grows):
@@ -1031,8 +1033,8 @@ class _MiddleSummary:
                 self.last = int(r[-1])
                 for d in set(r):
                     self.present |= 1 << int(d)
-                self.bad1 = self.bad1 or any(p in rr for p in _BAD1)
-                self.bad2 = self.bad2 or any(p in rr for p in _BAD2)
+                self.bad1 = self.bad1 or _BAD1.search(rr) is not None
+                self.bad2 = self.bad2 or _BAD2.search(rr) is not None
                 self.dots = min(2, self.dots + r.count('7'))
         self.end = max(self.end, end)
         return self
@@ -1125,7 +1127,7 @@ class _TextIndex:
     (_punkt_input). Built with numpy for a document; extend() appends (the online stream)."""
 
     KINDS = ('ws', 'sep', 'cand')
-    PUNKT_KINDS = ('pact', 'pbad', 'c1', 'pdig', 'poth')
+    PUNKT_KINDS = ('pact', 'pbad', 'c1', 'pdig', 'poth', 'pnum')
 
     def __init__(self, text):
         from array import array
@@ -1180,14 +1182,16 @@ class _TextIndex:
         for a in self.pos.values():
             while a and a[-1] >= k:
                 a.pop()
-        if self.has_punkt:
-            if k > 0 and self.text[k - 1] == '.':   # judged again with its new neighbour
-                pb = self.pos['pbad']
-                if pb and pb[-1] == k - 1:
-                    pb.pop()
-                self.dot_open = k - 1
-            elif self.dot_open >= k:
-                self.dot_open = -1
+        if self.has_punkt:   # , . - judged by their next characters: judged again
+            for p in range(max(0, k - 2), k):
+                if self.text[p] in '.,-' and p not in self.dot_open:
+                    for name in ('pbad', 'pact', 'pnum'):
+                        a = self.pos[name]
+                        i = bisect.bisect_left(a, p)
+                        if i < len(a) and a[i] == p:
+                            del a[i]
+                    self.dot_open.append(p)
+            self.dot_open = sorted(p for p in self.dot_open if p < k)
         self.L = k
 
     def extend(self, text):
@@ -1207,34 +1211,51 @@ class _TextIndex:
 
     def punkt(self):
         """Build the punkt kinds: pact (characters punkt may split a token at, or whose class the
-        two regex engines disagree on), pbad (? ! and periods outside a decimal number: they may
-        end a sentence), c1 (_PUNKT_C1), pdig / poth (digits / other non-word characters among the
-        rest; letters are the rest)."""
+        two regex engines disagree on), pbad (? ! and periods that may end a token: they may end
+        a sentence), c1 (_PUNKT_C1), pdig / pnum / poth (digits / , . - inside a token / other
+        non-word characters among the rest; letters are the rest). The kinds of , . - depend on
+        the next character (judged when it comes)."""
         if not self.has_punkt:
             from array import array
             for k in self.PUNKT_KINDS:
                 self.pos[k] = array('q')
             self.has_punkt = True
-            self.dot_open = -1   # a period at the end of the text, judged when the next character comes
+            self.dot_open = []   # , . - near the end of the text, judged when the next characters come
             self._punkt_extend(0)
         return self
 
     def _punkt_extend(self, old):
-        text, L = self.text, self.L
-        if self.dot_open >= 0 and self.dot_open + 1 < L:
-            self._judge_dot(self.dot_open)
-            self.dot_open = -1
+        text = self.text
+        if self.dot_open:
+            waiting, self.dot_open = self.dot_open, []
+            for p in waiting:
+                self._bad_or_dot(p)
         chunk = text[old:]
         for ch in set(chunk) - _PUNKT_KIND.keys():
             _PUNKT_KIND[ch] = _punkt_kind(ch)
         kinds = [_PUNKT_KIND[ch] for ch in chunk] if len(chunk) < 4096 else None
-        if kinds is None:   # a long text at once: vectorised
-            table = {ord(ch): k for ch, k in _PUNKT_KIND.items()}
-            kv = np.frombuffer(chunk.translate({o: chr(48 + k) for o, k in table.items()}).encode('ascii'), dtype=np.uint8) - 48
-            for name, bit in (('pact', 1), ('c1', 2), ('pdig', 8), ('poth', 16)):
-                self.pos[name].frombytes((np.flatnonzero(kv & bit) + old).astype(np.int64).tobytes())
-            for p in (np.flatnonzero(kv & 4) + old).tolist():
-                self._bad_or_dot(p)
+        if kinds is None:   # a long text at once: vectorised (the same judgments as _judge_dot)
+            kv = np.frombuffer(chunk.translate({ord(ch): chr(48 + k) for ch, k in _PUNKT_KIND.items()})
+                               .encode('latin-1'), dtype=np.uint8) - 48
+            cp = np.frombuffer(chunk.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
+            n = len(cp)
+            j = np.flatnonzero(kv & 4)
+            c0 = cp[j]
+            numch = (c0 == 46) | (c0 == 44) | (c0 == 45)
+            wait = numch & (j + 2 >= n)
+            self.dot_open += (j[wait] + old).tolist()
+            j, c0, numch = j[~wait], c0[~wait], numch[~wait]
+            n1, n2 = cp[np.minimum(j + 1, n - 1)], cp[np.minimum(j + 2, n - 1)]
+            k1, k2 = kv[np.minimum(j + 1, n - 1)], kv[np.minimum(j + 2, n - 1)]
+            dot, com, dash = c0 == 46, c0 == 44, c0 == 45
+            ends = ((k1 & 32) != 0) | (n1 == 46) | (n1 == 44) | (n1 == 45)
+            com_ends = ((k1 & 32) != 0) | (((n1 == 46) | (n1 == 45)) & (n2 == n1)) | ((n1 == 46) & ((k2 & 64) != 0))
+            act = (dot & ends) | (dash & (n1 == 45)) | (com & com_ends)
+            found = {'pact': np.union1d(np.flatnonzero(kv & 1), j[act]), 'c1': np.flatnonzero(kv & 2),
+                     'pdig': np.flatnonzero(kv & 8), 'poth': np.flatnonzero(kv & 16), 'pnum': j[numch & ~act],
+                     'pbad': j[~numch | (dot & ends)]}
+            for name, at in found.items():
+                self.pos[name].frombytes((at + old).astype(np.int64).tobytes())
         else:
             for i, k in enumerate(kinds):
                 if k:
@@ -1251,20 +1272,36 @@ class _TextIndex:
                         self.pos['poth'].append(p)
 
     def _bad_or_dot(self, p):
-        if self.text[p] != '.':
-            self.pos['pbad'].append(p)
-        elif p + 1 < self.L:
+        if self.text[p] not in '.,-':
+            bisect.insort(self.pos['pbad'], p)
+        elif p + 2 < self.L:
             self._judge_dot(p)
         else:
-            self.dot_open = p
+            self.dot_open.append(p)
 
     def _judge_dot(self, p):
-        t = self.text
-        if not (p > 0 and '0' <= t[p - 1] <= '9' and '0' <= t[p + 1] <= '9'):
-            self.pos['pbad'].append(p)
+        # punkt reads , . - inside a token as number characters; a period before a character
+        # that ends tokens (NonWord punctuation, whitespace, '.', ',', '-') may end a token (and so
+        # a sentence); '..' and '--' are tokens of their own, and a comma ends a token before a
+        # character that ends tokens (judged late, after later characters: inserted in order)
+        ch, nxt, nxt2 = self.text[p], self.text[p + 1], self.text[p + 2]
+        ends = nxt.isspace() or nxt in '.,-' or _punkt_nonword().match(nxt) is not None
+        if ch == '.' and ends:
+            bisect.insort(self.pos['pbad'], p)
+        if ch == ',':   # ',(?=$|\s|NonWord|MultiChar)' ends a token (MultiChar: '--', '..', '. . .')
+            ends = (nxt.isspace() or _punkt_nonword().match(nxt) is not None
+                    or (nxt in '.-' and nxt2 == nxt) or (nxt == '.' and nxt2.isspace()))
+        if (nxt == ch) if ch != ',' else ends:
+            bisect.insort(self.pos['pact'], p)
+        elif not (ch == '.' and ends):
+            bisect.insort(self.pos['pnum'], p)
+        else:
+            bisect.insort(self.pos['pact'], p)
 
 _INDEX_RX = re.compile(r'[\s.?!]')
-_PUNKT_KIND = {}   # character -> bits: 1 pact, 2 c1, 4 pbad (or a period: judged by its neighbours), 8 pdig, 16 poth
+# character -> bits: 1 pact, 2 c1, 4 pbad (or , . -: judged by the next characters), 8 pdig, 16 poth,
+# 32 ends a punkt token (NonWord punctuation, whitespace), 64 whitespace
+_PUNKT_KIND = {}
 
 def _punkt_kind(ch):
     nonword = _sentence_tokenizer()._lang_vars._re_non_word_chars
@@ -1272,12 +1309,18 @@ def _punkt_kind(ch):
     k = 0
     if ch in _PUNKT_C1:
         k |= 2
-    if ch in '?!.':
+    if ch in '?!.,-':
         k |= 4
+    if ch.isspace():
+        k |= 64
+    if ch.isspace() or re.match(nonword, ch):
+        k |= 32
+    if ch in '.,-':
+        return k
     engines = [re] + ([rx] if rx is not None else [])
     word = {bool(e.match(r'\w', ch)) for e in engines}
     digit = {bool(e.match(r'\d', ch)) for e in engines}
-    if (ch.isspace() or re.match(nonword, ch) or ch in '.,-\u2014' or len(word) > 1 or len(digit) > 1
+    if (ch.isspace() or re.match(nonword, ch) or ch == '\u2014' or len(word) > 1 or len(digit) > 1
             or (rx is not None and bool(rx.match(nonword, ch)) != bool(re.match(nonword, ch)))):
         return k | 1
     if digit == {True}:
@@ -1331,15 +1374,16 @@ def _punkt_cut(doc, z, z2):
     if idx.count('pact', a - 1, b + 1) == 0:
         # only characters punkt never splits a token at (the neighbours too: the middle stays
         # inside one token): one character of each class present
-        dig, oth = idx.count('pdig', a, b), idx.count('poth', a, b)
-        return a, b, ('a' if b - a > dig + oth else '') + ('0' if dig else '') + ('+' if oth else '')
+        dig, num, oth = idx.count('pdig', a, b), idx.count('pnum', a, b), idx.count('poth', a, b)
+        if b - a > dig + num + oth or dig or oth:   # (a comma first: never before the tail)
+            return a, b, (',' if num else '') + ('a' if b - a > dig + num + oth else '') + ('0' if dig else '') + ('+' if oth else '')
     text = doc.text
     x = idx.first_from('c1', a, b)
     y1 = idx.last_before('c1', b - 1)
     if x >= b or y1 <= x + 2:
         return None
     if idx.count('pbad', x, y1 + 1) == 0:
-        # between two single-character tokens, with no ? ! or period outside a decimal number in
+        # between two single-character tokens, with no ? ! or period that can end a token in
         # between (no token there can end a sentence) and a character that is no closing one
         # (the realignment after a break before the middle reads closing characters up to the
         # next space)
@@ -1348,16 +1392,27 @@ def _punkt_cut(doc, z, z2):
         return x, y1 + 1, text[x] + ':' + text[y1]
     # the middle holds tokens that may end a sentence. In a stretch without whitespace punkt
     # weighs only the last candidate break of the stretch (each context starts at the stretch's
-    # start, so earlier candidates overlap the later ones), and a context with a sentence-ending
-    # pair of tokens decides a break whatever follows. So when the text from the stretch's start
-    # to x already holds such a pair and the tail from y on holds the last candidate, the middle
-    # between them reads as nothing.
+    # start, so earlier candidates overlap the later ones), and a context decides a break when
+    # it holds a sentence-ending pair of tokens, whatever else it holds. So with the stretch's
+    # last candidate in the tail, a middle reads as nothing when the text before it holds such
+    # a pair already, or when the middle itself holds none (both found by _sentence_ends).
     pk = _last_candidate(doc, z, z2)
-    y1 = idx.last_before('c1', min(b, pk) - 1)
-    x = _sentence_end_head(doc, z, a, y1 - 2)
-    if x < 0:
+    y1 = idx.last_before('c1', min(b, pk) - 1) if pk >= 0 else -1
+    if y1 <= x + 2:
+        return None
+    found, clean = _sentence_ends(doc, z, y1)
+    if found >= 0:
+        x = idx.first_from('c1', max(x, found + 1), y1)
+    elif clean < y1 - 64 or _sentence_break_in(text[clean:y1 + 1]):
+        return None
+    if y1 <= x + 2:
         return None
     return x, y1 + 1, text[x] + ':' + text[y1]
+
+def _sentence_break_in(text):
+    """punkt's text_contains_sentbreak, not memoised (these texts do not repeat)."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    return PunktSentenceTokenizer.text_contains_sentbreak(_sentence_tokenizer(), text)
 
 def _last_candidate(doc, z, z2, tries=64):
     """The last . ? ! of the stretch [z, z2) followed (inside it) by a character that punkt's
@@ -1377,27 +1432,24 @@ def _last_candidate(doc, z, z2, tries=64):
 def _punkt_nonword():
     return re.compile(_sentence_tokenizer()._lang_vars._re_non_word_chars)
 
-def _sentence_end_head(doc, z, lo, hi):
-    """A position x in [lo, hi) of a single-character token (_PUNKT_C1) such that punkt finds a
-    sentence-ending pair of tokens in text[z:x] (its tokens are the longer texts' tokens: x ends
-    one), or -1. Tried at lengths doubling from lo - z, cached per stretch (a stretch without such
-    a pair costs its length once per doubling, not once per token)."""
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
-    memo = doc.sentence_ends.setdefault(z, [lo - z, -1])   # [the next length to try, x found]
-    if memo[1] >= 0:
-        return memo[1] if memo[1] < hi else -1
-    tok = _sentence_tokenizer()
-    while z + memo[0] < hi:
-        x = doc.index.first_from('c1', z + memo[0], hi)
-        if x >= hi:
-            return -1
-        if PunktSentenceTokenizer.text_contains_sentbreak(tok, doc.text[z:x]):   # (unmemoised)
-            memo[1] = x
-            return x
-        memo[0] = 2 * (x - z)
-    return -1
-
-# ---- the simple tokens, all at once
+def _sentence_ends(doc, z, y):
+    """(found, clean) for the stretch starting at z, read up to y (a single-character token
+    position, _PUNKT_C1): found: a position such that text[z:found + 1] holds a sentence-ending
+    pair of tokens (-1: none up to clean); clean: text[z:clean + 1] holds none. Read in pieces
+    that start and end at single-character tokens (a pair never straddles two pieces as a
+    sentence-ending one: those tokens end no sentence), each once per stretch (cached)."""
+    memo = doc.sentence_ends.setdefault(z, [z, -1])   # [clean up to, found]
+    idx, text = doc.index, doc.text
+    while memo[1] < 0:
+        v = memo[0]
+        u = idx.first_from('c1', v + 64, y + 1)   # the next piece: text[v:u + 1]
+        if u > y:
+            break
+        if _sentence_break_in(text[v:u + 1]):
+            memo[1] = u
+        else:
+            memo[0] = u
+    return memo[1], memo[0]
 
 @dataclass
 class _SimpleTokens:
@@ -1827,7 +1879,7 @@ class _StreamDoc:
         self.text, self.L = text, len(text)
         for k in [k for k, v in self.middles.items() if v.end > kappa]:
             del self.middles[k]
-        for k in [k for k, v in self.sentence_ends.items() if k + v[0] > kappa or v[1] >= kappa]:
+        for k in [k for k, v in self.sentence_ends.items() if v[0] >= kappa or v[1] >= kappa]:
             del self.sentence_ends[k]
 
     def open_candidate(self, kappa, c):

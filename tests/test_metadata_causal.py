@@ -266,11 +266,11 @@ def test_fast_resume_equals_nltk():
 # -----------------------------------------------------------------------------
 # long runs without whitespace (issue 10 item 4): exact, and work linear in the run's length
 
-def _json_line(rng, n):
+def _json_line(rng, n, note='fine.'):
     parts, size = [], 0
     while size < n:
         item = {'id': rng.randrange(10 ** 6), 'name': 'item%d' % rng.randrange(999), 'ok': rng.random() < 0.5,
-                'tags': ['x', 'y%d' % rng.randrange(9), None], 'v': round(rng.uniform(-50, 50), 3), 'note': 'fine.'}
+                'tags': ['x', 'y%d' % rng.randrange(9), None], 'v': round(rng.uniform(-50, 50), 3), 'note': note}
         s = json.dumps(item, separators=(',', ':'))
         parts.append(s)
         size += len(s) + 1
@@ -288,6 +288,8 @@ def _long_run_texts(n):
         'letters': 'a' * n,
         'base64': _b64(rng, n),
         'json': _json_line(rng, n),
+        'json_abbrev': 'See Mr. ' + _json_line(rng, n, 'Dr.'),   # candidate breaks that end no sentence
+        'numbers': 'Numbers follow. ' + ','.join(str(rng.randrange(-99, 1000) / 4) for _ in range(n // 5)) + '.',
         'mixed': 'Here is the data. ' + _b64(rng, n // 2) + ' And a record: ' + _json_line(rng, n // 2) + '! Done.',
         'cjk_hyphen_hex': ('Mr. ' + '\u65e5\u672c\u8a9e' * (n // 9) + ' x-' + ''.join(rng.choice('0123456789abcdefABC')
                                                                                    for _ in range(n // 2)) + '.'),
@@ -387,3 +389,23 @@ def test_long_word_representatives_have_the_same_features():
                     for lab in labels:
                         assert sorted(enc.encode(fa, lab)) == sorted(enc.encode(fb, lab)), (w, rep, pos, i, at)
     assert checked > 100
+
+
+def test_text_index_grown_equals_built():
+    # the stream grows its character index token by token (and replaces cut characters): the same
+    # positions as the index of the whole text built at once
+    rng = random.Random(0)
+    for _ in range(10):
+        text = ''.join(rng.choice('ab1.,-- ?!"{}():;\n\u65e5') for _ in range(rng.randrange(5000, 7000)))
+        whole = md._TextIndex(text).punkt()
+        grown = md._TextIndex(text[:10]).punkt()
+        k = 10
+        while k < len(text):
+            k2 = min(len(text), k + rng.randrange(1, 50))
+            if rng.random() < 0.2:
+                grown.truncate(k - rng.randrange(0, 3))
+            grown.extend(text[:k2])
+            k = k2
+        for name in whole.pos:
+            a, b = (list(p for p in x.pos[name] if p < len(text) - 2) for x in (whole, grown))
+            assert a == b, name
