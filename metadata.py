@@ -878,14 +878,16 @@ def _best_word_tags(doc, cs, ce, old, found, ner_id):
 #    _REP_H characters around a short middle with the same classes, pairs of case classes and
 #    periods (_rep_middle): the same features, so the same tags.
 # 3. punkt (_punkt_input). punkt decides a break from contexts whose tokens it annotates in pairs
-#    (a token's sentence break depends on it and the next token only), and reads a long token only
-#    through its first and last characters and a few properties of its characters. So the middle of
-#    a long stretch can be replaced, for punkt, by a few characters read the same way: between two
-#    one-character tokens ( ) [ ] { } " ; : * @ when the middle holds no ? ! and no period that
-#    ends a token; or when the text from the stretch's start up to the middle already holds a
-#    sentence-ending pair of tokens and the tail holds the stretch's last candidate break (only
-#    that one counts); or, when the middle holds only characters punkt never splits at, by one
-#    character of each class present (letter, digit, other).
+#    (whether a token ends a sentence depends on it and the next token only); in a stretch
+#    without whitespace it weighs only the last candidate break (every context starts at the
+#    stretch's start, so earlier candidates overlap later ones); and it reads a long token only
+#    through its first and last characters and which classes of characters it holds. So, for
+#    punkt, the middle of a long stretch reads the same as a few characters: as the two
+#    single-character tokens ( ) [ ] { } " ; : * @ around it (and a ':') when no token in it can
+#    end a sentence (no ? ! and no period that ends a token), or, with the last candidate in the
+#    tail, when the text before it already holds a sentence-ending pair or the middle holds none
+#    (_sentence_ends); as one character of each class present (letter, digit, , . - inside a
+#    token, other) when punkt splits nowhere in it.
 # Each holds for the NLTK rules it was checked against (_long_run_checks compares them); with
 # another NLTK the exact per-token path runs (slower on long runs, the same tags).
 
