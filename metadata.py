@@ -865,11 +865,11 @@ def _best_word_tags(doc, cs, ce, old, found, ner_id):
 # contexts hold the whole run. Three facts keep the work per token bounded, each exact:
 # 1. Sync points (_sync_point). NLTK's Treebank rules only match patterns of a few characters,
 #    except runs of backticks, periods, closing brackets/quotes before the text's end, and
-#    chains of ':' ','. At a position m whose 2 * _SYNC_G neighbours hold none of those (nor
-#    quotes other than '"', nor whitespace), no rule match crosses m and every match near m
-#    depends on characters within the window only. So the words of a prefix left of m are the
-#    document's, and right of m those of the text from m - _SYNC_G to the prefix end, tokenized on
-#    its own (the word across m, if any, joins the two).
+#    chains of ':' ','. At a position m whose 2 * _SYNC_G neighbours hold none of those runs (nor
+#    quotes other than '"', nor whitespace) and not only closing characters right of m, no rule
+#    match crosses m and every match near m depends on characters within the window only. So
+#    the words of a prefix left of m are the document's, and right of m those of the text from
+#    m - _SYNC_G to the prefix end, tokenized on its own (the word across m, if any, joins both).
 # 2. Long words (_word_str). The taggers read a word longer than any string in their models only
 #    through its first and last characters, whether it holds a '-', and a few properties of its
 #    characters (digits, letters, case, \w): what str.istitle, str.islower, NLTK's shape() and the
@@ -895,8 +895,9 @@ _SYNC_G = 8                  # characters on each side of a sync point
 _SYNC_MIN = 4 * _SYNC_G      # chunk prefixes up to this long are re-tokenized whole (normal text)
 _SYNC_TRIES = 64             # windows tried before re-tokenizing the whole chunk
 # what a sync window may not hold: whitespace, backticks, single and curly quotes, guillemets,
-# a period not between two ASCII digits, ':' or ',' twice in a row, '--'
-_SYNC_BAD = re.compile(r"""[\s`'«»“”‘’„]|(?<![0-9])\.|\.(?![0-9])|[:,](?=[:,])|-(?=-)""")
+# two periods, two of ':' ',' or two '-' in a row (a single period is read by the final-period
+# rule only before closing characters up to the text's end: the window's right half has another)
+_SYNC_BAD = re.compile(r"""[\s`'«»“”‘’„]|\.(?=\.)|[:,](?=[:,])|-(?=-)""")
 _CLOSERS = frozenset('])}>"\'»”’')   # closing characters the Treebank final-period rule skips
 _REP_H = 32                  # characters kept at each end of a long word (taggers) or stretch (punkt)
 _LONG_WORD = 3 * _REP_H      # words at least this long go to the taggers as a representative

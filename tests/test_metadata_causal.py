@@ -290,6 +290,7 @@ def _long_run_texts(n):
         'json': _json_line(rng, n),
         'json_abbrev': 'See Mr. ' + _json_line(rng, n, 'Dr.'),   # candidate breaks that end no sentence
         'numbers': 'Numbers follow. ' + ','.join(str(rng.randrange(-99, 1000) / 4) for _ in range(n // 5)) + '.',
+        'dotted': 'See Mr. ' + ''.join(rng.choice(['a.b', 'c.d.', 'e1.2', 'X.y']) for _ in range(n // 3)),
         'mixed': 'Here is the data. ' + _b64(rng, n // 2) + ' And a record: ' + _json_line(rng, n // 2) + '! Done.',
         'cjk_hyphen_hex': ('Mr. ' + '\u65e5\u672c\u8a9e' * (n // 9) + ' x-' + ''.join(rng.choice('0123456789abcdefABC')
                                                                                    for _ in range(n // 2)) + '.'),
