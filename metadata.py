@@ -23,6 +23,7 @@ CLI (prints one JSON object per token):
                        [--ids] [--tags full|causal] [--reference]
 """
 import os
+import re
 import sys
 import json
 import bisect
@@ -201,7 +202,6 @@ def _word_spans(sentence, reference=False):
         return list(_word_tokenizer().span_tokenize(sentence) if reference else _fast_word_spans()(sentence)), False
     except ValueError:
         # align_tokens fails on a few quote patterns; fall back to a plain regex split
-        import re
         return [m.span() for m in re.finditer(r"\w+|[^\w\s]+", sentence)], True
 
 @_memo(1 << 18)
@@ -430,7 +430,10 @@ def annotate_causal(ids, ner='binary', reference=False):
     return out
 
 _CAUSAL_SIMPLE_TOKENS = True  # False: every token takes the general path (tests compare the two)
-_CAUSAL_STATS = {'tokens': 0, 'simple': 0}  # of the last _causal_doc call
+# tokens, simple: of the last _causal_doc call; chars (the characters handed to punkt, the word
+# tokenizer and the taggers on the general path and in the stream) and how often each long-run
+# shortcut was taken (sync, rep, punkt_cut): counted on, the tests reset them
+_CAUSAL_STATS = {'tokens': 0, 'simple': 0, 'chars': 0, 'sync': 0, 'rep': 0, 'punkt_cut': 0}
 _CAUSAL_BLOCK = 8192          # general-path tokens handled together (bounds memory on long documents)
 # words kept before the first re-tagged one, so that both resumed taggers start mid-sentence:
 # POS reads POS_WINDOW words back; NE starts at most NE_WINDOW words before the first re-tagged
@@ -458,7 +461,8 @@ def _causal_doc(ids, ner, reference):
        window holds a changed item keeps the document's tag, and tagging resumes from that
        word after the document's tags, which is exactly what the greedy loop would do.
     The token then takes the tags of the prefix word it overlaps most (_largest_overlap,
-    align's rule), <space> when it overlaps none.
+    align's rule), <space> when it overlaps none. Inside a long run without whitespace three
+    more facts keep the work per token bounded (see "long runs without whitespace" below).
 
     Steps: _prefix_spans (each prefix's end and the token's span in it), _CausalDoc (the
     document annotated once), _punkt_settlement (open decisions), _simple_tokens (most tokens:
@@ -492,19 +496,17 @@ def _causal_doc(ids, ner, reference):
 
     # the others: the general steps, a block of tokens at a time
     ner_id = {tg: i for i, tg in enumerate(stream_tags('ner', ner))} if ner != 'none' else None
-    todo = np.nonzero(general)[0].tolist()
-    Cl, Ml, CSl, CEl = C.tolist(), M.tolist(), CS.tolist(), CE.tolist()
-    open_l, sent_l = open_at.tolist(), sent_of.tolist()
+    todo = np.nonzero(general)[0]
     for b in range(0, len(todo), _CAUSAL_BLOCK):
         block = todo[b:b + _CAUSAL_BLOCK]
-        near = [_prefix_words(doc, Cl[t], Ml[t], CSl[t], CEl[t], open_l[t], sent_l[t], reference)
-                for t in block]
+        rows = list(zip(*(a[block].tolist() for a in (C, M, CS, CE, open_at, sent_of))))
+        near = [_prefix_words(doc, c, m, cs, ce, o, st, reference) for c, m, cs, ce, o, st in rows]
         found = [d for _, ds in near for d in ds]
         _retag_pos(doc, found, reference)
         if ner != 'none':
             _retag_ne(doc, found, ner, reference)
-        for t, (old, ds) in zip(block, near):
-            tags = _best_word_tags(doc, CSl[t], CEl[t], old, ds, ner_id)
+        for t, (c, m, cs, ce, _, _), (old, ds) in zip(block.tolist(), rows, near):
+            tags = _best_word_tags(doc, cs, ce, old, ds, ner_id)
             if tags is not None:
                 pos_out[t] = tags[0]
                 if ner_out is not None:
@@ -519,8 +521,7 @@ def _prefix_spans(ids):
     to text[:C[t]] plus M[t] U+FFFD (one per byte of a character the prefix cuts, as
     decode_text does), and the token's characters in that prefix are [CS[t], CE[t])."""
     text, cob = _decode_with_char_map(ids)
-    L = len(text)
-    cstart = np.searchsorted(cob, np.arange(L + 1))          # byte start of each char (+ end)
+    cstart = np.append(np.flatnonzero(np.diff(cob, prepend=-1)), len(cob))   # byte start of each char (+ end)
     blen = _token_bytes_len()[ids]
     bend = np.cumsum(blen)
     C = np.searchsorted(cstart[1:], bend, side='right')      # complete chars in each prefix
@@ -535,8 +536,9 @@ _SPACE_TABLE = np.array([chr(i).isspace() for i in range(0x3001)] + [False], dty
 
 class _CausalDoc:
     """A document on the causal path: its text, its full annotation (_doc_analysis: sents,
-    spans, fb, words, pos, raw, per sentence), flat word arrays and per-character lookups
-    (numpy arrays for the vectorised steps, lists (_l) for the per-token loop)."""
+    spans, fb, words, pos, raw, per sentence), flat word arrays, and lookups by character
+    (_TextIndex: whitespace, separators, candidate sentence ends) that do not scan the text.
+    The online stream has the same interface (_StreamDoc)."""
 
     def __init__(self, text, ner, reference):
         self.text, self.L, self.ner = text, len(text), ner
@@ -551,27 +553,57 @@ class _CausalDoc:
         self.wstart = np.array([sents[j][0] + a for j, sp in enumerate(spans) for a, _ in sp], dtype=np.int64)
         self.wend = np.array([sents[j][0] + b for j, sp in enumerate(spans) for _, b in sp], dtype=np.int64)
         self.wsent = [j for j, sp in enumerate(spans) for _ in sp]
-        # per character: code point, str.isspace, the last ' ' '\n' '\r' '\t' at or before it
-        L = self.L
-        self.cp = cp = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
-        self.isws = isws = _SPACE_TABLE[np.minimum(cp, len(_SPACE_TABLE) - 1)]
-        issep = (cp == 32) | (cp == 10) | (cp == 13) | (cp == 9)
-        self.sepprev = np.maximum.accumulate(np.where(issep, np.arange(L), -1)) if L else np.zeros(0, np.int64)
-        lastnws = np.zeros(L + 1, dtype=np.int64)                 # len(text[:c].rstrip())
-        if L:
-            lastnws[1:] = np.maximum.accumulate(np.where(~isws, np.arange(1, L + 1), 0))
-        self.wscum = np.zeros(L + 1, dtype=np.int64)              # whitespace before each position
-        if L:
-            self.wscum[1:] = np.cumsum(isws)
         self.sstarts_l, self.wfirst_l = self.sstarts.tolist(), self.wfirst.tolist()
         self.wstart_l, self.wend_l = self.wstart.tolist(), self.wend.tolist()
-        self.sepprev_l, self.lastnws_l = self.sepprev.tolist(), lastnws.tolist()
-        self.brk = []   # set by _punkt_settlement
+        # characters: whitespace positions and, for each, where its run of whitespace ends
+        self.index = _TextIndex(text)
+        self.ws = ws = np.frombuffer(self.index.pos['ws'], dtype=np.int64)
+        self.sep = np.frombuffer(self.index.pos['sep'], dtype=np.int64)
+        self.ws_run_end = np.zeros(0, dtype=np.int64)
+        if len(ws):
+            new_run = np.diff(ws, prepend=-2) != 1
+            last = np.append(np.flatnonzero(new_run)[1:] - 1, len(ws) - 1)   # last position of each run
+            self.ws_run_end = ws[last][np.cumsum(new_run) - 1] + 1
+        self.isws = np.zeros(self.L, dtype=bool)
+        self.isws[ws] = True
+        self.brk = []        # set by _punkt_settlement
+        self.middles = {}    # long words' middles (_word_str)
+        self.sentence_ends = {}   # stretch start -> what _sentence_ends has read
+
+    def sep_before(self, x):
+        """The last ' ', '\\n', '\\r' or '\\t' at or before x (-1: none)."""
+        return self.index.last_before('sep', x)
+
+    def sep_before_all(self, x):
+        k = np.searchsorted(self.sep, x, side='right') - 1
+        return np.where(k >= 0, self.sep[np.maximum(k, 0)] if len(self.sep) else -1, -1)
+
+    def rstrip_end(self, c):
+        return self.index.rstrip_end(c)
+
+    def next_space(self, x):
+        """The first whitespace at or after each x (L: none)."""
+        ws, L = self.ws, self.L
+        if not len(ws):
+            return np.full_like(x, L)
+        k = np.searchsorted(ws, x)
+        return np.where(k < len(ws), ws[np.minimum(k, len(ws) - 1)], L)
+
+    def next_nonspace(self, x):
+        """The first non-whitespace at or after each x (L: none), x <= L."""
+        ws = self.ws
+        if not len(ws):
+            return x
+        k = np.minimum(np.searchsorted(ws, x), len(ws) - 1)
+        return np.where(ws[k] == x, self.ws_run_end[k], x)
 
     def only_space(self, a, b):
         """Whether text[a:b] is non-empty whitespace (arrays of spans)."""
-        L, cum = self.L, self.wscum
-        return (b > a) & (cum[np.minimum(b, L)] - cum[np.minimum(a, L)] == b - a)
+        ws = self.ws
+        if not len(ws):
+            return np.zeros(len(a), dtype=bool)
+        k = np.minimum(np.searchsorted(ws, a), len(ws) - 1)
+        return (b > a) & (ws[k] == a) & (self.ws_run_end[k] >= b)
 
 def _punkt_settlement(doc, C):
     """Which punkt decisions are still open at the end of each prefix (C: its complete chars).
@@ -583,17 +615,10 @@ def _punkt_settlement(doc, C):
     decision is open (-1: none), and the sentence whose start was created by the last
     candidate before the prefix end (-1: the first). Sets doc.brk: per sentence, whether
     re-segmenting may start there (whitespace lies between its start and its first [.?!])."""
-    import re
-    text, L, isws = doc.text, doc.L, doc.isws
-    ws_idx, nws_idx = np.nonzero(isws)[0], np.nonzero(~isws)[0]
-
-    def nxt(idx, x):   # first index >= x in idx, else L
-        if not len(idx):
-            return np.full_like(x, L)
-        k = np.searchsorted(idx, x)
-        return np.where(k < len(idx), idx[np.minimum(k, len(idx) - 1)], L)
-    P = np.array([m.start() for m in re.finditer(r'[.?!]', text)], dtype=np.int64)
-    settle = nxt(nws_idx, nxt(ws_idx, nxt(nws_idx, nxt(ws_idx, P)))) + 1
+    L = doc.L
+    P = np.frombuffer(doc.index.pos['cand'], dtype=np.int64)
+    sp, nsp = doc.next_space, doc.next_nonspace
+    settle = nsp(sp(nsp(sp(P)))) + 1
     settle = np.where(settle > L, L + 2, settle)                     # never settled inside the text
     settle = np.maximum.accumulate(settle) if len(settle) else settle
     n_settled = np.searchsorted(settle, C, side='right')
@@ -607,7 +632,7 @@ def _punkt_settlement(doc, C):
                else np.full(len(C), -1, dtype=np.int64))
     k2 = np.searchsorted(P, sstarts)
     p2 = np.where(k2 < len(P), P[np.minimum(k2, len(P) - 1)], L) if len(P) else np.full(len(sstarts), L)
-    doc.brk = (nxt(ws_idx, sstarts) < p2).tolist()
+    doc.brk = (sp(sstarts) < p2).tolist()
     return open_at, sent_of
 
 # ---- the general path, one token at a time
@@ -619,15 +644,16 @@ class _PrefixSentence:
     re-tagged ones (i0 .. stop-1); words before i0 keep the document's tags."""
     j: object          # the document's sentence that starts at s (None: none starts there)
     s: int             # its first character
-    c: int             # the prefix's complete characters: a word ending after c is cut
+    c: int             # the prefix's text is the document's before c (a word ending after c differs)
     o: int             # first word kept
     spans: list        # spans of words o .. nw-1, relative to s
-    words: list        # their strings
+    words: list        # their strings (long words: representatives, _word_str)
     lo: int            # first word the token overlaps
     hi: int            # last word the token overlaps
     nw: int            # words of this sentence in the prefix
     i0: int            # first re-tagged word
     stop: int          # re-tagged up to (not including) stop: the NE tagger reads the POS of hi + 1
+    fb: bool = False   # the words came from the regex fallback
     pos: list = None   # POS tags of words o .. stop-1
     jcut: int = 0      # the raw NE labels of words before jcut are the document's
     raw: list = None   # the raw NE labels of words jcut .. hi
@@ -660,39 +686,57 @@ def _prefix_sentences(doc, c, m, open_at, sent):
             jw -= 1
         jw = max(jw, 0)
         W = doc.sstarts_l[jw] if doc.nsent else 0
-        ptext = doc.text[W:c] + '\ufffd' * m
-        return jw, [(W + a, W + b) for a, b in _sentence_tokenizer().span_tokenize(ptext)]
+        ptext, back = _punkt_input(doc, W, c, m)   # long stretches shortened (same sentences)
+        _CAUSAL_STATS['chars'] += len(ptext)
+        new = [(back(a), back(b)) for a, b in _sentence_tokenizer().span_tokenize(ptext)]
+        if any(a is None or b is None for a, b in new):   # (never: punkt does not break there)
+            ptext = doc.text[W:c] + '\ufffd' * m
+            new = [(W + a, W + b) for a, b in _sentence_tokenizer().span_tokenize(ptext)]
+        return jw, new
     # all settled: the last sentence starts where the document's does and ends at the prefix's
     # last non-space character (or its cut character)
     j = max(sent, 0)
     s0 = doc.sstarts_l[j] if doc.nsent else 0
-    e0 = c + m if m else doc.lastnws_l[c]
+    e0 = c + m if m else doc.rstrip_end(c)
     return j, ([(s0, e0)] if e0 > s0 else [])
 
-def _prefix_sentence(doc, s, e, c, cs, ce, reference):
+def _prefix_sentence(doc, s, e, c, cs, ce, reference, whole=False, same_end=None):
     """The prefix's sentence [s, e) around the token [cs, ce) (_PrefixSentence), or None if the
-    token overlaps none of its words."""
-    S = doc.text[s:min(e, c)] + '\ufffd' * max(0, e - c)
+    token overlaps none of its words. whole: the words from the one that holds cs (or the first
+    re-tokenized one) to the sentence's end count as overlapped (the stream's update).
+    same_end: the prefix's text equals the document's before it (default c; the stream: the
+    characters its annotation was made from)."""
+    same_end = c if same_end is None else same_end
     j = doc.start_of.get(s)
     ref = doc.spans[j] if j is not None else []          # the document's words of sentence j
-    q, tail = _sentence_tail(doc, S, s, j, ref, c, cs, reference)
-    # the words the token overlaps (words before q end before the token starts)
-    lo = hi = -1
-    for i, (x, y) in enumerate(tail):
-        if x >= ce - s:
-            break
-        if y > cs - s:
-            if lo < 0:
-                lo = i
-            hi = i
-    if lo < 0:
-        return None
-    lo, hi = lo + q, hi + q
+    q, tail, fb = _sentence_tail(doc, s, e, j, ref, c, cs, reference, same_end)
     nw = q + len(tail)
+    if whole:
+        if not nw:
+            return None
+        lo = q
+        for i, (x, y) in enumerate(tail):
+            if y > cs - s:
+                lo = q + i
+                break
+        lo, hi = min(lo, nw - 1), nw - 1
+    else:
+        # the words the token overlaps (words before q end before the token starts)
+        lo = hi = -1
+        for i, (x, y) in enumerate(tail):
+            if x >= ce - s:
+                break
+            if y > cs - s:
+                if lo < 0:
+                    lo = i
+                hi = i
+        if lo < 0:
+            return None
+        lo, hi = lo + q, hi + q
     # meq: the first word that differs from the document's (or ends past the prefix)
     lim = min(nw, len(ref))
     meq = q
-    while meq < lim and tail[meq - q] == ref[meq] and s + tail[meq - q][1] <= c:
+    while meq < lim and tail[meq - q] == ref[meq] and s + tail[meq - q][1] <= same_end:
         meq += 1
     stop = min(hi + 1 + NE_WINDOW, nw)
     same = meq == nw == len(ref)
@@ -701,26 +745,46 @@ def _prefix_sentence(doc, s, e, c, cs, ce, reference):
     i0 = min(stop if same else max(0, meq - POS_WINDOW), stop)
     o = max(0, min(lo, i0 - _KEEP))
     spo = (ref[o:q] + tail) if o < q else tail[o - q:]
-    return _PrefixSentence(j=j, s=s, c=c, o=o, spans=spo, words=[S[x:y] for x, y in spo],
-                           lo=lo, hi=hi, nw=nw, i0=i0, stop=stop)
+    return _PrefixSentence(j=j, s=s, c=same_end, o=o, spans=spo, words=[_word_str(doc, s + x, s + y, c) for x, y in spo],
+                           lo=lo, hi=hi, nw=nw, i0=i0, stop=stop, fb=fb)
 
-def _sentence_tail(doc, S, s, j, ref, c, cs, reference):
-    """Word spans of a prefix sentence S (at s): (q, tail), its words are ref[:q] + tail. The
-    Treebank rules act within a whitespace-separated chunk (plus the sentence's first and last
-    characters), so the words before the chunk holding the token's start (cs) are the
-    document's, and the rest is the chunk on, tokenized as the end of a text."""
+def _sentence_tail(doc, s, e, j, ref, c, cs, reference, same_end):
+    """Word spans of the prefix sentence [s, e) (its text: text[s:c], then U+FFFD up to e):
+    (q, tail, fb), its words are ref[:q] + tail (relative to s); fb: the regex fallback made
+    them. The Treebank rules act within a whitespace-separated chunk (plus the sentence's first
+    and last characters), so the words before the chunk holding the token's start (cs) are the
+    document's, and the rest is the chunk on, tokenized as the end of a text; in a long chunk,
+    from its last sync point before the token (fact 1 of the long-run notes), whose window must
+    lie where the prefix's text is the document's (before same_end)."""
+    text = doc.text
+    mcut = max(0, e - c)
+
+    def part(a):   # the prefix sentence's text from s + a on
+        return text[s + a:min(e, c)] + '\ufffd' * (e - max(c, s + a)) if e > c else text[s + a:e]
     if j is not None and not doc.fb[j] and ref:
-        cut = doc.sepprev_l[min(cs, c, doc.L - 1)]
+        cut = doc.sep_before(min(cs, c, doc.L - 1))
+        chunk = max(cut + 1, s)
+        end = min(e, c)   # the sentence's complete characters
+        if min(cs, end) - chunk > _SYNC_MIN and _long_run_checks(doc.ner)[0]:
+            m = _sync_point(text, chunk, min(cs, min(end, same_end) - _SYNC_G))
+            if m >= 0:
+                r = _sync_tail(doc, s, j, ref, m, end, mcut, reference)
+                if r is not None:
+                    _CAUSAL_STATS['sync'] += 1
+                    return r + (False,)
         q = bisect.bisect_left(doc.rstarts[j], cut + 1 - s) if cut >= s else 0
         q = min(q, len(ref) - 1)
-        while q > 0 and not doc.text[s + ref[q][0] - 1].isspace():
+        while q > 0 and not text[s + ref[q][0] - 1].isspace():
             q -= 1
         if q > 0 and s + ref[q][0] < c:
             a = ref[q][0]
-            wsp, f = _word_spans_memo((S[a:], reference))
+            _CAUSAL_STATS['chars'] += e - s - a
+            wsp, f = _word_spans_memo((part(a), reference))
             if not f and wsp:
-                return q, [(a + x, a + y) for x, y in wsp]
-    return 0, _word_spans(S, reference)[0]
+                return q, [(a + x, a + y) for x, y in wsp], False
+    _CAUSAL_STATS['chars'] += e - s
+    sp, f = _word_spans(part(0), reference)
+    return 0, sp, f
 
 def _retag_pos(doc, found, reference):
     """POS tags of the prefix sentences' words o .. stop-1: the document's before i0, then the
@@ -794,7 +858,601 @@ def _best_word_tags(doc, cs, ce, old, found, ner_id):
     rprev = None if i == 0 else (rr[i - 1] if i - 1 < jc else d.raw[i - 1 - jc])
     return POS_ID[d.pos[i - d.o]], ner_id[_iob(r, rprev)]
 
-# ---- the simple tokens, all at once
+# ---- long runs without whitespace
+# A prefix that ends inside a long whitespace-free run (a base64 blob, minified JSON, 'a' * n)
+# would make the steps above cost the run's length per token: the run is one chunk (re-tokenized
+# whole), often one huge word (whose every prefix is a new word for the taggers), and punkt's
+# contexts hold the whole run. Three facts keep the work per token bounded, each exact:
+# 1. Sync points (_sync_point). NLTK's Treebank rules only match patterns of a few characters,
+#    except runs of backticks, periods, closing brackets/quotes before the text's end, and
+#    chains of ':' ','. At a position m whose 2 * _SYNC_G neighbours hold none of those runs (nor
+#    quotes other than '"', nor whitespace) and not only closing characters right of m, no rule
+#    match crosses m and every match near m depends on characters within the window only. So
+#    the words of a prefix left of m are the document's, and right of m those of the text from
+#    m - _SYNC_G to the prefix end, tokenized on its own (the word across m, if any, joins both).
+# 2. Long words (_word_str). The taggers read a word longer than any string in their models only
+#    through its first and last characters, whether it holds a '-', and a few properties of its
+#    characters (digits, letters, case, \w): what str.istitle, str.islower, NLTK's shape() and the
+#    number pattern see. A word of _LONG_WORD characters or more whose middle consists of
+#    characters of a few known classes (_char_class) is given to the taggers as its first and last
+#    _REP_H characters around a short middle with the same classes, pairs of case classes and
+#    periods (_rep_middle): the same features, so the same tags.
+# 3. punkt (_punkt_input). punkt decides a break from contexts whose tokens it annotates in pairs
+#    (whether a token ends a sentence depends on it and the next token only); in a stretch
+#    without whitespace it weighs only the last candidate break (every context starts at the
+#    stretch's start, so earlier candidates overlap later ones); and it reads a long token only
+#    through its first and last characters and which classes of characters it holds. So, for
+#    punkt, the middle of a long stretch reads the same as a few characters: as the two
+#    single-character tokens ( ) [ ] { } " ; : * @ around it (and a ':') when no token in it can
+#    end a sentence (no ? ! and no period that ends a token), or, with the last candidate in the
+#    tail, when the text before it already holds a sentence-ending pair or the middle holds none
+#    (_sentence_ends); as one character of each class present (letter, digit, , . - inside a
+#    token, other) when punkt splits nowhere in it.
+# Each holds for the NLTK rules it was checked against (_long_run_checks compares them); with
+# another NLTK the exact per-token path runs (slower on long runs, the same tags).
+
+_SYNC_G = 8                  # characters on each side of a sync point
+_SYNC_MIN = 4 * _SYNC_G      # chunk prefixes up to this long are re-tokenized whole (normal text)
+_SYNC_TRIES = 64             # windows tried before re-tokenizing the whole chunk
+# what a sync window may not hold: whitespace, backticks, single and curly quotes, guillemets,
+# two periods, two of ':' ',' or two '-' in a row (a single period is read by the final-period
+# rule only before closing characters up to the text's end: the window's right half has another)
+_SYNC_BAD = re.compile(r"""[\s`'«»“”‘’„]|\.(?=\.)|[:,](?=[:,])|-(?=-)""")
+_CLOSERS = frozenset('])}>"\'»”’')   # closing characters the Treebank final-period rule skips
+_REP_H = 32                  # characters kept at each end of a long word (taggers) or stretch (punkt)
+_LONG_WORD = 3 * _REP_H      # words at least this long go to the taggers as a representative
+_PUNKT_LONG = 4 * _REP_H     # stretches at least this long are shortened for punkt
+_PUNKT_C1 = '()[]{}";:*@'    # punkt: single-character tokens that also end the token before them
+# the punkt code the facts above were checked against: NLTK 3.10 (the Treebank rules: in
+# FastWordSpans.KNOWN_RULES)
+_KNOWN_PUNKT = {'84432cd3026837fb'}
+
+def _sync_point(text, lo, x):
+    """The last sync point m <= x with m - _SYNC_G >= lo (fact 1 above), or -1."""
+    G = _SYNC_G
+    m = x
+    for _ in range(_SYNC_TRIES):
+        if m - G < lo:
+            return -1
+        w = text[m - G:m + G]
+        bad = None
+        for bad in _SYNC_BAD.finditer(w):
+            pass
+        if bad is None:
+            if any(ch not in _CLOSERS for ch in w[G:]):
+                return m
+            m -= 1
+        else:
+            m = m - 2 * G + bad.start()   # the next window ends before the bad character
+    return -1
+
+def _sync_tail(doc, s, j, ref, m, end, mcut, reference):
+    """The words of the prefix sentence at s (the document's sentence j, whose words are ref;
+    the prefix sentence's text: text[s:end], then mcut U+FFFD) from the sync point m on: (q, tail)
+    as _sentence_tail gives, or None."""
+    G = _SYNC_G
+    if doc.sents[j][1] < m + G:   # the document's sentence must hold the whole window
+        return None
+    _CAUSAL_STATS['chars'] += end - m + G + mcut
+    sp, f = _word_spans_memo((doc.text[m - G:end] + '\ufffd' * mcut, reference))
+    if f or not sp:
+        return None
+    rel = m - s
+    k = bisect.bisect_right(doc.rstarts[j], rel) - 1   # the last document word starting by m
+    if k < 0 or ref[k][1] <= rel:
+        k += 1                                          # ... ends by m: the first after it
+    t = 0
+    while t < len(sp) and sp[t][1] <= G:                # the first word of the window text ending after m
+        t += 1
+    if t == len(sp):
+        return None
+    across = k < len(ref) and ref[k][0] < rel           # a document word holds m
+    if across != (sp[t][0] < G):                        # the lemma says they agree; stay exact
+        return None
+    off = m - G - s
+    tail = [(off + a, off + b) for a, b in sp[t:]]
+    if across:
+        tail[0] = (ref[k][0], tail[0][1])
+    return k, tail
+
+# character classes of a long word's middle (fact 2): U, L (cased), D (ASCII digit), O (uncased
+# letter: CJK, ...; not the CJK numerals), W ('_'), X (other: + / = , : ...), Y ('-'), P ('.'), each with the
+# representative character written in its place
+_CLASS_REP = 'Aa0\u65e5_+-.'
+_U, _L, _D, _O, _W, _X, _Y, _P = range(8)
+
+def _char_props(ch):
+    # everything the taggers' features (and str.istitle / islower, shape(), the number patterns)
+    # can observe of one character, in both regex engines
+    props = (ch in '0123456789', ch.isdigit(), ch.isdecimal(), ch.isnumeric(), ch.isalpha(),
+             ch.isalnum(), ch.isupper(), ch.islower(), ch.istitle(), ch.isspace(), ch.isprintable(),
+             ch in '-.', bool(re.match(r'\w', ch)), bool(re.match(r'\d', ch)))
+    rx = _regex_module()
+    if rx is not None:
+        props += (bool(rx.match(r'\w', ch)), bool(rx.match(r'\d', ch)))
+    return props
+
+@lru_cache(maxsize=None)
+def _regex_module():
+    try:
+        import regex
+        return regex
+    except ImportError:
+        return None
+
+_CLASS_OF = {}   # character -> class (-1: none: the word is given to the taggers as it is)
+
+def _char_class(ch):
+    k = _CLASS_OF.get(ch)
+    if k is None:
+        k = -1
+        if ch not in 'Σ-.':   # (Σ lowercases by its neighbours; '-' and '.' are their own classes)
+            props = _char_props(ch)
+            for cls, rep in enumerate(_CLASS_REP[:_Y]):
+                if props == _char_props(rep):
+                    low = ch.lower()
+                    if (low == ch if cls != _U else len(low) == 1 and _char_class(low) == _L):
+                        k = cls
+                    break
+        elif ch != 'Σ':
+            k = _Y if ch == '-' else _P
+        _CLASS_OF[ch] = k
+    return k
+
+def _pair_flags(a, b):
+    # (bad for istitle of the word, bad for istitle of the lowercased word) of adjacent classes a, b
+    ca, cb = a <= _L, b <= _L
+    return (ca and b == _U) or (not ca and b == _L), not ca and cb
+
+_CLASS_TABLE = {}   # ord(character) -> its class as a digit, 'x' for none (for str.translate)
+_BAD1 = re.compile('[01]0|[2-7]1')   # class pairs bad for istitle of the word (cased then U, uncased then L)
+_BAD2 = re.compile('[2-7][01]')      # ... of the lowercased word (uncased then cased)
+
+class _MiddleSummary:
+    """The classes of a long word's middle, scanned left to right (extended as the prefix grows):
+    first and last class, the classes present, whether a pair bad for istitle occurs (in the word
+    and in the lowercased word), how many periods (0, 1, 2 or more); ok False: a character of no class."""
+    __slots__ = ('end', 'first', 'last', 'present', 'bad1', 'bad2', 'dots', 'ok')
+
+    def __init__(self, start):
+        self.end, self.first, self.last, self.present = start, -1, -1, 0
+        self.bad1 = self.bad2 = False
+        self.dots, self.ok = 0, True
+
+    def extend(self, text, end):
+        if self.ok and end > self.end:
+            chunk = text[self.end:end]
+            for ch in set(chunk):
+                if ord(ch) not in _CLASS_TABLE:
+                    k = _char_class(ch)
+                    _CLASS_TABLE[ord(ch)] = str(k) if k >= 0 else 'x'
+            r = chunk.translate(_CLASS_TABLE)
+            if 'x' in r:
+                self.ok = False
+            else:
+                rr = (str(self.last) if self.last >= 0 else '') + r
+                if self.first < 0:
+                    self.first = int(r[0])
+                self.last = int(r[-1])
+                for d in set(r):
+                    self.present |= 1 << int(d)
+                self.bad1 = self.bad1 or _BAD1.search(rr) is not None
+                self.bad2 = self.bad2 or _BAD2.search(rr) is not None
+                self.dots = min(2, self.dots + r.count('7'))
+        self.end = max(self.end, end)
+        return self
+
+    def key(self):
+        return self.first, self.last, self.present, self.bad1, self.bad2, self.dots
+
+@lru_cache(maxsize=None)
+def _rep_middle(key):
+    """The shortest string of class representatives with the summary key (first, last, present,
+    bad1, bad2, dots): found by breadth-first search over (last class, classes so far, flags)."""
+    first, last, present, bad1, bad2, dots = key
+    classes = [k for k in range(8) if present >> k & 1]
+    start = (first, 1 << first, False, False, int(first == _P))
+    prev = {start: None}
+    queue = [start]
+    for state in queue:
+        k, have, b1, b2, d = state
+        if k == last and have == present and b1 == bad1 and b2 == bad2 and d == dots:
+            out = []
+            while state is not None:
+                out.append(_CLASS_REP[state[0]])
+                state = prev[state]
+            return ''.join(reversed(out))
+        for n in classes:
+            f1, f2 = _pair_flags(k, n)
+            nxt = (n, have | 1 << n, b1 or f1, b2 or f2, min(2, d + (n == _P)))
+            if nxt not in prev:
+                prev[nxt] = state
+                queue.append(nxt)
+    raise AssertionError(key)   # unreachable: the word's own middle is such a string
+
+def _word_str(doc, a, b, c):
+    """The string the taggers get for the prefix word [a, b) (the prefix: text[:c], then U+FFFD):
+    the word itself, or for a long word a representative with the same features (fact 2)."""
+    text = doc.text
+    if b - a >= _LONG_WORD and _long_run_checks(doc.ner)[1]:
+        H = _REP_H
+        head = text[a:a + H]
+        tail = text[b - H:min(b, c)] + '\ufffd' * (b - max(c, b - H))
+        if 'Σ' not in head and 'Σ' not in tail:
+            summ = doc.middles.get(a + H)
+            if summ is None or summ.end > b - H:
+                summ = doc.middles[a + H] = _MiddleSummary(a + H)
+            if summ.extend(text, b - H).ok:
+                _CAUSAL_STATS['rep'] += 1
+                return head + _rep_middle(summ.key()) + tail
+    _CAUSAL_STATS['chars'] += b - a
+    if b <= c:
+        return text[a:b]
+    return text[a:c] + '\ufffd' * (b - max(a, c))
+
+@lru_cache(maxsize=None)
+def _long_run_checks(ner):
+    """(sync points, long-word representatives, punkt shortening): whether each fact of the notes
+    above holds for the installed NLTK (its Treebank rules and punkt code are the ones checked, and
+    no string the models know is as long as a representative's ends)."""
+    import hashlib
+    import inspect
+    import nltk.tokenize.punkt as punkt
+    sync = _fast_word_spans().known_rules
+    names = ['_match_potential_end_contexts', 'text_contains_sentbreak', '_slices_from_text',
+             '_realign_boundaries', 'span_tokenize', '_annotate_tokens', '_annotate_first_pass',
+             '_first_pass_annotation', '_annotate_second_pass', '_second_pass_annotation',
+             '_ortho_heuristic', '_tokenize_words', '_get_last_whitespace_index']
+    try:
+        src = ''.join(inspect.getsource(next(c.__dict__[n] for c in punkt.PunktSentenceTokenizer.__mro__
+                                             if n in c.__dict__)) for n in names)
+        src += inspect.getsource(punkt.PunktToken) + inspect.getsource(punkt.PunktLanguageVars) + inspect.getsource(punkt._pair_iter)
+        punkt_ok = hashlib.sha256(src.encode()).hexdigest()[:16] in _KNOWN_PUNKT
+    except (OSError, TypeError, StopIteration):
+        punkt_ok = False
+    params = _sentence_tokenizer()._params
+    known = list(params.abbrev_types) + list(params.sent_starters) + [t for t, v in params.ortho_context.items() if v]
+    known += [a + ' ' + b for a, b in params.collocations]
+    punkt_ok = punkt_ok and max(map(len, known), default=0) < 2 * _REP_H
+    tg = _pos_tagger(False)
+    longest = max(max(map(len, tg.tagger.tagdict), default=0), max(map(len, tg.feat_row), default=0))
+    if ner != 'none':
+        ch = _ne_chunker(ner, False)
+        longest = max(longest, max((len(v) for _, v in ch.feat_row if isinstance(v, str)), default=0),
+                      max((v for k, v in ch.feat_row if k == 'wordlen' and isinstance(v, int)), default=0),
+                      max(map(len, ch.wl), default=0))
+    return sync, longest < 2 * _REP_H, punkt_ok
+
+class _TextIndex:
+    """Sorted positions of a few kinds of characters of a text, so that the lookups near a prefix
+    end never scan a long run: whitespace (str.isspace), separators (' ', '\\n', '\\r', '\\t'),
+    candidate sentence ends (. ? !) and, built on first use, what punkt reads in a stretch
+    (_punkt_input). Built with numpy for a document; extend() appends (the online stream)."""
+
+    KINDS = ('ws', 'sep', 'cand')
+    PUNKT_KINDS = ('pact', 'pbad', 'c1', 'pdig', 'poth', 'pnum')
+
+    def __init__(self, text):
+        from array import array
+        self.text = text
+        self.L = len(text)
+        self.pos = {k: array('q') for k in self.KINDS}
+        self.has_punkt = False
+        if text:
+            cp = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
+            isws = _SPACE_TABLE[np.minimum(cp, len(_SPACE_TABLE) - 1)]
+            sep = (cp == 32) | (cp == 10) | (cp == 13) | (cp == 9)
+            cand = (cp == 46) | (cp == 63) | (cp == 33)
+            for k, mask in (('ws', isws), ('sep', sep), ('cand', cand)):
+                self.pos[k].frombytes(np.flatnonzero(mask).astype(np.int64).tobytes())
+
+    def find(self, kind, x):
+        """The number of positions of this kind before x (bisect_left)."""
+        return bisect.bisect_left(self.pos[kind], x)
+
+    def last_before(self, kind, x):
+        """The last position of this kind at or before x, -1 if none."""
+        a = self.pos[kind]
+        k = bisect.bisect_right(a, x) - 1
+        return a[k] if k >= 0 else -1
+
+    def first_from(self, kind, x, default):
+        a = self.pos[kind]
+        k = bisect.bisect_left(a, x)
+        return a[k] if k < len(a) else default
+
+    def count(self, kind, a, b):
+        p = self.pos[kind]
+        return bisect.bisect_left(p, b) - bisect.bisect_left(p, a)
+
+    def rstrip_end(self, c):
+        """len(text[:c].rstrip())."""
+        ws = self.pos['ws']
+        k = bisect.bisect_left(ws, c) - 1
+        if k < 0 or ws[k] != c - 1:
+            return c
+        lo, hi = 0, k   # the first position of the whitespace run ending at c - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ws[mid] == ws[k] - (k - mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return ws[lo]
+
+    def truncate(self, k):
+        """Forget the text from k on (the stream replaces its cut characters)."""
+        for a in self.pos.values():
+            while a and a[-1] >= k:
+                a.pop()
+        if self.has_punkt:   # , . - judged by their next characters: judged again
+            for p in range(max(0, k - 2), k):
+                if self.text[p] in '.,-' and p not in self.dot_open:
+                    for name in ('pbad', 'pact', 'pnum'):
+                        a = self.pos[name]
+                        i = bisect.bisect_left(a, p)
+                        if i < len(a) and a[i] == p:
+                            del a[i]
+                    self.dot_open.append(p)
+            self.dot_open = sorted(p for p in self.dot_open if p < k)
+        self.L = k
+
+    def extend(self, text):
+        """The text grew (it starts with the old one)."""
+        old, self.text, self.L = self.L, text, len(text)
+        for m in _INDEX_RX.finditer(text, old):
+            ch = m.group()
+            p = m.start()
+            if ch.isspace():
+                self.pos['ws'].append(p)
+                if ch in ' \n\r\t':
+                    self.pos['sep'].append(p)
+            else:
+                self.pos['cand'].append(p)
+        if self.has_punkt:
+            self._punkt_extend(old)
+
+    def punkt(self):
+        """Build the punkt kinds: pact (characters punkt may split a token at, or whose class the
+        two regex engines disagree on), pbad (? ! and periods that may end a token: they may end
+        a sentence), c1 (_PUNKT_C1), pdig / pnum / poth (digits / , . - inside a token / other
+        non-word characters among the rest; letters are the rest). The kinds of , . - depend on
+        the next character (judged when it comes)."""
+        if not self.has_punkt:
+            from array import array
+            for k in self.PUNKT_KINDS:
+                self.pos[k] = array('q')
+            self.has_punkt = True
+            self.dot_open = []   # , . - near the end of the text, judged when the next characters come
+            self._punkt_extend(0)
+        return self
+
+    def _punkt_extend(self, old):
+        text = self.text
+        if self.dot_open:
+            waiting, self.dot_open = self.dot_open, []
+            for p in waiting:
+                self._bad_or_dot(p)
+        chunk = text[old:]
+        for ch in set(chunk) - _PUNKT_KIND.keys():
+            _PUNKT_KIND[ch] = _punkt_kind(ch)
+        kinds = [_PUNKT_KIND[ch] for ch in chunk] if len(chunk) < 4096 else None
+        if kinds is None:   # a long text at once: vectorised (the same judgments as _judge_dot)
+            kv = np.frombuffer(chunk.translate({ord(ch): chr(48 + k) for ch, k in _PUNKT_KIND.items()})
+                               .encode('latin-1'), dtype=np.uint8) - 48
+            cp = np.frombuffer(chunk.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
+            n = len(cp)
+            j = np.flatnonzero(kv & 4)
+            c0 = cp[j]
+            numch = (c0 == 46) | (c0 == 44) | (c0 == 45)
+            wait = numch & (j + 2 >= n)
+            self.dot_open += (j[wait] + old).tolist()
+            j, c0, numch = j[~wait], c0[~wait], numch[~wait]
+            n1, n2 = cp[np.minimum(j + 1, n - 1)], cp[np.minimum(j + 2, n - 1)]
+            k1, k2 = kv[np.minimum(j + 1, n - 1)], kv[np.minimum(j + 2, n - 1)]
+            dot, com, dash = c0 == 46, c0 == 44, c0 == 45
+            ends = ((k1 & 32) != 0) | (n1 == 46) | (n1 == 44) | (n1 == 45)
+            com_ends = ((k1 & 32) != 0) | (((n1 == 46) | (n1 == 45)) & (n2 == n1)) | ((n1 == 46) & ((k2 & 64) != 0))
+            act = (dot & ends) | (dash & (n1 == 45)) | (com & com_ends)
+            found = {'pact': np.union1d(np.flatnonzero(kv & 1), j[act]), 'c1': np.flatnonzero(kv & 2),
+                     'pdig': np.flatnonzero(kv & 8), 'poth': np.flatnonzero(kv & 16), 'pnum': j[numch & ~act],
+                     'pbad': j[~numch | (dot & ends)]}
+            for name, at in found.items():
+                self.pos[name].frombytes((at + old).astype(np.int64).tobytes())
+        else:
+            for i, k in enumerate(kinds):
+                if k:
+                    p = old + i
+                    if k & 1:
+                        self.pos['pact'].append(p)
+                    if k & 2:
+                        self.pos['c1'].append(p)
+                    if k & 4:
+                        self._bad_or_dot(p)
+                    if k & 8:
+                        self.pos['pdig'].append(p)
+                    if k & 16:
+                        self.pos['poth'].append(p)
+
+    def _bad_or_dot(self, p):
+        if self.text[p] not in '.,-':
+            bisect.insort(self.pos['pbad'], p)
+        elif p + 2 < self.L:
+            self._judge_dot(p)
+        else:
+            self.dot_open.append(p)
+
+    def _judge_dot(self, p):
+        # punkt reads , . - inside a token as number characters; a period before a character
+        # that ends tokens (NonWord punctuation, whitespace, '.', ',', '-') may end a token (and so
+        # a sentence); '..' and '--' are tokens of their own, and a comma ends a token before a
+        # character that ends tokens (judged late, after later characters: inserted in order)
+        ch, nxt, nxt2 = self.text[p], self.text[p + 1], self.text[p + 2]
+        ends = nxt.isspace() or nxt in '.,-' or _punkt_nonword().match(nxt) is not None
+        if ch == '.' and ends:
+            bisect.insort(self.pos['pbad'], p)
+        if ch == ',':   # ',(?=$|\s|NonWord|MultiChar)' ends a token (MultiChar: '--', '..', '. . .')
+            ends = (nxt.isspace() or _punkt_nonword().match(nxt) is not None
+                    or (nxt in '.-' and nxt2 == nxt) or (nxt == '.' and nxt2.isspace()))
+        if (nxt == ch) if ch != ',' else ends:
+            bisect.insort(self.pos['pact'], p)
+        elif not (ch == '.' and ends):
+            bisect.insort(self.pos['pnum'], p)
+        else:
+            bisect.insort(self.pos['pact'], p)
+
+_INDEX_RX = re.compile(r'[\s.?!]')
+# character -> bits: 1 pact, 2 c1, 4 pbad (or , . -: judged by the next characters), 8 pdig, 16 poth,
+# 32 ends a punkt token (NonWord punctuation, whitespace), 64 whitespace
+_PUNKT_KIND = {}
+
+def _punkt_kind(ch):
+    nonword = _sentence_tokenizer()._lang_vars._re_non_word_chars
+    rx = _regex_module()
+    k = 0
+    if ch in _PUNKT_C1:
+        k |= 2
+    if ch in '?!.,-':
+        k |= 4
+    if ch.isspace():
+        k |= 64
+    if ch.isspace() or re.match(nonword, ch):
+        k |= 32
+    if ch in '.,-':
+        return k
+    engines = [re] + ([rx] if rx is not None else [])
+    word = {bool(e.match(r'\w', ch)) for e in engines}
+    digit = {bool(e.match(r'\d', ch)) for e in engines}
+    if (ch.isspace() or re.match(nonword, ch) or ch == '\u2014' or len(word) > 1 or len(digit) > 1
+            or (rx is not None and bool(rx.match(nonword, ch)) != bool(re.match(nonword, ch)))):
+        return k | 1
+    if digit == {True}:
+        return k | 8
+    if word == {False}:
+        return k | 16
+    return k
+
+_PUNKT_REALIGN = frozenset('"\')]}\u2018\u2019\u201c\u201d\xab\xbb')   # punkt's realigned closers
+
+def _punkt_input(doc, W, c, mcut):
+    """(text, back) for re-running punkt on the prefix from W (text[W:c] + mcut U+FFFD): the
+    middle of each whitespace-free stretch of _PUNKT_LONG characters or more replaced by a few
+    characters that punkt reads the same way (fact 3 of the notes above); back(p) maps a position
+    of that text to the document's (None inside a replaced middle: punkt never breaks there)."""
+    text = doc.text
+    plain = text[W:c] + '\ufffd' * mcut, lambda p: W + p
+    if c - W < _PUNKT_LONG or not _long_run_checks(doc.ner)[2]:
+        return plain
+    idx = doc.index
+    lo, hi = idx.find('ws', W), idx.find('ws', c)
+    bounds = [W - 1] + list(idx.pos['ws'][lo:hi]) + [c]
+    cuts = []
+    for z0, z2 in zip(bounds[:-1], bounds[1:]):   # the stretch [z0 + 1, z2)
+        if z2 - z0 - 1 >= _PUNKT_LONG:
+            cut = _punkt_cut(doc, z0 + 1, z2)
+            if cut is not None:
+                cuts.append(cut)
+    if not cuts:
+        return plain
+    _CAUSAL_STATS['punkt_cut'] += 1
+    segs, parts, pos, n = [], [], W, 0   # segs: (start in the new text, document start, length) of the copied parts
+    for x, y, rep in cuts:
+        segs.append((n, pos, x - pos))
+        parts += [text[pos:x], rep]
+        n += x - pos + len(rep)
+        pos = y
+    segs.append((n, pos, c - pos + mcut))
+    parts.append(text[pos:c] + '\ufffd' * mcut)
+    seg_starts = [a for a, _, _ in segs]
+
+    def back(p):
+        a, d, ln = segs[bisect.bisect_right(seg_starts, p) - 1]
+        return d + p - a if p - a <= ln else None
+    return ''.join(parts), back
+
+def _punkt_cut(doc, z, z2):
+    """A middle [x, y) of the long stretch [z, z2) and its replacement for punkt, or None."""
+    idx = doc.index.punkt()
+    a, b = z + _REP_H, z2 - _REP_H
+    if idx.count('pact', a - 1, b + 1) == 0:
+        # only characters punkt never splits a token at (the neighbours too: the middle stays
+        # inside one token): one character of each class present
+        dig, num, oth = idx.count('pdig', a, b), idx.count('pnum', a, b), idx.count('poth', a, b)
+        if b - a > dig + num + oth or dig or oth:   # (a comma first: never before the tail)
+            return a, b, (',' if num else '') + ('a' if b - a > dig + num + oth else '') + ('0' if dig else '') + ('+' if oth else '')
+    text = doc.text
+    x = idx.first_from('c1', a, b)
+    y1 = idx.last_before('c1', b - 1)
+    if x >= b or y1 <= x + 2:
+        return None
+    if idx.count('pbad', x, y1 + 1) == 0:
+        # between two single-character tokens, with no ? ! or period that can end a token in
+        # between (no token there can end a sentence) and a character that is no closing one
+        # (the realignment after a break before the middle reads closing characters up to the
+        # next space)
+        if all(ch in _PUNKT_REALIGN for ch in text[x:x + 64]) and all(ch in _PUNKT_REALIGN for ch in text[max(x, y1 - 63):y1 + 1]):
+            return None
+        return x, y1 + 1, text[x] + ':' + text[y1]
+    # the middle holds tokens that may end a sentence. In a stretch without whitespace punkt
+    # weighs only the last candidate break of the stretch (each context starts at the stretch's
+    # start, so earlier candidates overlap the later ones), and a context decides a break when
+    # it holds a sentence-ending pair of tokens, whatever else it holds. So with the stretch's
+    # last candidate in the tail, a middle reads as nothing when the text before it holds such
+    # a pair already, or when the middle itself holds none (both found by _sentence_ends).
+    pk = _last_candidate(doc, z, z2)
+    y1 = idx.last_before('c1', min(b, pk) - 1) if pk >= 0 else -1
+    if y1 <= x + 2:
+        return None
+    found, clean = _sentence_ends(doc, z, y1)
+    if found >= 0:
+        x = idx.first_from('c1', max(x, found + 1), y1)
+    elif clean < y1 - 64 or _sentence_break_in(text[clean:y1 + 1]):
+        return None
+    if y1 <= x + 2:
+        return None
+    return x, y1 + 1, text[x] + ':' + text[y1]
+
+def _sentence_break_in(text):
+    """punkt's text_contains_sentbreak, not memoised (these texts do not repeat)."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    return PunktSentenceTokenizer.text_contains_sentbreak(_sentence_tokenizer(), text)
+
+def _last_candidate(doc, z, z2, tries=64):
+    """The last . ? ! of the stretch [z, z2) followed (inside it) by a character that punkt's
+    candidate pattern accepts after it (-1 if none among the last `tries`)."""
+    cand, text = doc.index.pos['cand'], doc.text
+    nonword = _punkt_nonword()
+    k = bisect.bisect_left(cand, z2 - 1) - 1
+    for _ in range(tries):
+        if k < 0 or cand[k] < z:
+            return -1
+        if nonword.match(text, cand[k] + 1):
+            return cand[k]
+        k -= 1
+    return -1
+
+@lru_cache(maxsize=None)
+def _punkt_nonword():
+    return re.compile(_sentence_tokenizer()._lang_vars._re_non_word_chars)
+
+def _sentence_ends(doc, z, y):
+    """(found, clean) for the stretch starting at z, read up to y (a single-character token
+    position, _PUNKT_C1): found: a position such that text[z:found + 1] holds a sentence-ending
+    pair of tokens (-1: none up to clean); clean: text[z:clean + 1] holds none. Read in pieces
+    that start and end at single-character tokens (a pair never straddles two pieces as a
+    sentence-ending one: those tokens end no sentence), each once per stretch (cached)."""
+    memo = doc.sentence_ends.setdefault(z, [z, -1])   # [clean up to, found]
+    idx, text = doc.index, doc.text
+    while memo[1] < 0:
+        v = memo[0]
+        u = idx.first_from('c1', v + 64, y + 1)   # the next piece: text[v:u + 1]
+        if u > y:
+            break
+        if _sentence_break_in(text[v:u + 1]):
+            memo[1] = u
+        else:
+            memo[0] = u
+    return memo[1], memo[0]
 
 @dataclass
 class _SimpleTokens:
@@ -825,16 +1483,17 @@ def _simple_tokens(doc, C, M, CS, CE, open_at, sent_of, blank):
         return None
     wstart, wend, wfirst = doc.wstart, doc.wend, doc.wfirst
     j = np.maximum(sent_of, 0)
-    cut = doc.sepprev[np.minimum(np.minimum(CS, C), L - 1)]
+    cut = doc.sep_before_all(np.minimum(np.minimum(CS, C), L - 1))
     g = np.searchsorted(wstart, cut + 1)                  # first word starting after the cut
     nwj = wfirst[j + 1] - wfirst[j]                        # words of sentence j
     ql = g - wfirst[j]
     gg = np.minimum(g, max(len(wstart) - 1, 0))
     A = wstart[gg] if len(wstart) else np.zeros(n, np.int64)
     E = wend[gg] if len(wstart) else np.zeros(n, np.int64)
-    cp = doc.cp
+    cp = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
     asc = ((cp >= 65) & (cp <= 90)) | ((cp >= 97) & (cp <= 122))
-    acum = np.zeros(L + 1, dtype=np.int64)
+    del cp
+    acum = np.zeros(L + 1, dtype=np.int32 if L < 1 << 31 else np.int64)
     acum[1:] = np.cumsum(asc)
     fbv = np.asarray(doc.fb, dtype=bool)[j]
     base = ((M == 0) & ~blank & (open_at < 0) & ~fbv & (cut >= doc.sstarts[j]) & (ql > 0)
@@ -843,7 +1502,7 @@ def _simple_tokens(doc, C, M, CS, CE, open_at, sent_of, blank):
     ke = np.minimum(np.searchsorted(wend, C), max(len(wend) - 1, 0))
     kl = ke - wfirst[j]
     second = (base & ~first & (wend[ke] == C) & (kl >= ql) & (kl < nwj)
-              & (CS >= wend[np.maximum(ke - 1, 0)]))
+              & (CS >= wend[np.maximum(ke - 1, 0)]) & (C - A < _LONG_WORD))   # (a long chunk: the general path)
     q, Aq = np.where(second, kl, ql), np.where(second, wstart[ke], A)
     simple = first | second
     # first kind: the letter-only contractions (cannot -> can not, ...) go the general way
@@ -906,7 +1565,7 @@ def _simple_pos(doc, sm, tg, wflat, ptag):
     lid = _clip(wid, base + q).copy()
     cut = np.nonzero(~comp)[0]
     if len(cut):
-        lid[cut] = tg.ids([doc.text[a:b] for a, b in zip(sm.A[cut].tolist(), sm.c[cut].tolist())])
+        lid[cut] = tg.ids([_word_str(doc, a, b, b) for a, b in zip(sm.A[cut].tolist(), sm.c[cut].tolist())])
     need = np.nonzero(i0 <= q)[0]
     qn, i0n = q[need], i0[need]
     # the windows: -START- -START2- (ids 0, 1) before word 0, -END- -END2- (ids 2, 3) after q
@@ -925,7 +1584,7 @@ def _simple_pos(doc, sm, tg, wflat, ptag):
     def job(k):    # for a near-tie only: the prefix sentence's words and the first tagged one
         r = int(need[k])
         jj, qq = int(sm.j[r]), int(q[r])
-        last = doc.words[jj][qq] if comp[r] else doc.text[int(sm.A[r]):int(sm.c[r])]
+        last = doc.words[jj][qq] if comp[r] else _word_str(doc, int(sm.A[r]), int(sm.c[r]), int(sm.c[r]))
         return (doc.words[jj][:qq] + [last], int(i0[r]))
     tags = tg.tag_windows(win.reshape(-1), starts, lens, hist(i0n - 1).tolist(), hist(i0n - 2).tolist(), job)
     newt = np.full((n, POS_WINDOW + 1), -1, dtype=np.int64)
@@ -970,7 +1629,7 @@ def _simple_ne(doc, sm, ner, tg, wflat, pflat, ptag, newt):
         rows = np.nonzero(chg)[0]
         if len(rows):
             r_all = nj[rows]
-            wl = [doc.words[jj][xx] if (not last or comp[rr]) else doc.text[aa:cc]
+            wl = [doc.words[jj][xx] if (not last or comp[rr]) else _word_str(doc, aa, cc, cc)
                   for rr, jj, xx, aa, cc in zip(r_all.tolist(), sm.j[r_all].tolist(), xs[rows].tolist(),
                                                 sm.A[r_all].tolist(), sm.c[r_all].tolist())]
             win[rows, _NE_SLOTS - 1 - POS_WINDOW + s_] = ch.ids(list(zip(wl, tg.tags_obj[col[rows]].tolist())))
@@ -982,7 +1641,7 @@ def _simple_ne(doc, sm, ner, tg, wflat, pflat, ptag, newt):
     def job(k):    # for a near-tie only: the prefix sentence's tokens, start, history
         r = int(nj[k])
         jj, qq = int(sm.j[r]), int(q[r])
-        ws = doc.words[jj][:qq] + [doc.words[jj][qq] if comp[r] else doc.text[int(sm.A[r]):int(sm.c[r])]]
+        ws = doc.words[jj][:qq] + [doc.words[jj][qq] if comp[r] else _word_str(doc, int(sm.A[r]), int(sm.c[r]), int(sm.c[r]))]
         ps = list(doc.pos[jj][:qq + 1])
         for s_ in range(POS_WINDOW + 1):
             if newt[r, s_] >= 0:
@@ -1053,15 +1712,27 @@ class CausalStream:
     The taggers work sentence by sentence and punkt decides each sentence break from the words
     around it only, so once a break is settled (text after it exists: a full sentence follows)
     nothing before it can change the tags after it. The stream keeps a window that starts at
-    such a break, at a token boundary, and annotates only the window: the start of the
-    second-to-last sentence of the current window, so the window stays about two sentences
-    long. Tags: {'pos': uint16 array, 'ner': ... (unless ner='none')}, ids of stream_tags."""
+    such a break, at a token boundary: the start of the second-to-last sentence, so the window
+    stays about two sentences long. It also keeps the full annotation of the window's text
+    (_StreamDoc). Many tokens at once (a prompt) are tagged in one batch by the causal path
+    (_causal_doc); a single new token updates the window's annotation in place with the same
+    steps: punkt re-run from the first sentence whose decision may change, words re-tokenized from
+    the chunk (or sync point) that holds the change, taggers resumed from the first word whose
+    window changed. So one token costs about the same whatever the window's length, also in a
+    long run without whitespace, where the window cannot move on.
+    Tags: {'pos': uint16 array, 'ner': ... (unless ner='none')}, ids of stream_tags."""
 
     def __init__(self, ner='binary', reference=False):
         self.ner, self.reference = ner, reference
         self.keys = [n for n in stream_names(ner, ('full',)) if n != 'word']
-        self.doc = []   # token ids of the current document (since the last <|endoftext|>)
-        self.w = 0      # window start: index into doc at a settled sentence break
+        self._new_document()
+
+    def _new_document(self):
+        self.doc = []     # token ids of the current document (since the last <|endoftext|>)
+        self.w = 0        # window start: index into doc at a settled sentence break
+        self.win = None   # the window's text and annotation (_StreamDoc); None: build it from the tokens
+        self.pending = b''          # the window's trailing bytes of an unfinished UTF-8 character
+        self.tok_cs, self.tok_ce = [], []   # each window token's characters in the window text
 
     def extend(self, new_ids):
         new_ids = [int(i) for i in new_ids]
@@ -1070,46 +1741,213 @@ class CausalStream:
         i = 0
         while i < len(new_ids):
             if new_ids[i] == eot:   # <pad> tags; a new document starts after it
-                self.doc, self.w = [], 0
+                self._new_document()
                 i += 1
                 continue
             j = i
             while j < len(new_ids) and new_ids[j] != eot:
                 j += 1
-            self.doc.extend(new_ids[i:j])
-            n = j - i
-            win = np.array(self.doc[self.w:], dtype=np.int64)
-            if n == 1:   # one token: the definition directly, full tags of the window's last token
-                tags = _annotate_doc_ids(win, self.ner, self.reference)
-            else:        # many (a prompt): the near-linear causal path over the window
+            if j - i == 1 and self.win is not None:
+                self.doc.append(new_ids[i])
+                tags = self._step(new_ids[i])
+                for k in self.keys:
+                    out[k][i] = tags[k]
+            else:        # many (a prompt): the causal path over the window, then its annotation
+                self.doc.extend(new_ids[i:j])
+                win = np.array(self.doc[self.w:], dtype=np.int64)
                 tags = _causal_doc(win, self.ner, self.reference)
-            for k in self.keys:
-                out[k][i:j] = tags[k][len(win) - n:]
+                for k in self.keys:
+                    out[k][i:j] = tags[k][len(win) - (j - i):]
+                self._rebuild()
             self._advance()
             i = j
         return out
 
+    def _rebuild(self):
+        """The window's annotation from its tokens (a prompt, or a moved window)."""
+        import codecs
+        win = self.doc[self.w:]
+        text, cs, ce = _char_offsets_any(np.array(win, dtype=np.int64))
+        self.win = _StreamDoc(text, self.ner, _doc_analysis(text, self.ner, self.reference))
+        self.tok_cs, self.tok_ce = cs.tolist(), ce.tolist()
+        dec = codecs.getincrementaldecoder('utf-8')('surrogateescape')
+        dec.decode(encoding().decode_bytes(win))
+        self.pending = dec.getstate()[0]
+
+    def _step(self, tok):
+        """Append one token: update the window's annotation, return its tags {'pos', 'ner'}."""
+        import codecs
+        wd = self.win
+        raw = encoding().decode_single_token_bytes(tok)
+        data = self.pending + raw
+        dec = codecs.getincrementaldecoder('utf-8')('surrogateescape')
+        dec.decode(data)
+        pend = dec.getstate()[0]
+        chunk, cob = _bytes_char_map(data)             # the new characters (U+FFFD for bad bytes)
+        kappa = wd.L - len(self.pending)               # characters that stay (the old cut ones go)
+        c, m = kappa + len(chunk) - len(pend), len(pend)
+        cs = kappa + int(cob[len(self.pending)]) if len(raw) else kappa + len(chunk)
+        ce = c + m
+        self.tok_cs.append(cs)
+        self.tok_ce.append(kappa + int(cob[-1]) + 1 if len(raw) else cs)
+        self.pending = pend
+        wd.set_text(wd.text[:kappa] + chunk, kappa)
+        # the sentences that may change: from the first candidate break not settled before kappa
+        jfirst, new = _prefix_sentences(wd, c, m, wd.open_candidate(kappa, c), wd.nsent - 1)
+        recs = []
+        for s, e in new:
+            j = wd.start_of.get(s)
+            old_end = wd.sents[j][1] if j is not None else e
+            if j is not None and old_end == e and e <= kappa:
+                recs.append((s, e, j, None))            # the same sentence: its annotation stays
+                continue
+            change = max(s, min(kappa, e, old_end) - 1)  # the first character that may differ (from here)
+            recs.append((s, e, j, _prefix_sentence(wd, s, e, c, change, e, self.reference, whole=True, same_end=kappa)))
+        found = [d for *_, d in recs if d is not None]
+        _retag_pos(wd, found, self.reference)
+        if self.ner != 'none':
+            _retag_ne(wd, found, self.ner, self.reference)
+        wd.replace_sentences(jfirst, recs)
+        return wd.token_tags(cs, ce)
+
     def _advance(self):
-        """Move the window start to the second-to-last sentence start, if a token starts there."""
-        win = np.array(self.doc[self.w:], dtype=np.int64)
-        if len(win) < 2:
+        """Move the window start to the second-to-last sentence start, if a token starts there
+        (and re-segmenting from there gives the same sentences: whitespace before its first . ? !)."""
+        wd = self.win
+        n = len(self.doc) - self.w
+        if wd is None or n < 2 or wd.nsent < 3:
             return
-        text, cs, ce = _char_offsets_any(win)
-        sents = list(_sentence_tokenizer().span_tokenize(text))
-        if len(sents) < 3:
-            return
-        prev_end, start = sents[-3][1], sents[-2][0]
+        prev_end, start = wd.sents[-3][1], wd.sents[-2][0]
+        cs, ce = self.tok_cs, self.tok_ce
         # the first token after the end of the sentence before; it must not reach into that
         # sentence, start inside the new one, or begin with a UTF-8 continuation byte
-        k = int(np.searchsorted(cs, prev_end, side='left'))
-        if k == 0 or k >= len(win) or cs[k] > start or ce[k - 1] > prev_end:
+        k = bisect.bisect_left(cs, prev_end)
+        if k == 0 or k >= n or cs[k] > start or ce[k - 1] > prev_end or not wd.brk[wd.nsent - 2]:
             return
-        data = encoding().decode_bytes(win[:k + 1].tolist())
-        first = data[len(encoding().decode_bytes(win[:k].tolist()))] if len(data) else 0
-        if (first & 0xC0) == 0x80:
+        first = encoding().decode_single_token_bytes(self.doc[self.w + k])
+        if first and (first[0] & 0xC0) == 0x80:
             return
         self.w += k
+        self._rebuild()
 
+def _bytes_char_map(data):
+    """(text, char_of_byte) of raw bytes as decode_text decodes them (U+FFFD per bad byte)."""
+    try:
+        text = data.decode('utf-8')
+        return text, _char_of_byte(text)
+    except UnicodeDecodeError:
+        s = data.decode('utf-8', errors='surrogateescape')
+        nb = [1 if '\udc80' <= ch <= '\udcff' else len(ch.encode('utf-8')) for ch in s]
+        return ''.join('\ufffd' if '\udc80' <= ch <= '\udcff' else ch for ch in s), np.repeat(np.arange(len(nb)), nb)
+
+class _StreamDoc:
+    """The window of a CausalStream: its text and full annotation (as _doc_analysis gives),
+    with the interface of _CausalDoc that the causal steps read, updated in place as the text
+    grows (set_text, replace_sentences)."""
+
+    def __init__(self, text, ner, analysis):
+        self.text, self.L, self.ner = text, len(text), ner
+        sents, spans, fb, _, pos, raw = analysis
+        self.sents = [tuple(x) for x in sents]
+        self.spans = [list(x) for x in spans]       # copies: the annotation cache is read-only
+        self.fb = list(fb)
+        self.pos = [list(x) for x in pos]
+        self.raw = [list(x) for x in raw] if raw is not None else [[] for _ in sents]
+        self.rstarts = [[a for a, _ in sp] for sp in self.spans]
+        self.index = _TextIndex(text)
+        self.middles = {}
+        self.sentence_ends = {}
+        self.brk = [self._brk(s) for s, _ in self.sents]
+        self._starts()
+
+    def _starts(self):
+        self.nsent = len(self.sents)
+        self.sstarts_l = [s for s, _ in self.sents]
+        self.start_of = {s: j for j, s in enumerate(self.sstarts_l)}
+
+    def _brk(self, s):
+        # whitespace lies between the sentence start s and its first . ? ! (see _punkt_settlement)
+        return self.index.first_from('ws', s, self.L) < self.index.first_from('cand', s, self.L)
+
+    def sep_before(self, x):
+        return self.index.last_before('sep', x)
+
+    def rstrip_end(self, c):
+        return self.index.rstrip_end(c)
+
+    def set_text(self, text, kappa):
+        """The text is now text; its first kappa characters are the old ones."""
+        self.index.truncate(kappa)
+        self.index.extend(text)
+        self.text, self.L = text, len(text)
+        for k in [k for k, v in self.middles.items() if v.end > kappa]:
+            del self.middles[k]
+        for k in [k for k, v in self.sentence_ends.items() if v[0] >= kappa or v[1] >= kappa]:
+            del self.sentence_ends[k]
+
+    def open_candidate(self, kappa, c):
+        """The first candidate break before c whose decision may differ from the old text's: one
+        with fewer than two word starts after it before kappa (-1: none)."""
+        ws, text = self.index.pos['ws'], self.text
+        k = bisect.bisect_left(ws, kappa) - 1
+        starts = []
+        while k >= 0 and len(starts) < 2:
+            p = ws[k] + 1
+            if p < kappa and not text[p].isspace():
+                starts.append(p)
+            k -= 1
+        t1 = starts[1] if len(starts) == 2 else 0
+        p = self.index.first_from('cand', t1, c)
+        return p if p < c else -1
+
+    def replace_sentences(self, jfirst, recs):
+        """The sentences from jfirst on are now recs: (start, end, old index or None, record or
+        None); a record holds the words from its o on (the ones before are the old sentence's)."""
+        sents, spans, fb, pos, raw, rst = [], [], [], [], [], []
+        for s, e, j, d in recs:
+            if d is None and j is not None and self.sents[j] == (s, e):
+                sp, f, p, r, rs = self.spans[j], self.fb[j], self.pos[j], self.raw[j], self.rstarts[j]
+            elif d is None:   # no words
+                sp, f, p, r, rs = [], False, [], [], []
+            else:
+                sp, p, r, rs = (self.spans[j], self.pos[j], self.raw[j], self.rstarts[j]) if j is not None else ([], [], [], [])
+                del sp[d.o:], p[d.o:], r[d.jcut:], rs[d.o:]   # in place: a long sentence costs its change only
+                sp += d.spans
+                p += d.pos
+                r += d.raw or []
+                rs += [a for a, _ in d.spans]
+                f = d.fb
+            sents.append((s, e)); spans.append(sp); fb.append(f); pos.append(p); raw.append(r); rst.append(rs)
+        for name, new in (('sents', sents), ('spans', spans), ('fb', fb), ('pos', pos), ('raw', raw), ('rstarts', rst)):
+            getattr(self, name)[jfirst:] = new
+        self.brk[jfirst:] = [self._brk(s) for s, _ in sents]
+        self._starts()
+
+    def token_tags(self, cs, ce):
+        """{'pos': id, 'ner': id} of the word the token [cs, ce) overlaps most (align's rule)."""
+        cand, where = [], []
+        for j in range(self.nsent - 1, -1, -1):   # the last sentences: those the token reaches
+            s, e = self.sents[j]
+            if e <= cs:
+                break
+            for i, (a, b) in enumerate(self.spans[j]):
+                if s + a < ce and s + b > cs:
+                    cand.append((s + a, s + b))
+                    where.append((j, i))
+        order = sorted(range(len(cand)), key=cand.__getitem__)
+        k = _largest_overlap(cs, ce, [cand[x] for x in order])
+        out = {'pos': SPACE, 'ner': SPACE}
+        if k >= 0:
+            j, i = where[order[k]]
+            out['pos'] = POS_ID[self.pos[j][i]]
+            if self.ner != 'none':
+                r = self.raw[j]
+                out['ner'] = _ner_ids(self.ner)[_iob(r[i], r[i - 1] if i else None)]
+        return out
+
+@lru_cache(maxsize=None)
+def _ner_ids(ner):
+    return {t: n for n, t in enumerate(stream_tags('ner', ner))}
 
 # -----------------------------------------------------------------------------
 # NLTK resources and models, the BPE tokenizer

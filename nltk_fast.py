@@ -47,12 +47,23 @@ def iob(raw, prev):
     return raw
 
 
+class _OrthoContext(dict):
+    """punkt's ortho_context table (a defaultdict(int)) without the side effect: looking up an
+    unknown word type gives 0 but stores nothing (else every new type punkt reads is added, one
+    entry per prefix on a long run)."""
+
+    def __missing__(self, key):
+        return 0
+
+
 def punkt_memo(tok, maxsize=1 << 16):
     """Memoised tok.text_contains_sentbreak. A context 'word. Next' whose word is ASCII
     letters (2 or more) is looked up with the word replaced by a fixed one: punkt reads that
     word only through its type (lowercased), and only to ask whether it is an abbreviation,
     an initial, a number or the first half of a known collocation. So when it is none of
-    these, any such word gives the same answer, and new words mostly hit the cache."""
+    these, any such word gives the same answer, and new words mostly hit the cache.
+    Also swaps in _OrthoContext (the same answers, bounded memory)."""
+    tok._params.ortho_context = _OrthoContext(tok._params.ortho_context)
     raw = tok.text_contains_sentbreak
     params = tok._params
     special = set(params.abbrev_types) | {a for a, _ in params.collocations}
@@ -691,6 +702,22 @@ class FastNEChunker:
         return self.labels.index(tag)
 
 
+def treebank_rules_hash(tokenizer_class):
+    """A short hash of NLTKWordTokenizer's rules (patterns and replacements), to tell the rule set
+    the shortcuts above were checked against from another."""
+    import hashlib
+    pat = lambda x: getattr(x, '_rx', x).pattern
+    rules = []
+    for name in ('STARTING_QUOTES', 'PUNCTUATION', 'ENDING_QUOTES'):
+        rules += [(name, pat(a), b) for a, b in getattr(tokenizer_class, name)]
+    for name in ('PARENS_BRACKETS', 'DOUBLE_DASHES'):
+        a, b = getattr(tokenizer_class, name)
+        rules.append((name, pat(a), b))
+    for name in ('CONTRACTIONS2', 'CONTRACTIONS3'):
+        rules += [(name, pat(a)) for a in getattr(tokenizer_class, name)]
+    return hashlib.sha256(repr(rules).encode()).hexdigest()[:16]
+
+
 _TO_0 = str.maketrans({ch: '0' for ch in '0123456789'})
 _TO_A = str.maketrans({**{ch: 'a' for ch in 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'}, **_TO_0})
 
@@ -708,9 +735,17 @@ class FastWordSpans:
       tokenised by NLTK with its true end context (also cached).
     Any surprise (token not inside its piece) falls back to NLTK on the whole
     sentence. Verified identical on all of Gutenberg and Brown (LIME_FULL_CHECK=1 python -m
-    pytest tests/test_metadata.py -k corpora)."""
+    pytest tests/test_metadata.py -k corpora).
+
+    known_rules: the tokenizer's rules are the ones listed in KNOWN_RULES (NLTK 3.10's; checked
+    by hash). Then a piece with none of the characters those rules read (ACTIVE) and no
+    letter-only contraction is one word without asking NLTK (a base64 blob, say), and metadata's
+    causal path may use its sync points (see "long runs without whitespace" there)."""
 
     CLOSERS = set("])}>\"'»”’")
+    KNOWN_RULES = {'f1644240333ead6c'}
+    # every character a rule reads, and whitespace
+    ACTIVE = re.compile(r"""[\s"'`«»“”‘’„.:,;@#$%&?!*()\[\]{}<>\-\u2012-\u2015]""")
     # NLTK's CONTRACTIONS2 patterns without an apostrophe (they split a letters-only word)
     LETTER_SPLITS = frozenset(["cannot", "gimme", "gonna", "gotta", "lemme", "wanna"])
 
@@ -735,6 +770,7 @@ class FastWordSpans:
         self.splits_rx = re.compile('|'.join(sorted(self.LETTER_SPLITS)), re.I)
         self.cache = {}
         self.max_cache = max_cache
+        self.known_rules = treebank_rules_hash(NLTKWordTokenizer) in self.KNOWN_RULES
 
     def _canon_run(self, m):
         w = m.group()
@@ -743,9 +779,12 @@ class FastWordSpans:
     def _piece(self, key):
         # key = (before char or '' at text start, piece text, after char or '$' at text end / tail)
         b, piece, a = key
-        if piece.isascii() and piece.isalpha() and piece.lower() not in self.LETTER_SPLITS:
+        if (piece.isascii() and piece.isalpha() and piece.lower() not in self.LETTER_SPLITS) or (
+                self.known_rules and not self.ACTIVE.search(piece)
+                and not any(p.search(' ' + piece + ' ') for p in self.wt.CONTRACTIONS2)):
             # ASCII letters only: every rule needs a non-letter (quote, punctuation, bracket,
-            # dash, apostrophe) except the letter-only contractions (cannot -> can not, ...)
+            # dash, apostrophe) except the letter-only contractions (cannot -> can not, ...);
+            # likewise any piece without the characters the rules read
             spans = ((0, len(piece)),)
             if len(self.cache) >= self.max_cache:
                 self.cache.clear()

@@ -261,3 +261,152 @@ def test_fast_resume_equals_nltk():
     assert md.ner_raw_resume(njobs, NER, reference=False) == md.ner_raw_resume(njobs, NER, reference=True)
     # resuming at 0 with no history is plain tagging
     assert md.pos_tag_resume([(s, 0, [], len(s)) for s in sents]) == pos
+
+
+# -----------------------------------------------------------------------------
+# long runs without whitespace (issue 10 item 4): exact, and work linear in the run's length
+
+def _json_line(rng, n, note='fine.'):
+    parts, size = [], 0
+    while size < n:
+        item = {'id': rng.randrange(10 ** 6), 'name': 'item%d' % rng.randrange(999), 'ok': rng.random() < 0.5,
+                'tags': ['x', 'y%d' % rng.randrange(9), None], 'v': round(rng.uniform(-50, 50), 3), 'note': note}
+        s = json.dumps(item, separators=(',', ':'))
+        parts.append(s)
+        size += len(s) + 1
+    return '[' + ','.join(parts) + ']'
+
+
+def _b64(rng, n):
+    import base64
+    return base64.b64encode(bytes(rng.randrange(256) for _ in range(n * 3 // 4))).decode()
+
+
+def _long_run_texts(n):
+    rng = random.Random(5)
+    return {
+        'letters': 'a' * n,
+        'base64': _b64(rng, n),
+        'json': _json_line(rng, n),
+        'json_abbrev': 'See Mr. ' + _json_line(rng, n, 'Dr.'),   # candidate breaks that end no sentence
+        'numbers': 'Numbers follow. ' + ','.join(str(rng.randrange(-99, 1000) / 4) for _ in range(n // 5)) + '.',
+        'dotted': 'See Mr. ' + ''.join(rng.choice(['a.b', 'c.d.', 'e1.2', 'X.y']) for _ in range(n // 3)),
+        'mixed': 'Here is the data. ' + _b64(rng, n // 2) + ' And a record: ' + _json_line(rng, n // 2) + '! Done.',
+        'cjk_hyphen_hex': ('Mr. ' + '\u65e5\u672c\u8a9e' * (n // 9) + ' x-' + ''.join(rng.choice('0123456789abcdefABC')
+                                                                                   for _ in range(n // 2)) + '.'),
+    }
+
+
+def test_long_runs_equal_reference():
+    """Long whitespace-free runs (a letter run, a base64 blob, a minified JSON line, and these
+    mixed with sentences, a sentence end right before a blob, CJK, a hyphenated hex word): the fast
+    causal path equals the definition, and its long-run shortcuts (sync points, long-word
+    representatives, shortened punkt input) were taken (else this would check little)."""
+    for k in ('sync', 'rep', 'punkt_cut'):
+        md._CAUSAL_STATS[k] = 0
+    for name, text in _long_run_texts(700).items():
+        for how in ('lime', 'plain'):
+            _assert_equal(np.array(_ids(text, how)))
+    assert all(md._CAUSAL_STATS[k] > 0 for k in ('sync', 'rep', 'punkt_cut')), md._CAUSAL_STATS
+
+
+def test_long_runs_stream_equals_annotate_causal():
+    # the online stream: a prompt, then one token at a time (and a few at once)
+    rng = random.Random(11)
+    for name, text in _long_run_texts(500).items():
+        ids = _ids(text, rng.choice(['lime', 'plain']))
+        ref = md.annotate_causal(np.array(ids), NER)
+        cs = md.CausalStream(NER)
+        got = {k: [] for k in cs.keys}
+        i = 0
+        while i < len(ids):
+            n = 20 if i == 0 else rng.choice([1, 1, 1, 1, 3])
+            for k, v in cs.extend(ids[i:i + n]).items():
+                got[k] += v.tolist()
+            i += n
+        for k in got:
+            bad = np.nonzero(np.array(got[k]) != ref[k + '_causal'])[0]
+            assert len(bad) == 0, (name, k, int(bad[0]))
+
+
+def _work(fn):
+    md._CAUSAL_STATS['chars'] = 0
+    fn()
+    return md._CAUSAL_STATS['chars']
+
+
+def test_long_run_work_is_linear():
+    """The characters handed to punkt, the word tokenizer and the taggers grow linearly with the
+    length of a run without whitespace (they grew with its square before): 4x the run, at most
+    6x the work, in the batch path and in the stream (one token at a time)."""
+    small, large = _long_run_texts(2000), _long_run_texts(8000)
+    for name in small:
+        ids_s, ids_l = (np.array(_ids(t[name], 'lime')) for t in (small, large))
+        ws = _work(lambda: md.annotate_causal(ids_s, NER))
+        wl = _work(lambda: md.annotate_causal(ids_l, NER))
+        assert wl < 6 * ws, (name, ws, wl)
+
+    def stream(ids):
+        cs = md.CausalStream(NER)
+        cs.extend(ids[:10])
+        for t in ids[10:]:
+            cs.extend([t])
+    for name in ('letters', 'base64', 'mixed'):
+        ids_s, ids_l = (_ids(t[name][:len(t[name]) // 4], 'plain') for t in (small, large))
+        ws, wl = _work(lambda: stream(ids_s)), _work(lambda: stream(ids_l))
+        assert wl < 6 * ws, (name, ws, wl)
+
+
+def test_long_word_representatives_have_the_same_features():
+    """A long word goes to the taggers as a short representative: the fast POS tagger's feature
+    rows and NLTK's NE chunker features (as its maxent encoding sees them) are the same."""
+    from types import SimpleNamespace
+    rng = random.Random(3)
+    alphabets = ['aZ', 'abc', 'ABC', 'Ab0', '0123456789', '\u65e5\u672c', 'a_b', 'x+/=', 'a-b', 'a.1', 'A1b.c-d_',
+                 '9.9', 'Qz9+/', 'ab\u00e9\u00c9']
+    tg = md._pos_tagger(False)
+    ch = md._ne_chunker(NER, False)
+    enc = ch.nt._classifier._encoding
+    labels = enc.labels()
+    checked = 0
+    for _ in range(150):
+        alpha = rng.choice(alphabets)
+        w = ''.join(rng.choice(alpha) for _ in range(rng.randrange(md._LONG_WORD, 400)))
+        if rng.random() < 0.3:
+            w = rng.choice(['X', '1', '.', '-', 'a']) + w + rng.choice(['', '.', 's', '1'])
+        doc = SimpleNamespace(text=w, middles={}, ner=NER)
+        rep = md._word_str(doc, 0, len(w), len(w))
+        if rep == w:
+            continue   # a character of no class: the word itself
+        checked += 1
+        assert len(rep) < len(w) and tg._row(w) == tg._row(rep), (w, rep)
+        base = [('The', 'DT'), ('big', 'JJ'), ('dog', 'NN')]
+        for pos in ('NN', 'NNP', 'CD'):
+            for i in range(3):   # the word first, in the middle, last; read as itself and as a neighbour
+                sa, sb = base[:i] + [(w, pos)] + base[i + 1:], base[:i] + [(rep, pos)] + base[i + 1:]
+                for at in range(3):
+                    fa = ch.nt._feature_detector(sa, at, ['O'] * at)
+                    fb = ch.nt._feature_detector(sb, at, ['O'] * at)
+                    for lab in labels:
+                        assert sorted(enc.encode(fa, lab)) == sorted(enc.encode(fb, lab)), (w, rep, pos, i, at)
+    assert checked > 100
+
+
+def test_text_index_grown_equals_built():
+    # the stream grows its character index token by token (and replaces cut characters): the same
+    # positions as the index of the whole text built at once
+    rng = random.Random(0)
+    for _ in range(10):
+        text = ''.join(rng.choice('ab1.,-- ?!"{}():;\n\u65e5') for _ in range(rng.randrange(5000, 7000)))
+        whole = md._TextIndex(text).punkt()
+        grown = md._TextIndex(text[:10]).punkt()
+        k = 10
+        while k < len(text):
+            k2 = min(len(text), k + rng.randrange(1, 50))
+            if rng.random() < 0.2:
+                grown.truncate(k - rng.randrange(0, 3))
+            grown.extend(text[:k2])
+            k = k2
+        for name in whole.pos:
+            a, b = (list(p for p in x.pos[name] if p < len(text) - 2) for x in (whole, grown))
+            assert a == b, name
