@@ -60,7 +60,7 @@ tp_data = 'random'  # random | real (windows of data_dir; LIME+1 then reads the 
 tp_warmup = 3  # untimed steps per variant and round (the first round also absorbs compile time)
 tp_steps = 10  # timed steps per variant and round
 tp_rounds = 5  # rounds; variants are interleaved within each round
-tp_variants = 'baseline,lime,lime1'
+tp_variants = 'baseline,lime,lime1,lime1_predict'  # lime1_predict: LIME+1 with its own tag heads
 peak_flops = 0.0  # for MFU; 0 = the detected GPU's bf16 peak
 gc_gemma_variants = ''  # gpu_check: also time these variants on arch='gemma' (same sizes, n_kv_head above)
 # tagging
@@ -272,6 +272,9 @@ def arch_args(C):
 # -----------------------------------------------------------------------------
 # throughput: training-step tokens/s of baseline, LIME and LIME+1 on identical batches
 
+TP_VARIANTS = ('baseline', 'lime', 'lime1', 'lime1_predict')
+
+
 def run_throughput(C):
     from model import GPT, GPTConfig
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -306,10 +309,10 @@ def run_throughput(C):
 
     variants = [v for v in C.tp_variants.split(',') if v]
     for v in variants:
-        if v not in ('baseline', 'lime', 'lime1'):
-            fail(f"config error: unknown throughput variant {v!r} (baseline, lime, lime1)")
+        if v not in TP_VARIANTS:
+            fail(f"config error: unknown throughput variant {v!r} ({', '.join(TP_VARIANTS)})")
     data = {0: batches(0)}
-    if 'lime1' in variants:
+    if 'lime1' in variants or 'lime1_predict' in variants:  # lime1_predict: its next tags, as inputs
         data[1] = batches(1) if C.tp_data == 'real' else data[0]  # random tags: a shift changes nothing
     data = {k: [(x.to(C.device), y.to(C.device), {s: m.to(C.device) for s, m in meta.items()})
                 for x, y, meta in v] for k, v in data.items()}
@@ -323,7 +326,9 @@ def run_throughput(C):
         try:
             cfg = GPTConfig(n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=T, bias=C.bias,
                             dropout=C.dropout, vocab_size=V, meta_streams=ms, meta_n_tags=n_tags[:len(ms)],
-                            meta_shift=1 if v == 'lime1' else 0, **arch_args(C))
+                            meta_shift=1 if v == 'lime1' else 0, meta_predict=v == 'lime1_predict',
+                            meta_inject_layer=(C.meta_inject_layer or C.n_layer // 2) if v == 'lime1_predict' else 0,
+                            **arch_args(C))
         except ValueError as e:
             fail(f"config error: {e}")
         raw = GPT(cfg).to(C.device)
@@ -331,12 +336,14 @@ def run_throughput(C):
         model = torch.compile(raw) if C.compile else raw
         scaler = torch.amp.GradScaler('cuda', enabled=scaler_on)
         runs[v] = dict(raw=raw, model=model, opt=opt, scaler=scaler, shift=1 if v == 'lime1' else 0,
+                       predict=v == 'lime1_predict',
                        tps=[], dt=[], n_params=raw.get_num_params(), n_meta=raw.get_num_meta_params())
 
-    def step(r, batch):
+    def step(r, batch, next_batch):
         x, y, meta = batch
-        with ctx:
-            _, loss = r['model'](x, meta if r['n_meta'] else None, targets=y)
+        with ctx:  # a self-predicting model reads its tags and learns the next token's (teacher-forced)
+            _, loss = r['model'](x, meta if r['n_meta'] else None, targets=y,
+                                 next_meta=next_batch[2] if r['predict'] else None)
         r['scaler'].scale(loss).backward()
         r['scaler'].unscale_(r['opt'])
         torch.nn.utils.clip_grad_norm_(r['raw'].parameters(), 1.0)
@@ -353,14 +360,15 @@ def run_throughput(C):
         for v in order:
             r, bs = runs[v], data[runs[v]['shift']]
             t0 = time.perf_counter()
+            nbs = data[1] if r['predict'] else bs
             for i in range(C.tp_warmup):
-                step(r, bs[i])
+                step(r, bs[i], nbs[i])
             sync(C)
             if rnd == 0:
                 t_first[v] = time.perf_counter() - t0  # includes compilation
             t0 = time.perf_counter()
             for i in range(C.tp_steps):
-                loss = step(r, bs[C.tp_warmup + i])
+                loss = step(r, bs[C.tp_warmup + i], nbs[C.tp_warmup + i])
             loss.item()
             sync(C)
             dt = time.perf_counter() - t0

@@ -95,8 +95,10 @@ def test_throughput(tmp_path):
     res = load(out)
     assert res['mode'] == 'throughput' and all_finite(res)
     v = res['result']['variants']
-    assert set(v) == {'baseline', 'lime', 'lime1'}
+    assert set(v) == {'baseline', 'lime', 'lime1', 'lime1_predict'}
     assert v['baseline']['param_overhead'] == 0 and v['lime']['param_overhead'] == (48 + 6) * 16
+    # self-predicting: input tables, next-tag tables, and per stream a head (norm weight + linear)
+    assert v['lime1_predict']['param_overhead'] == 3 * (48 + 6) * 16 + 2 * 16
     for r in v.values():
         assert r['tokens_per_sec_median'] > 0 and len(r['tokens_per_sec_rounds']) == 2
         assert r['ratio_vs_baseline'] > 0 and r['mfu'] is None  # no MFU on CPU
@@ -123,9 +125,9 @@ def test_throughput_real_data(tiny_data, tmp_path):
     _, data, _ = tiny_data
     out = tmp_path / 'tp.json'
     run_bench(tmp_path, '--mode=throughput', '--tp_data=real', f'--data_dir={data}', f'--out_json={out}',
-              '--tp_rounds=1', '--tp_steps=1', '--tp_warmup=1', '--tp_variants=baseline,lime1', *TINY_MODEL)
+              '--tp_rounds=1', '--tp_steps=1', '--tp_warmup=1', '--tp_variants=baseline,lime1,lime1_predict', *TINY_MODEL)
     res = load(out)['result']
-    assert res['vocab_size'] == 513 and set(res['variants']) == {'baseline', 'lime1'}
+    assert res['vocab_size'] == 513 and set(res['variants']) == {'baseline', 'lime1', 'lime1_predict'}
 
 
 def test_tagging(tiny_data):
