@@ -279,8 +279,9 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cac
             logits, _ = model.upper(model.inject(x, nm), kv_cache=cache, start_pos=start_pos)
         return logits[0, -1]
 
-    # With the cache, each new token costs one position. The position embeddings are absolute, so
-    # keys cannot slide: once the context holds block_size tokens, the cache is refilled from the
+    # With the cache, each new token costs one position. Cached keys carry their positions (gpt2's
+    # absolute embeddings; gemma's keys are rotated before caching), so they cannot slide: once
+    # the context holds block_size tokens, the cache is refilled from the
     # last block_size tokens, which is exactly what the uncached path computes (so both agree, and
     # past block_size every token costs a full window either way).
     cache = model.new_kv_cache(1, dtype=cache_dtype) if use_cache else None
