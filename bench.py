@@ -815,8 +815,11 @@ def predict_marginal(C, run_dir):
     term (-log p(data's next tags) - log p(next token | them)) next to the one-step marginal
     -log sum_v p(v) p(next token | v) over the next tags v of the marginalised streams (all streams
     jointly when their tag vocabularies multiply to <= 512, else the smallest stream), rerunning
-    blocks k+1..L once per v. The past tags are the data's in both, so the marginal is exact for
-    this one step, not for the whole sequence."""
+    blocks k+1..L once per v. The past tags are the data's in both; with causal streams they are a
+    function of the past tokens, so the marginal is the exact NLL of the next token under the
+    model with its next tags summed out (a language model; generation would pay a forward of
+    blocks k+1..L per value). For scale, the same positions under the honest runs of eff_dir
+    (baseline, LIME causal) where they have checkpoints."""
     import itertools
     import torch.nn.functional as F
     from model import GPT
@@ -830,7 +833,8 @@ def predict_marginal(C, run_dir):
     combos = list(itertools.product(*[range(n) for s, n in zip(streams, n_tags) if s in marg]))
     cols = {s: torch.tensor([c[j] for c in combos], device=C.device) for j, s in enumerate(marg)}
     bound, marginal, tag_part = [], [], []
-    for i in eval_starts(val.n, T, C.marginal_positions):
+    starts = list(eval_starts(val.n, T, C.marginal_positions))
+    for i in starts:
         x, y, meta = val.windows([i], T)
         nxt = val.next_tags([i], T)
         x, meta = x.to(C.device), {k: v.to(C.device) for k, v in meta.items()}
@@ -848,12 +852,29 @@ def predict_marginal(C, run_dir):
         bound.append(-float(lp[k] + fixed + logp_tok[k]))
         tag_part.append(-float(lp[k] + fixed))
         marginal.append(-float(torch.logsumexp(lp + logp_tok, 0) + fixed))
+    same = {}  # honest runs at the same positions (same data dir: same val tokens)
+    for name in ('baseline', 'lime_causal'):
+        path = os.path.join(os.path.dirname(run_dir), name, 'ckpt.pt')
+        if not os.path.isfile(path):
+            continue
+        ckr = load_checkpoint(path)
+        if ckr['config']['data_dir'] != ck['config']['data_dir']:
+            continue
+        m = GPT.from_checkpoint(ckr, C.device).eval()
+        sp = Split(ckr['config']['data_dir'], 'val', list(m.config.meta_streams), 0)
+        nll = []
+        for i in starts:
+            x, y, meta = sp.windows([i], T)
+            logits, _ = m(x.to(C.device), {k: v.to(C.device) for k, v in meta.items()} or None)
+            nll.append(-float(F.log_softmax(logits[0, -1].float(), -1)[int(y[0, -1])]))
+        same[name] = float(np.mean(nll))
     res = dict(positions=len(bound), marginalised=marg, values=len(combos), bound=float(np.mean(bound)),
                marginal=float(np.mean(marginal)), tag_cost=float(np.mean(tag_part)),
-               gap=float(np.mean(bound) - np.mean(marginal)))
+               gap=float(np.mean(bound) - np.mean(marginal)), same_positions=same)
     print(f"\nbound vs one-step marginal over the next {'/'.join(marg)} tags ({len(combos)} values), "
           f"{res['positions']} val positions: bound {res['bound']:.4f} (of it tags {res['tag_cost']:.4f}), "
-          f"marginal {res['marginal']:.4f}, gap {res['gap']:.4f} nats/token")
+          f"marginal {res['marginal']:.4f}, gap {res['gap']:.4f} nats/token" +
+          ''.join(f"; {n} at the same positions {v:.4f}" for n, v in same.items()))
     return res
 
 

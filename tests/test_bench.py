@@ -8,6 +8,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -189,6 +190,17 @@ def test_efficiency(eff):
     m = res['result']['marginal']
     assert m['positions'] == 6 and m['marginalised'] == ['pos_causal', 'ner_causal'] and m['values'] == 48 * 6
     assert 0 <= m['gap'] and m['marginal'] <= m['bound'] and 0 < m['tag_cost'] < m['bound']
+    # the honest runs at the same positions, for scale: the baseline's mean is its own loss there
+    assert set(m['same_positions']) == {'baseline', 'lime_causal'}
+    from model import GPT
+    from train import Split, eval_starts, load_checkpoint
+    base = GPT.from_checkpoint(load_checkpoint(str(d / 'eff' / 'baseline' / 'ckpt.pt')), 'cpu').eval()
+    sp, nll = Split(str(data), 'val', [], 0), []
+    for i in eval_starts(sp.n, base.config.block_size, 6):
+        x, y, _ = sp.windows([i], base.config.block_size)
+        with torch.no_grad():
+            nll.append(-torch.log_softmax(base(x)[0][0, -1], -1)[y[0, -1]].item())
+    assert m['same_positions']['baseline'] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert (d / 'eff' / 'lime1' / 'ckpt.pt').exists()
     # a second call reuses the finished runs instead of training again
     r = run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}',
