@@ -1,7 +1,8 @@
-# Learning-efficiency benchmark, CPU preset (2 cores, <= 30 min measured, see README):
+# Learning-efficiency benchmark, CPU preset (2 cores, about 30 min, see README):
 #   python bench.py configs/bench_efficiency_cpu.py
-# Six train.py runs on the same data, seed, batches and steps: baseline, LIME (pos,ner), LIME with
-# causal tags, LIME+1, shuffled-metadata control, and a second baseline seed (run-to-run noise).
+# Eight train.py runs on the same data, seed, batches and steps: baseline, LIME (pos,ner), LIME with
+# causal tags, LIME+1, LIME+1 predicting its own next tags, shuffled-metadata control, a second
+# baseline seed (run-to-run noise), and the baseline on GPT-2's own tokenization (compared by bpb).
 # Vocabulary: GPT-2's first 4096 ranks (prepare.py --tokenizer gpt2-4096, a valid BPE): with the
 # full 50257-way output layer a model this small would spend most of its time in the softmax.
 # data/gutenberg_4k is built on first use (NLTK Gutenberg, full + causal tags).
