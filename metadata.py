@@ -34,7 +34,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from nltk_fast import (FastPOSTagger, FastNEChunker, FastWordSpans, punkt_memo, iob as _iob,
+import nltk_fast
+from nltk_fast import (FastPOSTagger, FastNEChunker, FastWordSpans, punkt_memo, iob as _iob, import_nltk,
                        POS_WINDOW, NE_WINDOW, NE_START)
 
 # -----------------------------------------------------------------------------
@@ -1114,13 +1115,9 @@ def _long_run_checks(ner):
     known = list(params.abbrev_types) + list(params.sent_starters) + [t for t, v in params.ortho_context.items() if v]
     known += [a + ' ' + b for a, b in params.collocations]
     punkt_ok = punkt_ok and max(map(len, known), default=0) < 2 * _REP_H
-    tg = _pos_tagger(False)
-    longest = max(max(map(len, tg.tagger.tagdict), default=0), max(map(len, tg.feat_row), default=0))
+    longest = _pos_tagger(False).longest
     if ner != 'none':
-        ch = _ne_chunker(ner, False)
-        longest = max(longest, max((len(v) for _, v in ch.feat_row if isinstance(v, str)), default=0),
-                      max((v for k, v in ch.feat_row if k == 'wordlen' and isinstance(v, int)), default=0),
-                      max(map(len, ch.wl), default=0))
+        longest = max(longest, _ne_chunker(ner, False).longest)
     return sync, longest < 2 * _REP_H, punkt_ok
 
 class _TextIndex:
@@ -1576,7 +1573,7 @@ def _simple_pos(doc, sm, tg, wflat, ptag):
           np.where(X >= 0, _clip(wid, base[need, None] + X), np.clip(X + 2, 0, 1))))
     starts = np.arange(len(need)) * _POS_SLOTS + 2 * POS_WINDOW - (qn - i0n)
     lens = qn - i0n + 1
-    t_s0, t_s1 = tg.tag_idx[tg.tagger.START[0]], tg.tag_idx[tg.tagger.START[1]]
+    t_s0, t_s1 = tg.tag_idx[tg.START[0]], tg.tag_idx[tg.START[1]]
 
     def hist(x):   # the document's tag of word x of the sentence (START tags before word 0)
         return np.where(x >= 0, _clip(ptag, base[need] + x), np.where(x == -1, t_s0, t_s1))
@@ -1970,7 +1967,7 @@ def ensure_resources(ner='binary', extra=()):
     """Make sure the NLTK data for this NER mode (and the resources named in extra, e.g.
     'gutenberg') exists; download it if allowed. Call it in the main process before
     starting workers (downloads must not race)."""
-    import nltk
+    nltk = import_nltk()
     needed = ['punkt', 'pos'] + ([] if ner == 'none' else ['words', 'ne_' + ner]) + list(extra)
     for key in needed:
         path, package = _RESOURCES[key]
@@ -2001,12 +1998,79 @@ def _frozen(obj):
     gc.freeze()
     return obj
 
+# The fast taggers are built from tables (numpy arrays and lists) that take ~1 s to compute from
+# NLTK's model files, so they are kept on disk: one .npz per model in cache_dir(), keyed by a hash
+# of the model files, of nltk_fast.py (the code that builds and reads them) and of the nltk and
+# numpy versions. Written atomically (temp file + rename) and read without pickle; a missing,
+# stale or corrupt file is rebuilt, and where the directory cannot be written the tables are
+# just built in memory.
+
+def cache_dir():
+    """$LIME_CACHE_DIR, else $XDG_CACHE_HOME/lime, else ~/.cache/lime."""
+    d = os.environ.get('LIME_CACHE_DIR')
+    if not d:
+        d = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'lime')
+    return d
+
+def _nltk_files(resources):
+    """The files of NLTK resource paths (directories or files; a zipped resource: its zip file)."""
+    nltk = import_nltk()
+    files = []
+    for res in resources:
+        p = nltk.data.find(res)
+        root = p.zipfile.filename if hasattr(p, 'zipfile') else p.path
+        files += sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs) if os.path.isdir(root) else [root]
+    return files
+
+def _cached(name, versions, files, build, make):
+    """make(tables) with the tables from cache_dir()/name.npz when its key matches, else from
+    build() (then stored there). The key: sha256 of the versions string and of the files
+    (names, sizes, contents)."""
+    import hashlib
+    import tempfile
+    h = hashlib.sha256(versions.encode() + b'\n')
+    for f in files:
+        with open(f, 'rb') as fh:
+            data = fh.read()
+        h.update(f'{os.path.basename(f)} {len(data)}\n'.encode())
+        h.update(data)
+    key = h.hexdigest()
+    path = os.path.join(cache_dir(), name + '.npz')
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z['cache_key']) == key:
+                return make(nltk_fast.tables_from_arrays({k: z[k] for k in z.files if k != 'cache_key'}))
+    except Exception:   # missing, unreadable or corrupt (any error of np.load or of make): rebuild
+        pass
+    tables = build()
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix=f'.{name}.', suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                np.savez(f, cache_key=np.array(key), **nltk_fast.tables_to_arrays(tables))
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:   # read-only or full: use the tables built in memory
+        pass
+    return make(tables)
+
+def _cached_model(name, resources, build, make):
+    # a fast tagger's tables: keyed by NLTK's model files and the code that builds and reads them
+    versions = f'nltk {import_nltk().__version__} numpy {np.__version__}'
+    return _cached(name, versions, [nltk_fast.__file__] + _nltk_files(resources), build, make)
+
 # models are loaded once per process (nltk.ne_chunk would reload its chunker on every call);
-# reference=True: plain NLTK, else the exact fast re-implementations of nltk_fast.py
+# reference=True: plain NLTK, else the exact fast re-implementations of nltk_fast.py (NLTK's own
+# models then load only if a near-tie needs them)
 @lru_cache(maxsize=None)
 def _sentence_tokenizer():
-    from nltk.tokenize import PunktTokenizer
-    tok = PunktTokenizer('english')
+    def build():
+        from nltk.tokenize import PunktTokenizer
+        return nltk_fast.punkt_tables(PunktTokenizer('english')._params)
+    tok = _cached_model('punkt', [_RESOURCES['punkt'][0]], build, nltk_fast.punkt_tokenizer)
     # punkt decides each candidate break by text_contains_sentbreak(context), a pure function
     # of the short context string (the fixed English parameters are never retrained):
     # memoise it (the causal path re-segments the same contexts again and again)
@@ -2015,26 +2079,35 @@ def _sentence_tokenizer():
 
 @lru_cache(maxsize=None)
 def _word_tokenizer():
+    import_nltk()
     from nltk.tokenize import NLTKWordTokenizer
     return NLTKWordTokenizer()
 
 @lru_cache(maxsize=None)
 def _fast_word_spans():
+    import_nltk()
     return FastWordSpans()
 
 @lru_cache(maxsize=None)
 def _pos_tagger(reference):
+    import_nltk()
     if reference:
         from nltk.tag import PerceptronTagger
         return _frozen(PerceptronTagger())
-    return _frozen(FastPOSTagger(_pos_tagger(True)))
+    load = lambda: _pos_tagger(True)
+    return _frozen(_cached_model('pos', [_RESOURCES['pos'][0]], lambda: FastPOSTagger.tables(load()),
+                                 lambda t: FastPOSTagger(t, load)))
 
 @lru_cache(maxsize=None)
 def _ne_chunker(ner, reference):
+    import_nltk()
     if reference:
         from nltk.chunk import ne_chunker
         return _frozen(ne_chunker('binary' if ner == 'binary' else 'multiclass'))
-    return _frozen(FastNEChunker(_ne_chunker(ner, True)))
+    load = lambda: _ne_chunker(ner, True)
+    # the chunker's feature extractor also reads the words corpus (its 'en-basic' list)
+    return _frozen(_cached_model('ne_' + ner, [_RESOURCES['ne_' + ner][0], 'corpora/words/en-basic'],
+                                 lambda: FastNEChunker.tables(load()), lambda t: FastNEChunker(t, load)))
 
 # BPE: GPT-2 ('gpt2'), or 'gpt2-N': GPT-2 with only its first N ranks (the 256 bytes and
 # the first N-256 merges; <|endoftext|> = N). Every token of a merge has a lower rank than
@@ -2060,9 +2133,34 @@ def parse_tokenizer(name):
     return int(n)
 
 @lru_cache(maxsize=None)
+def _gpt2():
+    """tiktoken.get_encoding('gpt2'), built from its ranks in our disk cache: tiktoken's own
+    loader parses its data-gym files in Python (~0.15 s a process). Those files are checked by
+    tiktoken against hashes in its code, so the key is tiktoken's version and the code that
+    builds the ranks (tiktoken's loader, this file)."""
+    import tiktoken
+    import tiktoken.load
+    import tiktoken_ext.openai_public as public
+
+    def build():   # the ranks (token bytes -> rank) as one byte string, the lengths, the ranks
+        spec = public.gpt2()
+        ranks = spec.pop('mergeable_ranks')
+        return dict(spec=spec, blob=np.frombuffer(b''.join(ranks), dtype=np.uint8),
+                    lens=np.array(list(map(len, ranks)), dtype=np.int64),
+                    ranks=np.array(list(ranks.values()), dtype=np.int64))
+
+    def make(t):
+        blob, ends = t['blob'].tobytes(), np.cumsum(t['lens']).tolist()
+        toks = [blob[a:b] for a, b in zip([0] + ends[:-1], ends)]
+        return tiktoken.Encoding(mergeable_ranks=dict(zip(toks, t['ranks'].tolist())), **t['spec'])
+
+    return _cached('gpt2', f'tiktoken {tiktoken.__version__} numpy {np.__version__}',
+                   [public.__file__, tiktoken.load.__file__, __file__], build, make)
+
+@lru_cache(maxsize=None)
 def encoding():
     import tiktoken
-    gpt2 = tiktoken.get_encoding('gpt2')
+    gpt2 = _gpt2()
     n = parse_tokenizer(TOKENIZER)
     if n is None:
         return gpt2
@@ -2116,17 +2214,23 @@ def main(argv=None):
     except MetadataError as e:
         print(f'metadata.py: error: {e}', file=sys.stderr)
         return 1
+    # one line per token, exactly as json.dumps({'id': .., 'text': .., 'pos': .., 'ner': ..},
+    # ensure_ascii=False) writes it, from pieces quoted once per distinct value
     enc = encoding()
-    pos_names = stream_tags('pos', args.ner)
-    ner_names = stream_tags('ner', args.ner) if args.ner != 'none' else None
-    out = sys.stdout
-    for i, t in enumerate(ids.tolist()):
-        out.write(json.dumps({
-            'id': t,
-            'text': enc.decode_single_token_bytes(t).decode('utf-8', errors='replace'),
-            'pos': pos_names[streams['pos'][i]],
-            'ner': ner_names[streams['ner'][i]] if ner_names else None,
-        }, ensure_ascii=False) + '\n')
+    quote = lambda s: json.dumps(s, ensure_ascii=False)
+    pos_q = list(map(quote, stream_tags('pos', args.ner)))
+    ner_q = list(map(quote, stream_tags('ner', args.ner))) if args.ner != 'none' else ['null']
+    ner = streams['ner'].tolist() if args.ner != 'none' else [0] * len(ids)
+    text_q = {}
+    ids = ids.tolist()
+    for lo in range(0, len(ids), 1 << 16):
+        lines = []
+        for t, p, n in zip(ids[lo:lo + (1 << 16)], streams['pos'][lo:lo + (1 << 16)].tolist(), ner[lo:lo + (1 << 16)]):
+            s = text_q.get(t)
+            if s is None:
+                s = text_q[t] = quote(enc.decode_single_token_bytes(t).decode('utf-8', errors='replace'))
+            lines.append(f'{{"id": {t}, "text": {s}, "pos": {pos_q[p]}, "ner": {ner_q[n]}}}\n')
+        sys.stdout.write(''.join(lines))
     return 0
 
 if __name__ == '__main__':

@@ -31,12 +31,42 @@ What the causal code in metadata.py relies on (the window widths of the models):
 - punkt's decision at a candidate break is a pure function of its context string.
 """
 import re
+import sys
+import json
 
 import numpy as np
 
 POS_WINDOW = 2   # POS tag i reads words i-2 .. i+2 and the tags of i-1, i-2
 NE_WINDOW = 1    # raw NE label i reads tokens i-1 .. i+1 and the label of i-1
 NE_START = 2     # ... and whether i is 0, 1 or more
+
+
+def import_nltk():
+    """import nltk, without what its __init__ imports only because it is installed: scipy (for
+    nltk.collocations -> nltk.metrics.association's Fisher test, and a few other statistics) and
+    scikit-learn (nltk.classify.scikitlearn). They cost about 1 s of every process that tags, and
+    LIME uses neither: while nltk is imported they are made unimportable (a None entry in
+    sys.modules; NLTK catches the ImportError and defines its fallbacks), then the entries are
+    removed, so a later `import scipy` works as usual. Only what NLTK itself would have taken
+    from them is missing in this process (tests/test_metadata.py checks that nothing else in
+    NLTK differs). Nothing is blocked when nltk, scipy or sklearn is already imported."""
+    if 'nltk' in sys.modules:
+        return sys.modules['nltk']
+    blocked = [m for m in ('scipy', 'sklearn') if m not in sys.modules]
+    for m in blocked:
+        sys.modules[m] = None
+    try:
+        import nltk
+        return nltk
+    except ImportError:   # something needs them after all: forget the partial import, retry below
+        for m in [m for m in sys.modules if m == 'nltk' or m.startswith('nltk.')]:
+            del sys.modules[m]
+    finally:
+        for m in blocked:
+            if sys.modules.get(m, 0) is None:
+                del sys.modules[m]
+    import nltk
+    return nltk
 
 
 def iob(raw, prev):
@@ -54,6 +84,26 @@ class _OrthoContext(dict):
 
     def __missing__(self, key):
         return 0
+
+
+def punkt_tables(params):
+    """punkt's parameters (PunktParameters) as JSON values, for a disk cache: NLTK reads its tab
+    files line by line (~40 ms a process)."""
+    return dict(abbrev_types=sorted(params.abbrev_types), sent_starters=sorted(params.sent_starters),
+                collocations=sorted(map(list, params.collocations)),
+                ortho_words=list(params.ortho_context), ortho_flags=list(params.ortho_context.values()))
+
+
+def punkt_tokenizer(tables):
+    """The sentence tokenizer of those parameters (what PunktTokenizer(lang) is, less the
+    loading and saving of files)."""
+    from collections import defaultdict
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    params = PunktParameters()
+    params.abbrev_types, params.sent_starters = set(tables['abbrev_types']), set(tables['sent_starters'])
+    params.collocations = set(map(tuple, tables['collocations']))
+    params.ortho_context = defaultdict(int, zip(tables['ortho_words'], tables['ortho_flags']))
+    return PunktSentenceTokenizer(params)
 
 
 def punkt_memo(tok, maxsize=1 << 16):
@@ -122,81 +172,124 @@ def _grow(arr, n):
     return new
 
 
+def tables_to_arrays(tables):
+    """A model's tables (numpy arrays and JSON values, see FastPOSTagger.tables) as numpy arrays
+    only, for np.savez: the JSON values go in one UTF-8 byte array, so np.load needs no pickle."""
+    arrays = {k: v for k, v in tables.items() if isinstance(v, np.ndarray)}
+    rest = {k: v for k, v in tables.items() if not isinstance(v, np.ndarray)}
+    text = json.dumps(rest)
+    if json.loads(text) != rest:   # tuples, non-string keys: JSON would not give them back
+        raise ValueError('model tables do not round-trip through JSON')
+    arrays['json'] = np.frombuffer(text.encode(), dtype=np.uint8)
+    return arrays
+
+
+def tables_from_arrays(arrays):
+    """The inverse of tables_to_arrays (arrays: a dict or an opened .npz)."""
+    tables = json.loads(arrays['json'].tobytes())
+    tables.update((k, arrays[k]) for k in arrays.keys() if k != 'json')
+    return tables
+
+
 class FastPOSTagger:
-    """Exact, vectorised equivalent of tagger.tag() for tagger = nltk.tag.PerceptronTagger()."""
+    """Exact, vectorised equivalent of tagger.tag() for tagger = nltk.tag.PerceptronTagger().
+
+    Built from tables(tagger) (plain arrays and lists, which metadata.py keeps in a disk cache);
+    NLTK's own tagger is needed only to recompute a near-tie: load_tagger() is called then."""
 
     # per-word cache columns (row ids into self.W; 0 is the all-zero row)
     TD, ISUF, IPREF, IWORD, M1WORD, M1SUF, M2WORD, P1WORD, P1SUF, P2WORD, TWID = range(11)
 
-    def __init__(self, tagger, max_batch_tokens=32768, eps=1e-6, max_cache=2_000_000):
-        self.max_cache = max_cache  # per-word cache entries kept after a call (bounds memory)
-        self.tagger = tagger        # NLTK's own model (near-ties are recomputed with it)
+    @staticmethod
+    def tables(tagger):
+        """The model as numpy arrays and JSON values (what __init__ reads)."""
         model = tagger.model
+        classes = sorted(model.classes)
+        C = len(classes)
+        # tag vocabulary for prev/prev2: classes first (so argmax index == tag
+        # index), then the START markers and any tagdict-only tags
+        tags = list(classes)
+        for t in list(tagger.START) + sorted(set(tagger.tagdict.values())):
+            if t not in tags:
+                tags.append(t)
+        tag_idx = {t: i for i, t in enumerate(tags)}
+        NT = len(tags)
+        cidx = {c: i for i, c in enumerate(classes)}
+        # dense weight matrix: feature string -> row (row r + 1 holds features[r])
+        features = list(model.weights)
+        feat_row = {f: r for r, f in enumerate(features, 1)}
+        W = np.zeros((len(features) + 1, C), dtype=np.float64)
+        for f, r in feat_row.items():
+            for lab, w in model.weights[f].items():
+                if lab in cidx:  # NLTK only takes the max over self.classes
+                    W[r, cidx[lab]] = w
+        fr = feat_row.get
+        # (prev, prev2) -> sum of 'i-1 tag', 'i-2 tag', 'i tag+i-2 tag' rows
+        T = np.zeros((NT, NT, C))
+        for a, ta in enumerate(tags):
+            for b, tb in enumerate(tags):
+                T[a, b] = W[fr("i-1 tag " + ta, 0)] + W[fr("i-2 tag " + tb, 0)] + W[fr("i tag+i-2 tag " + ta + " " + tb, 0)]
+        # 'i-1 tag+i word' features: key = word_id * NT + prev_tag -> row
+        tw_word = {}
+        keys, rows = [], []
+        pre = "i-1 tag+i word "
+        for f, r in feat_row.items():
+            if f.startswith(pre):
+                t, w = f[len(pre):].split(" ", 1)  # tags contain no spaces
+                if t in tag_idx:
+                    wid = tw_word.setdefault(w, len(tw_word))
+                    keys.append(wid * NT + tag_idx[t])
+                    rows.append(r)
+        o = np.argsort(keys)
+        # the longest string the model reads a word through (metadata.py's long-word shortcut)
+        longest = max(max(map(len, tagger.tagdict), default=0), max(map(len, features), default=0))
+        return dict(classes=classes, tags=tags, features=features, W=W, T=T, tw_words=list(tw_word),
+                    tw_keys=np.asarray(keys, dtype=np.int64)[o], tw_rows=np.asarray(rows, dtype=np.int64)[o],
+                    tagdict=dict(tagger.tagdict), longest=longest)
+
+    def __init__(self, tables, load_tagger, max_batch_tokens=32768, eps=1e-6, max_cache=2_000_000):
+        from nltk.tag import PerceptronTagger
+        self.max_cache = max_cache  # per-word cache entries kept after a call (bounds memory)
+        self._load_tagger, self._tagger = load_tagger, None
         self.max_batch_tokens = max_batch_tokens
         # weights are rounded to 3 decimals, so distinct scores differ by ~1e-3;
         # a gap below eps means an exact tie (or float-order sensitive) -> NLTK
         self.eps = eps
-        self.classes = sorted(model.classes)
-        C = len(self.classes)
-        # tag vocabulary for prev/prev2: classes first (so argmax index == tag
-        # index), then the START markers and any tagdict-only tags
-        self.tags = list(self.classes)
-        for t in list(tagger.START) + sorted(set(tagger.tagdict.values())):
-            if t not in self.tags:
-                self.tags.append(t)
+        t = tables
+        self.classes, self.tags, self.tagdict, self.longest = t['classes'], t['tags'], t['tagdict'], t['longest']
         self.tag_idx = {t: i for i, t in enumerate(self.tags)}
         self.tags_obj = np.array(self.tags, dtype=object)
-        NT = self.NT = len(self.tags)
-        cidx = {c: i for i, c in enumerate(self.classes)}
-        # dense weight matrix: feature string -> row
-        self.feat_row = {}
-        W = np.zeros((len(model.weights) + 1, C), dtype=np.float64)
-        for f, wd in model.weights.items():
-            r = len(self.feat_row) + 1
-            self.feat_row[f] = r
-            for lab, w in wd.items():
-                if lab in cidx:  # NLTK only takes the max over self.classes
-                    W[r, cidx[lab]] = w
-        self.W = W
-        fr = self.feat_row.get
-        self.bias = W[fr("bias", 0)]
-        # (prev, prev2) -> sum of 'i-1 tag', 'i-2 tag', 'i tag+i-2 tag' rows
-        T = np.zeros((NT, NT, C))
-        for a, ta in enumerate(self.tags):
-            for b, tb in enumerate(self.tags):
-                T[a, b] = W[fr("i-1 tag " + ta, 0)] + W[fr("i-2 tag " + tb, 0)] + W[fr("i tag+i-2 tag " + ta + " " + tb, 0)]
-        self.T = T
-        # 'i-1 tag+i word' features: key = word_id * NT + prev_tag -> row
-        self.tw_word = {}
-        keys, rows = [], []
-        pre = "i-1 tag+i word "
-        for f, r in self.feat_row.items():
-            if f.startswith(pre):
-                t, w = f[len(pre):].split(" ", 1)  # tags contain no spaces
-                if t in self.tag_idx:
-                    wid = self.tw_word.setdefault(w, len(self.tw_word))
-                    keys.append(wid * NT + self.tag_idx[t])
-                    rows.append(r)
-        o = np.argsort(keys)
-        self.tw_keys = np.asarray(keys, dtype=np.int64)[o]
-        self.tw_rows = np.asarray(rows, dtype=np.int64)[o]
-        self.tw_keys_list = self.tw_keys.tolist()
+        self.NT = len(self.tags)
+        self.feat_row = dict(zip(t['features'], range(1, len(t['features']) + 1)))
+        self.W, self.T, self.tw_keys, self.tw_rows = t['W'], t['T'], t['tw_keys'], t['tw_rows']
+        self.bias = self.W[self.feat_row.get("bias", 0)]
+        self.tw_word = dict(zip(t['tw_words'], range(len(t['tw_words']))))
+        # NLTK's word normalisation and context markers (a tagger without its model: no file read)
+        bare = PerceptronTagger(load=False)
+        self.normalize, self.START, self.END = bare.normalize, bare.START, bare.END
         # per-word cache; ids 0..3 are the context pseudo-words, which are NOT
         # normalised (a real token '-START-' normalises to '-start-')
         self._reset_cache()
+
+    @property
+    def tagger(self):
+        """NLTK's own tagger, loaded on first use (a near-tie)."""
+        if self._tagger is None:
+            self._tagger = self._load_tagger()
+        return self._tagger
 
     def _reset_cache(self):
         self.word_id = {}
         self.roles = np.zeros((1024, 11), dtype=np.int64)
         self.n_words = 0
-        for k, s in enumerate(list(self.tagger.START) + list(self.tagger.END)):
+        for k, s in enumerate(list(self.START) + list(self.END)):
             self._add(s, pseudo=True)
             self.word_id[k] = k  # int keys (never a word) name the pseudo-words in _run
 
     def _row(self, w, pseudo=False):
-        tg, fr = self.tagger, self.feat_row.get
-        n = w if pseudo else tg.normalize(w)
-        td = tg.tagdict.get(w)
+        fr = self.feat_row.get
+        n = w if pseudo else self.normalize(w)
+        td = self.tagdict.get(w)
         return [
             self.tag_idx[td] if (td and not pseudo) else -1,
             fr("i suffix " + w[-3:], 0),
@@ -242,7 +335,7 @@ class FastPOSTagger:
         # -START- -START2- before word 0 and -END- -END2- after the last word (pseudo-word
         # ids 0..3, written as their int keys); words are mapped to ids in one pass after
         fw, starts, lens, h1, h2 = [], [], [], [], []
-        START, tidx = self.tagger.START, self.tag_idx
+        START, tidx = self.START, self.tag_idx
         t_s0, t_s1 = tidx[START[0]], tidx[START[1]]
         for s, start, prev, stop in jobs:
             n = len(s)
@@ -371,72 +464,122 @@ class FastPOSTagger:
 class FastNEChunker:
     """Exact, vectorised equivalent of
     [iob for (w, p, iob) in tree2conlltags(chunker.parse(sent))] for chunker =
-    nltk.chunk.ne_chunker(fmt) (the binary or the multiclass model)."""
+    nltk.chunk.ne_chunker(fmt) (the binary or the multiclass model).
 
-    def __init__(self, chunker, max_batch_tokens=32768, eps=1e-9, max_cache=2_000_000):
-        self.max_cache = max_cache  # per-(word, pos) cache entries kept after a call
+    Built from tables(chunker) (plain arrays and lists, which metadata.py keeps in a disk cache);
+    NLTK's own chunker is needed only to recompute a near-tie: load_chunker() is called then."""
+
+    # the features of a token read through the token alone (own) and as a neighbour (cols)
+    OWN = ("bias", "shape", "wordlen", "prefix3", "suffix3", "pos", "word", "en-wordlist")
+    COLS = ("prevpos", "prevword", "nextpos", "nextword")
+
+    @staticmethod
+    def tables(chunker):
+        """The model as numpy arrays and JSON values (what __init__ reads)."""
         import nltk
-        from nltk.chunk.named_entity import shape, simplify_pos
-        self._shape, self._simplify_pos = self._compile_shape(shape), simplify_pos
-        self.chunker = chunker  # NLTK's own (near-ties are recomputed with it)
-        self.nt = nt = self.chunker._tagger  # NEChunkParserTagger
+        nt = chunker._tagger  # NEChunkParserTagger
         clf = nt._classifier
         enc = clf._encoding
-        self.max_batch_tokens = max_batch_tokens
-        self.eps = eps
         # our scoring mirrors BinaryMaxentFeatureEncoding + log-linear maxent
         assert isinstance(enc, nltk.classify.maxent.BinaryMaxentFeatureEncoding)
         assert clf._logarithmic and not enc._unseen and nt._cutoff_prob is None
-        self.labels = list(enc.labels())
-        self.labels_obj = np.array(self.labels, dtype=object)
-        self.label_idx = {lab: j for j, lab in enumerate(self.labels)}
-        for lab in self.labels:
+        labels = list(enc.labels())
+        for lab in labels:
             assert lab == "O" or lab[:2] in ("B-", "I-"), lab
-        L = len(self.labels)
-        lidx = {lab: j for j, lab in enumerate(self.labels)}
+        L = len(labels)
+        lidx = {lab: j for j, lab in enumerate(labels)}
         wts = clf._weights
-        # (fname, fval) -> row of per-label weights; a python dict keyed like
-        # NLTK's mapping, so value equality (True == 1, None, ints) is the same
-        self.feat_row = {}
+        # feature name -> {value: row of per-label weights}; python dicts keyed like NLTK's
+        # mapping, so value equality (True == 1, None, ints) is the same
+        feat, n_rows = {}, 1
         rows = [np.zeros(L)]
         for (fname, fval, lab), fid in enc._mapping.items():
-            r = self.feat_row.get((fname, fval))
+            assert fval is None or isinstance(fval, (str, int)), (fname, fval)   # JSON-exact values
+            d = feat.setdefault(fname, {})
+            r = d.get(fval)
             if r is None:
-                r = self.feat_row[(fname, fval)] = len(rows)
+                r = d[fval] = len(rows)
                 rows.append(np.zeros(L))
             rows[r][lidx[lab]] = wts[fid]
-        self.W = np.array(rows)
-        self.aon = np.zeros(L)
+        W = np.array(rows)
+        aon = np.zeros(L)
         if enc._alwayson:
             for lab, fid in enc._alwayson.items():
-                self.aon[lidx[lab]] = wts[fid]
-        self.wl = nt._english_wordlist()
+                aon[lidx[lab]] = wts[fid]
+        wl = sorted(nt._english_wordlist())
         # values the 'prevtag' feature can take: None (index 0), a label's
         # first character (index 1: NLTK uses history[index - 1][0]) or the
         # full label (index >= 2)
-        self.vals = [None] + self.labels + sorted({lab[0] for lab in self.labels})
-        vidx = {v: j for j, v in enumerate(self.vals)}
-        self.v_full = np.array([vidx[lab] for lab in self.labels])
-        self.v_char = np.array([vidx[lab[0]] for lab in self.labels])
-        fr = self.feat_row.get
-        self.r_prevtag = np.array([fr(("prevtag", v), 0) for v in self.vals])
-        self.r_shpt_none = np.array([fr(("shape+prevtag", f"{None}+{v}"), 0) for v in self.vals])
-        self.r_none = {k: fr((k, None), 0) for k in ("prevpos", "prevword", "nextpos", "nextword")}
+        vals = [None] + labels + sorted({lab[0] for lab in labels})
+        vidx = {v: j for j, v in enumerate(vals)}
+        E = {}
+        r_prevtag = [feat.get("prevtag", E).get(v, 0) for v in vals]
+        r_shpt_none = [feat.get("shape+prevtag", E).get(f"{None}+{v}", 0) for v in vals]
+        r_none = {k: feat.get(k, E).get(None, 0) for k in FastNEChunker.COLS}
         # 'word+nextpos' (f"{word.lower()}+{next pos.lower()}", 'None' at the sentence end) as a
         # dense table: [index of the lowercased word, index of the next pos] -> row. Next-pos
         # indices of the model's features come first (0 = None); any other pos has no row.
-        self.wn_word, self.wn_pl = {}, {None: 0}
+        wn_word, wn_pl = {}, {None: 0}
         cells = []
-        for (fname, fval), r in self.feat_row.items():
-            if fname == "word+nextpos" and isinstance(fval, str):
+        for fval, r in feat.get("word+nextpos", E).items():
+            if isinstance(fval, str):
                 w, _, npos = fval.rpartition("+")
-                wi = self.wn_word.setdefault(w, len(self.wn_word) + 1)   # 0: no such word
-                pi = self.wn_pl.setdefault(None if npos == "None" else npos, len(self.wn_pl))
+                wi = wn_word.setdefault(w, len(wn_word) + 1)   # 0: no such word
+                pi = wn_pl.setdefault(None if npos == "None" else npos, len(wn_pl))
                 cells.append((wi, pi, r))
-        self.wn_tab = np.zeros((len(self.wn_word) + 1, len(self.wn_pl)), dtype=np.int64)
+        wn_tab = np.zeros((len(wn_word) + 1, len(wn_pl)), dtype=np.int64)
         for wi, pi, r in cells:
-            self.wn_tab[wi, pi] = r
+            wn_tab[wi, pi] = r
+        # the longest string (or word length) the model reads a word through (metadata.py's
+        # long-word shortcut)
+        longest = max(max((len(v) for d in feat.values() for v in d if isinstance(v, str)), default=0),
+                      max((v for v in feat.get("wordlen", E) if isinstance(v, int)), default=0),
+                      max(map(len, wl), default=0))
+        # word+nextpos is read through wn_tab only
+        names = [n for n in feat if n != "word+nextpos"]
+        return dict(labels=labels, W=W, aon=aon, wl=wl, vals=vals,
+                    v_full=np.array([vidx[lab] for lab in labels], dtype=np.int64),
+                    v_char=np.array([vidx[lab[0]] for lab in labels], dtype=np.int64),
+                    r_prevtag=np.array(r_prevtag, dtype=np.int64), r_shpt_none=np.array(r_shpt_none, dtype=np.int64),
+                    r_none=r_none, feat_names=names, feat_vals=[list(feat[n]) for n in names],
+                    feat_rows=np.array([r for n in names for r in feat[n].values()], dtype=np.int64),
+                    wn_words=list(wn_word), wn_pl=list(wn_pl), wn_tab=wn_tab, longest=longest)
+
+    def __init__(self, tables, load_chunker, max_batch_tokens=32768, eps=1e-9, max_cache=2_000_000):
+        from nltk.chunk.named_entity import shape, simplify_pos
+        self.max_cache = max_cache  # per-(word, pos) cache entries kept after a call
+        self._shape, self._simplify_pos = self._compile_shape(shape), simplify_pos
+        self._load_chunker, self._chunker = load_chunker, None
+        self.max_batch_tokens = max_batch_tokens
+        self.eps = eps
+        t = tables
+        self.labels = t['labels']
+        self.labels_obj = np.array(self.labels, dtype=object)
+        self.label_idx = {lab: j for j, lab in enumerate(self.labels)}
+        self.W, self.aon, self.wl, self.vals = t['W'], t['aon'], set(t['wl']), t['vals']
+        self.v_full, self.v_char, self.r_prevtag, self.r_shpt_none, self.r_none = (
+            t['v_full'], t['v_char'], t['r_prevtag'], t['r_shpt_none'], t['r_none'])
+        self.feat, k = {}, 0
+        rows = t['feat_rows'].tolist()
+        for name, vals in zip(t['feat_names'], t['feat_vals']):
+            self.feat[name] = dict(zip(vals, rows[k:k + len(vals)]))
+            k += len(vals)
+        self.wn_word = dict(zip(t['wn_words'], range(1, len(t['wn_words']) + 1)))
+        self.wn_pl = dict(zip(t['wn_pl'], range(len(t['wn_pl']))))
+        self.wn_tab, self.longest = t['wn_tab'], t['longest']
         self._reset_cache()
+
+    @property
+    def chunker(self):
+        """NLTK's own chunker, loaded on first use (a near-tie)."""
+        if self._chunker is None:
+            self._chunker = self._load_chunker()
+        return self._chunker
+
+    @property
+    def nt(self):
+        """NLTK's greedy raw-label tagger (NEChunkParserTagger) of the chunker."""
+        return self.chunker._tagger
 
     @staticmethod
     def _compile_shape(nltk_shape):
@@ -502,8 +645,11 @@ class FastNEChunker:
     def _add_many(self, toks):
         """Cache the features of new (word, pos) tokens: Python lookups per token, the row sums
         for all of them at once (in NLTK's order: float addition is not associative)."""
-        fr = self.feat_row.get
-        W, shape, wl = self.W, self._shape, self.wl
+        W, shape, wl, vals = self.W, self._shape, self.wl, self.vals
+        E = {}
+        (f_bias, f_shape, f_len, f_pre, f_suf, f_pos, f_word, f_wl), (f_ppos, f_pword, f_npos, f_nword) = (
+            [self.feat.get(n, E) for n in names] for names in (self.OWN, self.COLS))
+        f_ppt, f_shpt = self.feat.get("pos+prevtag", E), self.feat.get("shape+prevtag", E)
         i0, k = self.n_tok, len(toks)
         for name in ('selfvec', 'cols', 'ppt', 'shpt', 'plid', 'wnw'):
             setattr(self, name, _grow(getattr(self, name), i0 + k))
@@ -512,27 +658,19 @@ class FastNEChunker:
             word, pos = tok
             sp = self._simplify_pos(pos)
             lw, pl = word.lower(), pos.lower()
-            own.append([fr(key, 0) for key in (
-                ("bias", True),
-                ("shape", shape(word)),
-                ("wordlen", len(word)),
-                ("prefix3", word[:3].lower()),
-                ("suffix3", word[-3:].lower()),
-                ("pos", sp),
-                ("word", word),
-                ("en-wordlist", word in wl),
-            )])
-            cols.append((fr(("prevpos", sp), 0), fr(("prevword", lw), 0), fr(("nextpos", pl), 0),
-                         fr(("nextword", lw), 0)))
+            own.append((f_bias.get(True, 0), f_shape.get(shape(word), 0), f_len.get(len(word), 0),
+                        f_pre.get(word[:3].lower(), 0), f_suf.get(word[-3:].lower(), 0), f_pos.get(sp, 0),
+                        f_word.get(word, 0), f_wl.get(word in wl, 0)))
+            cols.append((f_ppos.get(sp, 0), f_pword.get(lw, 0), f_npos.get(pl, 0), f_nword.get(lw, 0)))
             # the prevtag pair rows depend on the simplified pos / the shape only: few values
             row = self._ppt_rows.get(sp)
             if row is None:
-                row = self._ppt_rows[sp] = [fr(("pos+prevtag", f"{sp}+{t}"), 0) for t in self.vals]
+                row = self._ppt_rows[sp] = [f_ppt.get(f"{sp}+{t}", 0) for t in vals]
             ppt.append(row)
             psh = shape(lw)  # prevshape is the shape of the LOWERCASED previous word
             row = self._shpt_rows.get(psh)
             if row is None:
-                row = self._shpt_rows[psh] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
+                row = self._shpt_rows[psh] = [f_shpt.get(f"{psh}+{t}", 0) for t in vals]
             shpt.append(row)
             plid.append(self.pl_id.setdefault(pl, len(self.pl_id)))
             wnw.append(self.wn_word.get(lw, 0))
