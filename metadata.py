@@ -11,8 +11,9 @@ overlap no word), 2 = <unk> (metadata dropout / missing hints), then the tags.
 
 This file, top to bottom: tag vocabularies; the text-to-tags path (annotate_text: words and
 tags, BPE tokens, alignment; annotate_ids for any token stream); causal tags (annotate_causal,
-the online CausalStream); NLTK resources, models and the BPE tokenizer; the CLI. The exact fast
-re-implementations of the NLTK models are in nltk_fast.py.
+the online CausalStream); NLTK resources, models (kept in a disk cache, cache_dir()) and the BPE
+tokenizer; the CLI. The exact fast re-implementations of the NLTK models, and the facts about
+NLTK that the causal path relies on, are in nltk_fast.py.
 
 Library use:
     ids, streams = annotate_text(text, tokenization='lime', ner='binary')
@@ -34,8 +35,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-from nltk_fast import (FastPOSTagger, FastNEChunker, FastWordSpans, punkt_memo, iob as _iob,
-                       POS_WINDOW, NE_WINDOW, NE_START)
+import nltk_fast
+from nltk_fast import (FastPOSTagger, FastNEChunker, FastWordSpans, punkt_memo, iob as _iob, import_nltk,
+                       POS_WINDOW, NE_WINDOW, NE_START, TextIndex, sync_point, MiddleSummary, rep_middle,
+                       SYNC_G, REP_H, LONG_WORD, PUNKT_LONG)
 
 # -----------------------------------------------------------------------------
 # fixed tag vocabularies: identical on every machine, independent of the data
@@ -531,13 +534,10 @@ def _prefix_spans(ids):
                   C + (bs - cstart[C]))
     return text, C, M, CS, C + M
 
-# str.isspace of every code point up to U+3000 (the last space character), False after it
-_SPACE_TABLE = np.array([chr(i).isspace() for i in range(0x3001)] + [False], dtype=bool)
-
 class _CausalDoc:
     """A document on the causal path: its text, its full annotation (_doc_analysis: sents,
     spans, fb, words, pos, raw, per sentence), flat word arrays, and lookups by character
-    (_TextIndex: whitespace, separators, candidate sentence ends) that do not scan the text.
+    (TextIndex: whitespace, separators, candidate sentence ends) that do not scan the text.
     The online stream has the same interface (_StreamDoc)."""
 
     def __init__(self, text, ner, reference):
@@ -556,7 +556,7 @@ class _CausalDoc:
         self.sstarts_l, self.wfirst_l = self.sstarts.tolist(), self.wfirst.tolist()
         self.wstart_l, self.wend_l = self.wstart.tolist(), self.wend.tolist()
         # characters: whitespace positions and, for each, where its run of whitespace ends
-        self.index = _TextIndex(text)
+        self.index = TextIndex(text)
         self.ws = ws = np.frombuffer(self.index.pos['ws'], dtype=np.int64)
         self.sep = np.frombuffer(self.index.pos['sep'], dtype=np.int64)
         self.ws_run_end = np.zeros(0, dtype=np.int64)
@@ -766,7 +766,7 @@ def _sentence_tail(doc, s, e, j, ref, c, cs, reference, same_end):
         chunk = max(cut + 1, s)
         end = min(e, c)   # the sentence's complete characters
         if min(cs, end) - chunk > _SYNC_MIN and _long_run_checks(doc.ner)[0]:
-            m = _sync_point(text, chunk, min(cs, min(end, same_end) - _SYNC_G))
+            m = sync_point(text, chunk, min(cs, min(end, same_end) - SYNC_G))
             if m >= 0:
                 r = _sync_tail(doc, s, j, ref, m, end, mcut, reference)
                 if r is not None:
@@ -860,77 +860,20 @@ def _best_word_tags(doc, cs, ce, old, found, ner_id):
 
 # ---- long runs without whitespace
 # A prefix that ends inside a long whitespace-free run (a base64 blob, minified JSON, 'a' * n)
-# would make the steps above cost the run's length per token: the run is one chunk (re-tokenized
-# whole), often one huge word (whose every prefix is a new word for the taggers), and punkt's
-# contexts hold the whole run. Three facts keep the work per token bounded, each exact:
-# 1. Sync points (_sync_point). NLTK's Treebank rules only match patterns of a few characters,
-#    except runs of backticks, periods, closing brackets/quotes before the text's end, and
-#    chains of ':' ','. At a position m whose 2 * _SYNC_G neighbours hold none of those runs (nor
-#    quotes other than '"', nor whitespace) and not only closing characters right of m, no rule
-#    match crosses m and every match near m depends on characters within the window only. So
-#    the words of a prefix left of m are the document's, and right of m those of the text from
-#    m - _SYNC_G to the prefix end, tokenized on its own (the word across m, if any, joins both).
-# 2. Long words (_word_str). The taggers read a word longer than any string in their models only
-#    through its first and last characters, whether it holds a '-', and a few properties of its
-#    characters (digits, letters, case, \w): what str.istitle, str.islower, NLTK's shape() and the
-#    number pattern see. A word of _LONG_WORD characters or more whose middle consists of
-#    characters of a few known classes (_char_class) is given to the taggers as its first and last
-#    _REP_H characters around a short middle with the same classes, pairs of case classes and
-#    periods (_rep_middle): the same features, so the same tags.
-# 3. punkt (_punkt_input). punkt decides a break from contexts whose tokens it annotates in pairs
-#    (whether a token ends a sentence depends on it and the next token only); in a stretch
-#    without whitespace it weighs only the last candidate break (every context starts at the
-#    stretch's start, so earlier candidates overlap later ones); and it reads a long token only
-#    through its first and last characters and which classes of characters it holds. So, for
-#    punkt, the middle of a long stretch reads the same as a few characters: as the two
-#    single-character tokens ( ) [ ] { } " ; : * @ around it (and a ':') when no token in it can
-#    end a sentence (no ? ! and no period that ends a token), or, with the last candidate in the
-#    tail, when the text before it already holds a sentence-ending pair or the middle holds none
-#    (_sentence_ends); as one character of each class present (letter, digit, , . - inside a
-#    token, other) when punkt splits nowhere in it.
-# Each holds for the NLTK rules it was checked against (_long_run_checks compares them); with
-# another NLTK the exact per-token path runs (slower on long runs, the same tags).
+# would make the steps above cost the run's length per token. Three facts about NLTK keep the
+# work per token bounded, each exact (nltk_fast.py, "long runs without whitespace", states and
+# checks them): sync points (a prefix's words right of a sync point are those of a short window
+# tokenized alone: _sync_tail), long-word representatives (a long word goes to the taggers as a
+# short string with the same features: _word_str), and shortened punkt input (_punkt_input).
+# Each is used only where _long_run_checks says it holds for the installed NLTK.
 
-_SYNC_G = 8                  # characters on each side of a sync point
-_SYNC_MIN = 4 * _SYNC_G      # chunk prefixes up to this long are re-tokenized whole (normal text)
-_SYNC_TRIES = 64             # windows tried before re-tokenizing the whole chunk
-# what a sync window may not hold: whitespace, backticks, single and curly quotes, guillemets,
-# two periods, two of ':' ',' or two '-' in a row (a single period is read by the final-period
-# rule only before closing characters up to the text's end: the window's right half has another)
-_SYNC_BAD = re.compile(r"""[\s`'«»“”‘’„]|\.(?=\.)|[:,](?=[:,])|-(?=-)""")
-_CLOSERS = frozenset('])}>"\'»”’')   # closing characters the Treebank final-period rule skips
-_REP_H = 32                  # characters kept at each end of a long word (taggers) or stretch (punkt)
-_LONG_WORD = 3 * _REP_H      # words at least this long go to the taggers as a representative
-_PUNKT_LONG = 4 * _REP_H     # stretches at least this long are shortened for punkt
-_PUNKT_C1 = '()[]{}";:*@'    # punkt: single-character tokens that also end the token before them
-# the punkt code the facts above were checked against: NLTK 3.10 (the Treebank rules: in
-# FastWordSpans.KNOWN_RULES)
-_KNOWN_PUNKT = {'84432cd3026837fb'}
-
-def _sync_point(text, lo, x):
-    """The last sync point m <= x with m - _SYNC_G >= lo (fact 1 above), or -1."""
-    G = _SYNC_G
-    m = x
-    for _ in range(_SYNC_TRIES):
-        if m - G < lo:
-            return -1
-        w = text[m - G:m + G]
-        bad = None
-        for bad in _SYNC_BAD.finditer(w):
-            pass
-        if bad is None:
-            if any(ch not in _CLOSERS for ch in w[G:]):
-                return m
-            m -= 1
-        else:
-            m = m - 2 * G + bad.start()   # the next window ends before the bad character
-    return -1
+_SYNC_MIN = 4 * SYNC_G      # chunk prefixes up to this long are re-tokenized whole (normal text)
 
 def _sync_tail(doc, s, j, ref, m, end, mcut, reference):
     """The words of the prefix sentence at s (the document's sentence j, whose words are ref;
     the prefix sentence's text: text[s:end], then mcut U+FFFD) from the sync point m on: (q, tail)
     as _sentence_tail gives, or None."""
-    G = _SYNC_G
+    G = SYNC_G
     if doc.sents[j][1] < m + G:   # the document's sentence must hold the whole window
         return None
     _CAUSAL_STATS['chars'] += end - m + G + mcut
@@ -955,136 +898,21 @@ def _sync_tail(doc, s, j, ref, m, end, mcut, reference):
         tail[0] = (ref[k][0], tail[0][1])
     return k, tail
 
-# character classes of a long word's middle (fact 2): U, L (cased), D (ASCII digit), O (uncased
-# letter: CJK, ...; not the CJK numerals), W ('_'), X (other: + / = , : ...), Y ('-'), P ('.'), each with the
-# representative character written in its place
-_CLASS_REP = 'Aa0\u65e5_+-.'
-_U, _L, _D, _O, _W, _X, _Y, _P = range(8)
-
-def _char_props(ch):
-    # everything the taggers' features (and str.istitle / islower, shape(), the number patterns)
-    # can observe of one character, in both regex engines
-    props = (ch in '0123456789', ch.isdigit(), ch.isdecimal(), ch.isnumeric(), ch.isalpha(),
-             ch.isalnum(), ch.isupper(), ch.islower(), ch.istitle(), ch.isspace(), ch.isprintable(),
-             ch in '-.', bool(re.match(r'\w', ch)), bool(re.match(r'\d', ch)))
-    rx = _regex_module()
-    if rx is not None:
-        props += (bool(rx.match(r'\w', ch)), bool(rx.match(r'\d', ch)))
-    return props
-
-@lru_cache(maxsize=None)
-def _regex_module():
-    try:
-        import regex
-        return regex
-    except ImportError:
-        return None
-
-_CLASS_OF = {}   # character -> class (-1: none: the word is given to the taggers as it is)
-
-def _char_class(ch):
-    k = _CLASS_OF.get(ch)
-    if k is None:
-        k = -1
-        if ch not in 'Σ-.':   # (Σ lowercases by its neighbours; '-' and '.' are their own classes)
-            props = _char_props(ch)
-            for cls, rep in enumerate(_CLASS_REP[:_Y]):
-                if props == _char_props(rep):
-                    low = ch.lower()
-                    if (low == ch if cls != _U else len(low) == 1 and _char_class(low) == _L):
-                        k = cls
-                    break
-        elif ch != 'Σ':
-            k = _Y if ch == '-' else _P
-        _CLASS_OF[ch] = k
-    return k
-
-def _pair_flags(a, b):
-    # (bad for istitle of the word, bad for istitle of the lowercased word) of adjacent classes a, b
-    ca, cb = a <= _L, b <= _L
-    return (ca and b == _U) or (not ca and b == _L), not ca and cb
-
-_CLASS_TABLE = {}   # ord(character) -> its class as a digit, 'x' for none (for str.translate)
-_BAD1 = re.compile('[01]0|[2-7]1')   # class pairs bad for istitle of the word (cased then U, uncased then L)
-_BAD2 = re.compile('[2-7][01]')      # ... of the lowercased word (uncased then cased)
-
-class _MiddleSummary:
-    """The classes of a long word's middle, scanned left to right (extended as the prefix grows):
-    first and last class, the classes present, whether a pair bad for istitle occurs (in the word
-    and in the lowercased word), how many periods (0, 1, 2 or more); ok False: a character of no class."""
-    __slots__ = ('end', 'first', 'last', 'present', 'bad1', 'bad2', 'dots', 'ok')
-
-    def __init__(self, start):
-        self.end, self.first, self.last, self.present = start, -1, -1, 0
-        self.bad1 = self.bad2 = False
-        self.dots, self.ok = 0, True
-
-    def extend(self, text, end):
-        if self.ok and end > self.end:
-            chunk = text[self.end:end]
-            for ch in set(chunk):
-                if ord(ch) not in _CLASS_TABLE:
-                    k = _char_class(ch)
-                    _CLASS_TABLE[ord(ch)] = str(k) if k >= 0 else 'x'
-            r = chunk.translate(_CLASS_TABLE)
-            if 'x' in r:
-                self.ok = False
-            else:
-                rr = (str(self.last) if self.last >= 0 else '') + r
-                if self.first < 0:
-                    self.first = int(r[0])
-                self.last = int(r[-1])
-                for d in set(r):
-                    self.present |= 1 << int(d)
-                self.bad1 = self.bad1 or _BAD1.search(rr) is not None
-                self.bad2 = self.bad2 or _BAD2.search(rr) is not None
-                self.dots = min(2, self.dots + r.count('7'))
-        self.end = max(self.end, end)
-        return self
-
-    def key(self):
-        return self.first, self.last, self.present, self.bad1, self.bad2, self.dots
-
-@lru_cache(maxsize=None)
-def _rep_middle(key):
-    """The shortest string of class representatives with the summary key (first, last, present,
-    bad1, bad2, dots): found by breadth-first search over (last class, classes so far, flags)."""
-    first, last, present, bad1, bad2, dots = key
-    classes = [k for k in range(8) if present >> k & 1]
-    start = (first, 1 << first, False, False, int(first == _P))
-    prev = {start: None}
-    queue = [start]
-    for state in queue:
-        k, have, b1, b2, d = state
-        if k == last and have == present and b1 == bad1 and b2 == bad2 and d == dots:
-            out = []
-            while state is not None:
-                out.append(_CLASS_REP[state[0]])
-                state = prev[state]
-            return ''.join(reversed(out))
-        for n in classes:
-            f1, f2 = _pair_flags(k, n)
-            nxt = (n, have | 1 << n, b1 or f1, b2 or f2, min(2, d + (n == _P)))
-            if nxt not in prev:
-                prev[nxt] = state
-                queue.append(nxt)
-    raise AssertionError(key)   # unreachable: the word's own middle is such a string
-
 def _word_str(doc, a, b, c):
     """The string the taggers get for the prefix word [a, b) (the prefix: text[:c], then U+FFFD):
     the word itself, or for a long word a representative with the same features (fact 2)."""
     text = doc.text
-    if b - a >= _LONG_WORD and _long_run_checks(doc.ner)[1]:
-        H = _REP_H
+    if b - a >= LONG_WORD and _long_run_checks(doc.ner)[1]:
+        H = REP_H
         head = text[a:a + H]
         tail = text[b - H:min(b, c)] + '\ufffd' * (b - max(c, b - H))
         if 'Σ' not in head and 'Σ' not in tail:
             summ = doc.middles.get(a + H)
             if summ is None or summ.end > b - H:
-                summ = doc.middles[a + H] = _MiddleSummary(a + H)
+                summ = doc.middles[a + H] = MiddleSummary(a + H)
             if summ.extend(text, b - H).ok:
                 _CAUSAL_STATS['rep'] += 1
-                return head + _rep_middle(summ.key()) + tail
+                return head + rep_middle(summ.key()) + tail
     _CAUSAL_STATS['chars'] += b - a
     if b <= c:
         return text[a:b]
@@ -1092,367 +920,19 @@ def _word_str(doc, a, b, c):
 
 @lru_cache(maxsize=None)
 def _long_run_checks(ner):
-    """(sync points, long-word representatives, punkt shortening): whether each fact of the notes
-    above holds for the installed NLTK (its Treebank rules and punkt code are the ones checked, and
-    no string the models know is as long as a representative's ends)."""
-    import hashlib
-    import inspect
-    import nltk.tokenize.punkt as punkt
-    sync = _fast_word_spans().known_rules
-    names = ['_match_potential_end_contexts', 'text_contains_sentbreak', '_slices_from_text',
-             '_realign_boundaries', 'span_tokenize', '_annotate_tokens', '_annotate_first_pass',
-             '_first_pass_annotation', '_annotate_second_pass', '_second_pass_annotation',
-             '_ortho_heuristic', '_tokenize_words', '_get_last_whitespace_index']
-    try:
-        src = ''.join(inspect.getsource(next(c.__dict__[n] for c in punkt.PunktSentenceTokenizer.__mro__
-                                             if n in c.__dict__)) for n in names)
-        src += inspect.getsource(punkt.PunktToken) + inspect.getsource(punkt.PunktLanguageVars) + inspect.getsource(punkt._pair_iter)
-        punkt_ok = hashlib.sha256(src.encode()).hexdigest()[:16] in _KNOWN_PUNKT
-    except (OSError, TypeError, StopIteration):
-        punkt_ok = False
-    params = _sentence_tokenizer()._params
-    known = list(params.abbrev_types) + list(params.sent_starters) + [t for t, v in params.ortho_context.items() if v]
-    known += [a + ' ' + b for a, b in params.collocations]
-    punkt_ok = punkt_ok and max(map(len, known), default=0) < 2 * _REP_H
-    tg = _pos_tagger(False)
-    longest = max(max(map(len, tg.tagger.tagdict), default=0), max(map(len, tg.feat_row), default=0))
-    if ner != 'none':
-        ch = _ne_chunker(ner, False)
-        longest = max(longest, max((len(v) for _, v in ch.feat_row if isinstance(v, str)), default=0),
-                      max((v for k, v in ch.feat_row if k == 'wordlen' and isinstance(v, int)), default=0),
-                      max(map(len, ch.wl), default=0))
-    return sync, longest < 2 * _REP_H, punkt_ok
-
-class _TextIndex:
-    """Sorted positions of a few kinds of characters of a text, so that the lookups near a prefix
-    end never scan a long run: whitespace (str.isspace), separators (' ', '\\n', '\\r', '\\t'),
-    candidate sentence ends (. ? !) and, built on first use, what punkt reads in a stretch
-    (_punkt_input). Built with numpy for a document; extend() appends (the online stream)."""
-
-    KINDS = ('ws', 'sep', 'cand')
-    PUNKT_KINDS = ('pact', 'pbad', 'c1', 'pdig', 'poth', 'pnum')
-
-    def __init__(self, text):
-        from array import array
-        self.text = text
-        self.L = len(text)
-        self.pos = {k: array('q') for k in self.KINDS}
-        self.has_punkt = False
-        if text:
-            cp = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
-            isws = _SPACE_TABLE[np.minimum(cp, len(_SPACE_TABLE) - 1)]
-            sep = (cp == 32) | (cp == 10) | (cp == 13) | (cp == 9)
-            cand = (cp == 46) | (cp == 63) | (cp == 33)
-            for k, mask in (('ws', isws), ('sep', sep), ('cand', cand)):
-                self.pos[k].frombytes(np.flatnonzero(mask).astype(np.int64).tobytes())
-
-    def find(self, kind, x):
-        """The number of positions of this kind before x (bisect_left)."""
-        return bisect.bisect_left(self.pos[kind], x)
-
-    def last_before(self, kind, x):
-        """The last position of this kind at or before x, -1 if none."""
-        a = self.pos[kind]
-        k = bisect.bisect_right(a, x) - 1
-        return a[k] if k >= 0 else -1
-
-    def first_from(self, kind, x, default):
-        a = self.pos[kind]
-        k = bisect.bisect_left(a, x)
-        return a[k] if k < len(a) else default
-
-    def count(self, kind, a, b):
-        p = self.pos[kind]
-        return bisect.bisect_left(p, b) - bisect.bisect_left(p, a)
-
-    def rstrip_end(self, c):
-        """len(text[:c].rstrip())."""
-        ws = self.pos['ws']
-        k = bisect.bisect_left(ws, c) - 1
-        if k < 0 or ws[k] != c - 1:
-            return c
-        lo, hi = 0, k   # the first position of the whitespace run ending at c - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if ws[mid] == ws[k] - (k - mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        return ws[lo]
-
-    def truncate(self, k):
-        """Forget the text from k on (the stream replaces its cut characters)."""
-        for a in self.pos.values():
-            while a and a[-1] >= k:
-                a.pop()
-        if self.has_punkt:   # , . - judged by their next characters: judged again
-            for p in range(max(0, k - 2), k):
-                if self.text[p] in '.,-' and p not in self.dot_open:
-                    for name in ('pbad', 'pact', 'pnum'):
-                        a = self.pos[name]
-                        i = bisect.bisect_left(a, p)
-                        if i < len(a) and a[i] == p:
-                            del a[i]
-                    self.dot_open.append(p)
-            self.dot_open = sorted(p for p in self.dot_open if p < k)
-        self.L = k
-
-    def extend(self, text):
-        """The text grew (it starts with the old one)."""
-        old, self.text, self.L = self.L, text, len(text)
-        for m in _INDEX_RX.finditer(text, old):
-            ch = m.group()
-            p = m.start()
-            if ch.isspace():
-                self.pos['ws'].append(p)
-                if ch in ' \n\r\t':
-                    self.pos['sep'].append(p)
-            else:
-                self.pos['cand'].append(p)
-        if self.has_punkt:
-            self._punkt_extend(old)
-
-    def punkt(self):
-        """Build the punkt kinds: pact (characters punkt may split a token at, or whose class the
-        two regex engines disagree on), pbad (? ! and periods that may end a token: they may end
-        a sentence), c1 (_PUNKT_C1), pdig / pnum / poth (digits / , . - inside a token / other
-        non-word characters among the rest; letters are the rest). The kinds of , . - depend on
-        the next character (judged when it comes)."""
-        if not self.has_punkt:
-            from array import array
-            for k in self.PUNKT_KINDS:
-                self.pos[k] = array('q')
-            self.has_punkt = True
-            self.dot_open = []   # , . - near the end of the text, judged when the next characters come
-            self._punkt_extend(0)
-        return self
-
-    def _punkt_extend(self, old):
-        text = self.text
-        if self.dot_open:
-            waiting, self.dot_open = self.dot_open, []
-            for p in waiting:
-                self._bad_or_dot(p)
-        chunk = text[old:]
-        for ch in set(chunk) - _PUNKT_KIND.keys():
-            _PUNKT_KIND[ch] = _punkt_kind(ch)
-        kinds = [_PUNKT_KIND[ch] for ch in chunk] if len(chunk) < 4096 else None
-        if kinds is None:   # a long text at once: vectorised (the same judgments as _judge_dot)
-            kv = np.frombuffer(chunk.translate({ord(ch): chr(48 + k) for ch, k in _PUNKT_KIND.items()})
-                               .encode('latin-1'), dtype=np.uint8) - 48
-            cp = np.frombuffer(chunk.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
-            n = len(cp)
-            j = np.flatnonzero(kv & 4)
-            c0 = cp[j]
-            numch = (c0 == 46) | (c0 == 44) | (c0 == 45)
-            wait = numch & (j + 2 >= n)
-            self.dot_open += (j[wait] + old).tolist()
-            j, c0, numch = j[~wait], c0[~wait], numch[~wait]
-            n1, n2 = cp[np.minimum(j + 1, n - 1)], cp[np.minimum(j + 2, n - 1)]
-            k1, k2 = kv[np.minimum(j + 1, n - 1)], kv[np.minimum(j + 2, n - 1)]
-            dot, com, dash = c0 == 46, c0 == 44, c0 == 45
-            ends = ((k1 & 32) != 0) | (n1 == 46) | (n1 == 44) | (n1 == 45)
-            com_ends = ((k1 & 32) != 0) | (((n1 == 46) | (n1 == 45)) & (n2 == n1)) | ((n1 == 46) & ((k2 & 64) != 0))
-            act = (dot & ends) | (dash & (n1 == 45)) | (com & com_ends)
-            found = {'pact': np.union1d(np.flatnonzero(kv & 1), j[act]), 'c1': np.flatnonzero(kv & 2),
-                     'pdig': np.flatnonzero(kv & 8), 'poth': np.flatnonzero(kv & 16), 'pnum': j[numch & ~act],
-                     'pbad': j[~numch | (dot & ends)]}
-            for name, at in found.items():
-                self.pos[name].frombytes((at + old).astype(np.int64).tobytes())
-        else:
-            for i, k in enumerate(kinds):
-                if k:
-                    p = old + i
-                    if k & 1:
-                        self.pos['pact'].append(p)
-                    if k & 2:
-                        self.pos['c1'].append(p)
-                    if k & 4:
-                        self._bad_or_dot(p)
-                    if k & 8:
-                        self.pos['pdig'].append(p)
-                    if k & 16:
-                        self.pos['poth'].append(p)
-
-    def _bad_or_dot(self, p):
-        if self.text[p] not in '.,-':
-            bisect.insort(self.pos['pbad'], p)
-        elif p + 2 < self.L:
-            self._judge_dot(p)
-        else:
-            self.dot_open.append(p)
-
-    def _judge_dot(self, p):
-        # punkt reads , . - inside a token as number characters; a period before a character
-        # that ends tokens (NonWord punctuation, whitespace, '.', ',', '-') may end a token (and so
-        # a sentence); '..' and '--' are tokens of their own, and a comma ends a token before a
-        # character that ends tokens (judged late, after later characters: inserted in order)
-        ch, nxt, nxt2 = self.text[p], self.text[p + 1], self.text[p + 2]
-        ends = nxt.isspace() or nxt in '.,-' or _punkt_nonword().match(nxt) is not None
-        if ch == '.' and ends:
-            bisect.insort(self.pos['pbad'], p)
-        if ch == ',':   # ',(?=$|\s|NonWord|MultiChar)' ends a token (MultiChar: '--', '..', '. . .')
-            ends = (nxt.isspace() or _punkt_nonword().match(nxt) is not None
-                    or (nxt in '.-' and nxt2 == nxt) or (nxt == '.' and nxt2.isspace()))
-        if (nxt == ch) if ch != ',' else ends:
-            bisect.insort(self.pos['pact'], p)
-        elif not (ch == '.' and ends):
-            bisect.insort(self.pos['pnum'], p)
-        else:
-            bisect.insort(self.pos['pact'], p)
-
-_INDEX_RX = re.compile(r'[\s.?!]')
-# character -> bits: 1 pact, 2 c1, 4 pbad (or , . -: judged by the next characters), 8 pdig, 16 poth,
-# 32 ends a punkt token (NonWord punctuation, whitespace), 64 whitespace
-_PUNKT_KIND = {}
-
-def _punkt_kind(ch):
-    nonword = _sentence_tokenizer()._lang_vars._re_non_word_chars
-    rx = _regex_module()
-    k = 0
-    if ch in _PUNKT_C1:
-        k |= 2
-    if ch in '?!.,-':
-        k |= 4
-    if ch.isspace():
-        k |= 64
-    if ch.isspace() or re.match(nonword, ch):
-        k |= 32
-    if ch in '.,-':
-        return k
-    engines = [re] + ([rx] if rx is not None else [])
-    word = {bool(e.match(r'\w', ch)) for e in engines}
-    digit = {bool(e.match(r'\d', ch)) for e in engines}
-    if (ch.isspace() or re.match(nonword, ch) or ch == '\u2014' or len(word) > 1 or len(digit) > 1
-            or (rx is not None and bool(rx.match(nonword, ch)) != bool(re.match(nonword, ch)))):
-        return k | 1
-    if digit == {True}:
-        return k | 8
-    if word == {False}:
-        return k | 16
-    return k
-
-_PUNKT_REALIGN = frozenset('"\')]}\u2018\u2019\u201c\u201d\xab\xbb')   # punkt's realigned closers
+    """(sync points, long-word representatives, punkt shortening): whether each holds here."""
+    models = [_pos_tagger(False)] + ([_ne_chunker(ner, False)] if ner != 'none' else [])
+    return nltk_fast.long_run_checks(_fast_word_spans(), _sentence_tokenizer(), models)
 
 def _punkt_input(doc, W, c, mcut):
-    """(text, back) for re-running punkt on the prefix from W (text[W:c] + mcut U+FFFD): the
-    middle of each whitespace-free stretch of _PUNKT_LONG characters or more replaced by a few
-    characters that punkt reads the same way (fact 3 of the notes above); back(p) maps a position
-    of that text to the document's (None inside a replaced middle: punkt never breaks there)."""
-    text = doc.text
-    plain = text[W:c] + '\ufffd' * mcut, lambda p: W + p
-    if c - W < _PUNKT_LONG or not _long_run_checks(doc.ner)[2]:
-        return plain
-    idx = doc.index
-    lo, hi = idx.find('ws', W), idx.find('ws', c)
-    bounds = [W - 1] + list(idx.pos['ws'][lo:hi]) + [c]
-    cuts = []
-    for z0, z2 in zip(bounds[:-1], bounds[1:]):   # the stretch [z0 + 1, z2)
-        if z2 - z0 - 1 >= _PUNKT_LONG:
-            cut = _punkt_cut(doc, z0 + 1, z2)
-            if cut is not None:
-                cuts.append(cut)
-    if not cuts:
-        return plain
-    _CAUSAL_STATS['punkt_cut'] += 1
-    segs, parts, pos, n = [], [], W, 0   # segs: (start in the new text, document start, length) of the copied parts
-    for x, y, rep in cuts:
-        segs.append((n, pos, x - pos))
-        parts += [text[pos:x], rep]
-        n += x - pos + len(rep)
-        pos = y
-    segs.append((n, pos, c - pos + mcut))
-    parts.append(text[pos:c] + '\ufffd' * mcut)
-    seg_starts = [a for a, _, _ in segs]
-
-    def back(p):
-        a, d, ln = segs[bisect.bisect_right(seg_starts, p) - 1]
-        return d + p - a if p - a <= ln else None
-    return ''.join(parts), back
-
-def _punkt_cut(doc, z, z2):
-    """A middle [x, y) of the long stretch [z, z2) and its replacement for punkt, or None."""
-    idx = doc.index.punkt()
-    a, b = z + _REP_H, z2 - _REP_H
-    if idx.count('pact', a - 1, b + 1) == 0:
-        # only characters punkt never splits a token at (the neighbours too: the middle stays
-        # inside one token): one character of each class present
-        dig, num, oth = idx.count('pdig', a, b), idx.count('pnum', a, b), idx.count('poth', a, b)
-        if b - a > dig + num + oth or dig or oth:   # (a comma first: never before the tail)
-            return a, b, (',' if num else '') + ('a' if b - a > dig + num + oth else '') + ('0' if dig else '') + ('+' if oth else '')
-    text = doc.text
-    x = idx.first_from('c1', a, b)
-    y1 = idx.last_before('c1', b - 1)
-    if x >= b or y1 <= x + 2:
-        return None
-    if idx.count('pbad', x, y1 + 1) == 0:
-        # between two single-character tokens, with no ? ! or period that can end a token in
-        # between (no token there can end a sentence) and a character that is no closing one
-        # (the realignment after a break before the middle reads closing characters up to the
-        # next space)
-        if all(ch in _PUNKT_REALIGN for ch in text[x:x + 64]) and all(ch in _PUNKT_REALIGN for ch in text[max(x, y1 - 63):y1 + 1]):
-            return None
-        return x, y1 + 1, text[x] + ':' + text[y1]
-    # the middle holds tokens that may end a sentence. In a stretch without whitespace punkt
-    # weighs only the last candidate break of the stretch (each context starts at the stretch's
-    # start, so earlier candidates overlap the later ones), and a context decides a break when
-    # it holds a sentence-ending pair of tokens, whatever else it holds. So with the stretch's
-    # last candidate in the tail, a middle reads as nothing when the text before it holds such
-    # a pair already, or when the middle itself holds none (both found by _sentence_ends).
-    pk = _last_candidate(doc, z, z2)
-    y1 = idx.last_before('c1', min(b, pk) - 1) if pk >= 0 else -1
-    if y1 <= x + 2:
-        return None
-    found, clean = _sentence_ends(doc, z, y1)
-    if found >= 0:
-        x = idx.first_from('c1', max(x, found + 1), y1)
-    elif clean < y1 - 64 or _sentence_break_in(text[clean:y1 + 1]):
-        return None
-    if y1 <= x + 2:
-        return None
-    return x, y1 + 1, text[x] + ':' + text[y1]
-
-def _sentence_break_in(text):
-    """punkt's text_contains_sentbreak, not memoised (these texts do not repeat)."""
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
-    return PunktSentenceTokenizer.text_contains_sentbreak(_sentence_tokenizer(), text)
-
-def _last_candidate(doc, z, z2, tries=64):
-    """The last . ? ! of the stretch [z, z2) followed (inside it) by a character that punkt's
-    candidate pattern accepts after it (-1 if none among the last `tries`)."""
-    cand, text = doc.index.pos['cand'], doc.text
-    nonword = _punkt_nonword()
-    k = bisect.bisect_left(cand, z2 - 1) - 1
-    for _ in range(tries):
-        if k < 0 or cand[k] < z:
-            return -1
-        if nonword.match(text, cand[k] + 1):
-            return cand[k]
-        k -= 1
-    return -1
-
-@lru_cache(maxsize=None)
-def _punkt_nonword():
-    return re.compile(_sentence_tokenizer()._lang_vars._re_non_word_chars)
-
-def _sentence_ends(doc, z, y):
-    """(found, clean) for the stretch starting at z, read up to y (a single-character token
-    position, _PUNKT_C1): found: a position such that text[z:found + 1] holds a sentence-ending
-    pair of tokens (-1: none up to clean); clean: text[z:clean + 1] holds none. Read in pieces
-    that start and end at single-character tokens (a pair never straddles two pieces as a
-    sentence-ending one: those tokens end no sentence), each once per stretch (cached)."""
-    memo = doc.sentence_ends.setdefault(z, [z, -1])   # [clean up to, found]
-    idx, text = doc.index, doc.text
-    while memo[1] < 0:
-        v = memo[0]
-        u = idx.first_from('c1', v + 64, y + 1)   # the next piece: text[v:u + 1]
-        if u > y:
-            break
-        if _sentence_break_in(text[v:u + 1]):
-            memo[1] = u
-        else:
-            memo[0] = u
-    return memo[1], memo[0]
+    """(text, back): the prefix from W (text[W:c] + mcut U+FFFD) for punkt, long stretches
+    shortened when that holds here (nltk_fast.punkt_input); back maps its positions to doc's."""
+    if c - W >= PUNKT_LONG and _long_run_checks(doc.ner)[2]:
+        r = nltk_fast.punkt_input(_sentence_tokenizer(), doc.text, doc.index, doc.sentence_ends, W, c, mcut)
+        if r is not None:
+            _CAUSAL_STATS['punkt_cut'] += 1
+            return r
+    return doc.text[W:c] + '\ufffd' * mcut, lambda p: W + p
 
 @dataclass
 class _SimpleTokens:
@@ -1502,7 +982,7 @@ def _simple_tokens(doc, C, M, CS, CE, open_at, sent_of, blank):
     ke = np.minimum(np.searchsorted(wend, C), max(len(wend) - 1, 0))
     kl = ke - wfirst[j]
     second = (base & ~first & (wend[ke] == C) & (kl >= ql) & (kl < nwj)
-              & (CS >= wend[np.maximum(ke - 1, 0)]) & (C - A < _LONG_WORD))   # (a long chunk: the general path)
+              & (CS >= wend[np.maximum(ke - 1, 0)]) & (C - A < LONG_WORD))   # (a long chunk: the general path)
     q, Aq = np.where(second, kl, ql), np.where(second, wstart[ke], A)
     simple = first | second
     # first kind: the letter-only contractions (cannot -> can not, ...) go the general way
@@ -1576,7 +1056,7 @@ def _simple_pos(doc, sm, tg, wflat, ptag):
           np.where(X >= 0, _clip(wid, base[need, None] + X), np.clip(X + 2, 0, 1))))
     starts = np.arange(len(need)) * _POS_SLOTS + 2 * POS_WINDOW - (qn - i0n)
     lens = qn - i0n + 1
-    t_s0, t_s1 = tg.tag_idx[tg.tagger.START[0]], tg.tag_idx[tg.tagger.START[1]]
+    t_s0, t_s1 = tg.tag_idx[tg.START[0]], tg.tag_idx[tg.START[1]]
 
     def hist(x):   # the document's tag of word x of the sentence (START tags before word 0)
         return np.where(x >= 0, _clip(ptag, base[need] + x), np.where(x == -1, t_s0, t_s1))
@@ -1854,7 +1334,7 @@ class _StreamDoc:
         self.pos = [list(x) for x in pos]
         self.raw = [list(x) for x in raw] if raw is not None else [[] for _ in sents]
         self.rstarts = [[a for a, _ in sp] for sp in self.spans]
-        self.index = _TextIndex(text)
+        self.index = TextIndex(text)
         self.middles = {}
         self.sentence_ends = {}
         self.brk = [self._brk(s) for s, _ in self.sents]
@@ -1970,7 +1450,7 @@ def ensure_resources(ner='binary', extra=()):
     """Make sure the NLTK data for this NER mode (and the resources named in extra, e.g.
     'gutenberg') exists; download it if allowed. Call it in the main process before
     starting workers (downloads must not race)."""
-    import nltk
+    nltk = import_nltk()
     needed = ['punkt', 'pos'] + ([] if ner == 'none' else ['words', 'ne_' + ner]) + list(extra)
     for key in needed:
         path, package = _RESOURCES[key]
@@ -2001,12 +1481,79 @@ def _frozen(obj):
     gc.freeze()
     return obj
 
+# The fast taggers are built from tables (numpy arrays and lists) that take ~1 s to compute from
+# NLTK's model files, so they are kept on disk: one .npz per model in cache_dir(), keyed by a hash
+# of the model files, of nltk_fast.py (the code that builds and reads them) and of the nltk and
+# numpy versions. Written atomically (temp file + rename) and read without pickle; a missing,
+# stale or corrupt file is rebuilt, and where the directory cannot be written the tables are
+# just built in memory.
+
+def cache_dir():
+    """$LIME_CACHE_DIR, else $XDG_CACHE_HOME/lime, else ~/.cache/lime."""
+    d = os.environ.get('LIME_CACHE_DIR')
+    if not d:
+        d = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'lime')
+    return d
+
+def _nltk_files(resources):
+    """The files of NLTK resource paths (directories or files; a zipped resource: its zip file)."""
+    nltk = import_nltk()
+    files = []
+    for res in resources:
+        p = nltk.data.find(res)
+        root = p.zipfile.filename if hasattr(p, 'zipfile') else p.path
+        files += sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs) if os.path.isdir(root) else [root]
+    return files
+
+def _cached(name, versions, files, build, make):
+    """make(tables) with the tables from cache_dir()/name.npz when its key matches, else from
+    build() (then stored there). The key: sha256 of the versions string and of the files
+    (names, sizes, contents)."""
+    import hashlib
+    import tempfile
+    h = hashlib.sha256(versions.encode() + b'\n')
+    for f in files:
+        with open(f, 'rb') as fh:
+            data = fh.read()
+        h.update(f'{os.path.basename(f)} {len(data)}\n'.encode())
+        h.update(data)
+    key = h.hexdigest()
+    path = os.path.join(cache_dir(), name + '.npz')
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z['cache_key']) == key:
+                return make(nltk_fast.tables_from_arrays({k: z[k] for k in z.files if k != 'cache_key'}))
+    except Exception:   # missing, unreadable or corrupt (any error of np.load or of make): rebuild
+        pass
+    tables = build()
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix=f'.{name}.', suffix='.tmp')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                np.savez(f, cache_key=np.array(key), **nltk_fast.tables_to_arrays(tables))
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError:   # read-only or full: use the tables built in memory
+        pass
+    return make(tables)
+
+def _cached_model(name, resources, build, make):
+    # a fast tagger's tables: keyed by NLTK's model files and the code that builds and reads them
+    versions = f'nltk {import_nltk().__version__} numpy {np.__version__}'
+    return _cached(name, versions, [nltk_fast.__file__] + _nltk_files(resources), build, make)
+
 # models are loaded once per process (nltk.ne_chunk would reload its chunker on every call);
-# reference=True: plain NLTK, else the exact fast re-implementations of nltk_fast.py
+# reference=True: plain NLTK, else the exact fast re-implementations of nltk_fast.py (NLTK's own
+# models then load only if a near-tie needs them)
 @lru_cache(maxsize=None)
 def _sentence_tokenizer():
-    from nltk.tokenize import PunktTokenizer
-    tok = PunktTokenizer('english')
+    def build():
+        from nltk.tokenize import PunktTokenizer
+        return nltk_fast.punkt_tables(PunktTokenizer('english')._params)
+    tok = _cached_model('punkt', [_RESOURCES['punkt'][0]], build, nltk_fast.punkt_tokenizer)
     # punkt decides each candidate break by text_contains_sentbreak(context), a pure function
     # of the short context string (the fixed English parameters are never retrained):
     # memoise it (the causal path re-segments the same contexts again and again)
@@ -2015,26 +1562,35 @@ def _sentence_tokenizer():
 
 @lru_cache(maxsize=None)
 def _word_tokenizer():
+    import_nltk()
     from nltk.tokenize import NLTKWordTokenizer
     return NLTKWordTokenizer()
 
 @lru_cache(maxsize=None)
 def _fast_word_spans():
+    import_nltk()
     return FastWordSpans()
 
 @lru_cache(maxsize=None)
 def _pos_tagger(reference):
+    import_nltk()
     if reference:
         from nltk.tag import PerceptronTagger
         return _frozen(PerceptronTagger())
-    return _frozen(FastPOSTagger(_pos_tagger(True)))
+    load = lambda: _pos_tagger(True)
+    return _frozen(_cached_model('pos', [_RESOURCES['pos'][0]], lambda: FastPOSTagger.tables(load()),
+                                 lambda t: FastPOSTagger(t, load)))
 
 @lru_cache(maxsize=None)
 def _ne_chunker(ner, reference):
+    import_nltk()
     if reference:
         from nltk.chunk import ne_chunker
         return _frozen(ne_chunker('binary' if ner == 'binary' else 'multiclass'))
-    return _frozen(FastNEChunker(_ne_chunker(ner, True)))
+    load = lambda: _ne_chunker(ner, True)
+    # the chunker's feature extractor also reads the words corpus (its 'en-basic' list)
+    return _frozen(_cached_model('ne_' + ner, [_RESOURCES['ne_' + ner][0], 'corpora/words/en-basic'],
+                                 lambda: FastNEChunker.tables(load()), lambda t: FastNEChunker(t, load)))
 
 # BPE: GPT-2 ('gpt2'), or 'gpt2-N': GPT-2 with only its first N ranks (the 256 bytes and
 # the first N-256 merges; <|endoftext|> = N). Every token of a merge has a lower rank than
@@ -2060,9 +1616,34 @@ def parse_tokenizer(name):
     return int(n)
 
 @lru_cache(maxsize=None)
+def _gpt2():
+    """tiktoken.get_encoding('gpt2'), built from its ranks in our disk cache: tiktoken's own
+    loader parses its data-gym files in Python (~0.15 s a process). Those files are checked by
+    tiktoken against hashes in its code, so the key is tiktoken's version and the code that
+    builds the ranks (tiktoken's loader, this file)."""
+    import tiktoken
+    import tiktoken.load
+    import tiktoken_ext.openai_public as public
+
+    def build():   # the ranks (token bytes -> rank) as one byte string, the lengths, the ranks
+        spec = public.gpt2()
+        ranks = spec.pop('mergeable_ranks')
+        return dict(spec=spec, blob=np.frombuffer(b''.join(ranks), dtype=np.uint8),
+                    lens=np.array(list(map(len, ranks)), dtype=np.int64),
+                    ranks=np.array(list(ranks.values()), dtype=np.int64))
+
+    def make(t):
+        blob, ends = t['blob'].tobytes(), np.cumsum(t['lens']).tolist()
+        toks = [blob[a:b] for a, b in zip([0] + ends[:-1], ends)]
+        return tiktoken.Encoding(mergeable_ranks=dict(zip(toks, t['ranks'].tolist())), **t['spec'])
+
+    return _cached('gpt2', f'tiktoken {tiktoken.__version__} numpy {np.__version__}',
+                   [public.__file__, tiktoken.load.__file__, __file__], build, make)
+
+@lru_cache(maxsize=None)
 def encoding():
     import tiktoken
-    gpt2 = tiktoken.get_encoding('gpt2')
+    gpt2 = _gpt2()
     n = parse_tokenizer(TOKENIZER)
     if n is None:
         return gpt2
@@ -2116,17 +1697,23 @@ def main(argv=None):
     except MetadataError as e:
         print(f'metadata.py: error: {e}', file=sys.stderr)
         return 1
+    # one line per token, exactly as json.dumps({'id': .., 'text': .., 'pos': .., 'ner': ..},
+    # ensure_ascii=False) writes it, from pieces quoted once per distinct value
     enc = encoding()
-    pos_names = stream_tags('pos', args.ner)
-    ner_names = stream_tags('ner', args.ner) if args.ner != 'none' else None
-    out = sys.stdout
-    for i, t in enumerate(ids.tolist()):
-        out.write(json.dumps({
-            'id': t,
-            'text': enc.decode_single_token_bytes(t).decode('utf-8', errors='replace'),
-            'pos': pos_names[streams['pos'][i]],
-            'ner': ner_names[streams['ner'][i]] if ner_names else None,
-        }, ensure_ascii=False) + '\n')
+    quote = lambda s: json.dumps(s, ensure_ascii=False)
+    pos_q = list(map(quote, stream_tags('pos', args.ner)))
+    ner_q = list(map(quote, stream_tags('ner', args.ner))) if args.ner != 'none' else ['null']
+    ner = streams['ner'].tolist() if args.ner != 'none' else [0] * len(ids)
+    text_q = {}
+    ids = ids.tolist()
+    for lo in range(0, len(ids), 1 << 16):
+        lines = []
+        for t, p, n in zip(ids[lo:lo + (1 << 16)], streams['pos'][lo:lo + (1 << 16)].tolist(), ner[lo:lo + (1 << 16)]):
+            s = text_q.get(t)
+            if s is None:
+                s = text_q[t] = quote(enc.decode_single_token_bytes(t).decode('utf-8', errors='replace'))
+            lines.append(f'{{"id": {t}, "text": {s}, "pos": {pos_q[p]}, "ner": {ner_q[n]}}}\n')
+        sys.stdout.write(''.join(lines))
     return 0
 
 if __name__ == '__main__':

@@ -1,13 +1,18 @@
 """
 Exact re-implementations of the NLTK models LIME uses, fast: the averaged-perceptron POS tagger
 (FastPOSTagger), the maxent NE chunker (FastNEChunker), the Treebank word-span tokenizer
-(FastWordSpans) and a memo for punkt's sentence-break decision (punkt_memo).
+(FastWordSpans) and a memo for punkt's sentence-break decision (punkt_memo); and the facts about
+NLTK that metadata.py's causal code relies on (the models' windows below; the last section:
+long runs without whitespace, with the checks that they hold for the installed NLTK).
 
 The contract: each returns exactly what NLTK returns on the same input (the same tags, labels,
 spans and sentence breaks; tests/test_metadata.py compares them on Gutenberg and Brown). The
-NLTK objects are passed in (metadata.py loads them once per process); nothing here reads
-metadata.py. Where our floating-point sums could order two scores differently from NLTK's (a
-gap below a tiny epsilon), that one token is recomputed by NLTK's own code.
+taggers are built from tables(model): numpy arrays and JSON values computed from NLTK's model
+(metadata.py keeps them in a disk cache: tables_to_arrays / tables_from_arrays), and NLTK's own
+model, passed in as a function that loads it, is needed only where our floating-point sums
+could order two scores differently from NLTK's (a gap below a tiny epsilon): that one token is
+recomputed by NLTK's own code. Nothing here reads metadata.py. import_nltk imports nltk without
+the scipy / scikit-learn parts it would load (and LIME does not use).
 
 How they are fast. Both taggers are greedy left to right and read only the one or two previous
 tags, so we vectorise ACROSS words: everything that does not depend on earlier predictions is
@@ -31,12 +36,44 @@ What the causal code in metadata.py relies on (the window widths of the models):
 - punkt's decision at a candidate break is a pure function of its context string.
 """
 import re
+import sys
+import json
+import bisect
+from functools import lru_cache
 
 import numpy as np
 
 POS_WINDOW = 2   # POS tag i reads words i-2 .. i+2 and the tags of i-1, i-2
 NE_WINDOW = 1    # raw NE label i reads tokens i-1 .. i+1 and the label of i-1
 NE_START = 2     # ... and whether i is 0, 1 or more
+
+
+def import_nltk():
+    """import nltk, without what its __init__ imports only because it is installed: scipy (for
+    nltk.collocations -> nltk.metrics.association's Fisher test, and a few other statistics) and
+    scikit-learn (nltk.classify.scikitlearn). They cost about 1 s of every process that tags, and
+    LIME uses neither: while nltk is imported they are made unimportable (a None entry in
+    sys.modules; NLTK catches the ImportError and defines its fallbacks), then the entries are
+    removed, so a later `import scipy` works as usual. Only what NLTK itself would have taken
+    from them is missing in this process (tests/test_metadata.py checks that nothing else in
+    NLTK differs). Nothing is blocked when nltk, scipy or sklearn is already imported."""
+    if 'nltk' in sys.modules:
+        return sys.modules['nltk']
+    blocked = [m for m in ('scipy', 'sklearn') if m not in sys.modules]
+    for m in blocked:
+        sys.modules[m] = None
+    try:
+        import nltk
+        return nltk
+    except ImportError:   # something needs them after all: forget the partial import, retry below
+        for m in [m for m in sys.modules if m == 'nltk' or m.startswith('nltk.')]:
+            del sys.modules[m]
+    finally:
+        for m in blocked:
+            if sys.modules.get(m, 0) is None:
+                del sys.modules[m]
+    import nltk
+    return nltk
 
 
 def iob(raw, prev):
@@ -54,6 +91,26 @@ class _OrthoContext(dict):
 
     def __missing__(self, key):
         return 0
+
+
+def punkt_tables(params):
+    """punkt's parameters (PunktParameters) as JSON values, for a disk cache: NLTK reads its tab
+    files line by line (~40 ms a process)."""
+    return dict(abbrev_types=sorted(params.abbrev_types), sent_starters=sorted(params.sent_starters),
+                collocations=sorted(map(list, params.collocations)),
+                ortho_words=list(params.ortho_context), ortho_flags=list(params.ortho_context.values()))
+
+
+def punkt_tokenizer(tables):
+    """The sentence tokenizer of those parameters (what PunktTokenizer(lang) is, less the
+    loading and saving of files)."""
+    from collections import defaultdict
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    params = PunktParameters()
+    params.abbrev_types, params.sent_starters = set(tables['abbrev_types']), set(tables['sent_starters'])
+    params.collocations = set(map(tuple, tables['collocations']))
+    params.ortho_context = defaultdict(int, zip(tables['ortho_words'], tables['ortho_flags']))
+    return PunktSentenceTokenizer(params)
 
 
 def punkt_memo(tok, maxsize=1 << 16):
@@ -122,81 +179,124 @@ def _grow(arr, n):
     return new
 
 
+def tables_to_arrays(tables):
+    """A model's tables (numpy arrays and JSON values, see FastPOSTagger.tables) as numpy arrays
+    only, for np.savez: the JSON values go in one UTF-8 byte array, so np.load needs no pickle."""
+    arrays = {k: v for k, v in tables.items() if isinstance(v, np.ndarray)}
+    rest = {k: v for k, v in tables.items() if not isinstance(v, np.ndarray)}
+    text = json.dumps(rest)
+    if json.loads(text) != rest:   # tuples, non-string keys: JSON would not give them back
+        raise ValueError('model tables do not round-trip through JSON')
+    arrays['json'] = np.frombuffer(text.encode(), dtype=np.uint8)
+    return arrays
+
+
+def tables_from_arrays(arrays):
+    """The inverse of tables_to_arrays (arrays: a dict or an opened .npz)."""
+    tables = json.loads(arrays['json'].tobytes())
+    tables.update((k, arrays[k]) for k in arrays.keys() if k != 'json')
+    return tables
+
+
 class FastPOSTagger:
-    """Exact, vectorised equivalent of tagger.tag() for tagger = nltk.tag.PerceptronTagger()."""
+    """Exact, vectorised equivalent of tagger.tag() for tagger = nltk.tag.PerceptronTagger().
+
+    Built from tables(tagger) (plain arrays and lists, which metadata.py keeps in a disk cache);
+    NLTK's own tagger is needed only to recompute a near-tie: load_tagger() is called then."""
 
     # per-word cache columns (row ids into self.W; 0 is the all-zero row)
     TD, ISUF, IPREF, IWORD, M1WORD, M1SUF, M2WORD, P1WORD, P1SUF, P2WORD, TWID = range(11)
 
-    def __init__(self, tagger, max_batch_tokens=32768, eps=1e-6, max_cache=2_000_000):
-        self.max_cache = max_cache  # per-word cache entries kept after a call (bounds memory)
-        self.tagger = tagger        # NLTK's own model (near-ties are recomputed with it)
+    @staticmethod
+    def tables(tagger):
+        """The model as numpy arrays and JSON values (what __init__ reads)."""
         model = tagger.model
+        classes = sorted(model.classes)
+        C = len(classes)
+        # tag vocabulary for prev/prev2: classes first (so argmax index == tag
+        # index), then the START markers and any tagdict-only tags
+        tags = list(classes)
+        for t in list(tagger.START) + sorted(set(tagger.tagdict.values())):
+            if t not in tags:
+                tags.append(t)
+        tag_idx = {t: i for i, t in enumerate(tags)}
+        NT = len(tags)
+        cidx = {c: i for i, c in enumerate(classes)}
+        # dense weight matrix: feature string -> row (row r + 1 holds features[r])
+        features = list(model.weights)
+        feat_row = {f: r for r, f in enumerate(features, 1)}
+        W = np.zeros((len(features) + 1, C), dtype=np.float64)
+        for f, r in feat_row.items():
+            for lab, w in model.weights[f].items():
+                if lab in cidx:  # NLTK only takes the max over self.classes
+                    W[r, cidx[lab]] = w
+        fr = feat_row.get
+        # (prev, prev2) -> sum of 'i-1 tag', 'i-2 tag', 'i tag+i-2 tag' rows
+        T = np.zeros((NT, NT, C))
+        for a, ta in enumerate(tags):
+            for b, tb in enumerate(tags):
+                T[a, b] = W[fr("i-1 tag " + ta, 0)] + W[fr("i-2 tag " + tb, 0)] + W[fr("i tag+i-2 tag " + ta + " " + tb, 0)]
+        # 'i-1 tag+i word' features: key = word_id * NT + prev_tag -> row
+        tw_word = {}
+        keys, rows = [], []
+        pre = "i-1 tag+i word "
+        for f, r in feat_row.items():
+            if f.startswith(pre):
+                t, w = f[len(pre):].split(" ", 1)  # tags contain no spaces
+                if t in tag_idx:
+                    wid = tw_word.setdefault(w, len(tw_word))
+                    keys.append(wid * NT + tag_idx[t])
+                    rows.append(r)
+        o = np.argsort(keys)
+        # the longest string the model reads a word through (metadata.py's long-word shortcut)
+        longest = max(max(map(len, tagger.tagdict), default=0), max(map(len, features), default=0))
+        return dict(classes=classes, tags=tags, features=features, W=W, T=T, tw_words=list(tw_word),
+                    tw_keys=np.asarray(keys, dtype=np.int64)[o], tw_rows=np.asarray(rows, dtype=np.int64)[o],
+                    tagdict=dict(tagger.tagdict), longest=longest)
+
+    def __init__(self, tables, load_tagger, max_batch_tokens=32768, eps=1e-6, max_cache=2_000_000):
+        from nltk.tag import PerceptronTagger
+        self.max_cache = max_cache  # per-word cache entries kept after a call (bounds memory)
+        self._load_tagger, self._tagger = load_tagger, None
         self.max_batch_tokens = max_batch_tokens
         # weights are rounded to 3 decimals, so distinct scores differ by ~1e-3;
         # a gap below eps means an exact tie (or float-order sensitive) -> NLTK
         self.eps = eps
-        self.classes = sorted(model.classes)
-        C = len(self.classes)
-        # tag vocabulary for prev/prev2: classes first (so argmax index == tag
-        # index), then the START markers and any tagdict-only tags
-        self.tags = list(self.classes)
-        for t in list(tagger.START) + sorted(set(tagger.tagdict.values())):
-            if t not in self.tags:
-                self.tags.append(t)
+        t = tables
+        self.classes, self.tags, self.tagdict, self.longest = t['classes'], t['tags'], t['tagdict'], t['longest']
         self.tag_idx = {t: i for i, t in enumerate(self.tags)}
         self.tags_obj = np.array(self.tags, dtype=object)
-        NT = self.NT = len(self.tags)
-        cidx = {c: i for i, c in enumerate(self.classes)}
-        # dense weight matrix: feature string -> row
-        self.feat_row = {}
-        W = np.zeros((len(model.weights) + 1, C), dtype=np.float64)
-        for f, wd in model.weights.items():
-            r = len(self.feat_row) + 1
-            self.feat_row[f] = r
-            for lab, w in wd.items():
-                if lab in cidx:  # NLTK only takes the max over self.classes
-                    W[r, cidx[lab]] = w
-        self.W = W
-        fr = self.feat_row.get
-        self.bias = W[fr("bias", 0)]
-        # (prev, prev2) -> sum of 'i-1 tag', 'i-2 tag', 'i tag+i-2 tag' rows
-        T = np.zeros((NT, NT, C))
-        for a, ta in enumerate(self.tags):
-            for b, tb in enumerate(self.tags):
-                T[a, b] = W[fr("i-1 tag " + ta, 0)] + W[fr("i-2 tag " + tb, 0)] + W[fr("i tag+i-2 tag " + ta + " " + tb, 0)]
-        self.T = T
-        # 'i-1 tag+i word' features: key = word_id * NT + prev_tag -> row
-        self.tw_word = {}
-        keys, rows = [], []
-        pre = "i-1 tag+i word "
-        for f, r in self.feat_row.items():
-            if f.startswith(pre):
-                t, w = f[len(pre):].split(" ", 1)  # tags contain no spaces
-                if t in self.tag_idx:
-                    wid = self.tw_word.setdefault(w, len(self.tw_word))
-                    keys.append(wid * NT + self.tag_idx[t])
-                    rows.append(r)
-        o = np.argsort(keys)
-        self.tw_keys = np.asarray(keys, dtype=np.int64)[o]
-        self.tw_rows = np.asarray(rows, dtype=np.int64)[o]
-        self.tw_keys_list = self.tw_keys.tolist()
+        self.NT = len(self.tags)
+        self.feat_row = dict(zip(t['features'], range(1, len(t['features']) + 1)))
+        self.W, self.T, self.tw_keys, self.tw_rows = t['W'], t['T'], t['tw_keys'], t['tw_rows']
+        self.bias = self.W[self.feat_row.get("bias", 0)]
+        self.tw_word = dict(zip(t['tw_words'], range(len(t['tw_words']))))
+        # NLTK's word normalisation and context markers (a tagger without its model: no file read)
+        bare = PerceptronTagger(load=False)
+        self.normalize, self.START, self.END = bare.normalize, bare.START, bare.END
         # per-word cache; ids 0..3 are the context pseudo-words, which are NOT
         # normalised (a real token '-START-' normalises to '-start-')
         self._reset_cache()
+
+    @property
+    def tagger(self):
+        """NLTK's own tagger, loaded on first use (a near-tie)."""
+        if self._tagger is None:
+            self._tagger = self._load_tagger()
+        return self._tagger
 
     def _reset_cache(self):
         self.word_id = {}
         self.roles = np.zeros((1024, 11), dtype=np.int64)
         self.n_words = 0
-        for k, s in enumerate(list(self.tagger.START) + list(self.tagger.END)):
+        for k, s in enumerate(list(self.START) + list(self.END)):
             self._add(s, pseudo=True)
             self.word_id[k] = k  # int keys (never a word) name the pseudo-words in _run
 
     def _row(self, w, pseudo=False):
-        tg, fr = self.tagger, self.feat_row.get
-        n = w if pseudo else tg.normalize(w)
-        td = tg.tagdict.get(w)
+        fr = self.feat_row.get
+        n = w if pseudo else self.normalize(w)
+        td = self.tagdict.get(w)
         return [
             self.tag_idx[td] if (td and not pseudo) else -1,
             fr("i suffix " + w[-3:], 0),
@@ -242,7 +342,7 @@ class FastPOSTagger:
         # -START- -START2- before word 0 and -END- -END2- after the last word (pseudo-word
         # ids 0..3, written as their int keys); words are mapped to ids in one pass after
         fw, starts, lens, h1, h2 = [], [], [], [], []
-        START, tidx = self.tagger.START, self.tag_idx
+        START, tidx = self.START, self.tag_idx
         t_s0, t_s1 = tidx[START[0]], tidx[START[1]]
         for s, start, prev, stop in jobs:
             n = len(s)
@@ -371,72 +471,122 @@ class FastPOSTagger:
 class FastNEChunker:
     """Exact, vectorised equivalent of
     [iob for (w, p, iob) in tree2conlltags(chunker.parse(sent))] for chunker =
-    nltk.chunk.ne_chunker(fmt) (the binary or the multiclass model)."""
+    nltk.chunk.ne_chunker(fmt) (the binary or the multiclass model).
 
-    def __init__(self, chunker, max_batch_tokens=32768, eps=1e-9, max_cache=2_000_000):
-        self.max_cache = max_cache  # per-(word, pos) cache entries kept after a call
+    Built from tables(chunker) (plain arrays and lists, which metadata.py keeps in a disk cache);
+    NLTK's own chunker is needed only to recompute a near-tie: load_chunker() is called then."""
+
+    # the features of a token read through the token alone (own) and as a neighbour (cols)
+    OWN = ("bias", "shape", "wordlen", "prefix3", "suffix3", "pos", "word", "en-wordlist")
+    COLS = ("prevpos", "prevword", "nextpos", "nextword")
+
+    @staticmethod
+    def tables(chunker):
+        """The model as numpy arrays and JSON values (what __init__ reads)."""
         import nltk
-        from nltk.chunk.named_entity import shape, simplify_pos
-        self._shape, self._simplify_pos = self._compile_shape(shape), simplify_pos
-        self.chunker = chunker  # NLTK's own (near-ties are recomputed with it)
-        self.nt = nt = self.chunker._tagger  # NEChunkParserTagger
+        nt = chunker._tagger  # NEChunkParserTagger
         clf = nt._classifier
         enc = clf._encoding
-        self.max_batch_tokens = max_batch_tokens
-        self.eps = eps
         # our scoring mirrors BinaryMaxentFeatureEncoding + log-linear maxent
         assert isinstance(enc, nltk.classify.maxent.BinaryMaxentFeatureEncoding)
         assert clf._logarithmic and not enc._unseen and nt._cutoff_prob is None
-        self.labels = list(enc.labels())
-        self.labels_obj = np.array(self.labels, dtype=object)
-        self.label_idx = {lab: j for j, lab in enumerate(self.labels)}
-        for lab in self.labels:
+        labels = list(enc.labels())
+        for lab in labels:
             assert lab == "O" or lab[:2] in ("B-", "I-"), lab
-        L = len(self.labels)
-        lidx = {lab: j for j, lab in enumerate(self.labels)}
+        L = len(labels)
+        lidx = {lab: j for j, lab in enumerate(labels)}
         wts = clf._weights
-        # (fname, fval) -> row of per-label weights; a python dict keyed like
-        # NLTK's mapping, so value equality (True == 1, None, ints) is the same
-        self.feat_row = {}
+        # feature name -> {value: row of per-label weights}; python dicts keyed like NLTK's
+        # mapping, so value equality (True == 1, None, ints) is the same
+        feat = {}
         rows = [np.zeros(L)]
         for (fname, fval, lab), fid in enc._mapping.items():
-            r = self.feat_row.get((fname, fval))
+            assert fval is None or isinstance(fval, (str, int)), (fname, fval)   # JSON-exact values
+            d = feat.setdefault(fname, {})
+            r = d.get(fval)
             if r is None:
-                r = self.feat_row[(fname, fval)] = len(rows)
+                r = d[fval] = len(rows)
                 rows.append(np.zeros(L))
             rows[r][lidx[lab]] = wts[fid]
-        self.W = np.array(rows)
-        self.aon = np.zeros(L)
+        W = np.array(rows)
+        aon = np.zeros(L)
         if enc._alwayson:
             for lab, fid in enc._alwayson.items():
-                self.aon[lidx[lab]] = wts[fid]
-        self.wl = nt._english_wordlist()
+                aon[lidx[lab]] = wts[fid]
+        wl = sorted(nt._english_wordlist())
         # values the 'prevtag' feature can take: None (index 0), a label's
         # first character (index 1: NLTK uses history[index - 1][0]) or the
         # full label (index >= 2)
-        self.vals = [None] + self.labels + sorted({lab[0] for lab in self.labels})
-        vidx = {v: j for j, v in enumerate(self.vals)}
-        self.v_full = np.array([vidx[lab] for lab in self.labels])
-        self.v_char = np.array([vidx[lab[0]] for lab in self.labels])
-        fr = self.feat_row.get
-        self.r_prevtag = np.array([fr(("prevtag", v), 0) for v in self.vals])
-        self.r_shpt_none = np.array([fr(("shape+prevtag", f"{None}+{v}"), 0) for v in self.vals])
-        self.r_none = {k: fr((k, None), 0) for k in ("prevpos", "prevword", "nextpos", "nextword")}
+        vals = [None] + labels + sorted({lab[0] for lab in labels})
+        vidx = {v: j for j, v in enumerate(vals)}
+        E = {}
+        r_prevtag = [feat.get("prevtag", E).get(v, 0) for v in vals]
+        r_shpt_none = [feat.get("shape+prevtag", E).get(f"{None}+{v}", 0) for v in vals]
+        r_none = {k: feat.get(k, E).get(None, 0) for k in FastNEChunker.COLS}
         # 'word+nextpos' (f"{word.lower()}+{next pos.lower()}", 'None' at the sentence end) as a
         # dense table: [index of the lowercased word, index of the next pos] -> row. Next-pos
         # indices of the model's features come first (0 = None); any other pos has no row.
-        self.wn_word, self.wn_pl = {}, {None: 0}
+        wn_word, wn_pl = {}, {None: 0}
         cells = []
-        for (fname, fval), r in self.feat_row.items():
-            if fname == "word+nextpos" and isinstance(fval, str):
+        for fval, r in feat.get("word+nextpos", E).items():
+            if isinstance(fval, str):
                 w, _, npos = fval.rpartition("+")
-                wi = self.wn_word.setdefault(w, len(self.wn_word) + 1)   # 0: no such word
-                pi = self.wn_pl.setdefault(None if npos == "None" else npos, len(self.wn_pl))
+                wi = wn_word.setdefault(w, len(wn_word) + 1)   # 0: no such word
+                pi = wn_pl.setdefault(None if npos == "None" else npos, len(wn_pl))
                 cells.append((wi, pi, r))
-        self.wn_tab = np.zeros((len(self.wn_word) + 1, len(self.wn_pl)), dtype=np.int64)
+        wn_tab = np.zeros((len(wn_word) + 1, len(wn_pl)), dtype=np.int64)
         for wi, pi, r in cells:
-            self.wn_tab[wi, pi] = r
+            wn_tab[wi, pi] = r
+        # the longest string (or word length) the model reads a word through (metadata.py's
+        # long-word shortcut)
+        longest = max(max((len(v) for d in feat.values() for v in d if isinstance(v, str)), default=0),
+                      max((v for v in feat.get("wordlen", E) if isinstance(v, int)), default=0),
+                      max(map(len, wl), default=0))
+        # word+nextpos is read through wn_tab only
+        names = [n for n in feat if n != "word+nextpos"]
+        return dict(labels=labels, W=W, aon=aon, wl=wl, vals=vals,
+                    v_full=np.array([vidx[lab] for lab in labels], dtype=np.int64),
+                    v_char=np.array([vidx[lab[0]] for lab in labels], dtype=np.int64),
+                    r_prevtag=np.array(r_prevtag, dtype=np.int64), r_shpt_none=np.array(r_shpt_none, dtype=np.int64),
+                    r_none=r_none, feat_names=names, feat_vals=[list(feat[n]) for n in names],
+                    feat_rows=np.array([r for n in names for r in feat[n].values()], dtype=np.int64),
+                    wn_words=list(wn_word), wn_pl=list(wn_pl), wn_tab=wn_tab, longest=longest)
+
+    def __init__(self, tables, load_chunker, max_batch_tokens=32768, eps=1e-9, max_cache=2_000_000):
+        from nltk.chunk.named_entity import shape, simplify_pos
+        self.max_cache = max_cache  # per-(word, pos) cache entries kept after a call
+        self._shape, self._simplify_pos = self._compile_shape(shape), simplify_pos
+        self._load_chunker, self._chunker = load_chunker, None
+        self.max_batch_tokens = max_batch_tokens
+        self.eps = eps
+        t = tables
+        self.labels = t['labels']
+        self.labels_obj = np.array(self.labels, dtype=object)
+        self.label_idx = {lab: j for j, lab in enumerate(self.labels)}
+        self.W, self.aon, self.wl, self.vals = t['W'], t['aon'], set(t['wl']), t['vals']
+        self.v_full, self.v_char, self.r_prevtag, self.r_shpt_none, self.r_none = (
+            t['v_full'], t['v_char'], t['r_prevtag'], t['r_shpt_none'], t['r_none'])
+        self.feat, k = {}, 0
+        rows = t['feat_rows'].tolist()
+        for name, vals in zip(t['feat_names'], t['feat_vals']):
+            self.feat[name] = dict(zip(vals, rows[k:k + len(vals)]))
+            k += len(vals)
+        self.wn_word = dict(zip(t['wn_words'], range(1, len(t['wn_words']) + 1)))
+        self.wn_pl = dict(zip(t['wn_pl'], range(len(t['wn_pl']))))
+        self.wn_tab, self.longest = t['wn_tab'], t['longest']
         self._reset_cache()
+
+    @property
+    def chunker(self):
+        """NLTK's own chunker, loaded on first use (a near-tie)."""
+        if self._chunker is None:
+            self._chunker = self._load_chunker()
+        return self._chunker
+
+    @property
+    def nt(self):
+        """NLTK's greedy raw-label tagger (NEChunkParserTagger) of the chunker."""
+        return self.chunker._tagger
 
     @staticmethod
     def _compile_shape(nltk_shape):
@@ -502,8 +652,11 @@ class FastNEChunker:
     def _add_many(self, toks):
         """Cache the features of new (word, pos) tokens: Python lookups per token, the row sums
         for all of them at once (in NLTK's order: float addition is not associative)."""
-        fr = self.feat_row.get
-        W, shape, wl = self.W, self._shape, self.wl
+        W, shape, wl, vals = self.W, self._shape, self.wl, self.vals
+        E = {}
+        (f_bias, f_shape, f_len, f_pre, f_suf, f_pos, f_word, f_wl), (f_ppos, f_pword, f_npos, f_nword) = (
+            [self.feat.get(n, E) for n in names] for names in (self.OWN, self.COLS))
+        f_ppt, f_shpt = self.feat.get("pos+prevtag", E), self.feat.get("shape+prevtag", E)
         i0, k = self.n_tok, len(toks)
         for name in ('selfvec', 'cols', 'ppt', 'shpt', 'plid', 'wnw'):
             setattr(self, name, _grow(getattr(self, name), i0 + k))
@@ -512,27 +665,19 @@ class FastNEChunker:
             word, pos = tok
             sp = self._simplify_pos(pos)
             lw, pl = word.lower(), pos.lower()
-            own.append([fr(key, 0) for key in (
-                ("bias", True),
-                ("shape", shape(word)),
-                ("wordlen", len(word)),
-                ("prefix3", word[:3].lower()),
-                ("suffix3", word[-3:].lower()),
-                ("pos", sp),
-                ("word", word),
-                ("en-wordlist", word in wl),
-            )])
-            cols.append((fr(("prevpos", sp), 0), fr(("prevword", lw), 0), fr(("nextpos", pl), 0),
-                         fr(("nextword", lw), 0)))
+            own.append((f_bias.get(True, 0), f_shape.get(shape(word), 0), f_len.get(len(word), 0),
+                        f_pre.get(word[:3].lower(), 0), f_suf.get(word[-3:].lower(), 0), f_pos.get(sp, 0),
+                        f_word.get(word, 0), f_wl.get(word in wl, 0)))
+            cols.append((f_ppos.get(sp, 0), f_pword.get(lw, 0), f_npos.get(pl, 0), f_nword.get(lw, 0)))
             # the prevtag pair rows depend on the simplified pos / the shape only: few values
             row = self._ppt_rows.get(sp)
             if row is None:
-                row = self._ppt_rows[sp] = [fr(("pos+prevtag", f"{sp}+{t}"), 0) for t in self.vals]
+                row = self._ppt_rows[sp] = [f_ppt.get(f"{sp}+{t}", 0) for t in vals]
             ppt.append(row)
             psh = shape(lw)  # prevshape is the shape of the LOWERCASED previous word
             row = self._shpt_rows.get(psh)
             if row is None:
-                row = self._shpt_rows[psh] = [fr(("shape+prevtag", f"{psh}+{t}"), 0) for t in self.vals]
+                row = self._shpt_rows[psh] = [f_shpt.get(f"{psh}+{t}", 0) for t in vals]
             shpt.append(row)
             plid.append(self.pl_id.setdefault(pl, len(self.pl_id)))
             wnw.append(self.wn_word.get(lw, 0))
@@ -867,4 +1012,575 @@ class FastWordSpans:
             return out
         # surprise: NLTK itself on the whole sentence
         return list(self.wt.span_tokenize(text))
+
+
+# -----------------------------------------------------------------------------
+# long runs without whitespace: the facts about NLTK that bound metadata.py's causal work
+# A prefix that ends inside a long whitespace-free run (a base64 blob, minified JSON, 'a' * n)
+# would make metadata.py's causal steps cost the run's length per token: the run is one chunk
+# (re-tokenized whole), often one huge word (whose every prefix is a new word for the taggers),
+# and punkt's contexts hold the whole run. Three facts about NLTK keep the work per token bounded, each exact:
+# 1. Sync points (sync_point). NLTK's Treebank rules only match patterns of a few characters,
+#    except runs of backticks, periods, closing brackets/quotes before the text's end, and
+#    chains of ':' ','. At a position m whose 2 * SYNC_G neighbours hold none of those runs (nor
+#    quotes other than '"', nor whitespace) and not only closing characters right of m, no rule
+#    match crosses m and every match near m depends on characters within the window only. So
+#    the words of a prefix left of m are the document's, and right of m those of the text from
+#    m - SYNC_G to the prefix end, tokenized on its own (the word across m, if any, joins both).
+# 2. Long words (MiddleSummary, rep_middle; used by metadata's _word_str). The taggers read a
+#    word longer than any string in their models (the fast taggers' .longest) only through its
+#    first and last characters, whether it holds a '-', and a few properties of its
+#    characters (digits, letters, case, \w): what str.istitle, str.islower, NLTK's shape() and the
+#    number pattern see. A word of LONG_WORD characters or more whose middle consists of
+#    characters of a few known classes (_char_class) is given to the taggers as its first and last
+#    REP_H characters around a short middle with the same classes, pairs of case classes and
+#    periods (rep_middle): the same features, so the same tags.
+# 3. punkt (punkt_input). punkt decides a break from contexts whose tokens it annotates in pairs
+#    (whether a token ends a sentence depends on it and the next token only); in a stretch
+#    without whitespace it weighs only the last candidate break (every context starts at the
+#    stretch's start, so earlier candidates overlap later ones); and it reads a long token only
+#    through its first and last characters and which classes of characters it holds. So, for
+#    punkt, the middle of a long stretch reads the same as a few characters: as the two
+#    single-character tokens ( ) [ ] { } " ; : * @ around it (and a ':') when no token in it can
+#    end a sentence (no ? ! and no period that ends a token), or, with the last candidate in the
+#    tail, when the text before it already holds a sentence-ending pair or the middle holds none
+#    (_sentence_ends); as one character of each class present (letter, digit, , . - inside a
+#    token, other) when punkt splits nowhere in it.
+# Each holds for the NLTK rules it was checked against (long_run_checks compares them); with
+# another NLTK the exact per-token path runs (slower on long runs, the same tags).
+
+
+SYNC_G = 8                 # characters on each side of a sync point
+_SYNC_TRIES = 64           # windows tried before re-tokenizing the whole chunk
+# what a sync window may not hold: whitespace, backticks, single and curly quotes, guillemets,
+# two periods, two of ':' ',' or two '-' in a row (a single period is read by the final-period
+# rule only before closing characters up to the text's end: the window's right half has another)
+_SYNC_BAD = re.compile(r"""[\s`'«»“”‘’„]|\.(?=\.)|[:,](?=[:,])|-(?=-)""")
+_CLOSERS = frozenset('])}>"\'»”’')   # closing characters the Treebank final-period rule skips
+REP_H = 32                 # characters kept at each end of a long word (taggers) or stretch (punkt)
+LONG_WORD = 3 * REP_H      # words at least this long go to the taggers as a representative
+PUNKT_LONG = 4 * REP_H     # stretches at least this long are shortened for punkt
+_PUNKT_C1 = '()[]{}";:*@'    # punkt: single-character tokens that also end the token before them
+# the punkt code the facts above were checked against: NLTK 3.10 (the Treebank rules: in
+# FastWordSpans.KNOWN_RULES)
+_KNOWN_PUNKT = {'84432cd3026837fb'}
+
+
+def sync_point(text, lo, x):
+    """The last sync point m <= x with m - SYNC_G >= lo (fact 1 above), or -1."""
+    G = SYNC_G
+    m = x
+    for _ in range(_SYNC_TRIES):
+        if m - G < lo:
+            return -1
+        w = text[m - G:m + G]
+        bad = None
+        for bad in _SYNC_BAD.finditer(w):
+            pass
+        if bad is None:
+            if any(ch not in _CLOSERS for ch in w[G:]):
+                return m
+            m -= 1
+        else:
+            m = m - 2 * G + bad.start()   # the next window ends before the bad character
+    return -1
+
+
+# character classes of a long word's middle (fact 2): U, L (cased), D (ASCII digit), O (uncased
+# letter: CJK, ...; not the CJK numerals), W ('_'), X (other: + / = , : ...), Y ('-'), P ('.'), each with the
+# representative character written in its place
+_CLASS_REP = 'Aa0\u65e5_+-.'
+_U, _L, _D, _O, _W, _X, _Y, _P = range(8)
+
+
+def _char_props(ch):
+    # everything the taggers' features (and str.istitle / islower, shape(), the number patterns)
+    # can observe of one character, in both regex engines
+    props = (ch in '0123456789', ch.isdigit(), ch.isdecimal(), ch.isnumeric(), ch.isalpha(),
+             ch.isalnum(), ch.isupper(), ch.islower(), ch.istitle(), ch.isspace(), ch.isprintable(),
+             ch in '-.', bool(re.match(r'\w', ch)), bool(re.match(r'\d', ch)))
+    rx = _regex_module()
+    if rx is not None:
+        props += (bool(rx.match(r'\w', ch)), bool(rx.match(r'\d', ch)))
+    return props
+
+
+@lru_cache(maxsize=None)
+def _regex_module():
+    try:
+        import regex
+        return regex
+    except ImportError:
+        return None
+
+
+_CLASS_OF = {}   # character -> class (-1: none: the word is given to the taggers as it is)
+
+
+def _char_class(ch):
+    k = _CLASS_OF.get(ch)
+    if k is None:
+        k = -1
+        if ch not in 'Σ-.':   # (Σ lowercases by its neighbours; '-' and '.' are their own classes)
+            props = _char_props(ch)
+            for cls, rep in enumerate(_CLASS_REP[:_Y]):
+                if props == _char_props(rep):
+                    low = ch.lower()
+                    if (low == ch if cls != _U else len(low) == 1 and _char_class(low) == _L):
+                        k = cls
+                    break
+        elif ch != 'Σ':
+            k = _Y if ch == '-' else _P
+        _CLASS_OF[ch] = k
+    return k
+
+
+def _pair_flags(a, b):
+    # (bad for istitle of the word, bad for istitle of the lowercased word) of adjacent classes a, b
+    ca, cb = a <= _L, b <= _L
+    return (ca and b == _U) or (not ca and b == _L), not ca and cb
+
+
+_CLASS_TABLE = {}   # ord(character) -> its class as a digit, 'x' for none (for str.translate)
+_BAD1 = re.compile('[01]0|[2-7]1')   # class pairs bad for istitle of the word (cased then U, uncased then L)
+_BAD2 = re.compile('[2-7][01]')      # ... of the lowercased word (uncased then cased)
+
+
+class MiddleSummary:
+    """The classes of a long word's middle, scanned left to right (extended as the prefix grows):
+    first and last class, the classes present, whether a pair bad for istitle occurs (in the word
+    and in the lowercased word), how many periods (0, 1, 2 or more); ok False: a character of no class."""
+    __slots__ = ('end', 'first', 'last', 'present', 'bad1', 'bad2', 'dots', 'ok')
+
+    def __init__(self, start):
+        self.end, self.first, self.last, self.present = start, -1, -1, 0
+        self.bad1 = self.bad2 = False
+        self.dots, self.ok = 0, True
+
+    def extend(self, text, end):
+        if self.ok and end > self.end:
+            chunk = text[self.end:end]
+            for ch in set(chunk):
+                if ord(ch) not in _CLASS_TABLE:
+                    k = _char_class(ch)
+                    _CLASS_TABLE[ord(ch)] = str(k) if k >= 0 else 'x'
+            r = chunk.translate(_CLASS_TABLE)
+            if 'x' in r:
+                self.ok = False
+            else:
+                rr = (str(self.last) if self.last >= 0 else '') + r
+                if self.first < 0:
+                    self.first = int(r[0])
+                self.last = int(r[-1])
+                for d in set(r):
+                    self.present |= 1 << int(d)
+                self.bad1 = self.bad1 or _BAD1.search(rr) is not None
+                self.bad2 = self.bad2 or _BAD2.search(rr) is not None
+                self.dots = min(2, self.dots + r.count('7'))
+        self.end = max(self.end, end)
+        return self
+
+    def key(self):
+        return self.first, self.last, self.present, self.bad1, self.bad2, self.dots
+
+
+@lru_cache(maxsize=None)
+def rep_middle(key):
+    """The shortest string of class representatives with the summary key (first, last, present,
+    bad1, bad2, dots): found by breadth-first search over (last class, classes so far, flags)."""
+    first, last, present, bad1, bad2, dots = key
+    classes = [k for k in range(8) if present >> k & 1]
+    start = (first, 1 << first, False, False, int(first == _P))
+    prev = {start: None}
+    queue = [start]
+    for state in queue:
+        k, have, b1, b2, d = state
+        if k == last and have == present and b1 == bad1 and b2 == bad2 and d == dots:
+            out = []
+            while state is not None:
+                out.append(_CLASS_REP[state[0]])
+                state = prev[state]
+            return ''.join(reversed(out))
+        for n in classes:
+            f1, f2 = _pair_flags(k, n)
+            nxt = (n, have | 1 << n, b1 or f1, b2 or f2, min(2, d + (n == _P)))
+            if nxt not in prev:
+                prev[nxt] = state
+                queue.append(nxt)
+    raise AssertionError(key)   # unreachable: the word's own middle is such a string
+
+
+def long_run_checks(word_spans, tok, models):
+    """(sync points, long-word representatives, punkt shortening): whether each fact of the notes
+    above holds for the installed NLTK: word_spans (FastWordSpans) knows its Treebank rules, punkt's
+    code is the one checked, and no string that punkt's parameters (tok) or the models (the fast
+    taggers: their .longest) hold is as long as a representative's ends."""
+    import hashlib
+    import inspect
+    import nltk.tokenize.punkt as punkt
+    sync = word_spans.known_rules
+    names = ['_match_potential_end_contexts', 'text_contains_sentbreak', '_slices_from_text',
+             '_realign_boundaries', 'span_tokenize', '_annotate_tokens', '_annotate_first_pass',
+             '_first_pass_annotation', '_annotate_second_pass', '_second_pass_annotation',
+             '_ortho_heuristic', '_tokenize_words', '_get_last_whitespace_index']
+    try:
+        src = ''.join(inspect.getsource(next(c.__dict__[n] for c in punkt.PunktSentenceTokenizer.__mro__
+                                             if n in c.__dict__)) for n in names)
+        src += inspect.getsource(punkt.PunktToken) + inspect.getsource(punkt.PunktLanguageVars) + inspect.getsource(punkt._pair_iter)
+        punkt_ok = hashlib.sha256(src.encode()).hexdigest()[:16] in _KNOWN_PUNKT
+    except (OSError, TypeError, StopIteration):
+        punkt_ok = False
+    params = tok._params
+    known = list(params.abbrev_types) + list(params.sent_starters) + [t for t, v in params.ortho_context.items() if v]
+    known += [a + ' ' + b for a, b in params.collocations]
+    punkt_ok = punkt_ok and max(map(len, known), default=0) < 2 * REP_H
+    longest = max(m.longest for m in models)
+    return sync, longest < 2 * REP_H, punkt_ok
+
+
+# str.isspace of every code point up to U+3000 (the last space character), False after it
+_SPACE_TABLE = np.array([chr(i).isspace() for i in range(0x3001)] + [False], dtype=bool)
+
+
+class TextIndex:
+    """Sorted positions of a few kinds of characters of a text, so that the lookups near a prefix
+    end never scan a long run: whitespace (str.isspace), separators (' ', '\\n', '\\r', '\\t'),
+    candidate sentence ends (. ? !) and, built on first use, what punkt reads in a stretch
+    (punkt_input). Built with numpy for a document; extend() appends (the online stream)."""
+
+    KINDS = ('ws', 'sep', 'cand')
+    PUNKT_KINDS = ('pact', 'pbad', 'c1', 'pdig', 'poth', 'pnum')
+
+    def __init__(self, text):
+        from array import array
+        self.text = text
+        self.L = len(text)
+        self.pos = {k: array('q') for k in self.KINDS}
+        self.has_punkt = False
+        if text:
+            cp = np.frombuffer(text.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
+            isws = _SPACE_TABLE[np.minimum(cp, len(_SPACE_TABLE) - 1)]
+            sep = (cp == 32) | (cp == 10) | (cp == 13) | (cp == 9)
+            cand = (cp == 46) | (cp == 63) | (cp == 33)
+            for k, mask in (('ws', isws), ('sep', sep), ('cand', cand)):
+                self.pos[k].frombytes(np.flatnonzero(mask).astype(np.int64).tobytes())
+
+    def find(self, kind, x):
+        """The number of positions of this kind before x (bisect_left)."""
+        return bisect.bisect_left(self.pos[kind], x)
+
+    def last_before(self, kind, x):
+        """The last position of this kind at or before x, -1 if none."""
+        a = self.pos[kind]
+        k = bisect.bisect_right(a, x) - 1
+        return a[k] if k >= 0 else -1
+
+    def first_from(self, kind, x, default):
+        a = self.pos[kind]
+        k = bisect.bisect_left(a, x)
+        return a[k] if k < len(a) else default
+
+    def count(self, kind, a, b):
+        p = self.pos[kind]
+        return bisect.bisect_left(p, b) - bisect.bisect_left(p, a)
+
+    def rstrip_end(self, c):
+        """len(text[:c].rstrip())."""
+        ws = self.pos['ws']
+        k = bisect.bisect_left(ws, c) - 1
+        if k < 0 or ws[k] != c - 1:
+            return c
+        lo, hi = 0, k   # the first position of the whitespace run ending at c - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ws[mid] == ws[k] - (k - mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return ws[lo]
+
+    def truncate(self, k):
+        """Forget the text from k on (the stream replaces its cut characters)."""
+        for a in self.pos.values():
+            while a and a[-1] >= k:
+                a.pop()
+        if self.has_punkt:   # , . - judged by their next characters: judged again
+            for p in range(max(0, k - 2), k):
+                if self.text[p] in '.,-' and p not in self.dot_open:
+                    for name in ('pbad', 'pact', 'pnum'):
+                        a = self.pos[name]
+                        i = bisect.bisect_left(a, p)
+                        if i < len(a) and a[i] == p:
+                            del a[i]
+                    self.dot_open.append(p)
+            self.dot_open = sorted(p for p in self.dot_open if p < k)
+        self.L = k
+
+    def extend(self, text):
+        """The text grew (it starts with the old one)."""
+        old, self.text, self.L = self.L, text, len(text)
+        for m in _INDEX_RX.finditer(text, old):
+            ch = m.group()
+            p = m.start()
+            if ch.isspace():
+                self.pos['ws'].append(p)
+                if ch in ' \n\r\t':
+                    self.pos['sep'].append(p)
+            else:
+                self.pos['cand'].append(p)
+        if self.has_punkt:
+            self._punkt_extend(old)
+
+    def punkt(self):
+        """Build the punkt kinds: pact (characters punkt may split a token at, or whose class the
+        two regex engines disagree on), pbad (? ! and periods that may end a token: they may end
+        a sentence), c1 (_PUNKT_C1), pdig / pnum / poth (digits / , . - inside a token / other
+        non-word characters among the rest; letters are the rest). The kinds of , . - depend on
+        the next character (judged when it comes)."""
+        if not self.has_punkt:
+            from array import array
+            for k in self.PUNKT_KINDS:
+                self.pos[k] = array('q')
+            self.has_punkt = True
+            self.dot_open = []   # , . - near the end of the text, judged when the next characters come
+            self._punkt_extend(0)
+        return self
+
+    def _punkt_extend(self, old):
+        text = self.text
+        if self.dot_open:
+            waiting, self.dot_open = self.dot_open, []
+            for p in waiting:
+                self._bad_or_dot(p)
+        chunk = text[old:]
+        for ch in set(chunk) - _PUNKT_KIND.keys():
+            _PUNKT_KIND[ch] = _punkt_kind(ch)
+        kinds = [_PUNKT_KIND[ch] for ch in chunk] if len(chunk) < 4096 else None
+        if kinds is None:   # a long text at once: vectorised (the same judgments as _judge_dot)
+            kv = np.frombuffer(chunk.translate({ord(ch): chr(48 + k) for ch, k in _PUNKT_KIND.items()})
+                               .encode('latin-1'), dtype=np.uint8) - 48
+            cp = np.frombuffer(chunk.encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
+            n = len(cp)
+            j = np.flatnonzero(kv & 4)
+            c0 = cp[j]
+            numch = (c0 == 46) | (c0 == 44) | (c0 == 45)
+            wait = numch & (j + 2 >= n)
+            self.dot_open += (j[wait] + old).tolist()
+            j, c0, numch = j[~wait], c0[~wait], numch[~wait]
+            n1, n2 = cp[np.minimum(j + 1, n - 1)], cp[np.minimum(j + 2, n - 1)]
+            k1, k2 = kv[np.minimum(j + 1, n - 1)], kv[np.minimum(j + 2, n - 1)]
+            dot, com, dash = c0 == 46, c0 == 44, c0 == 45
+            ends = ((k1 & 32) != 0) | (n1 == 46) | (n1 == 44) | (n1 == 45)
+            com_ends = ((k1 & 32) != 0) | (((n1 == 46) | (n1 == 45)) & (n2 == n1)) | ((n1 == 46) & ((k2 & 64) != 0))
+            act = (dot & ends) | (dash & (n1 == 45)) | (com & com_ends)
+            found = {'pact': np.union1d(np.flatnonzero(kv & 1), j[act]), 'c1': np.flatnonzero(kv & 2),
+                     'pdig': np.flatnonzero(kv & 8), 'poth': np.flatnonzero(kv & 16), 'pnum': j[numch & ~act],
+                     'pbad': j[~numch | (dot & ends)]}
+            for name, at in found.items():
+                self.pos[name].frombytes((at + old).astype(np.int64).tobytes())
+        else:
+            for i, k in enumerate(kinds):
+                if k:
+                    p = old + i
+                    if k & 1:
+                        self.pos['pact'].append(p)
+                    if k & 2:
+                        self.pos['c1'].append(p)
+                    if k & 4:
+                        self._bad_or_dot(p)
+                    if k & 8:
+                        self.pos['pdig'].append(p)
+                    if k & 16:
+                        self.pos['poth'].append(p)
+
+    def _bad_or_dot(self, p):
+        if self.text[p] not in '.,-':
+            bisect.insort(self.pos['pbad'], p)
+        elif p + 2 < self.L:
+            self._judge_dot(p)
+        else:
+            self.dot_open.append(p)
+
+    def _judge_dot(self, p):
+        # punkt reads , . - inside a token as number characters; a period before a character
+        # that ends tokens (NonWord punctuation, whitespace, '.', ',', '-') may end a token (and so
+        # a sentence); '..' and '--' are tokens of their own, and a comma ends a token before a
+        # character that ends tokens (judged late, after later characters: inserted in order)
+        ch, nxt, nxt2 = self.text[p], self.text[p + 1], self.text[p + 2]
+        ends = nxt.isspace() or nxt in '.,-' or _punkt_nonword().match(nxt) is not None
+        if ch == '.' and ends:
+            bisect.insort(self.pos['pbad'], p)
+        if ch == ',':   # ',(?=$|\s|NonWord|MultiChar)' ends a token (MultiChar: '--', '..', '. . .')
+            ends = (nxt.isspace() or _punkt_nonword().match(nxt) is not None
+                    or (nxt in '.-' and nxt2 == nxt) or (nxt == '.' and nxt2.isspace()))
+        if (nxt == ch) if ch != ',' else ends:
+            bisect.insort(self.pos['pact'], p)
+        elif not (ch == '.' and ends):
+            bisect.insort(self.pos['pnum'], p)
+        else:
+            bisect.insort(self.pos['pact'], p)
+
+
+_INDEX_RX = re.compile(r'[\s.?!]')
+# character -> bits: 1 pact, 2 c1, 4 pbad (or , . -: judged by the next characters), 8 pdig, 16 poth,
+# 32 ends a punkt token (NonWord punctuation, whitespace), 64 whitespace
+_PUNKT_KIND = {}
+
+
+def _punkt_kind(ch):
+    nonword = _punkt_lang_vars()._re_non_word_chars
+    rx = _regex_module()
+    k = 0
+    if ch in _PUNKT_C1:
+        k |= 2
+    if ch in '?!.,-':
+        k |= 4
+    if ch.isspace():
+        k |= 64
+    if ch.isspace() or re.match(nonword, ch):
+        k |= 32
+    if ch in '.,-':
+        return k
+    engines = [re] + ([rx] if rx is not None else [])
+    word = {bool(e.match(r'\w', ch)) for e in engines}
+    digit = {bool(e.match(r'\d', ch)) for e in engines}
+    if (ch.isspace() or re.match(nonword, ch) or ch == '\u2014' or len(word) > 1 or len(digit) > 1
+            or (rx is not None and bool(rx.match(nonword, ch)) != bool(re.match(nonword, ch)))):
+        return k | 1
+    if digit == {True}:
+        return k | 8
+    if word == {False}:
+        return k | 16
+    return k
+
+
+_PUNKT_REALIGN = frozenset('"\')]}\u2018\u2019\u201c\u201d\xab\xbb')   # punkt's realigned closers
+
+
+def punkt_input(tok, text, idx, memo, W, c, mcut):
+    """(text, back) for re-running punkt (tok) on the prefix from W (text[W:c] + mcut U+FFFD), the
+    middle of each whitespace-free stretch of PUNKT_LONG characters or more replaced by a few
+    characters that punkt reads the same way (fact 3 of the notes above); back(p) maps a position
+    of that text to the document's (None inside a replaced middle: punkt never breaks there).
+    None: nothing to replace. idx: the text's TextIndex; memo: a dict kept with the text."""
+    lo, hi = idx.find('ws', W), idx.find('ws', c)
+    bounds = [W - 1] + list(idx.pos['ws'][lo:hi]) + [c]
+    cuts = []
+    for z0, z2 in zip(bounds[:-1], bounds[1:]):   # the stretch [z0 + 1, z2)
+        if z2 - z0 - 1 >= PUNKT_LONG:
+            cut = _punkt_cut(tok, text, idx, memo, z0 + 1, z2)
+            if cut is not None:
+                cuts.append(cut)
+    if not cuts:
+        return None
+    segs, parts, pos, n = [], [], W, 0   # segs: (start in the new text, document start, length) of the copied parts
+    for x, y, rep in cuts:
+        segs.append((n, pos, x - pos))
+        parts += [text[pos:x], rep]
+        n += x - pos + len(rep)
+        pos = y
+    segs.append((n, pos, c - pos + mcut))
+    parts.append(text[pos:c] + '\ufffd' * mcut)
+    seg_starts = [a for a, _, _ in segs]
+
+    def back(p):
+        a, d, ln = segs[bisect.bisect_right(seg_starts, p) - 1]
+        return d + p - a if p - a <= ln else None
+    return ''.join(parts), back
+
+
+def _punkt_cut(tok, text, idx, memo, z, z2):
+    """A middle [x, y) of the long stretch [z, z2) and its replacement for punkt, or None."""
+    idx.punkt()
+    a, b = z + REP_H, z2 - REP_H
+    if idx.count('pact', a - 1, b + 1) == 0:
+        # only characters punkt never splits a token at (the neighbours too: the middle stays
+        # inside one token): one character of each class present
+        dig, num, oth = idx.count('pdig', a, b), idx.count('pnum', a, b), idx.count('poth', a, b)
+        if b - a > dig + num + oth or dig or oth:   # (a comma first: never before the tail)
+            return a, b, (',' if num else '') + ('a' if b - a > dig + num + oth else '') + ('0' if dig else '') + ('+' if oth else '')
+    x = idx.first_from('c1', a, b)
+    y1 = idx.last_before('c1', b - 1)
+    if x >= b or y1 <= x + 2:
+        return None
+    if idx.count('pbad', x, y1 + 1) == 0:
+        # between two single-character tokens, with no ? ! or period that can end a token in
+        # between (no token there can end a sentence) and a character that is no closing one
+        # (the realignment after a break before the middle reads closing characters up to the
+        # next space)
+        if all(ch in _PUNKT_REALIGN for ch in text[x:x + 64]) and all(ch in _PUNKT_REALIGN for ch in text[max(x, y1 - 63):y1 + 1]):
+            return None
+        return x, y1 + 1, text[x] + ':' + text[y1]
+    # the middle holds tokens that may end a sentence. In a stretch without whitespace punkt
+    # weighs only the last candidate break of the stretch (each context starts at the stretch's
+    # start, so earlier candidates overlap the later ones), and a context decides a break when
+    # it holds a sentence-ending pair of tokens, whatever else it holds. So with the stretch's
+    # last candidate in the tail, a middle reads as nothing when the text before it holds such
+    # a pair already, or when the middle itself holds none (both found by _sentence_ends).
+    pk = _last_candidate(text, idx, z, z2)
+    y1 = idx.last_before('c1', min(b, pk) - 1) if pk >= 0 else -1
+    if y1 <= x + 2:
+        return None
+    found, clean = _sentence_ends(tok, text, idx, memo, z, y1)
+    if found >= 0:
+        x = idx.first_from('c1', max(x, found + 1), y1)
+    elif clean < y1 - 64 or _sentence_break_in(tok, text[clean:y1 + 1]):
+        return None
+    if y1 <= x + 2:
+        return None
+    return x, y1 + 1, text[x] + ':' + text[y1]
+
+
+def _sentence_break_in(tok, text):
+    """punkt's text_contains_sentbreak, not memoised (these texts do not repeat)."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    return PunktSentenceTokenizer.text_contains_sentbreak(tok, text)
+
+
+def _last_candidate(text, idx, z, z2, tries=64):
+    """The last . ? ! of the stretch [z, z2) followed (inside it) by a character that punkt's
+    candidate pattern accepts after it (-1 if none among the last `tries`)."""
+    cand = idx.pos['cand']
+    nonword = _punkt_nonword()
+    k = bisect.bisect_left(cand, z2 - 1) - 1
+    for _ in range(tries):
+        if k < 0 or cand[k] < z:
+            return -1
+        if nonword.match(text, cand[k] + 1):
+            return cand[k]
+        k -= 1
+    return -1
+
+
+@lru_cache(maxsize=None)
+def _punkt_nonword():
+    return re.compile(_punkt_lang_vars()._re_non_word_chars)
+
+
+@lru_cache(maxsize=None)
+def _punkt_lang_vars():
+    # punkt's default (English) language variables: those of the tokenizer punkt_tokenizer makes,
+    # as of PunktTokenizer('english')
+    from nltk.tokenize.punkt import PunktLanguageVars
+    return PunktLanguageVars()
+
+
+def _sentence_ends(tok, text, idx, memo, z, y):
+    """(found, clean) for the stretch starting at z, read up to y (a single-character token
+    position, _PUNKT_C1): found: a position such that text[z:found + 1] holds a sentence-ending
+    pair of tokens (-1: none up to clean); clean: text[z:clean + 1] holds none. Read in pieces
+    that start and end at single-character tokens (a pair never straddles two pieces as a
+    sentence-ending one: those tokens end no sentence), each once per stretch (cached in memo,
+    a dict: stretch start -> what has been read)."""
+    memo = memo.setdefault(z, [z, -1])   # [clean up to, found]
+    while memo[1] < 0:
+        v = memo[0]
+        u = idx.first_from('c1', v + 64, y + 1)   # the next piece: text[v:u + 1]
+        if u > y:
+            break
+        if _sentence_break_in(tok, text[v:u + 1]):
+            memo[1] = u
+        else:
+            memo[0] = u
+    return memo[1], memo[0]
 

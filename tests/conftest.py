@@ -1,7 +1,10 @@
 """Shared test helpers: the repo root on sys.path, and tiny dataset directories in prepare.py's format."""
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 SPECIAL = ['<pad>', '<space>', '<unk>']
+
+# metadata.py's disk cache of the models' tables: a fresh directory for the test session (set
+# before any test module loads a model; subprocesses inherit it), never the user's ~/.cache/lime
+CACHE_DIR = os.environ['LIME_CACHE_DIR'] = tempfile.mkdtemp(prefix='lime-test-cache-')
+atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
 
 
 def write_dataset(d, n_train=20000, n_val=4000, vocab_size=64, n_pos=8, seed=0):

@@ -332,3 +332,163 @@ def test_truncated_gpt2_tokenizer():
         md.set_tokenizer('gpt2')
     assert n_small > len(md.annotate_text(text, 'plain', 'none')[0])
     assert md.encoding().n_vocab == 50257
+
+# -----------------------------------------------------------------------------
+# start-up: the models' tables come from a disk cache; nltk is imported without scipy/sklearn
+
+def _assert_same_tables(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert isinstance(b[k], np.ndarray) and a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+        else:
+            assert type(a[k]) is type(b[k]) and a[k] == b[k], k
+
+def test_cached_tables_equal_fresh_ones():
+    # what a process reads from the cache equals what NLTK's models give now
+    import tiktoken
+    from nltk.tokenize import PunktTokenizer
+    md._sentence_tokenizer(), md._pos_tagger(False), md._ne_chunker('binary', False)   # the files exist
+    fresh = {'pos': nltk_fast.FastPOSTagger.tables(md._pos_tagger(True)),
+             'ne_binary': nltk_fast.FastNEChunker.tables(md._ne_chunker('binary', True)),
+             'punkt': nltk_fast.punkt_tables(PunktTokenizer('english')._params)}
+    for name, tables in fresh.items():
+        with np.load(os.path.join(md.cache_dir(), name + '.npz'), allow_pickle=False) as z:
+            _assert_same_tables(nltk_fast.tables_from_arrays({k: z[k] for k in z.files if k != 'cache_key'}), tables)
+    ours, ref = md._sentence_tokenizer()._params, PunktTokenizer('english')._params   # the tokenizer in use
+    assert (ours.abbrev_types, ours.collocations, ours.sent_starters, dict(ours.ortho_context)) == \
+        (ref.abbrev_types, ref.collocations, ref.sent_starters, dict(ref.ortho_context))
+    # GPT-2 from its cached ranks is tiktoken's GPT-2
+    ours, ref = md._gpt2(), tiktoken.get_encoding('gpt2')
+    assert ours is not ref and os.path.exists(os.path.join(md.cache_dir(), 'gpt2.npz'))
+    assert (ours.name, ours.n_vocab, ours._pat_str, ours._special_tokens, ours._mergeable_ranks) == \
+        (ref.name, ref.n_vocab, ref._pat_str, ref._special_tokens, ref._mergeable_ranks)
+    text = ''.join(TRICKY) + '<|endoftext|>'
+    assert ours.encode(text, allowed_special='all') == ref.encode(text, allowed_special='all')
+    # the cache key covers the model files and the code that builds the tables
+    files = md._nltk_files([md._RESOURCES['pos'][0]])
+    assert len(files) == 3 and all(f.endswith('.json') for f in files)
+
+def test_cache_rebuilds_stale_and_corrupt_files(tmp_path, monkeypatch):
+    monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'cache'))
+    model = tmp_path / 'model.txt'
+    model.write_text('one')
+    builds = []
+
+    def build():
+        builds.append(1)
+        return {'w': np.arange(3.0), 'words': ['a', None, True], 'model': model.read_text()}
+
+    def get(version='v1'):
+        return md._cached('toy', version, [str(model)], build, lambda t: (t['model'], t['w'].tolist(), t['words']))
+
+    f = tmp_path / 'cache' / 'toy.npz'
+    assert get() == ('one', [0.0, 1.0, 2.0], ['a', None, True]) and len(builds) == 1 and f.exists()
+    assert get() == ('one', [0.0, 1.0, 2.0], ['a', None, True]) and len(builds) == 1   # read back
+    model.write_text('two')   # a model file changed: stale
+    assert get()[0] == 'two' and len(builds) == 2
+    assert get()[0] == 'two' and len(builds) == 2
+    assert get('v2')[0] == 'two' and len(builds) == 3   # another version of the code
+    good = f.read_bytes()
+    for junk in (b'', b'not a zip file', good[:len(good) // 2], good[:-40] + b'x' * 40,
+                 good.replace(b'two', b'six'), 'pickle', 'no key'):
+        if junk == 'pickle':     # an object array (needs pickle): refused
+            np.savez(f, cache_key=np.array('k'), x=np.array([None], dtype=object))
+        elif junk == 'no key':
+            np.savez(f, w=np.arange(3.0))
+        else:
+            f.write_bytes(junk)
+        n = len(builds)
+        assert get('v2')[0] == 'two' and len(builds) == n + 1   # corrupt: rebuilt ...
+        assert get('v2')[0] == 'two' and len(builds) == n + 1   # ... and written again
+    assert sorted(p.name for p in f.parent.iterdir()) == ['toy.npz']   # no temp files left
+
+
+def test_cache_unwritable_or_failing_is_not_an_error(tmp_path, monkeypatch):
+    model = tmp_path / 'model.txt'
+    model.write_text('m')
+    build = lambda: {'w': np.ones(2)}
+    make = lambda t: t['w'].sum()
+    (tmp_path / 'file').write_text('x')
+    monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'file' / 'cache'))   # cannot be created
+    assert md._cached('toy', 'v', [str(model)], build, make) == 2.0
+    # a write that fails halfway: no file, no temp file, the tables still used
+    monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'c'))
+
+    def failing_savez(f, **arrays):
+        f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(np, 'savez', failing_savez)
+    assert md._cached('toy', 'v', [str(model)], build, make) == 2.0
+    assert list((tmp_path / 'c').iterdir()) == []
+
+def test_cache_dir_default_locations(monkeypatch, tmp_path):
+    monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'a'))
+    assert md.cache_dir() == str(tmp_path / 'a')
+    monkeypatch.delenv('LIME_CACHE_DIR')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert md.cache_dir() == str(tmp_path / 'xdg' / 'lime')
+    monkeypatch.delenv('XDG_CACHE_HOME')
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    assert md.cache_dir() == str(tmp_path / 'home' / '.cache' / 'lime')
+
+_NLTK_FINGERPRINT = r'''
+import json, sys, types
+sys.path.insert(0, sys.argv[1])
+import nltk_fast
+if sys.argv[2] == 'plain':
+    import nltk
+nltk_fast.import_nltk()
+def fp(v):   # what a module's global is, not its value
+    if isinstance(v, types.ModuleType):
+        return 'module ' + v.__name__
+    return f"{type(v).__name__} {getattr(v, '__module__', '')} {getattr(v, '__qualname__', '')}"
+mods = {name: {k: fp(v) for k, v in sorted(vars(m).items()) if not k.startswith('__')}
+        for name, m in list(sys.modules.items()) if m is not None and name.split('.')[0] == 'nltk'}
+blocked = [m for m, v in sys.modules.items() if v is None]
+import metadata as md   # and tagging loads neither
+md.ensure_resources('binary')
+md.annotate_text('The old man the boat. Mr. Smith went to Washington.', 'lime', 'binary')
+md.annotate_causal(md.annotate_text('He said "Stop!" Then', 'lime', 'binary')[0], 'binary')
+loaded = sorted(m for m in ('scipy', 'sklearn') if m in sys.modules)
+print(json.dumps(dict(loaded=loaded, mods=mods, blocked=blocked)))
+'''
+
+def test_import_nltk_skips_only_scipy_and_sklearn():
+    # nltk imported by metadata.py (nltk_fast.import_nltk) against a plain `import nltk`: the only
+    # NLTK modules that differ are those whose optional scipy / scikit-learn parts LIME never uses
+    runs = {}
+    for how in ('plain', 'lime'):
+        r = subprocess.run([sys.executable, '-c', _NLTK_FINGERPRINT, ROOT, how], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[how] = json.loads(r.stdout)
+    plain, lime = runs['plain']['mods'], runs['lime']['mods']
+    differ = {m for m in set(plain) | set(lime) if plain.get(m) != lime.get(m)}
+    optional = {'nltk.metrics.association', 'nltk.metrics.scores', 'nltk.classify.scikitlearn',
+                'nltk.translate.gale_church', 'nltk.parse.transitionparser'}
+    assert differ <= optional, differ - optional
+    assert runs['lime']['loaded'] == [] and runs['lime']['blocked'] == []
+    try:
+        import scipy  # noqa: F401
+        assert differ, 'scipy is installed: some optional part should differ (else this test checks nothing)'
+    except ImportError:
+        pass
+
+@pytest.mark.parametrize('ner', ['binary', 'none'])
+def test_cli_lines_are_json_dumps(tmp_path, capsys, ner):
+    # the CLI's output loop (pieces quoted once, lines written in blocks) writes the bytes of
+    # json.dumps per token, on more tokens than one block
+    text = ''.join(TRICKY) + ' back\\slash "q" \x00\x1f\x7f \u2028 \U0001F600 end. ' + 'Mr. Ab went. ' * 14000
+    f = tmp_path / 'in.txt'
+    f.write_bytes(text.encode('utf-8'))
+    assert md.main([str(f), '--ner', ner]) == 0
+    out = capsys.readouterr().out
+    ids, st = md.annotate_text(text, 'lime', ner)
+    assert len(ids) > 1 << 16
+    enc, pos_names = md.encoding(), md.stream_tags('pos', ner)
+    ner_names = md.stream_tags('ner', ner) if ner != 'none' else None
+    want = ''.join(json.dumps({'id': t, 'text': enc.decode_single_token_bytes(t).decode('utf-8', errors='replace'),
+                               'pos': pos_names[st['pos'][i]], 'ner': ner_names[st['ner'][i]] if ner_names else None},
+                              ensure_ascii=False) + '\n' for i, t in enumerate(ids.tolist()))
+    assert out == want

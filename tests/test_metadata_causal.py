@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 import metadata as md  # noqa: E402  (conftest puts the repo root on sys.path)
+import nltk_fast  # noqa: E402
 
 pytest.importorskip('nltk')
 try:
@@ -371,7 +372,7 @@ def test_long_word_representatives_have_the_same_features():
     checked = 0
     for _ in range(150):
         alpha = rng.choice(alphabets)
-        w = ''.join(rng.choice(alpha) for _ in range(rng.randrange(md._LONG_WORD, 400)))
+        w = ''.join(rng.choice(alpha) for _ in range(rng.randrange(nltk_fast.LONG_WORD, 400)))
         if rng.random() < 0.3:
             w = rng.choice(['X', '1', '.', '-', 'a']) + w + rng.choice(['', '.', 's', '1'])
         doc = SimpleNamespace(text=w, middles={}, ner=NER)
@@ -398,8 +399,8 @@ def test_text_index_grown_equals_built():
     rng = random.Random(0)
     for _ in range(10):
         text = ''.join(rng.choice('ab1.,-- ?!"{}():;\n\u65e5') for _ in range(rng.randrange(5000, 7000)))
-        whole = md._TextIndex(text).punkt()
-        grown = md._TextIndex(text[:10]).punkt()
+        whole = nltk_fast.TextIndex(text).punkt()
+        grown = nltk_fast.TextIndex(text[:10]).punkt()
         k = 10
         while k < len(text):
             k2 = min(len(text), k + rng.randrange(1, 50))
