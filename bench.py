@@ -93,7 +93,7 @@ eff_block_size = 0
 eff_batch_size = 0
 lime1_meta_dropout = 0.0  # the paper's LIME+1 trains without; >0 teaches the model what <unk> (no hint) means
 meta_inject_layer = 0  # lime1_predict runs: the block after which the next tags are predicted and added; 0 = n_layer // 2
-marginal_positions = 256  # lime1_predict: val positions where the bound is compared with the next-tag marginal
+marginal_positions = 1024  # lime1_predict: val positions where the bound is compared with the next-tag marginal
 launcher = ''  # prefix for train.py instead of the python running bench, e.g. 'torchrun --standalone --nproc_per_node=8'
 eff_parallel = 1  # training processes at once (CPU: 2 one-thread runs beat 1 two-thread run)
 train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
@@ -841,10 +841,15 @@ def predict_marginal(C, run_dir):
         nxt = {k: v.to(C.device) for k, v in nxt.items()}
         h = model.lower(x, meta)
         logp_tag = {s: F.log_softmax(tl[0, -1].float(), -1) for s, tl in zip(streams, model.tag_logits(h[:, -1:]))}
-        nm = {s: nxt[s].repeat(len(combos), 1) for s in streams}
+        # the upper blocks see the candidate tags only at the last position: run the prefix once
+        # into a KV cache, then the last position once per candidate (a batch of len(combos))
+        cache = model.new_kv_cache(1)
+        model.upper(model.inject(h[:, :-1], {s: v[:, :-1] for s, v in nxt.items()}), kv_cache=cache)
+        cache.k, cache.v = cache.k.repeat(1, len(combos), 1, 1, 1), cache.v.repeat(1, len(combos), 1, 1, 1)
+        nm = {s: nxt[s][:, -1:].repeat(len(combos), 1) for s in streams}
         for s in marg:
             nm[s][:, -1] = cols[s]
-        logits, _ = model.upper(model.inject(h.expand(len(combos), -1, -1), nm))
+        logits, _ = model.upper(model.inject(h[:, -1:].expand(len(combos), -1, -1), nm), kv_cache=cache, start_pos=T - 1)
         logp_tok = F.log_softmax(logits[:, -1].float(), -1)[:, int(y[0, -1])]
         lp = sum(logp_tag[s][cols[s]] for s in marg)
         fixed = sum(logp_tag[s][int(nxt[s][0, -1])] for s in streams if s not in marg)
@@ -867,14 +872,18 @@ def predict_marginal(C, run_dir):
             x, y, meta = sp.windows([i], T)
             logits, _ = m(x.to(C.device), {k: v.to(C.device) for k, v in meta.items()} or None)
             nll.append(-float(F.log_softmax(logits[0, -1].float(), -1)[int(y[0, -1])]))
-        same[name] = float(np.mean(nll))
+        # paired by position: the standard error of the mean difference says whether it is noise
+        diff = np.array(marginal) - np.array(nll)
+        same[name] = dict(nll=float(np.mean(nll)), marginal_minus=float(diff.mean()),
+                          se=float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None)
     res = dict(positions=len(bound), marginalised=marg, values=len(combos), bound=float(np.mean(bound)),
                marginal=float(np.mean(marginal)), tag_cost=float(np.mean(tag_part)),
                gap=float(np.mean(bound) - np.mean(marginal)), same_positions=same)
     print(f"\nbound vs one-step marginal over the next {'/'.join(marg)} tags ({len(combos)} values), "
           f"{res['positions']} val positions: bound {res['bound']:.4f} (of it tags {res['tag_cost']:.4f}), "
           f"marginal {res['marginal']:.4f}, gap {res['gap']:.4f} nats/token" +
-          ''.join(f"; {n} at the same positions {v:.4f}" for n, v in same.items()))
+          ''.join(f"; {n} at the same positions {v['nll']:.4f} (marginal minus it {v['marginal_minus']:+.4f}, "
+                  f"s.e. {v['se'] or 0:.4f})" for n, v in same.items()))
     return res
 
 

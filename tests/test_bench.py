@@ -191,7 +191,9 @@ def test_efficiency(eff):
     assert m['positions'] == 6 and m['marginalised'] == ['pos_causal', 'ner_causal'] and m['values'] == 48 * 6
     assert 0 <= m['gap'] and m['marginal'] <= m['bound'] and 0 < m['tag_cost'] < m['bound']
     # the honest runs at the same positions, for scale: the baseline's mean is its own loss there
-    assert set(m['same_positions']) == {'baseline', 'lime_causal'}
+    same = m['same_positions']
+    assert set(same) == {'baseline', 'lime_causal'} and same['baseline']['se'] > 0
+    assert same['baseline']['marginal_minus'] == pytest.approx(m['marginal'] - same['baseline']['nll'])
     from model import GPT
     from train import Split, eval_starts, load_checkpoint
     base = GPT.from_checkpoint(load_checkpoint(str(d / 'eff' / 'baseline' / 'ckpt.pt')), 'cpu').eval()
@@ -200,7 +202,7 @@ def test_efficiency(eff):
         x, y, _ = sp.windows([i], base.config.block_size)
         with torch.no_grad():
             nll.append(-torch.log_softmax(base(x)[0][0, -1], -1)[y[0, -1]].item())
-    assert m['same_positions']['baseline'] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert same['baseline']['nll'] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert (d / 'eff' / 'lime1' / 'ckpt.pt').exists()
     # a second call reuses the finished runs instead of training again
     r = run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}',
