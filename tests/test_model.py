@@ -94,25 +94,32 @@ def test_kv_cache_matches_full_forward(meta_kw):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_cached_greedy_decoding_equals_uncached():
-    m = build(**META)
-    idx, meta = batch(B=2, T=4)
+def greedy_uncached_and_cached(m, idx, meta, steps=12):
+    """Greedy decoding of `steps` tokens after idx (B=2), with random tags for the new positions:
+    once rerunning the whole prefix each step, once through the KV cache."""
     g = torch.Generator().manual_seed(3)
-    future = {k: torch.randint(v.max().item() + 1, (2, 12), generator=g) for k, v in meta.items()}
+    future = {k: torch.randint(v.max().item() + 1, (2, steps), generator=g) for k, v in meta.items()}
     full_meta = {k: torch.cat([meta[k], future[k]], 1) for k in meta}
     with torch.no_grad():
         a = idx
-        for t in range(12):  # uncached: rerun the whole prefix
+        for t in range(steps):  # uncached: rerun the whole prefix
             T = a.size(1)
             lg, _ = m(a, {k: v[:, :T] for k, v in full_meta.items()})
             a = torch.cat([a, lg[:, -1].argmax(-1, keepdim=True)], 1)
         cache = m.new_kv_cache(2)
         b, pos = idx, 0
-        for t in range(12):
+        for t in range(steps):
             T = b.size(1)
             lg, _ = m(b[:, pos:], {k: v[:, pos:T] for k, v in full_meta.items()}, kv_cache=cache, start_pos=pos)
             pos = T
             b = torch.cat([b, lg[:, -1].argmax(-1, keepdim=True)], 1)
+    return a, b
+
+
+def test_cached_greedy_decoding_equals_uncached():
+    m = build(**META)
+    idx, meta = batch(B=2, T=4)
+    a, b = greedy_uncached_and_cached(m, idx, meta)
     assert torch.equal(a, b)
 
 
@@ -431,22 +438,7 @@ def test_gemma_cached_greedy_decoding_equals_uncached():
             if n != 'transformer.wte.weight':  # at init the tied sqrt(d)-scaled table would just repeat the last token
                 p.mul_(8.0)
     idx, meta = batch(B=2, T=4)
-    g = torch.Generator().manual_seed(3)
-    future = {k: torch.randint(v.max().item() + 1, (2, 12), generator=g) for k, v in meta.items()}
-    full_meta = {k: torch.cat([meta[k], future[k]], 1) for k in meta}
-    with torch.no_grad():
-        a = idx
-        for t in range(12):
-            T = a.size(1)
-            lg, _ = m(a, {k: v[:, :T] for k, v in full_meta.items()})
-            a = torch.cat([a, lg[:, -1].argmax(-1, keepdim=True)], 1)
-        cache = m.new_kv_cache(2)
-        b, pos = idx, 0
-        for t in range(12):
-            T = b.size(1)
-            lg, _ = m(b[:, pos:], {k: v[:, pos:T] for k, v in full_meta.items()}, kv_cache=cache, start_pos=pos)
-            pos = T
-            b = torch.cat([b, lg[:, -1].argmax(-1, keepdim=True)], 1)
+    a, b = greedy_uncached_and_cached(m, idx, meta)
     assert torch.equal(a, b) and len(set(a[1, 4:].tolist())) > 5
 
 
