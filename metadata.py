@@ -294,10 +294,14 @@ def tokenize(text, starts, ends, tokenization='lime'):
 
 @lru_cache(maxsize=None)
 def _token_bytes_len():
-    """Byte length of every GPT-2 token (to turn token ids into byte offsets)."""
-    enc = encoding()
-    return np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
-                    dtype=np.int64)
+    """Byte length of every token of encoding() (to turn token ids into byte offsets)."""
+    enc, t = encoding(), _gpt2_tables()
+    out = np.zeros(enc.n_vocab, dtype=np.int64)
+    keep = t['ranks'] < enc.n_vocab   # gpt2-N: its first N ranks (and rank N, overwritten next)
+    out[t['ranks'][keep]] = t['lens'][keep]
+    for s, i in enc._special_tokens.items():
+        out[i] = len(s.encode('utf-8'))
+    return out
 
 def _char_of_byte(text):
     """Index of the character each UTF-8 byte of text belongs to."""
@@ -1482,11 +1486,14 @@ def _frozen(obj):
     return obj
 
 # The fast taggers are built from tables (numpy arrays and lists) that take ~1 s to compute from
-# NLTK's model files, so they are kept on disk: one .npz per model in cache_dir(), keyed by a hash
+# NLTK's model files, so they are kept on disk: one file per model in cache_dir(), keyed by a hash
 # of the model files, of nltk_fast.py (the code that builds and reads them) and of the nltk and
-# numpy versions. Written atomically (temp file + rename) and read without pickle; a missing,
-# stale or corrupt file is rebuilt, and where the directory cannot be written the tables are
-# just built in memory.
+# numpy versions. Written atomically (temp file + rename), read without pickle through mmap (the
+# arrays are read-only views of the page cache: no copy, shared by every process); a missing,
+# stale or corrupt file is rebuilt, and where the directory cannot be written the tables are just
+# built in memory. A start must not re-read the 13 MB of model files to hash them, so each file's
+# sha256 is remembered with its stat (size, mtime, ctime, inode), as git's index does: a file
+# whose stat changed in any way is hashed again.
 
 def cache_dir():
     """$LIME_CACHE_DIR, else $XDG_CACHE_HOME/lime, else ~/.cache/lime."""
@@ -1505,45 +1512,147 @@ def _nltk_files(resources):
         files += sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs) if os.path.isdir(root) else [root]
     return files
 
+def _atomic_write(path, write):
+    """write(f) into a temp file beside path, then rename it over path (removed on any failure)."""
+    import tempfile
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+def _sha256_of_files(files):
+    """{path: sha256 of its contents}; remembered in cache_dir()/file-hashes.json by stat."""
+    import hashlib
+    memo_path = os.path.join(cache_dir(), 'file-hashes.json')
+    try:
+        with open(memo_path, 'rb') as f:
+            memo = json.loads(f.read())
+        assert isinstance(memo, dict)
+    except Exception:   # missing or corrupt: hash everything
+        memo = {}
+    out, changed = {}, False
+    for path in files:
+        path = os.path.abspath(path)
+        st = os.stat(path)
+        sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+        got = memo.get(path)
+        if isinstance(got, list) and got[:-1] == sig:
+            out[path] = got[-1]
+            continue
+        with open(path, 'rb') as f:
+            out[path] = hashlib.sha256(f.read()).hexdigest()
+        memo[path], changed = sig + [out[path]], True
+    if changed:
+        memo = {p: v for p, v in memo.items() if os.path.exists(p)}   # forget deleted files
+        try:
+            _atomic_write(memo_path, lambda f: f.write(json.dumps(memo, indent=0).encode()))
+        except OSError:   # read-only or full: hash again next time
+            pass
+    return out
+
+# A table file: _TABLES_MAGIC, the header's length (8 bytes, little-endian), the header (JSON:
+# the key, the JSON values, and where each array and each list of strings lies), then the data,
+# each piece 64-byte aligned. A list of strings is one '\n'-joined UTF-8 piece (splitting it is
+# several times faster than parsing JSON); any other value that is not an array is JSON. The
+# reader checks the structure (magic, header, every piece inside the file), not a checksum of
+# the contents: that would read all 40 MB at every start, and the file is never written in place.
+_TABLES_MAGIC = b'LIME tables v1\n\0'
+
+def _write_tables(f, key, tables):
+    header, pieces, off = {'key': key, 'json': {}, 'arrays': {}, 'strings': {}}, [], 0
+
+    def place(data):
+        nonlocal off
+        off = -(-off // 64) * 64
+        pieces.append((off, data))
+        off += len(data)
+        return off - len(data)
+    for name, v in tables.items():
+        if isinstance(v, np.ndarray):
+            if v.dtype.kind not in 'biuf':
+                raise ValueError(f'table {name}: dtype {v.dtype} is not numeric')
+            data = np.ascontiguousarray(v).tobytes()
+            header['arrays'][name] = [v.dtype.str, list(v.shape), place(data), len(data)]
+        elif isinstance(v, list) and all(type(s) is str and '\n' not in s for s in v):
+            data = '\n'.join(v).encode('utf-8', 'surrogatepass')
+            header['strings'][name] = [place(data), len(data), len(v)]
+        else:
+            header['json'][name] = v
+    if json.loads(json.dumps(header['json'])) != header['json']:   # tuples, non-string keys
+        raise ValueError('model tables do not round-trip through JSON')
+    head = json.dumps(header).encode()
+    f.write(_TABLES_MAGIC + len(head).to_bytes(8, 'little') + head)
+    start = -(-f.tell() // 64) * 64
+    for at, data in pieces:
+        f.write(b'\0' * (start + at - f.tell()))
+        f.write(data)
+
+def _read_tables(path, key=None):
+    """The tables stored in path if its key is key (or key is None), else None. Any flaw raises."""
+    import mmap
+    with open(path, 'rb') as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)   # stays valid after close
+    n0 = len(_TABLES_MAGIC)
+    if mm[:n0] != _TABLES_MAGIC:
+        raise ValueError('not a table file')
+    n = int.from_bytes(mm[n0:n0 + 8], 'little')
+    if n0 + 8 + n > len(mm):
+        raise ValueError('truncated header')
+    header = json.loads(mm[n0 + 8:n0 + 8 + n])
+    if key is not None and header['key'] != key:
+        return None
+    start = -(-(n0 + 8 + n) // 64) * 64
+    tables = dict(header['json'])
+    for name, (at, size, count) in header['strings'].items():
+        if start + at + size > len(mm):
+            raise ValueError('truncated')
+        v = mm[start + at:start + at + size].decode('utf-8', 'surrogatepass').split('\n') if count else []
+        if len(v) != count:
+            raise ValueError('bad string list')
+        tables[name] = v
+    for name, (dtype, shape, at, size) in header['arrays'].items():
+        dtype = np.dtype(dtype)
+        if dtype.kind not in 'biuf' or size != dtype.itemsize * int(np.prod(shape)) or start + at + size > len(mm):
+            raise ValueError('bad array')
+        tables[name] = (np.frombuffer(mm, dtype, count=size // dtype.itemsize, offset=start + at).reshape(shape)
+                        if size else np.zeros(shape, dtype))
+    return tables
+
 def _cached(name, versions, files, build, make):
-    """make(tables) with the tables from cache_dir()/name.npz when its key matches, else from
+    """make(tables) with the tables from cache_dir()/name.tables when its key matches, else from
     build() (then stored there). The key: sha256 of the versions string and of the files
     (names, sizes, contents)."""
     import hashlib
-    import tempfile
     h = hashlib.sha256(versions.encode() + b'\n')
-    for f in files:
-        with open(f, 'rb') as fh:
-            data = fh.read()
-        h.update(f'{os.path.basename(f)} {len(data)}\n'.encode())
-        h.update(data)
+    for f, digest in _sha256_of_files(files).items():
+        h.update(f'{os.path.basename(f)} {os.path.getsize(f)} {digest}\n'.encode())
     key = h.hexdigest()
-    path = os.path.join(cache_dir(), name + '.npz')
+    path = os.path.join(cache_dir(), name + '.tables')
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z['cache_key']) == key:
-                return make(nltk_fast.tables_from_arrays({k: z[k] for k in z.files if k != 'cache_key'}))
-    except Exception:   # missing, unreadable or corrupt (any error of np.load or of make): rebuild
+        tables = _read_tables(path, key)
+        if tables is not None:
+            return make(tables)
+    except Exception:   # missing, unreadable or corrupt (any error of reading or of make): rebuild
         pass
     tables = build()
     try:
-        os.makedirs(cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir(), prefix=f'.{name}.', suffix='.tmp')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                np.savez(f, cache_key=np.array(key), **nltk_fast.tables_to_arrays(tables))
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        _atomic_write(path, lambda f: _write_tables(f, key, tables))
     except OSError:   # read-only or full: use the tables built in memory
         pass
     return make(tables)
 
-def _cached_model(name, resources, build, make):
+def _cached_model(name, resources, code, build, make):
     # a fast tagger's tables: keyed by NLTK's model files and the code that builds and reads them
-    versions = f'nltk {import_nltk().__version__} numpy {np.__version__}'
-    return _cached(name, versions, [nltk_fast.__file__] + _nltk_files(resources), build, make)
+    # (nltk_fast.py, and code: the NLTK source files whose models or functions it copies)
+    nltk_dir = os.path.dirname(import_nltk().__spec__.origin)
+    code = [nltk_fast.__file__] + [os.path.join(nltk_dir, *f.split('/')) for f in code]
+    versions = f'nltk {nltk_fast.nltk_version()} numpy {np.__version__}'
+    return _cached(name, versions, code + _nltk_files(resources), build, make)
 
 # models are loaded once per process (nltk.ne_chunk would reload its chunker on every call);
 # reference=True: plain NLTK, else the exact fast re-implementations of nltk_fast.py (NLTK's own
@@ -1553,7 +1662,7 @@ def _sentence_tokenizer():
     def build():
         from nltk.tokenize import PunktTokenizer
         return nltk_fast.punkt_tables(PunktTokenizer('english')._params)
-    tok = _cached_model('punkt', [_RESOURCES['punkt'][0]], build, nltk_fast.punkt_tokenizer)
+    tok = _cached_model('punkt', [_RESOURCES['punkt'][0]], ['tokenize/punkt.py'], build, nltk_fast.punkt_tokenizer)
     # punkt decides each candidate break by text_contains_sentbreak(context), a pure function
     # of the short context string (the fixed English parameters are never retrained):
     # memoise it (the causal path re-segments the same contexts again and again)
@@ -1578,8 +1687,8 @@ def _pos_tagger(reference):
         from nltk.tag import PerceptronTagger
         return _frozen(PerceptronTagger())
     load = lambda: _pos_tagger(True)
-    return _frozen(_cached_model('pos', [_RESOURCES['pos'][0]], lambda: FastPOSTagger.tables(load()),
-                                 lambda t: FastPOSTagger(t, load)))
+    return _frozen(_cached_model('pos', [_RESOURCES['pos'][0]], ['tag/perceptron.py'],
+                                 lambda: FastPOSTagger.tables(load()), lambda t: FastPOSTagger(t, load)))
 
 @lru_cache(maxsize=None)
 def _ne_chunker(ner, reference):
@@ -1590,6 +1699,7 @@ def _ne_chunker(ner, reference):
     load = lambda: _ne_chunker(ner, True)
     # the chunker's feature extractor also reads the words corpus (its 'en-basic' list)
     return _frozen(_cached_model('ne_' + ner, [_RESOURCES['ne_' + ner][0], 'corpora/words/en-basic'],
+                                 ['chunk/named_entity.py', 'classify/maxent.py'],
                                  lambda: FastNEChunker.tables(load()), lambda t: FastNEChunker(t, load)))
 
 # BPE: GPT-2 ('gpt2'), or 'gpt2-N': GPT-2 with only its first N ranks (the 256 bytes and
@@ -1616,11 +1726,11 @@ def parse_tokenizer(name):
     return int(n)
 
 @lru_cache(maxsize=None)
-def _gpt2():
-    """tiktoken.get_encoding('gpt2'), built from its ranks in our disk cache: tiktoken's own
-    loader parses its data-gym files in Python (~0.15 s a process). Those files are checked by
-    tiktoken against hashes in its code, so the key is tiktoken's version and the code that
-    builds the ranks (tiktoken's loader, this file)."""
+def _gpt2_tables():
+    """GPT-2's ranks from our disk cache: tiktoken's own loader parses its data-gym files in
+    Python (~0.15 s a process). Those files are checked by tiktoken against hashes in its code,
+    so the key is tiktoken's version and the code that builds the ranks (tiktoken's loader,
+    this file)."""
     import tiktoken
     import tiktoken.load
     import tiktoken_ext.openai_public as public
@@ -1632,13 +1742,17 @@ def _gpt2():
                     lens=np.array(list(map(len, ranks)), dtype=np.int64),
                     ranks=np.array(list(ranks.values()), dtype=np.int64))
 
-    def make(t):
-        blob, ends = t['blob'].tobytes(), np.cumsum(t['lens']).tolist()
-        toks = [blob[a:b] for a, b in zip([0] + ends[:-1], ends)]
-        return tiktoken.Encoding(mergeable_ranks=dict(zip(toks, t['ranks'].tolist())), **t['spec'])
-
     return _cached('gpt2', f'tiktoken {tiktoken.__version__} numpy {np.__version__}',
-                   [public.__file__, tiktoken.load.__file__, __file__], build, make)
+                   [public.__file__, tiktoken.load.__file__, __file__], build, lambda t: t)
+
+@lru_cache(maxsize=None)
+def _gpt2():
+    """tiktoken.get_encoding('gpt2'), built from _gpt2_tables()."""
+    import tiktoken
+    t = _gpt2_tables()
+    blob, ends = t['blob'].tobytes(), np.cumsum(t['lens']).tolist()
+    toks = list(map(blob.__getitem__, map(slice, [0] + ends[:-1], ends)))
+    return tiktoken.Encoding(mergeable_ranks=dict(zip(toks, t['ranks'].tolist())), **t['spec'])
 
 @lru_cache(maxsize=None)
 def encoding():

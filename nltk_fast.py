@@ -8,11 +8,14 @@ long runs without whitespace, with the checks that they hold for the installed N
 The contract: each returns exactly what NLTK returns on the same input (the same tags, labels,
 spans and sentence breaks; tests/test_metadata.py compares them on Gutenberg and Brown). The
 taggers are built from tables(model): numpy arrays and JSON values computed from NLTK's model
-(metadata.py keeps them in a disk cache: tables_to_arrays / tables_from_arrays), and NLTK's own
+(metadata.py keeps them in a disk cache, whose arrays are read-only), and NLTK's own
 model, passed in as a function that loads it, is needed only where our floating-point sums
 could order two scores differently from NLTK's (a gap below a tiny epsilon): that one token is
-recomputed by NLTK's own code. Nothing here reads metadata.py. import_nltk imports nltk without
-the scipy / scikit-learn parts it would load (and LIME does not use).
+recomputed by NLTK's own code. Nothing here reads metadata.py. import_nltk imports the few NLTK
+modules tagging needs and defers the rest of NLTK to its first use (and then loads it without the
+scipy / scikit-learn parts LIME does not use); three small NLTK functions are copied here
+(perceptron_normalize, ne_simplify_pos, the NE shape), used only where NLTK's source is the one
+copied (source_hash), so tagging never imports nltk.tag or nltk.chunk.
 
 How they are fast. Both taggers are greedy left to right and read only the one or two previous
 tags, so we vectorise ACROSS words: everything that does not depend on earlier predictions is
@@ -37,7 +40,6 @@ What the causal code in metadata.py relies on (the window widths of the models):
 """
 import re
 import sys
-import json
 import bisect
 from functools import lru_cache
 
@@ -48,32 +50,125 @@ NE_WINDOW = 1    # raw NE label i reads tokens i-1 .. i+1 and the label of i-1
 NE_START = 2     # ... and whether i is 0, 1 or more
 
 
+# the NLTK modules LIME's fast path needs when it starts (resources, punkt, the word tokenizer,
+# NLTK's ReDoS-guarded regex engine), and the packages whose __init__ import_nltk defers
+STARTUP_MODULES = ('nltk.data', 'nltk.redos', 'nltk.tokenize.punkt', 'nltk.tokenize.destructive')
+DEFERRED_PACKAGES = ('nltk', 'nltk.tokenize')
+
+
 def import_nltk():
-    """import nltk, without what its __init__ imports only because it is installed: scipy (for
-    nltk.collocations -> nltk.metrics.association's Fisher test, and a few other statistics) and
-    scikit-learn (nltk.classify.scikitlearn). They cost about 1 s of every process that tags, and
-    LIME uses neither: while nltk is imported they are made unimportable (a None entry in
-    sys.modules; NLTK catches the ImportError and defines its fallbacks), then the entries are
-    removed, so a later `import scipy` works as usual. Only what NLTK itself would have taken
-    from them is missing in this process (tests/test_metadata.py checks that nothing else in
-    NLTK differs). Nothing is blocked when nltk, scipy or sklearn is already imported."""
+    """The nltk package, imported as cheaply as LIME can (a process that tags should be ready in a
+    fraction of a second). Nothing is deferred or blocked when nltk is already imported.
+
+    - nltk's __init__ imports nearly all of NLTK (~0.15 s: parsers, corpus readers, hundreds of
+      regexes compiled through its ReDoS guard), and the fast path needs STARTUP_MODULES only. So
+      the packages nltk and nltk.tokenize are made with their __init__ not run yet, and those
+      modules imported into them. The first use of anything else (an attribute the package lacks,
+      such as nltk.pos_tag or nltk.__version__, or the import of any other NLTK module) first runs
+      nltk's __init__ in the same module object, in the order a plain `import nltk` runs it (the
+      modules already there are reused, as in any import): from then on nltk is the package a
+      plain import gives, and nothing was loaded twice. The fast path imports only
+      `from <startup module> import name` (an `import nltk...` statement or `from nltk import x`
+      would finish the import; tests/test_metadata.py checks that tagging does not).
+    - While nltk's __init__ runs, scipy (for nltk.collocations -> nltk.metrics.association's
+      Fisher test, and a few other statistics) and scikit-learn (nltk.classify.scikitlearn) are
+      made unimportable (a None entry in sys.modules; NLTK catches the ImportError and defines its
+      fallbacks), then the entries are removed, so a later `import scipy` works as usual. They
+      cost about 1 s, and LIME uses neither; only what NLTK itself would have taken from them is
+      missing in this process (the test checks that nothing else in NLTK differs)."""
     if 'nltk' in sys.modules:
         return sys.modules['nltk']
-    blocked = [m for m in ('scipy', 'sklearn') if m not in sys.modules]
-    for m in blocked:
-        sys.modules[m] = None
+    import importlib
+    import importlib.util
+    specs = {}
+    for name in DEFERRED_PACKAGES:
+        specs[name] = spec = importlib.util.find_spec(name)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+    setattr(sys.modules['nltk'], 'tokenize', sys.modules['nltk.tokenize'])
     try:
-        import nltk
-        return nltk
-    except ImportError:   # something needs them after all: forget the partial import, retry below
-        for m in [m for m in sys.modules if m == 'nltk' or m.startswith('nltk.')]:
-            del sys.modules[m]
-    finally:
+        for name in STARTUP_MODULES:
+            importlib.import_module(name)
+    except BaseException:
+        for name in [m for m in sys.modules if m == 'nltk' or m.startswith('nltk.')]:
+            del sys.modules[name]
+        raise
+    _NLTKInit(specs).install()
+    return sys.modules['nltk']
+
+
+class _NLTKInit:
+    """Runs the deferred __init__ of nltk and nltk.tokenize on first use (see import_nltk), as a
+    plain import would: nltk's first, and nltk.tokenize's before any module inside it. Hooks: a
+    module __getattr__ on each deferred package (PEP 562), and an import finder consulted for
+    every NLTK module not imported yet."""
+
+    def __init__(self, specs):
+        self.specs, self.pending = specs, list(specs)   # 'nltk' first
+
+    def install(self):
+        for name in self.specs:
+            sys.modules[name].__getattr__ = self._getattr(name)
+        sys.meta_path.insert(0, self)
+
+    def _getattr(self, name):
+        def __getattr__(attr):
+            self.run(name)
+            return getattr(sys.modules[name], attr)
+        return __getattr__
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith('nltk.'):
+            return None
+        self.run(fullname)
+        if fullname in sys.modules:   # an __init__ just imported it: that module, not a second one
+            import importlib.util
+            return importlib.util.spec_from_loader(fullname, _Loaded())
+        return None
+
+    def run(self, name):
+        """Run the pending __init__s that a plain import of `name` would have run by now."""
+        for pkg in list(self.pending):
+            if pkg in self.pending and (pkg == 'nltk' or name == pkg or name.startswith(pkg + '.')):
+                self.pending.remove(pkg)
+                if not self.pending:
+                    sys.meta_path.remove(self)
+                self._exec(pkg)
+
+    def _exec(self, pkg):
+        mod = sys.modules[pkg]
+        del mod.__getattr__
+        blocked = [m for m in ('scipy', 'sklearn') if m not in sys.modules]
         for m in blocked:
-            if sys.modules.get(m, 0) is None:
-                del sys.modules[m]
-    import nltk
-    return nltk
+            sys.modules[m] = None
+        try:
+            self.specs[pkg].loader.exec_module(mod)
+        finally:
+            for m in blocked:
+                if sys.modules.get(m, 0) is None:
+                    del sys.modules[m]
+
+
+class _Loaded:
+    # the loader of a module that is already in sys.modules
+    def create_module(self, spec):
+        return sys.modules[spec.name]
+
+    def exec_module(self, module):
+        pass
+
+
+def nltk_version():
+    """NLTK's version, read as its __init__ reads it (from the VERSION file beside it), without
+    running that __init__."""
+    import os
+    nltk = import_nltk()
+    try:
+        with open(os.path.join(os.path.dirname(nltk.__spec__.origin), 'VERSION')) as f:
+            return f.read().strip()
+    except OSError:
+        return nltk.__version__
 
 
 def iob(raw, prev):
@@ -179,23 +274,34 @@ def _grow(arr, n):
     return new
 
 
-def tables_to_arrays(tables):
-    """A model's tables (numpy arrays and JSON values, see FastPOSTagger.tables) as numpy arrays
-    only, for np.savez: the JSON values go in one UTF-8 byte array, so np.load needs no pickle."""
-    arrays = {k: v for k, v in tables.items() if isinstance(v, np.ndarray)}
-    rest = {k: v for k, v in tables.items() if not isinstance(v, np.ndarray)}
-    text = json.dumps(rest)
-    if json.loads(text) != rest:   # tuples, non-string keys: JSON would not give them back
-        raise ValueError('model tables do not round-trip through JSON')
-    arrays['json'] = np.frombuffer(text.encode(), dtype=np.uint8)
-    return arrays
+def source_hash(fn):
+    """A short hash of a function's source: which NLTK code a copy here was checked against."""
+    import hashlib
+    import inspect
+    import textwrap
+    try:
+        return hashlib.sha256(textwrap.dedent(inspect.getsource(fn)).encode()).hexdigest()[:16]
+    except (OSError, TypeError):   # no source (a frozen or compiled install): not known
+        return None
 
 
-def tables_from_arrays(arrays):
-    """The inverse of tables_to_arrays (arrays: a dict or an opened .npz)."""
-    tables = json.loads(arrays['json'].tobytes())
-    tables.update((k, arrays[k]) for k in arrays.keys() if k != 'json')
-    return tables
+def perceptron_normalize(word):
+    """NLTK's PerceptronTagger.normalize (3.10): the word as the tagger's features read it."""
+    if "-" in word and word[0] != "-":
+        return "!HYPHEN"
+    if word.isdigit() and len(word) == 4:
+        return "!YEAR"
+    if word and word[0].isdigit():
+        return "!DIGITS"
+    return word.lower()
+
+
+def ne_simplify_pos(s):
+    """nltk.chunk.named_entity.simplify_pos (3.10)."""
+    if s.startswith("V"):
+        return "V"
+    else:
+        return s.split("-")[0]
 
 
 class FastPOSTagger:
@@ -204,6 +310,8 @@ class FastPOSTagger:
     Built from tables(tagger) (plain arrays and lists, which metadata.py keeps in a disk cache);
     NLTK's own tagger is needed only to recompute a near-tie: load_tagger() is called then."""
 
+    # NLTK 3.10's PerceptronTagger.normalize (source_hash), which perceptron_normalize copies
+    KNOWN_NORMALIZE = {'6c3ea4e94af7145f'}
     # per-word cache columns (row ids into self.W; 0 is the all-zero row)
     TD, ISUF, IPREF, IWORD, M1WORD, M1SUF, M2WORD, P1WORD, P1SUF, P2WORD, TWID = range(11)
 
@@ -252,10 +360,10 @@ class FastPOSTagger:
         longest = max(max(map(len, tagger.tagdict), default=0), max(map(len, features), default=0))
         return dict(classes=classes, tags=tags, features=features, W=W, T=T, tw_words=list(tw_word),
                     tw_keys=np.asarray(keys, dtype=np.int64)[o], tw_rows=np.asarray(rows, dtype=np.int64)[o],
-                    tagdict=dict(tagger.tagdict), longest=longest)
+                    tagdict=dict(tagger.tagdict), longest=longest, start=list(tagger.START), end=list(tagger.END),
+                    normalize_known=source_hash(type(tagger).normalize) in FastPOSTagger.KNOWN_NORMALIZE)
 
     def __init__(self, tables, load_tagger, max_batch_tokens=32768, eps=1e-6, max_cache=2_000_000):
-        from nltk.tag import PerceptronTagger
         self.max_cache = max_cache  # per-word cache entries kept after a call (bounds memory)
         self._load_tagger, self._tagger = load_tagger, None
         self.max_batch_tokens = max_batch_tokens
@@ -271,9 +379,14 @@ class FastPOSTagger:
         self.W, self.T, self.tw_keys, self.tw_rows = t['W'], t['T'], t['tw_keys'], t['tw_rows']
         self.bias = self.W[self.feat_row.get("bias", 0)]
         self.tw_word = dict(zip(t['tw_words'], range(len(t['tw_words']))))
-        # NLTK's word normalisation and context markers (a tagger without its model: no file read)
-        bare = PerceptronTagger(load=False)
-        self.normalize, self.START, self.END = bare.normalize, bare.START, bare.END
+        # NLTK's context markers and word normalisation: our copy of it where NLTK's is the one
+        # it copies (checked when the tables were built), else NLTK's (importing nltk.tag: slower)
+        self.START, self.END = t['start'], t['end']
+        if t['normalize_known']:
+            self.normalize = perceptron_normalize
+        else:
+            from nltk.tag import PerceptronTagger
+            self.normalize = PerceptronTagger(load=False).normalize
         # per-word cache; ids 0..3 are the context pseudo-words, which are NOT
         # normalised (a real token '-START-' normalises to '-start-')
         self._reset_cache()
@@ -477,6 +590,9 @@ class FastNEChunker:
     NLTK's own chunker is needed only to recompute a near-tie: load_chunker() is called then."""
 
     # the features of a token read through the token alone (own) and as a neighbour (cols)
+    # source_hash of NLTK 3.10's shape() and simplify_pos(), which _compiled_shape and
+    # ne_simplify_pos copy
+    KNOWN_CODE = ('ab632d5f58619cd3', 'bf6e4cdb427616eb')
     OWN = ("bias", "shape", "wordlen", "prefix3", "suffix3", "pos", "word", "en-wordlist")
     COLS = ("prevpos", "prevword", "nextpos", "nextword")
 
@@ -484,6 +600,7 @@ class FastNEChunker:
     def tables(chunker):
         """The model as numpy arrays and JSON values (what __init__ reads)."""
         import nltk
+        from nltk.chunk import named_entity
         nt = chunker._tagger  # NEChunkParserTagger
         clf = nt._classifier
         enc = clf._encoding
@@ -550,12 +667,19 @@ class FastNEChunker:
                     r_prevtag=np.array(r_prevtag, dtype=np.int64), r_shpt_none=np.array(r_shpt_none, dtype=np.int64),
                     r_none=r_none, feat_names=names, feat_vals=[list(feat[n]) for n in names],
                     feat_rows=np.array([r for n in names for r in feat[n].values()], dtype=np.int64),
-                    wn_words=list(wn_word), wn_pl=list(wn_pl), wn_tab=wn_tab, longest=longest)
+                    wn_words=list(wn_word), wn_pl=list(wn_pl), wn_tab=wn_tab, longest=longest,
+                    nltk_code_known=(source_hash(named_entity.shape), source_hash(named_entity.simplify_pos))
+                    == FastNEChunker.KNOWN_CODE)
 
     def __init__(self, tables, load_chunker, max_batch_tokens=32768, eps=1e-9, max_cache=2_000_000):
-        from nltk.chunk.named_entity import shape, simplify_pos
         self.max_cache = max_cache  # per-(word, pos) cache entries kept after a call
-        self._shape, self._simplify_pos = self._compile_shape(shape), simplify_pos
+        # NLTK's shape() and simplify_pos(): our copies where NLTK's are the ones they copy
+        # (checked when the tables were built), else NLTK's (importing nltk.chunk: slower)
+        if tables['nltk_code_known']:
+            self._shape, self._simplify_pos = self._compiled_shape(), ne_simplify_pos
+        else:
+            from nltk.chunk.named_entity import shape, simplify_pos
+            self._shape, self._simplify_pos = shape, simplify_pos
         self._load_chunker, self._chunker = load_chunker, None
         self.max_batch_tokens = max_batch_tokens
         self.eps = eps
@@ -589,25 +713,13 @@ class FastNEChunker:
         return self.chunker._tagger
 
     @staticmethod
-    def _compile_shape(nltk_shape):
-        """NLTK's shape() with its three patterns compiled once: NLTK >= 3.10 recompiles them
-        through its ReDoS guard on every call (7 us a word). Same engine (the `regex` module
-        there, `re` before), same patterns and flags, so the same answers (tests compare)."""
-        import inspect
+    def _compiled_shape():
+        """NLTK 3.10's nltk.chunk.named_entity.shape() with its three patterns compiled once: NLTK
+        recompiles them through its ReDoS guard (nltk.redos) on every call (7 us a word). The same
+        engine (the `regex` module), patterns and flags, so the same answers (tests compare)."""
+        from nltk.redos import compile as redos_compile
         pats = (r"[0-9]+(\.[0-9]*)?|[0-9]*\.[0-9]+$", r"\W+$", r"\w+$")
-        try:
-            src = inspect.getsource(nltk_shape)
-        except Exception:
-            return nltk_shape
-        if not all(f'r"{p}"' in src for p in pats):
-            return nltk_shape   # a different NLTK shape(): use it as it is
-        uses_redos = 'redos.' in src
-        if uses_redos:
-            from nltk import redos
-        if uses_redos:
-            num, punct, word_rx = [getattr(c, '_rx', c).match for c in (redos.compile(p, re.UNICODE) for p in pats)]
-        else:
-            num, punct, word_rx = [re.compile(p, re.UNICODE).match for p in pats]
+        num, punct, word_rx = [getattr(c, '_rx', c).match for c in (redos_compile(p, re.UNICODE) for p in pats)]
 
         memo = {}
 
@@ -895,7 +1007,7 @@ class FastWordSpans:
     LETTER_SPLITS = frozenset(["cannot", "gimme", "gonna", "gotta", "lemme", "wanna"])
 
     def __init__(self, max_cache=2_000_000):
-        from nltk.tokenize import NLTKWordTokenizer
+        from nltk.tokenize.destructive import NLTKWordTokenizer
         self.wt = NLTKWordTokenizer()
         # NLTK >= 3.10 runs every regex through the `regex` engine with a timeout guard
         # (nltk.redos), about 2x slower than the stdlib; recompile the same patterns with re
@@ -1216,8 +1328,9 @@ def long_run_checks(word_spans, tok, models):
     code is the one checked, and no string that punkt's parameters (tok) or the models (the fast
     taggers: their .longest) hold is as long as a representative's ends."""
     import hashlib
+    import importlib
     import inspect
-    import nltk.tokenize.punkt as punkt
+    punkt = importlib.import_module('nltk.tokenize.punkt')   # (not `import nltk...`: import_nltk)
     sync = word_spans.known_rules
     names = ['_match_potential_end_contexts', 'text_contains_sentbreak', '_slices_from_text',
              '_realign_boundaries', 'span_tokenize', '_annotate_tokens', '_annotate_first_pass',

@@ -299,6 +299,38 @@ def test_fast_shape_equals_nltk_shape():
                                            'Ab_c', '٣٤', 'ǅungla', 'ABC', 'aBC', '--', '', 'Ⅻ', '²', "O'Neill"}
     assert [w for w in words if fast(w) != shape(w)] == []
 
+def test_copies_of_nltk_functions_are_checked_and_equal():
+    # the fast taggers use copies of three small NLTK functions (no nltk.tag / nltk.chunk import at
+    # start-up) only where NLTK's source is the one copied; they answer as NLTK's on many words
+    from nltk.chunk import named_entity
+    from nltk.corpus import brown
+    from nltk.tag import PerceptronTagger
+    pos, ne = md._pos_tagger(False), md._ne_chunker('binary', False)
+    assert pos.normalize is nltk_fast.perceptron_normalize and ne._simplify_pos is nltk_fast.ne_simplify_pos
+    assert (pos.START, pos.END) == (PerceptronTagger.START, PerceptronTagger.END)
+    words = list(set(brown.words()[:100000])) + ['', '-', '-x', 'a-b', '1999', '19999', '٣٤٥٦', '²', 'Ⅻ']
+    ref = PerceptronTagger(load=False).normalize
+    assert [w for w in words if pos.normalize(w) != ref(w)] == []
+    tags = md.POS_TAGS + ['VB-X', 'NN-TL', 'V', '-', '']
+    assert [t for t in tags if ne._simplify_pos(t) != named_entity.simplify_pos(t)] == []
+    # a changed NLTK function is not copied: its hash is not a known one
+    assert nltk_fast.source_hash(named_entity.shape) in nltk_fast.FastNEChunker.KNOWN_CODE
+    assert nltk_fast.source_hash(lambda w: w) not in nltk_fast.FastPOSTagger.KNOWN_NORMALIZE
+    tables = nltk_fast.FastNEChunker.tables(md._ne_chunker('binary', True))
+    slow = nltk_fast.FastNEChunker(dict(tables, nltk_code_known=False), None)
+    assert slow._simplify_pos is named_entity.simplify_pos and slow._shape is named_entity.shape
+
+def test_token_byte_lengths_from_the_cache():
+    # byte lengths of every token, from the cached ranks, for GPT-2 and a truncated vocabulary
+    try:
+        for name in ('gpt2', 'gpt2-1000'):
+            md.set_tokenizer(name)
+            enc = md.encoding()
+            want = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+            assert md._token_bytes_len().tolist() == want and len(want) == enc.n_vocab
+    finally:
+        md.set_tokenizer('gpt2')
+
 def test_canonical_word_pieces_equal_nltk():
     # FastWordSpans tokenizes a piece in canonical form (letter runs -> 'a' * length, except
     # the letter-only contractions and runs next to an apostrophe): same spans as NLTK
@@ -353,14 +385,13 @@ def test_cached_tables_equal_fresh_ones():
              'ne_binary': nltk_fast.FastNEChunker.tables(md._ne_chunker('binary', True)),
              'punkt': nltk_fast.punkt_tables(PunktTokenizer('english')._params)}
     for name, tables in fresh.items():
-        with np.load(os.path.join(md.cache_dir(), name + '.npz'), allow_pickle=False) as z:
-            _assert_same_tables(nltk_fast.tables_from_arrays({k: z[k] for k in z.files if k != 'cache_key'}), tables)
+        _assert_same_tables(md._read_tables(os.path.join(md.cache_dir(), name + '.tables')), tables)
     ours, ref = md._sentence_tokenizer()._params, PunktTokenizer('english')._params   # the tokenizer in use
     assert (ours.abbrev_types, ours.collocations, ours.sent_starters, dict(ours.ortho_context)) == \
         (ref.abbrev_types, ref.collocations, ref.sent_starters, dict(ref.ortho_context))
     # GPT-2 from its cached ranks is tiktoken's GPT-2
     ours, ref = md._gpt2(), tiktoken.get_encoding('gpt2')
-    assert ours is not ref and os.path.exists(os.path.join(md.cache_dir(), 'gpt2.npz'))
+    assert ours is not ref and os.path.exists(os.path.join(md.cache_dir(), 'gpt2.tables'))
     assert (ours.name, ours.n_vocab, ours._pat_str, ours._special_tokens, ours._mergeable_ranks) == \
         (ref.name, ref.n_vocab, ref._pat_str, ref._special_tokens, ref._mergeable_ranks)
     text = ''.join(TRICKY) + '<|endoftext|>'
@@ -382,7 +413,7 @@ def test_cache_rebuilds_stale_and_corrupt_files(tmp_path, monkeypatch):
     def get(version='v1'):
         return md._cached('toy', version, [str(model)], build, lambda t: (t['model'], t['w'].tolist(), t['words']))
 
-    f = tmp_path / 'cache' / 'toy.npz'
+    f = tmp_path / 'cache' / 'toy.tables'
     assert get() == ('one', [0.0, 1.0, 2.0], ['a', None, True]) and len(builds) == 1 and f.exists()
     assert get() == ('one', [0.0, 1.0, 2.0], ['a', None, True]) and len(builds) == 1   # read back
     model.write_text('two')   # a model file changed: stale
@@ -390,18 +421,49 @@ def test_cache_rebuilds_stale_and_corrupt_files(tmp_path, monkeypatch):
     assert get()[0] == 'two' and len(builds) == 2
     assert get('v2')[0] == 'two' and len(builds) == 3   # another version of the code
     good = f.read_bytes()
-    for junk in (b'', b'not a zip file', good[:len(good) // 2], good[:-40] + b'x' * 40,
-                 good.replace(b'two', b'six'), 'pickle', 'no key'):
-        if junk == 'pickle':     # an object array (needs pickle): refused
-            np.savez(f, cache_key=np.array('k'), x=np.array([None], dtype=object))
-        elif junk == 'no key':
-            np.savez(f, w=np.arange(3.0))
-        else:
-            f.write_bytes(junk)
+    n0 = len(md._TABLES_MAGIC)
+    head_end = n0 + 8 + int.from_bytes(good[n0:n0 + 8], 'little')
+    for junk in (b'', b'not a table file', good[:n0 + 4], good[:head_end - 1], good[:len(good) - 8],
+                 good[:n0] + (10 ** 9).to_bytes(8, 'little') + good[n0 + 8:],
+                 good.replace(b'"float64"', b'"object"').replace(b'<f8', b'|O8'),
+                 good.replace(b'"json"', b'"jsno"')):
+        f.write_bytes(junk)
         n = len(builds)
-        assert get('v2')[0] == 'two' and len(builds) == n + 1   # corrupt: rebuilt ...
+        assert get('v2')[0] == 'two' and len(builds) == n + 1, junk[:40]   # corrupt: rebuilt ...
         assert get('v2')[0] == 'two' and len(builds) == n + 1   # ... and written again
-    assert sorted(p.name for p in f.parent.iterdir()) == ['toy.npz']   # no temp files left
+    assert sorted(p.name for p in f.parent.iterdir()) == ['file-hashes.json', 'toy.tables']   # no temp files
+
+
+def test_cache_reads_arrays_in_place_and_hashes_a_file_once(tmp_path, monkeypatch):
+    # the arrays are read-only views of the file (nothing copied), and a model file is hashed
+    # again only when its stat changes
+    import hashlib
+    monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'cache'))
+    model = tmp_path / 'model.txt'
+    model.write_text('one')
+    hashed = []
+    real_sha256 = hashlib.sha256
+
+    def counting_sha256(data=b''):
+        hashed.append(data)
+        return real_sha256(data)
+    monkeypatch.setattr(hashlib, 'sha256', counting_sha256)
+    build = lambda: {'w': np.arange(1000.0), 's': ['x y', 'é', '']}
+    get = lambda: md._cached('toy', 'v', [str(model)], build, lambda t: t)
+    get()
+    assert b'one' in hashed
+    hashed.clear()
+    t = get()
+    assert b'one' not in hashed   # remembered by its stat
+    assert t['s'] == ['x y', 'é', ''] and t['w'].tolist() == list(range(1000)) and not t['w'].flags.writeable
+    assert not t['w'].flags.owndata and t['w'].base is not None
+    os.utime(model, ns=(1, 1))   # any change of its stat: hashed again (same contents: no rebuild)
+    hashed.clear()
+    get()
+    assert b'one' in hashed
+    model.write_text('six')   # same size, new contents
+    hashed.clear()
+    assert get()['w'] is not t['w'] and b'six' in hashed
 
 
 def test_cache_unwritable_or_failing_is_not_an_error(tmp_path, monkeypatch):
@@ -415,12 +477,12 @@ def test_cache_unwritable_or_failing_is_not_an_error(tmp_path, monkeypatch):
     # a write that fails halfway: no file, no temp file, the tables still used
     monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'c'))
 
-    def failing_savez(f, **arrays):
+    def failing_write(f, key, tables):
         f.write(b'partial')
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(np, 'savez', failing_savez)
+    monkeypatch.setattr(md, '_write_tables', failing_write)
     assert md._cached('toy', 'v', [str(model)], build, make) == 2.0
-    assert list((tmp_path / 'c').iterdir()) == []
+    assert [p.name for p in (tmp_path / 'c').iterdir()] == ['file-hashes.json']
 
 def test_cache_dir_default_locations(monkeypatch, tmp_path):
     monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'a'))
@@ -439,6 +501,20 @@ import nltk_fast
 if sys.argv[2] == 'plain':
     import nltk
 nltk_fast.import_nltk()
+import metadata as md   # tagging, fast path: loads neither scipy nor sklearn, nor most of NLTK
+md.ensure_resources('binary')
+ids, _ = md.annotate_text('The old man the boat. Mr. Smith went to Washington.', 'lime', 'binary')
+md.annotate_causal(md.annotate_text('He said "Stop!" Then', 'lime', 'binary')[0], 'binary')
+md.annotate_causal(ids, 'binary')
+deferred = '__getattr__' in vars(sys.modules['nltk'])
+n_tagging = sum(m.split('.')[0] == 'nltk' for m in sys.modules)
+import nltk   # then NLTK as a user would use it
+tags = nltk.pos_tag(['The', 'old', 'man', 'the', 'boat', '.'])
+from nltk.tokenize import word_tokenize
+from nltk.corpus import words
+same = (nltk.tokenize.punkt.PunktSentenceTokenizer is type(md._sentence_tokenizer())
+        and nltk.data is sys.modules['nltk.data'] and nltk.tokenize is sys.modules['nltk.tokenize']
+        and word_tokenize('a b.') == ['a', 'b', '.'] and len(words.words('en-basic')) == 850)
 def fp(v):   # what a module's global is, not its value
     if isinstance(v, types.ModuleType):
         return 'module ' + v.__name__
@@ -446,16 +522,14 @@ def fp(v):   # what a module's global is, not its value
 mods = {name: {k: fp(v) for k, v in sorted(vars(m).items()) if not k.startswith('__')}
         for name, m in list(sys.modules.items()) if m is not None and name.split('.')[0] == 'nltk'}
 blocked = [m for m, v in sys.modules.items() if v is None]
-import metadata as md   # and tagging loads neither
-md.ensure_resources('binary')
-md.annotate_text('The old man the boat. Mr. Smith went to Washington.', 'lime', 'binary')
-md.annotate_causal(md.annotate_text('He said "Stop!" Then', 'lime', 'binary')[0], 'binary')
 loaded = sorted(m for m in ('scipy', 'sklearn') if m in sys.modules)
-print(json.dumps(dict(loaded=loaded, mods=mods, blocked=blocked)))
+print(json.dumps(dict(loaded=loaded, mods=mods, blocked=blocked, deferred=deferred, n_tagging=n_tagging,
+                      tags=tags, same=same, finder=any(type(f).__name__ == '_NLTKInit' for f in sys.meta_path))))
 '''
 
-def test_import_nltk_skips_only_scipy_and_sklearn():
-    # nltk imported by metadata.py (nltk_fast.import_nltk) against a plain `import nltk`: the only
+def test_import_nltk_defers_nltk_and_skips_only_scipy_and_sklearn():
+    # tagging through metadata.py (nltk_fast.import_nltk) runs neither nltk's __init__ nor
+    # scipy's; then NLTK used as a user would is the package a plain `import nltk` gives: the only
     # NLTK modules that differ are those whose optional scipy / scikit-learn parts LIME never uses
     runs = {}
     for how in ('plain', 'lime'):
@@ -469,6 +543,10 @@ def test_import_nltk_skips_only_scipy_and_sklearn():
                 'nltk.translate.gale_church', 'nltk.parse.transitionparser'}
     assert differ <= optional, differ - optional
     assert runs['lime']['loaded'] == [] and runs['lime']['blocked'] == []
+    assert runs['lime']['deferred'] and not runs['plain']['deferred']
+    assert runs['lime']['n_tagging'] < 40 < runs['plain']['n_tagging']
+    assert runs['lime']['tags'] == runs['plain']['tags'] and runs['lime']['same'] and runs['plain']['same']
+    assert not runs['lime']['finder']
     try:
         import scipy  # noqa: F401
         assert differ, 'scipy is installed: some optional part should differ (else this test checks nothing)'
