@@ -51,9 +51,10 @@ NE_START = 2     # ... and whether i is 0, 1 or more
 
 
 # the NLTK modules LIME's fast path needs when it starts (resources, punkt, the word tokenizer,
-# NLTK's ReDoS-guarded regex engine), and the packages whose __init__ import_nltk defers
+# NLTK's ReDoS-guarded regex engine), and the modules whose code import_nltk defers: the packages
+# above them, and the grammar and semantics modules nltk.data imports for its load() of grammars
 STARTUP_MODULES = ('nltk.data', 'nltk.redos', 'nltk.tokenize.punkt', 'nltk.tokenize.destructive')
-DEFERRED_PACKAGES = ('nltk', 'nltk.tokenize')
+DEFERRED = ('nltk', 'nltk.tokenize', 'nltk.grammar', 'nltk.sem')
 
 
 def import_nltk():
@@ -62,14 +63,15 @@ def import_nltk():
 
     - nltk's __init__ imports nearly all of NLTK (~0.15 s: parsers, corpus readers, hundreds of
       regexes compiled through its ReDoS guard), and the fast path needs STARTUP_MODULES only. So
-      the packages nltk and nltk.tokenize are made with their __init__ not run yet, and those
-      modules imported into them. The first use of anything else (an attribute the package lacks,
+      the modules in DEFERRED are made with their code not run yet, and the startup modules
+      imported into them. The first use of anything else (an attribute a deferred module lacks,
       such as nltk.pos_tag or nltk.__version__, or the import of any other NLTK module) first runs
-      nltk's __init__ in the same module object, in the order a plain `import nltk` runs it (the
-      modules already there are reused, as in any import): from then on nltk is the package a
-      plain import gives, and nothing was loaded twice. The fast path imports only
-      `from <startup module> import name` (an `import nltk...` statement or `from nltk import x`
-      would finish the import; tests/test_metadata.py checks that tagging does not).
+      nltk's __init__ in the same module object, which imports the rest in the order a plain
+      `import nltk` does (the modules already there are reused, as in any import): from then on
+      nltk is the package a plain import gives, and nothing was loaded twice. The fast path
+      imports only `from <startup module> import name` (an `import nltk...` statement or
+      `from nltk import x` would finish the import; tests/test_metadata.py checks that tagging
+      does not, and that NLTK is then the same as after a plain import).
     - While nltk's __init__ runs, scipy (for nltk.collocations -> nltk.metrics.association's
       Fisher test, and a few other statistics) and scikit-learn (nltk.classify.scikitlearn) are
       made unimportable (a None entry in sys.modules; NLTK catches the ImportError and defines its
@@ -81,12 +83,14 @@ def import_nltk():
     import importlib
     import importlib.util
     specs = {}
-    for name in DEFERRED_PACKAGES:
+    for name in DEFERRED:
         specs[name] = spec = importlib.util.find_spec(name)
         if spec is None:
             raise ModuleNotFoundError(f"No module named '{name}'", name=name)
         sys.modules[name] = importlib.util.module_from_spec(spec)
-    setattr(sys.modules['nltk'], 'tokenize', sys.modules['nltk.tokenize'])
+        parent, _, child = name.rpartition('.')
+        if parent:
+            setattr(sys.modules[parent], child, sys.modules[name])
     try:
         for name in STARTUP_MODULES:
             importlib.import_module(name)
@@ -99,10 +103,10 @@ def import_nltk():
 
 
 class _NLTKInit:
-    """Runs the deferred __init__ of nltk and nltk.tokenize on first use (see import_nltk), as a
-    plain import would: nltk's first, and nltk.tokenize's before any module inside it. Hooks: a
-    module __getattr__ on each deferred package (PEP 562), and an import finder consulted for
-    every NLTK module not imported yet."""
+    """Runs the deferred modules' code on first use (see import_nltk), as a plain import would:
+    nltk's __init__ first, and a deferred package's before any module inside it. Hooks: a module
+    __getattr__ on each deferred module (PEP 562), and an import finder consulted for every NLTK
+    module not imported yet."""
 
     def __init__(self, specs):
         self.specs, self.pending = specs, list(specs)   # 'nltk' first
@@ -128,7 +132,7 @@ class _NLTKInit:
         return None
 
     def run(self, name):
-        """Run the pending __init__s that a plain import of `name` would have run by now."""
+        """Run the deferred code that a plain import of `name` would have run by now."""
         for pkg in list(self.pending):
             if pkg in self.pending and (pkg == 'nltk' or name == pkg or name.startswith(pkg + '.')):
                 self.pending.remove(pkg)

@@ -514,7 +514,10 @@ from nltk.tokenize import word_tokenize
 from nltk.corpus import words
 same = (nltk.tokenize.punkt.PunktSentenceTokenizer is type(md._sentence_tokenizer())
         and nltk.data is sys.modules['nltk.data'] and nltk.tokenize is sys.modules['nltk.tokenize']
-        and word_tokenize('a b.') == ['a', 'b', '.'] and len(words.words('en-basic')) == 850)
+        and word_tokenize('a b.') == ['a', 'b', '.'] and len(words.words('en-basic')) == 850
+        and sys.modules['nltk.data'].grammar is nltk.grammar and sys.modules['nltk.data'].sem is nltk.sem
+        and len(nltk.data.grammar.CFG.fromstring("S -> 'a' S | 'b'").productions()) == 2
+        and str(nltk.data.sem.Expression.fromstring('all x.P(x)')) == 'all x.P(x)')
 def fp(v):   # what a module's global is, not its value
     if isinstance(v, types.ModuleType):
         return 'module ' + v.__name__
