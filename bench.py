@@ -4,6 +4,7 @@ Benchmarks for LIME: what the metadata costs, what it buys, and how well LIME+1 
 $ python bench.py --mode=throughput                        # train-step tokens/s, param overhead, MFU
 $ python bench.py --mode=throughput --arch=gemma           # the same on the Gemma-style model
 $ python bench.py --mode=tagging                           # annotation words/s: fast path vs plain NLTK
+$ python bench.py --mode=startup                           # how soon a fresh process tags (cached models)
 $ python bench.py configs/bench_efficiency_cpu.py          # baseline vs LIME variants, same data/steps
 $ python bench.py --mode=steering --ckpt_dir=out-bench-eff/lime1
 $ python bench.py configs/bench_downstream_cpu.py            # cloze/arithmetic accuracy per model and tag policy
@@ -30,7 +31,7 @@ from metadata import UNK
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = 'throughput'  # throughput | tagging | efficiency | steering | curves | downstream | gpu_check
+mode = 'throughput'  # throughput | tagging | startup | efficiency | steering | curves | downstream | gpu_check
 out_json = ''  # '' = out-bench/bench_<mode>.json
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -73,6 +74,10 @@ tag_workers = 0  # 0 = os.cpu_count()
 tag_tokenizer = 'gpt2'
 tag_reference = True  # time plain NLTK too (slow)
 tag_causal = True  # time the causal path too
+# startup: fresh processes from the interpreter's start to one sentence's tags (metadata.py's disk
+# cache as the user has it: the first process builds it if missing, reported apart)
+startup_runs = 12
+startup_text = 'The old man the boat.'
 # efficiency
 eff_runs = 'baseline,lime,lime_causal,lime1,lime1_predict,shuffled,baseline_seed2,baseline_plain'
 plain_data_dir = ''  # baseline_plain: data_dir's documents and split prepared with --tokenization plain; '' = data_dir + '_plain' (built on first use)
@@ -126,7 +131,7 @@ steer_temperature = 1.0
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODES = ('throughput', 'tagging', 'efficiency', 'steering', 'curves', 'downstream', 'gpu_check')
+MODES = ('throughput', 'tagging', 'startup', 'efficiency', 'steering', 'curves', 'downstream', 'gpu_check')
 PAPER_FRACTION = 0.4365  # the paper's headline: LIME reaches the baseline's loss with 43.65% of its tokens
 
 
@@ -142,6 +147,8 @@ def configure(argv):
         fail(f"config error: mode must be one of {', '.join(MODES)}, got {cfg['mode']!r}")
     if cfg['dtype'] not in ('float32', 'bfloat16', 'float16'):
         fail(f"config error: dtype must be float32, bfloat16 or float16, got {cfg['dtype']!r}")
+    if cfg['startup_runs'] < 1:
+        fail(f"config error: startup_runs must be >= 1, got {cfg['startup_runs']}")
     return cfg
 
 
@@ -628,6 +635,64 @@ def run_tagging(C):
                        "annotating the preceding warm-up docs; cold = a fresh process (models loaded, "
                        "caches empty); causal rows time annotate_ids(ids, tags='causal') after an untimed "
                        "full annotation of the same docs (as prepare.py does)."))
+
+
+# -----------------------------------------------------------------------------
+# startup: how soon a fresh process tags. Per run (interleaved): `python -c pass` (Python's own
+# start-up, for scale), the metadata.py CLI on one sentence end to end, and a process that times
+# each step from the interpreter's start to that sentence's tags.
+
+_STARTUP_STEPS = r"""
+import json, sys, time
+t0 = t = time.perf_counter()
+laps = {}
+def lap(name):
+    global t
+    now = time.perf_counter()
+    laps[name], t = now - t, now
+text, ner = sys.argv[1:3]
+import numpy; lap('import numpy')
+import metadata as md; lap('import metadata')
+md.ensure_resources(ner); lap('import nltk')
+md._sentence_tokenizer(); lap('punkt')
+md._pos_tagger(False); lap('POS tagger')
+if ner != 'none':
+    md._ne_chunker(ner, False); lap('NE chunker')
+md.encoding(); lap('GPT-2')
+md.annotate_text(text, ner=ner); lap('first sentence')
+laps['ready to tag'] = t - t0
+print(json.dumps(dict(laps=laps, nltk_modules=sum(m.split('.')[0] == 'nltk' for m in sys.modules))))
+"""
+
+
+def run_startup(C):
+    def wall(cmd, stdin=None):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True)
+        if r.returncode:
+            fail(f"startup: {' '.join(cmd[:2])[:60]} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        return time.perf_counter() - t, r.stdout
+
+    steps = [sys.executable, '-c', _STARTUP_STEPS, C.startup_text, C.tag_ner]
+    cli = [sys.executable, 'metadata.py', '--ner', C.tag_ner]
+    first_cli, _ = wall(cli, C.startup_text)   # builds the disk cache if it is missing
+    times = {'python -c pass': [], 'metadata.py CLI, one sentence': []}
+    nltk_modules = set()
+    for _ in range(C.startup_runs):
+        times['python -c pass'].append(wall([sys.executable, '-c', 'pass'])[0])
+        times['metadata.py CLI, one sentence'].append(wall(cli, C.startup_text)[0])
+        got = json.loads(wall(steps)[1])
+        for k, v in got['laps'].items():
+            times.setdefault(k, []).append(v)
+        nltk_modules.add(got['nltk_modules'])
+    rows = [dict(step=k, min_s=min(v), median_s=statistics.median(v), max_s=max(v)) for k, v in times.items()]
+    print(f"\n{C.startup_runs} runs each (wall seconds; the steps are timed inside one process, from the "
+          f"interpreter's start); the first CLI run: {first_cli:.2f} s")
+    table(rows, [('step', 'step', ''), ('min_s', 'min s', '.3f'), ('median_s', 'median s', '.3f'),
+                 ('max_s', 'max s', '.3f')])
+    print(f"NLTK modules loaded by tagging: {sorted(nltk_modules)}")
+    return dict(rows=rows, first_cli_s=first_cli, nltk_modules=sorted(nltk_modules), text=C.startup_text,
+                ner=C.tag_ner, cache_dir=os.environ.get('LIME_CACHE_DIR', ''))
 
 
 # -----------------------------------------------------------------------------
@@ -1398,7 +1463,7 @@ def main(argv):
     sys.path.insert(0, ROOT)
     t0 = time.time()
     print(f"bench mode={C.mode} arch={C.arch} device={C.device} dtype={C.dtype} compile={C.compile}", flush=True)
-    res = {'throughput': run_throughput, 'tagging': run_tagging, 'efficiency': run_efficiency,
+    res = {'throughput': run_throughput, 'tagging': run_tagging, 'startup': run_startup, 'efficiency': run_efficiency,
            'steering': run_steering, 'curves': lambda C: run_curves(C, run_dirs),
            'downstream': run_downstream}.get(C.mode)
     result = res(C) if res else run_gpu_check(C, cfg)

@@ -148,6 +148,24 @@ def test_tagging(tiny_data):
     assert set(r['speedup_fast_over_nltk']) == {'full_warm', 'full_cold', 'causal_warm'}
 
 
+def test_startup(tmp_path, monkeypatch):
+    # fresh processes from an empty model cache (the first builds it): every step is timed, the
+    # steps add up to 'ready to tag', and tagging imports only nltk_fast.STARTUP_MODULES' part of NLTK
+    out = tmp_path / 'startup.json'
+    monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'cache'))
+    run_bench(tmp_path, '--mode=startup', '--startup_runs=2', f'--out_json={out}')
+    r = load(out)['result']
+    rows = {x['step']: x for x in r['rows']}
+    steps = ['import numpy', 'import metadata', 'import nltk', 'punkt', 'POS tagger', 'NE chunker', 'GPT-2',
+             'first sentence']
+    assert list(rows) == ['python -c pass', 'metadata.py CLI, one sentence'] + steps + ['ready to tag']
+    assert all(0 < x['min_s'] <= x['median_s'] <= x['max_s'] for x in rows.values())
+    assert sum(rows[s]['min_s'] for s in steps) <= rows['ready to tag']['max_s']
+    assert r['first_cli_s'] > 0 and sorted(p.name for p in (tmp_path / 'cache').iterdir()) == [
+        'file-hashes.json', 'gpt2.tables', 'ne_binary.tables', 'pos.tables', 'punkt.tables']
+    assert len(r['nltk_modules']) == 1 and r['nltk_modules'][0] < 40   # not the ~245 of a plain import
+
+
 def test_efficiency(eff):
     d, data, res = eff
     assert all_finite(res)
