@@ -1642,6 +1642,8 @@ def _cached(name, versions, files, build, make):
     tables = build()
     try:
         _atomic_write(path, lambda f: _write_tables(f, key, tables))
+        if os.path.exists(path[:-len('.tables')] + '.npz'):   # the format before this one
+            os.unlink(path[:-len('.tables')] + '.npz')
     except OSError:   # read-only or full: use the tables built in memory
         pass
     return make(tables)

@@ -414,7 +414,10 @@ def test_cache_rebuilds_stale_and_corrupt_files(tmp_path, monkeypatch):
         return md._cached('toy', version, [str(model)], build, lambda t: (t['model'], t['w'].tolist(), t['words']))
 
     f = tmp_path / 'cache' / 'toy.tables'
+    f.parent.mkdir()
+    (f.parent / 'toy.npz').write_bytes(b'the format before')   # replaced, not kept beside
     assert get() == ('one', [0.0, 1.0, 2.0], ['a', None, True]) and len(builds) == 1 and f.exists()
+    assert not (f.parent / 'toy.npz').exists()
     assert get() == ('one', [0.0, 1.0, 2.0], ['a', None, True]) and len(builds) == 1   # read back
     model.write_text('two')   # a model file changed: stale
     assert get()[0] == 'two' and len(builds) == 2
