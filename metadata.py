@@ -1526,14 +1526,15 @@ def _atomic_write(path, write):
         raise
 
 def _sha256_of_files(files):
-    """{path: sha256 of its contents}; remembered in cache_dir()/file-hashes.json by stat."""
+    """{path: (size, sha256 of its contents)}; remembered in cache_dir()/file-hashes.json by stat."""
     import hashlib
     memo_path = os.path.join(cache_dir(), 'file-hashes.json')
     try:
         with open(memo_path, 'rb') as f:
             memo = json.loads(f.read())
-        assert isinstance(memo, dict)
     except Exception:   # missing or corrupt: hash everything
+        memo = {}
+    if not isinstance(memo, dict):
         memo = {}
     out, changed = {}, False
     for path in files:
@@ -1542,11 +1543,11 @@ def _sha256_of_files(files):
         sig = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
         got = memo.get(path)
         if isinstance(got, list) and got[:-1] == sig:
-            out[path] = got[-1]
+            out[path] = st.st_size, got[-1]
             continue
         with open(path, 'rb') as f:
-            out[path] = hashlib.sha256(f.read()).hexdigest()
-        memo[path], changed = sig + [out[path]], True
+            out[path] = st.st_size, hashlib.sha256(f.read()).hexdigest()
+        memo[path], changed = sig + [out[path][1]], True
     if changed:
         memo = {p: v for p, v in memo.items() if os.path.exists(p)}   # forget deleted files
         try:
@@ -1629,8 +1630,8 @@ def _cached(name, versions, files, build, make):
     (names, sizes, contents)."""
     import hashlib
     h = hashlib.sha256(versions.encode() + b'\n')
-    for f, digest in _sha256_of_files(files).items():
-        h.update(f'{os.path.basename(f)} {os.path.getsize(f)} {digest}\n'.encode())
+    for f, (size, digest) in _sha256_of_files(files).items():
+        h.update(f'{os.path.basename(f)} {size} {digest}\n'.encode())
     key = h.hexdigest()
     path = os.path.join(cache_dir(), name + '.tables')
     try:
@@ -1744,8 +1745,14 @@ def _gpt2_tables():
                     lens=np.array(list(map(len, ranks)), dtype=np.int64),
                     ranks=np.array(list(ranks.values()), dtype=np.int64))
 
+    def check(t):   # what _gpt2 and _token_bytes_len read (an error here: rebuilt)
+        if not (isinstance(t['spec'], dict) and t['lens'].shape == t['ranks'].shape
+                and int(t['lens'].sum()) == t['blob'].size):
+            raise ValueError('inconsistent GPT-2 tables')
+        return t
+
     return _cached('gpt2', f'tiktoken {tiktoken.__version__} numpy {np.__version__}',
-                   [public.__file__, tiktoken.load.__file__, __file__], build, lambda t: t)
+                   [public.__file__, tiktoken.load.__file__, __file__], build, check)
 
 @lru_cache(maxsize=None)
 def _gpt2():
