@@ -24,6 +24,9 @@ Tag policies: what the model is fed at every position, printed with every result
   unk      every tag <unk> (LIME+1 and meta_predict: next-token tags too).
 Full tags computed over context and continuation together would leak the continuation: refused.
 Every module-level name below is a config key (--key=value, or a config file), as in train.py.
+Imports: common.py (config, checkpoint loading, autocast, atomic writes), model.py, metadata.py, and
+sample.py, which is harness's engine of generation (sample.generate, parse_hints, Text): the one
+script that another script imports.
 """
 
 import json
@@ -31,17 +34,18 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-import sample
-from metadata import PAD, UNK
+import common
+import sample  # the engine of generation (sample.generate, parse_hints, Text): harness runs it, not a copy
+from common import fail
+from metadata import PAD, UNK, base_stream, is_causal
 
 # -----------------------------------------------------------------------------
-out_dir = 'out'  # the checkpoint's directory (ckpt.pt, from train.py)
+out_dir = 'out'  # a train.py run directory (its ckpt.pt), or a checkpoint file (e.g. out/ckpt_000500.pt)
 tasks = 'lime_cloze,lime_arithmetic,lime_arithmetic_ll'  # comma-separated lm-eval task names
 task_dir = 'tasks/lime'  # the offline tasks (built here on first use when a lime_* task is asked for)
 tag_policy = ''  # '' = the model's default (causal; predict for meta_predict); comma-separated list; 'all'
@@ -52,7 +56,7 @@ bootstrap_iters = 1000  # lm-eval's bootstrap for the stderr of non-mean metrics
 device = 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 seed = 1337
-out_json = ''  # '' = out_dir/harness.json
+out_json = ''  # '' = out_dir/harness.json; for a checkpoint file out_dir/x.pt: out_dir/x.harness.json
 # task builder (--build_tasks=True)
 build_tasks = False
 cloze_n = 500  # cloze passages, shared evenly over the five corpora
@@ -74,13 +78,47 @@ POLICIES = {  # model kind -> its policies, the default first
 KIND_NAMES = {'baseline': 'baseline', 'lime': 'LIME', 'lime1': 'LIME+1', 'predict': 'LIME+1, self-predicted tags'}
 
 
-class HarnessError(Exception):
-    """Bad input: main prints it as one line and exits 1."""
-
-
 def configure(argv):
-    from train import configure as train_configure
-    return train_configure(argv, DEFAULTS)[0]
+    cfg = common.configure(argv, DEFAULTS)[0]
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Ranges of the options: one line naming the allowed range (a LimeError), before any work."""
+    from common import check_device, check_range
+    for k in ('limit', 'bootstrap_iters', 'seed', 'task_seed'):
+        check_range(cfg, k, cfg[k] >= 0, 'an integer >= 0' + (' (0: all examples)' if k == 'limit' else
+                                                             ' (0: no stderr)' if k == 'bootstrap_iters' else ''))
+    check_range(cfg, 'num_fewshot', cfg['num_fewshot'] >= -1, "an integer >= 0, or -1 for the task's default")
+    for k in ('batch_size', 'cloze_n', 'cloze_min_words', 'arith_n'):
+        check_range(cfg, k, cfg[k] >= 1, 'an integer >= 1')
+    check_range(cfg, 'cloze_max_words', cfg['cloze_max_words'] >= cfg['cloze_min_words'],
+                f"an integer >= cloze_min_words={cfg['cloze_min_words']}")
+    check_range(cfg, 'out_dir', cfg['out_dir'].strip() != '', 'a run directory or a checkpoint file')
+    check_device(cfg['device'])
+
+
+def results_path(cfg):
+    """Where the results go: out_json, else harness.json in the run directory, else beside the
+    checkpoint file (x.pt -> x.harness.json, so two snapshots of a run keep their own results)."""
+    if cfg['out_json']:
+        return cfg['out_json']
+    d = cfg['out_dir']
+    return os.path.splitext(d)[0] + '.harness.json' if os.path.isfile(d) else os.path.join(d, 'harness.json')
+
+
+def check_writable(path):
+    """The results file must be writable: refused before the evaluation, not after it."""
+    if os.path.isdir(path):
+        fail(f"{path}: cannot write the results (a directory)")
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(d):  # write_json creates the missing directories
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        fail(f"{path}: cannot write the results ({d} is not a directory)")
+    if not os.access(d, os.W_OK | os.X_OK):
+        fail(f"{path}: cannot write the results ({d} is not writable)")
 
 
 def require_lm_eval():
@@ -91,8 +129,8 @@ def require_lm_eval():
         import lm_eval
         import lm_eval.api.model  # noqa: F401
     except ImportError:
-        raise HarnessError(f"lm-eval is not installed: pip install {LM_EVAL_PIN} "
-                           "(or pip install -r requirements-dev.txt)")
+        fail(f"lm-eval is not installed: pip install {LM_EVAL_PIN} "
+             "(or pip install -r requirements-dev.txt)")
     return lm_eval
 
 
@@ -123,40 +161,34 @@ class Scorer:
 
     def __init__(self, out_dir, policy='', device='cpu', batch_size=16, dtype='float32', err=None):
         self.err = err or sys.stderr
-        try:
-            self.model, ckpt = sample.load_checkpoint(out_dir, device)
-        except sample.SampleError as e:
-            raise HarnessError(str(e))
-        self.out_dir, self.device, self.batch_size = out_dir, device, max(int(batch_size), 1)
+        self.model, ckpt = common.load_model(out_dir, device)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            fail(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.out_dir, self.device, self.batch_size = out_dir, device, int(batch_size)
         cfg = self.model.config
-        self.streams = list(cfg.meta_streams)
-        self.bases = [sample.base_stream(s) for s in self.streams]
+        self.streams = cfg.input_streams
+        self.bases = [base_stream(s) for s in self.streams]
         self.block_size = cfg.block_size
         self.kind = ('baseline' if not self.streams else 'predict' if cfg.meta_predict
                      else 'lime1' if cfg.meta_shift == 1 else 'lime')
         dataset = ckpt.get('dataset') or {}
         if (ckpt.get('config') or {}).get('meta_shuffle'):
-            raise HarnessError(f"{out_dir}: trained with meta_shuffle (a control): its tags mean nothing at evaluation")
+            fail(f"{out_dir}: trained with meta_shuffle (a control): its tags mean nothing at evaluation")
         for s in self.streams:
-            if sample.base_stream(s) not in ('pos', 'ner'):
-                raise HarnessError(f"{out_dir}: stream '{s}' cannot be computed from text (only pos/ner, full or causal)")
-        try:
-            self.text = sample.Text(dataset)
-        except sample.SampleError as e:
-            raise HarnessError(str(e))
+            if base_stream(s) not in ('pos', 'ner'):
+                fail(f"{out_dir}: stream '{s}' cannot be computed from text (only pos/ner, full or causal)")
+        self.text = sample.Text(dataset)
         self.vocabs = {s: dataset.get('streams', {}).get(s, {}).get('tags') for s in self.streams}
         for s in self.streams:
-            if self.vocabs[s] != self.text.md.stream_tags(sample.base_stream(s), self.text.ner):
-                raise HarnessError(f"{out_dir}: stream '{s}': the checkpoint's tag vocabulary differs from metadata.py's")
+            if self.vocabs[s] != self.text.md.stream_tags(base_stream(s), self.text.ner):
+                fail(f"{out_dir}: stream '{s}': the checkpoint's tag vocabulary differs from metadata.py's")
         self.set_policy(policy)
-        dev_type = 'cuda' if 'cuda' in device else 'cpu'
-        ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(dtype)
-        if ptdtype is None:
-            raise HarnessError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        self.ctx = nullcontext() if dev_type == 'cpu' else torch.amp.autocast(device_type=dev_type, dtype=ptdtype)
-        self.cache_dtype = ptdtype if dev_type == 'cuda' else None
+        if dtype not in ('float32', 'bfloat16', 'float16'):
+            fail(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        self.ctx = common.autocast(device, dtype)
+        self.cache_dtype = common.torch_dtype(dtype) if device.startswith('cuda') else None
         self.noted = set()
-        if self.policy == 'causal' and any(not s.endswith('_causal') for s in self.streams):
+        if self.policy == 'causal' and any(not is_causal(s) for s in self.streams):
             self.note(f"note: {out_dir} was trained on full tags ({', '.join(self.streams)}); the causal policy "
                       "feeds it causal tags (full tags of the text would read the continuation)")
 
@@ -175,13 +207,13 @@ class Scorer:
         allowed = POLICIES[self.kind]
         policy = policy or allowed[0]
         if policy == 'full':
-            raise HarnessError("tag policy 'full' is refused: full tags computed over context and continuation "
-                               "read the continuation (use causal; oracle for LIME+1, which is marked)")
+            fail("tag policy 'full' is refused: full tags computed over context and continuation "
+                 "read the continuation (use causal; oracle for LIME+1, which is marked)")
         if policy not in ('causal', 'predict', 'oracle', 'unk'):
-            raise HarnessError(f"unknown tag policy {policy!r} (causal, predict, oracle, unk)")
+            fail(f"unknown tag policy {policy!r} (causal, predict, oracle, unk)")
         if policy not in allowed:
-            raise HarnessError(f"tag policy '{policy}' does not apply to a {KIND_NAMES[self.kind]} model "
-                               f"({self.out_dir}): use {' or '.join(allowed)}")
+            fail(f"tag policy '{policy}' does not apply to a {KIND_NAMES[self.kind]} model "
+                 f"({self.out_dir}): use {' or '.join(allowed)}")
         return policy
 
     # --- tags ---
@@ -213,9 +245,9 @@ class Scorer:
                     {s: C[b][1:] for s, b in zip(self.streams, self.bases)})
         meta = {}
         if self.policy == 'oracle':  # the tags the model was trained on, of the real next tokens
-            full = self.full_tags(seq) if any(not s.endswith('_causal') for s in self.streams) else None
+            full = self.full_tags(seq) if any(not is_causal(s) for s in self.streams) else None
             for s, b in zip(self.streams, self.bases):
-                meta[s] = (C if s.endswith('_causal') else full)[b][1:].copy()
+                meta[s] = (C if is_causal(s) else full)[b][1:].copy()
         else:  # causal: next token's causal tags while it is in the context, <unk> where it is scored
             for s, b in zip(self.streams, self.bases):
                 m = C[b][1:].copy()
@@ -228,7 +260,7 @@ class Scorer:
     def row(self, seq, meta, nxt, hi, n):
         """A forward row ending at seq[hi-1]: the last block_size inputs before it, n scored targets."""
         if n > self.block_size:
-            raise HarnessError(f"a continuation of {n} tokens is longer than block_size {self.block_size}")
+            fail(f"a continuation of {n} tokens is longer than block_size {self.block_size}")
         lo = max(0, hi - 1 - self.block_size)
         sl = slice(lo, hi - 1)
         return (list(seq[lo:hi]), {s: v[sl] for s, v in meta.items()},
@@ -285,11 +317,10 @@ class Scorer:
             tag_lp = None
             with self.ctx:
                 if self.kind == 'predict':
-                    h = model.lower(x, meta)
+                    logits, _, tag_logits, _ = model.forward_predict(x, meta, nxt, targets=y)
                     if self.policy == 'predict':
                         tag_lp = sum(F.log_softmax(tl.float(), -1).gather(-1, nxt[s].unsqueeze(-1)).squeeze(-1)
-                                     for s, tl in zip(self.streams, model.tag_logits(h)))
-                    logits, _ = model.upper(model.inject(h, nxt), targets=y)
+                                     for s, tl in zip(self.streams, tag_logits))
                 else:
                     logits, _ = model(x, meta if self.streams else None, targets=y)
             logp = F.log_softmax(logits.float(), -1)
@@ -325,15 +356,15 @@ class Scorer:
             return []
         try:
             return sample.parse_hints(hints, self.vocabs)
-        except sample.SampleError as e:
-            raise HarnessError(f"gen_kwargs hints: {e}")
+        except common.LimeError as e:
+            fail(f"gen_kwargs hints: {e.msg}")
 
     def generate(self, ctx, until=(), max_new_tokens=32, hints='', temperature=0.0, generator=None):
         """Text generated after the token ids ctx (sample.generate: KV cache, online causal tags),
         up to the first stop string (not included) or <|endoftext|>."""
         if self.oracle:
-            raise HarnessError("tag policy 'oracle' has no generation: the continuation's tags need the "
-                               "reference continuation (log-likelihood tasks only)")
+            fail("tag policy 'oracle' has no generation: the continuation's tags need the "
+                 "reference continuation (log-likelihood tasks only)")
         until = [u for u in ([until] if isinstance(until, str) else list(until or ())) if u]
         h = self.parse_hints(hints)
         if self.kind == 'predict' and self.policy == 'unk':
@@ -634,13 +665,6 @@ def task_configs(task_dir):
     }
 
 
-def write_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def build_task_dir(task_dir, cloze_n=500, arith_n=50, seed=1234, min_words=30, max_words=80, out=None):
     """Write the offline tasks (cloze.jsonl, arithmetic.jsonl and one lm-eval yaml per task) into
     task_dir: deterministic for given arguments. Returns {file: number of docs}."""
@@ -649,19 +673,19 @@ def build_task_dir(task_dir, cloze_n=500, arith_n=50, seed=1234, min_words=30, m
     try:
         md.ensure_resources('binary')  # punkt_tab; the corpora are read through NLTK
     except md.MetadataError as e:
-        raise HarnessError(str(e))
+        fail(str(e))
     t0 = time.time()
     try:
         cloze = cloze_docs(cloze_n, seed, min_words, max_words)
     except LookupError as e:
-        raise HarnessError(f"an NLTK corpus is missing ({str(e).strip().splitlines()[0]}): the cloze task "
-                           f"reads {', '.join(CLOZE_SOURCES)}")
+        fail(f"an NLTK corpus is missing ({str(e).strip().splitlines()[0]}): the cloze task "
+             f"reads {', '.join(CLOZE_SOURCES)}")
     arith = arithmetic_test(arith_n, seed)
     os.makedirs(task_dir, exist_ok=True)
     for name, docs in (('cloze.jsonl', cloze), ('arithmetic.jsonl', arith)):
-        write_atomic(os.path.join(task_dir, name), ''.join(json.dumps(d, ensure_ascii=False) + '\n' for d in docs))
+        common.write_atomic(os.path.join(task_dir, name), ''.join(json.dumps(d, ensure_ascii=False) + '\n' for d in docs))
     for name, cfg in task_configs(task_dir).items():
-        write_atomic(os.path.join(task_dir, name), f"# written by python harness.py --build_tasks=True\n"
+        common.write_atomic(os.path.join(task_dir, name), f"# written by python harness.py --build_tasks=True\n"
                                                    f"{yaml_dump(cfg)}\n")
     print(f"wrote {task_dir}: {len(cloze)} cloze passages ({', '.join(CLOZE_SOURCES)}), {len(arith)} arithmetic "
           f"problems, tasks {', '.join(n[:-5] for n in task_configs(task_dir))} ({time.time() - t0:.1f}s)", file=out)
@@ -699,7 +723,7 @@ def evaluate(lm, task_names, task_dir='', limit=0, num_fewshot=-1, bootstrap_ite
                      include_defaults=not ours)
     missing = [t for t in task_names if t not in tm.all_tasks]
     if missing:
-        raise HarnessError(f"unknown task(s) {', '.join(missing)}" + (
+        fail(f"unknown task(s) {', '.join(missing)}" + (
             f" (the offline tasks are in {task_dir}: python harness.py --build_tasks=True --task_dir={task_dir})"
             if any(t.startswith('lime_') for t in missing) else ''))
     task_names, skipped = list(task_names), []
@@ -750,11 +774,10 @@ def run(cfg, out=None):
                               cfg['cloze_min_words'], cfg['cloze_max_words'], out)
     names = [t.strip() for t in cfg['tasks'].split(',') if t.strip()]
     if not names:
-        raise HarnessError("--tasks is empty")
-    if any(t.startswith('lime_') for t in names) and not os.path.isfile(os.path.join(cfg['task_dir'], 'cloze.jsonl')):
-        print(f"{cfg['task_dir']}: no offline tasks yet, building them", file=out)
-        build_task_dir(cfg['task_dir'], cfg['cloze_n'], cfg['arith_n'], cfg['task_seed'],
-                       cfg['cloze_min_words'], cfg['cloze_max_words'], out)
+        fail("--tasks is empty")
+    # everything that can be refused is refused before the tasks are built and evaluated
+    path = results_path(cfg)
+    check_writable(path)
     torch.manual_seed(cfg['seed'])
     first = Scorer(cfg['out_dir'], '', cfg['device'], cfg['batch_size'], cfg['dtype'])
     lm_class()  # lm-eval missing: one line
@@ -762,6 +785,10 @@ def run(cfg, out=None):
     if pols == ['all']:
         pols = list(POLICIES[first.kind])
     pols = [first.check_policy(p) for p in pols]  # every policy checked before the first evaluation
+    if any(t.startswith('lime_') for t in names) and not os.path.isfile(os.path.join(cfg['task_dir'], 'cloze.jsonl')):
+        print(f"{cfg['task_dir']}: no offline tasks yet, building them", file=out)
+        build_task_dir(cfg['task_dir'], cfg['cloze_n'], cfg['arith_n'], cfg['task_seed'],
+                       cfg['cloze_min_words'], cfg['cloze_max_words'], out)
     results = {}
     for p in pols:
         first.set_policy(p)
@@ -772,21 +799,14 @@ def run(cfg, out=None):
         results[p] = dict(lime=res['lime'], results=res['results'], n_samples=res.get('n-samples'),
                           configs={k: {kk: str(vv) for kk, vv in v.items()} for k, v in res.get('configs', {}).items()},
                           wall_s=time.time() - t0)
-    path = cfg['out_json'] or os.path.join(cfg['out_dir'], 'harness.json')
-    from bench import write_json
-    write_json(path, dict(config=cfg, policies=results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
+    # a full disk (which the check above cannot see coming) is a LimeError naming path
+    common.write_json(path, dict(config=cfg, policies=results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
     print(f"wrote {path}", file=out)
     return results
 
 
 def main(argv):
-    from train import ConfigError
-    try:
-        run(configure(argv))
-    except (HarnessError, ConfigError, sample.SampleError) as e:
-        print(f"harness.py: error: {getattr(e, 'msg', e)}", file=sys.stderr)
-        return 1
-    return 0
+    return common.run_main('harness.py', lambda: run(configure(argv)))
 
 
 if __name__ == '__main__':

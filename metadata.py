@@ -36,6 +36,7 @@ from collections import OrderedDict
 import numpy as np
 
 import nltk_fast
+from common import NER_MODES, TOKENIZATIONS, LimeError, read_regular, tokenizer_size, write_atomic
 from nltk_fast import (FastPOSTagger, FastNEChunker, FastWordSpans, punkt_memo, iob as _iob, import_nltk,
                        POS_WINDOW, NE_WINDOW, NE_START, TextIndex, sync_point, MiddleSummary, rep_middle,
                        SYNC_G, REP_H, LONG_WORD, PUNKT_LONG)
@@ -54,8 +55,6 @@ POS_TAGS = ['#', '$', "''", '(', ')', ',', '.', ':', 'CC', 'CD', 'DT', 'EX', 'FW
 NE_TYPES = {'typed': ['PERSON', 'ORGANIZATION', 'GPE', 'LOCATION', 'FACILITY', 'GSP'],
             'binary': ['NE'],
             'none': []}
-NER_MODES = ('typed', 'binary', 'none')
-TOKENIZATIONS = ('lime', 'plain')
 TAG_KINDS = ('full', 'causal')
 WORD_TAGS = ['B', 'I']  # the 'word' stream: token starts a word / continues one
 WORD_B, WORD_I = len(SPECIAL), len(SPECIAL) + 1  # their ids (3, 4)
@@ -63,9 +62,18 @@ WORD_B, WORD_I = len(SPECIAL), len(SPECIAL) + 1  # their ids (3, 4)
 def ner_tags(ner):
     return ['O'] + [f'{p}-{t}' for t in NE_TYPES[ner] for p in 'BI']
 
+def is_causal(stream):
+    """The one rule of stream names: NAME_causal holds NAME's tags computed causally (of token t
+    from tokens <= t)."""
+    return stream.endswith('_causal')
+
+def base_stream(stream):
+    """The tagger a stream comes from: pos for pos and pos_causal."""
+    return stream[:-len('_causal')] if is_causal(stream) else stream
+
 def stream_tags(stream, ner):
     """Tag names (index = id) of a stream: pos, ner, word, pos_causal, ner_causal."""
-    base = stream[:-len('_causal')] if stream.endswith('_causal') else stream
+    base = base_stream(stream)
     tags = {'pos': POS_TAGS, 'ner': ner_tags(ner), 'word': WORD_TAGS}.get(base)
     if tags is None or (base == 'ner' and ner == 'none'):
         raise MetadataError(f"unknown metadata stream '{stream}' (ner={ner})")
@@ -439,9 +447,11 @@ def annotate_causal(ids, ner='binary', reference=False):
 _CAUSAL_SIMPLE_TOKENS = True  # False: every token takes the general path (tests compare the two)
 # tokens, simple: of the last _causal_doc call; chars (the characters handed to punkt, the word
 # tokenizer and the taggers on the general path and in the stream) and how often each long-run
-# shortcut was taken (sync, rep, punkt_cut): counted on, the tests reset them
-_CAUSAL_STATS = {'tokens': 0, 'simple': 0, 'chars': 0, 'sync': 0, 'rep': 0, 'punkt_cut': 0}
+# shortcut was taken (sync, rep, punkt_cut, extra: _CausalDoc.ref_sentence, adopt: _StreamDoc.adopt):
+# counted on, the tests reset them
+_CAUSAL_STATS = {'tokens': 0, 'simple': 0, 'chars': 0, 'sync': 0, 'rep': 0, 'punkt_cut': 0, 'extra': 0, 'adopt': 0}
 _CAUSAL_BLOCK = 8192          # general-path tokens handled together (bounds memory on long documents)
+_STASH = 8                    # sentences of earlier texts a CausalStream keeps (_StreamDoc.adopt)
 # words kept before the first re-tagged one, so that both resumed taggers start mid-sentence:
 # POS reads POS_WINDOW words back; NE starts at most NE_WINDOW words before the first re-tagged
 # one and needs NE_START tokens before its start
@@ -459,9 +469,10 @@ def _causal_doc(ids, ner, reference):
        for it) is the document's break. So the prefix's sentences are the document's up to
        the last settled break, and punkt is rerun from there only while a decision is open.
     2. Words. The Treebank word tokenizer acts within whitespace-separated chunks (plus the
-       sentence's first and last characters), so the words of the prefix's last sentence are
-       the document's words up to the chunk that holds the token's start, and that chunk on
-       is re-tokenized (as the end of the text).
+       sentence's first characters and its tail: a final period before closing brackets, quotes
+       and spaces), so the words of the prefix's last sentence are the document's words up to
+       the chunk that holds the token's start (or either sentence's tail, if earlier), and
+       that chunk on is re-tokenized (as the end of the text).
     3. Tags. Both taggers are greedy, left to right, with bounded windows (nltk_fast: a POS
        tag reads words i-2..i+2 and the two previous tags; a raw NE label the (word, pos)
        tokens i-1..i+1 and the previous label). So every word before the first word whose
@@ -545,7 +556,7 @@ class _CausalDoc:
     The online stream has the same interface (_StreamDoc)."""
 
     def __init__(self, text, ner, reference):
-        self.text, self.L, self.ner = text, len(text), ner
+        self.text, self.L, self.ner, self.reference = text, len(text), ner, reference
         self.sents, self.spans, self.fb, self.words, self.pos, self.raw = _doc_analysis(text, ner, reference)
         spans, sents = self.spans, self.sents
         self.nsent = len(sents)
@@ -573,6 +584,39 @@ class _CausalDoc:
         self.brk = []        # set by _punkt_settlement
         self.middles = {}    # long words' middles (_word_str)
         self.sentence_ends = {}   # stretch start -> what _sentence_ends has read
+        self.extra = {}      # (start, end) -> index of an extra reference sentence (ref_sentence)
+
+    def ref_sentence(self, s, e, c, j):
+        """The sentence that the prefix sentence [s, e) (its text: text[:c], then U+FFFD) is
+        compared with: the document's sentence j that starts there, or, where that leaves more
+        than _SYNC_MIN characters of it uncovered (no document sentence starts at s, or the one
+        there ends long before: a break that only some prefixes make, as after 'Mr. ' before a
+        run 'x.,x.,'), text[s:E] annotated as one sentence, E the end of the document's
+        sentence that holds the prefix's end. The steps only use that the reference's text is
+        the prefix's before c and starts at s, so they stay exact; this saves the prefix
+        sentence's re-tokenization and re-tagging from its start. Extra sentences get indices
+        from nsent on (after the simple path has read doc.pos)."""
+        end = min(e, c)
+        if end - (self.sents[j][1] if j is not None else s) <= _SYNC_MIN:
+            return j
+        k = bisect.bisect_right(self.sstarts_l, end - 1) - 1
+        E = max(end, self.sents[k][1] if k >= 0 else end)
+        x = self.extra.get((s, E))
+        if x is None:
+            if not self.extra:   # own lists (the analysis is a shared, read-only cache entry)
+                self.sents, self.spans, self.fb, self.pos = map(list, (self.sents, self.spans, self.fb, self.pos))
+                self.raw = list(self.raw) if self.raw is not None else None
+            _CAUSAL_STATS['chars'] += E - s
+            _CAUSAL_STATS['extra'] += 1
+            sp, f = _word_spans(self.text[s:E], self.reference)
+            words = [self.text[s + a:s + b] for a, b in sp]
+            pos = pos_tag_sents([words], self.reference)[0]
+            x = self.extra[(s, E)] = len(self.sents)
+            self.sents.append((s, E)); self.spans.append(sp); self.fb.append(f); self.pos.append(pos)
+            self.rstarts.append([a for a, _ in sp])
+            if self.raw is not None:
+                self.raw.append(ner_raw_resume([(list(zip(words, pos)), 0, [], len(words))], self.ner, self.reference)[0])
+        return x
 
     def sep_before(self, x):
         """The last ' ', '\\n', '\\r' or '\\t' at or before x (-1: none)."""
@@ -620,7 +664,7 @@ def _punkt_settlement(doc, C):
     candidate before the prefix end (-1: the first). Sets doc.brk: per sentence, whether
     re-segmenting may start there (whitespace lies between its start and its first [.?!])."""
     L = doc.L
-    P = np.frombuffer(doc.index.pos['cand'], dtype=np.int64)
+    P = np.frombuffer(doc.index.pos[_cand_kind(doc)], dtype=np.int64)
     sp, nsp = doc.next_space, doc.next_nonspace
     settle = nsp(sp(nsp(sp(P)))) + 1
     settle = np.where(settle > L, L + 2, settle)                     # never settled inside the text
@@ -711,7 +755,7 @@ def _prefix_sentence(doc, s, e, c, cs, ce, reference, whole=False, same_end=None
     same_end: the prefix's text equals the document's before it (default c; the stream: the
     characters its annotation was made from)."""
     same_end = c if same_end is None else same_end
-    j = doc.start_of.get(s)
+    j = doc.ref_sentence(s, e, c, doc.start_of.get(s))
     ref = doc.spans[j] if j is not None else []          # the document's words of sentence j
     q, tail, fb = _sentence_tail(doc, s, e, j, ref, c, cs, reference, same_end)
     nw = q + len(tail)
@@ -756,7 +800,7 @@ def _sentence_tail(doc, s, e, j, ref, c, cs, reference, same_end):
     """Word spans of the prefix sentence [s, e) (its text: text[s:c], then U+FFFD up to e):
     (q, tail, fb), its words are ref[:q] + tail (relative to s); fb: the regex fallback made
     them. The Treebank rules act within a whitespace-separated chunk (plus the sentence's first
-    and last characters), so the words before the chunk holding the token's start (cs) are the
+    characters and its tail), so the words before the chunk holding the token's start (cs) are the
     document's, and the rest is the chunk on, tokenized as the end of a text; in a long chunk,
     from its last sync point before the token (fact 1 of the long-run notes), whose window must
     lie where the prefix's text is the document's (before same_end)."""
@@ -776,6 +820,15 @@ def _sentence_tail(doc, s, e, j, ref, c, cs, reference, same_end):
                 if r is not None:
                     _CAUSAL_STATS['sync'] += 1
                     return r + (False,)
+        # the rules also read a sentence's tail (from its last character that is no closing
+        # bracket or quote nor space, to its end: 'Mr. )' ends in Mr . ), FastWordSpans): where
+        # the prefix sentence's or the reference's tail starts before the chunk, from there
+        for x in ((e,) if e <= c else ()) + (doc.sents[j][1],):
+            p = min(x, doc.L) - 1   # (the stream: an old sentence may end past the new text)
+            while p >= s and (text[p] in FastWordSpans.CLOSERS or text[p].isspace()):
+                p -= 1
+            if s <= p < cut:
+                cut = doc.sep_before(p)
         q = bisect.bisect_left(doc.rstarts[j], cut + 1 - s) if cut >= s else 0
         q = min(q, len(ref) - 1)
         while q > 0 and not text[s + ref[q][0] - 1].isspace():
@@ -864,12 +917,18 @@ def _best_word_tags(doc, cs, ce, old, found, ner_id):
 
 # ---- long runs without whitespace
 # A prefix that ends inside a long whitespace-free run (a base64 blob, minified JSON, 'a' * n)
-# would make the steps above cost the run's length per token. Three facts about NLTK keep the
+# would make the steps above cost the run's length per token. Four facts about NLTK keep the
 # work per token bounded, each exact (nltk_fast.py, "long runs without whitespace", states and
 # checks them): sync points (a prefix's words right of a sync point are those of a short window
 # tokenized alone: _sync_tail), long-word representatives (a long word goes to the taggers as a
-# short string with the same features: _word_str), and shortened punkt input (_punkt_input).
-# Each is used only where _long_run_checks says it holds for the installed NLTK.
+# short string with the same features: _word_str), shortened punkt input (_punkt_input), and
+# only punkt's own candidate breaks keep a decision open (_cand_kind: not the periods of 'x.,').
+# Each is used only where _long_run_checks says it holds for the installed NLTK. A break before
+# the run whose decision flips with the prefix's last characters (after 'Mr. ', a run 'x.,x.,'
+# breaks only where the prefix ends in ',') makes most prefixes' sentences differ from the
+# document's: such a prefix sentence is compared with the run's text annotated once as one
+# sentence (_CausalDoc.ref_sentence), and the stream with its own last annotation of that split
+# (_StreamDoc.adopt), so the steps above again redo only the end.
 
 _SYNC_MIN = 4 * SYNC_G      # chunk prefixes up to this long are re-tokenized whole (normal text)
 
@@ -927,6 +986,15 @@ def _long_run_checks(ner):
     """(sync points, long-word representatives, punkt shortening): whether each holds here."""
     models = [_pos_tagger(False)] + ([_ne_chunker(ner, False)] if ner != 'none' else [])
     return nltk_fast.long_run_checks(_fast_word_spans(), _sentence_tokenizer(), models)
+
+def _cand_kind(doc):
+    """The kind of doc.index that holds the candidate sentence breaks: only those punkt's pattern
+    may match (fact 4: a period before ',' '-' '.' or a letter is none) where that holds here,
+    else every . ? ! (a run of such periods would keep a decision open, rerunning punkt per token)."""
+    if _long_run_checks(doc.ner)[2]:
+        doc.index.candidates()
+        return 'pcand'
+    return 'cand'
 
 def _punkt_input(doc, W, c, mcut):
     """(text, back): the prefix from W (text[W:c] + mcut U+FFFD) for punkt, long stretches
@@ -1280,13 +1348,13 @@ class CausalStream:
         jfirst, new = _prefix_sentences(wd, c, m, wd.open_candidate(kappa, c), wd.nsent - 1)
         recs = []
         for s, e in new:
-            j = wd.start_of.get(s)
+            j, valid = wd.adopt(s, e, kappa)            # (an earlier text's sentence at s may cover more)
             old_end = wd.sents[j][1] if j is not None else e
-            if j is not None and old_end == e and e <= kappa:
+            if j is not None and old_end == e and e <= valid:
                 recs.append((s, e, j, None))            # the same sentence: its annotation stays
                 continue
-            change = max(s, min(kappa, e, old_end) - 1)  # the first character that may differ (from here)
-            recs.append((s, e, j, _prefix_sentence(wd, s, e, c, change, e, self.reference, whole=True, same_end=kappa)))
+            change = max(s, min(valid, e, old_end) - 1)  # the first character that may differ (from here)
+            recs.append((s, e, j, _prefix_sentence(wd, s, e, c, change, e, self.reference, whole=True, same_end=valid)))
         found = [d for *_, d in recs if d is not None]
         _retag_pos(wd, found, self.reference)
         if self.ner != 'none':
@@ -1343,6 +1411,13 @@ class _StreamDoc:
         self.sentence_ends = {}
         self.brk = [self._brk(s) for s, _ in self.sents]
         self._starts()
+        # sentences of earlier texts that a later one dropped or cut short, by start: [end, valid,
+        # spans, fb, pos, raw, rstarts], the text being the current one before valid. A break
+        # that only some prefixes make (after 'Mr. ' before a run 'x.,x.,': only where the text
+        # ends in ',') flips the sentences back and forth; each split then resumes from its own
+        # last annotation instead of re-tokenizing and re-tagging the run (adopt)
+        self.stash = {}
+        self.kappa, self.valid = self.L, {}   # (valid: of the sentences adopted in this step)
 
     def _starts(self):
         self.nsent = len(self.sents)
@@ -1351,7 +1426,43 @@ class _StreamDoc:
 
     def _brk(self, s):
         # whitespace lies between the sentence start s and its first . ? ! (see _punkt_settlement)
-        return self.index.first_from('ws', s, self.L) < self.index.first_from('cand', s, self.L)
+        return self.index.first_from('ws', s, self.L) < self.index.first_from(_cand_kind(self), s, self.L)
+
+    def ref_sentence(self, s, e, c, j):
+        return j
+
+    def adopt(self, s, e, kappa):
+        """(j, valid) for the new sentence [s, e): the sentence j (None: none) that starts at s,
+        whose text is the current one before valid; a stashed sentence takes the place of the
+        window's own there (which goes to the stash) where it covers more of [s, e), or as much
+        and ends at e."""
+        j = self.start_of.get(s)
+        alt = self.stash.get(s)
+        if alt is None:
+            return j, kappa
+        old = min(self.sents[j][1], kappa, e) if j is not None else s
+        new = min(alt[0], alt[1], e)
+        if j is not None and (new, alt[0] == e) <= (old, self.sents[j][1] == e):
+            return j, kappa
+        del self.stash[s]
+        _CAUSAL_STATS['adopt'] += 1
+        if j is None:    # a new index past nsent (replace_sentences drops it or makes it a sentence)
+            j = len(self.sents)
+            self.sents.append(None); self.spans.append(None); self.fb.append(None)
+            self.pos.append(None); self.raw.append(None); self.rstarts.append(None)
+            self.start_of[s] = j
+        else:
+            self._stash(j)
+        (end, valid, self.spans[j], self.fb[j], self.pos[j], self.raw[j], self.rstarts[j]) = alt
+        self.sents[j] = (s, end)
+        self.valid[j] = min(valid, kappa)
+        return j, self.valid[j]
+
+    def _stash(self, j):
+        s, e = self.sents[j]
+        self.stash[s] = [e, self.valid.get(j, self.kappa), self.spans[j], self.fb[j], self.pos[j], self.raw[j], self.rstarts[j]]
+        while len(self.stash) > _STASH:   # the oldest go
+            del self.stash[next(iter(self.stash))]
 
     def sep_before(self, x):
         return self.index.last_before('sep', x)
@@ -1361,6 +1472,7 @@ class _StreamDoc:
 
     def set_text(self, text, kappa):
         """The text is now text; its first kappa characters are the old ones."""
+        self.kappa, self.valid = kappa, {}
         self.index.truncate(kappa)
         self.index.extend(text)
         self.text, self.L = text, len(text)
@@ -1381,13 +1493,17 @@ class _StreamDoc:
                 starts.append(p)
             k -= 1
         t1 = starts[1] if len(starts) == 2 else 0
-        p = self.index.first_from('cand', t1, c)
+        p = self.index.first_from(_cand_kind(self), t1, c)
         return p if p < c else -1
 
     def replace_sentences(self, jfirst, recs):
         """The sentences from jfirst on are now recs: (start, end, old index or None, record or
         None); a record holds the words from its o on (the ones before are the old sentence's)."""
         sents, spans, fb, pos, raw, rst = [], [], [], [], [], []
+        used = {j for _, _, j, _ in recs}
+        for j in range(jfirst, self.nsent):   # dropped: kept for a later text that splits as this one did
+            if j not in used:
+                self._stash(j)
         for s, e, j, d in recs:
             if d is None and j is not None and self.sents[j] == (s, e):
                 sp, f, p, r, rs = self.spans[j], self.fb[j], self.pos[j], self.raw[j], self.rstarts[j]
@@ -1395,6 +1511,10 @@ class _StreamDoc:
                 sp, f, p, r, rs = [], False, [], [], []
             else:
                 sp, p, r, rs = (self.spans[j], self.pos[j], self.raw[j], self.rstarts[j]) if j is not None else ([], [], [], [])
+                if j is not None and self.sents[j][1] - e > e - s:
+                    # cut to less than half: keep the old one too (the copy costs less than it holds)
+                    self._stash(j)
+                    sp, p, r, rs = sp[:d.o], p[:d.o], r[:d.jcut], rs[:d.o]
                 del sp[d.o:], p[d.o:], r[d.jcut:], rs[d.o:]   # in place: a long sentence costs its change only
                 sp += d.spans
                 p += d.pos
@@ -1414,10 +1534,12 @@ class _StreamDoc:
             s, e = self.sents[j]
             if e <= cs:
                 break
-            for i, (a, b) in enumerate(self.spans[j]):
-                if s + a < ce and s + b > cs:
-                    cand.append((s + a, s + b))
-                    where.append((j, i))
+            sp = self.spans[j]
+            i = bisect.bisect_left(self.rstarts[j], ce - s)   # words from i on start after the token
+            while i > 0 and s + sp[i - 1][1] > cs:            # (a long sentence: its words near the token only)
+                i -= 1
+                cand.append((s + sp[i][0], s + sp[i][1]))
+                where.append((j, i))
         order = sorted(range(len(cand)), key=cand.__getitem__)
         k = _largest_overlap(cs, ce, [cand[x] for x in order])
         out = {'pos': SPACE, 'ner': SPACE}
@@ -1454,6 +1576,8 @@ def ensure_resources(ner='binary', extra=()):
     """Make sure the NLTK data for this NER mode (and the resources named in extra, e.g.
     'gutenberg') exists; download it if allowed. Call it in the main process before
     starting workers (downloads must not race)."""
+    if not _read_ahead:   # the first call of the process
+        _read_tables_ahead(ner)
     nltk = import_nltk()
     needed = ['punkt', 'pos'] + ([] if ner == 'none' else ['words', 'ne_' + ner]) + list(extra)
     for key in needed:
@@ -1488,12 +1612,13 @@ def _frozen(obj):
 # The fast taggers are built from tables (numpy arrays and lists) that take ~1 s to compute from
 # NLTK's model files, so they are kept on disk: one file per model in cache_dir(), keyed by a hash
 # of the model files, of nltk_fast.py (the code that builds and reads them) and of the nltk and
-# numpy versions. Written atomically (temp file + rename), read without pickle through mmap (the
-# arrays are read-only views of the page cache: no copy, shared by every process); a missing,
-# stale or corrupt file is rebuilt, and where the directory cannot be written the tables are just
-# built in memory. A start must not re-read the 13 MB of model files to hash them, so each file's
-# sha256 is remembered with its stat (size, mtime, ctime, inode), as git's index does: a file
-# whose stat changed in any way is hashed again.
+# numpy versions. Written atomically (temp file + rename), read without pickle in one read() and
+# checked by a CRC (the arrays are read-only views of that copy); a missing, stale or corrupt file
+# (or anything not a regular file) is rebuilt, and where the directory cannot be written the tables
+# are just built in memory. Each fast tagger is compared with NLTK's own model on a sample text
+# when its tables are built (_self_checked). A start must not re-read the 13 MB of model files to
+# hash them, so each file's sha256 is remembered with its stat (size, mtime, ctime, inode), as
+# git's index does: a file whose stat changed in any way is hashed again.
 
 def cache_dir():
     """$LIME_CACHE_DIR, else $XDG_CACHE_HOME/lime, else ~/.cache/lime."""
@@ -1512,27 +1637,15 @@ def _nltk_files(resources):
         files += sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs) if os.path.isdir(root) else [root]
     return files
 
-def _atomic_write(path, write):
-    """write(f) into a temp file beside path, then rename it over path (removed on any failure)."""
-    import tempfile
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+_MEMO_MAX = 1 << 20   # file-hashes.json: ~200 bytes a file
 
 def _sha256_of_files(files):
     """{path: (size, sha256 of its contents)}; remembered in cache_dir()/file-hashes.json by stat."""
     import hashlib
     memo_path = os.path.join(cache_dir(), 'file-hashes.json')
-    try:
-        with open(memo_path, 'rb') as f:
-            memo = json.loads(f.read())
-    except Exception:   # missing or corrupt: hash everything
+    try:   # a few KB; a larger file, a FIFO or a device is not read
+        memo = json.loads(read_regular(memo_path, _MEMO_MAX))
+    except Exception:   # missing or corrupt: hash everything (and the memo is rewritten)
         memo = {}
     if not isinstance(memo, dict):
         memo = {}
@@ -1551,20 +1664,24 @@ def _sha256_of_files(files):
     if changed:
         memo = {p: v for p, v in memo.items() if os.path.exists(p)}   # forget deleted files
         try:
-            _atomic_write(memo_path, lambda f: f.write(json.dumps(memo, indent=0).encode()))
-        except OSError:   # read-only or full: hash again next time
+            write_atomic(memo_path, json.dumps(memo, indent=0))
+        except (OSError, LimeError):   # read-only or full: hash again next time
             pass
     return out
 
-# A table file: _TABLES_MAGIC, the header's length (8 bytes, little-endian), the header (JSON:
-# the key, the JSON values, and where each array and each list of strings lies), then the data,
-# each piece 64-byte aligned. A list of strings is one '\n'-joined UTF-8 piece (splitting it is
-# several times faster than parsing JSON); any other value that is not an array is JSON. The
-# reader checks the structure (magic, header, every piece inside the file), not a checksum of
-# the contents: that would read all 40 MB at every start, and the file is never written in place.
-_TABLES_MAGIC = b'LIME tables v1\n\0'
+# A table file: _TABLES_MAGIC, the header's length (8 bytes, little-endian), the CRC-32 of all
+# that follows (8 bytes), the header (JSON: the key, the JSON values, and where each array and each
+# list of strings lies), then the data, each piece 64-byte aligned. A list of strings is one
+# '\n'-joined UTF-8 piece (splitting it is several times faster than parsing JSON); any other value
+# that is not an array is JSON. The reader reads the file whole (not mmap: a file truncated or
+# rewritten while in use would kill the process with SIGBUS), checks the CRC (zlib.crc32: the
+# fastest here, ~12 ms for the 44 MB of all tables, sha256 ~28 ms, adler32 ~14 ms) and every
+# piece's place: any flaw raises, and _cached rebuilds the file.
+_TABLES_MAGIC = b'LIME tables v2\n\0'
+_TABLES_MAX = 1 << 30   # a larger file is not read (the largest real one is ~30 MB)
 
 def _write_tables(f, key, tables):
+    import zlib
     header, pieces, off = {'key': key, 'json': {}, 'arrays': {}, 'strings': {}}, [], 0
 
     def place(data):
@@ -1587,40 +1704,93 @@ def _write_tables(f, key, tables):
     if json.loads(json.dumps(header['json'])) != header['json']:   # tuples, non-string keys
         raise ValueError('model tables do not round-trip through JSON')
     head = json.dumps(header).encode()
-    f.write(_TABLES_MAGIC + len(head).to_bytes(8, 'little') + head)
-    start = -(-f.tell() // 64) * 64
-    for at, data in pieces:
-        f.write(b'\0' * (start + at - f.tell()))
-        f.write(data)
+    at = len(_TABLES_MAGIC) + 16 + len(head)
+    start, body = -(-at // 64) * 64, [head]
+    for a, data in pieces:
+        body += [b'\0' * (start + a - at), data]
+        at = start + a + len(data)
+    crc = 0
+    for b in body:
+        crc = zlib.crc32(b, crc)
+    f.write(_TABLES_MAGIC + len(head).to_bytes(8, 'little') + crc.to_bytes(8, 'little'))
+    for b in body:
+        f.write(b)
+
+def _table_bytes(path):
+    """The bytes of a table file, checked against its CRC-32. A private copy, not a mapping of the file:
+    a file cut short while we use it cannot crash us (SIGBUS)."""
+    import zlib
+    data = read_regular(path, _TABLES_MAX)
+    n0 = len(_TABLES_MAGIC)
+    if data[:n0] != _TABLES_MAGIC or len(data) < n0 + 16:
+        raise ValueError('not a table file')
+    if zlib.crc32(memoryview(data)[n0 + 16:]) != int.from_bytes(data[n0 + 8:n0 + 16], 'little'):
+        raise ValueError('bad checksum')
+    return data
+
+def _file_id(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+_read_ahead = {}   # table path -> (file id, checked bytes): read on a second thread while NLTK imports
+
+def _read_tables_ahead(ner):
+    """Start reading (and checking) the table files this NER mode will load, on a thread: reading and
+    zlib.crc32 release the GIL, so on a second core they overlap NLTK's import and the check costs
+    the start-up almost nothing. _read_tables uses a result only if the file is still the same one."""
+    import threading
+    names = ['punkt', 'pos', 'gpt2'] + ([] if ner == 'none' else ['ne_' + ner])
+    paths = [os.path.join(cache_dir(), n + '.tables') for n in names]
+
+    def read():
+        for p in paths:
+            try:
+                fid, data = _file_id(p), _table_bytes(p)
+                if _file_id(p) == fid:
+                    _read_ahead[p] = (fid, data)
+            except (OSError, ValueError):
+                pass   # read (and judged) again in the main thread
+    t = threading.Thread(target=read, name='lime-tables', daemon=True)
+    t.start()
+    _read_ahead[None] = t
 
 def _read_tables(path, key=None):
     """The tables stored in path if its key is key (or key is None), else None. Any flaw raises."""
-    import mmap
-    with open(path, 'rb') as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)   # stays valid after close
+    import math
+    ahead = _read_ahead.get(None)
+    if ahead is not None:
+        ahead.join()
+    fid, data = _read_ahead.pop(path, (None, None))
+    if data is None or fid != _file_id(path):
+        data = _table_bytes(path)
     n0 = len(_TABLES_MAGIC)
-    if mm[:n0] != _TABLES_MAGIC:
-        raise ValueError('not a table file')
-    n = int.from_bytes(mm[n0:n0 + 8], 'little')
-    if n0 + 8 + n > len(mm):
+    n = int.from_bytes(data[n0:n0 + 8], 'little')
+    if n0 + 16 + n > len(data):
         raise ValueError('truncated header')
-    header = json.loads(mm[n0 + 8:n0 + 8 + n])
+    header = json.loads(data[n0 + 16:n0 + 16 + n])
     if key is not None and header['key'] != key:
         return None
-    start = -(-(n0 + 8 + n) // 64) * 64
+    start = -(-(n0 + 16 + n) // 64) * 64
+
+    def piece(at, size):   # where a piece lies: inside the file's data, else raise
+        if not (type(at) is int and type(size) is int and at >= 0 and size >= 0 and start + at + size <= len(data)):
+            raise ValueError('a piece outside the file')
+        return start + at
     tables = dict(header['json'])
     for name, (at, size, count) in header['strings'].items():
-        if start + at + size > len(mm):
-            raise ValueError('truncated')
-        v = mm[start + at:start + at + size].decode('utf-8', 'surrogatepass').split('\n') if count else []
+        at = piece(at, size)
+        v = data[at:at + size].decode('utf-8', 'surrogatepass').split('\n') if count else []
         if len(v) != count:
             raise ValueError('bad string list')
         tables[name] = v
     for name, (dtype, shape, at, size) in header['arrays'].items():
-        dtype = np.dtype(dtype)
-        if dtype.kind not in 'biuf' or size != dtype.itemsize * int(np.prod(shape)) or start + at + size > len(mm):
+        at = piece(at, size)
+        dtype = np.dtype(dtype) if type(dtype) is str else None
+        if (dtype is None or dtype.kind not in 'biuf' or not all(type(d) is int and d >= 0 for d in shape)
+                or size != dtype.itemsize * math.prod(shape)):
             raise ValueError('bad array')
-        tables[name] = (np.frombuffer(mm, dtype, count=size // dtype.itemsize, offset=start + at).reshape(shape)
+        # read-only views of data (no copy)
+        tables[name] = (np.frombuffer(data, dtype, count=size // dtype.itemsize, offset=at).reshape(shape)
                         if size else np.zeros(shape, dtype))
     return tables
 
@@ -1642,10 +1812,10 @@ def _cached(name, versions, files, build, make):
         pass
     tables = build()
     try:
-        _atomic_write(path, lambda f: _write_tables(f, key, tables))
+        write_atomic(path, lambda f: _write_tables(f, key, tables))
         if os.path.exists(path[:-len('.tables')] + '.npz'):   # the format before this one
             os.unlink(path[:-len('.tables')] + '.npz')
-    except OSError:   # read-only or full: use the tables built in memory
+    except (OSError, LimeError):   # read-only or full: use the tables built in memory
         pass
     return make(tables)
 
@@ -1690,8 +1860,14 @@ def _pos_tagger(reference):
         from nltk.tag import PerceptronTagger
         return _frozen(PerceptronTagger())
     load = lambda: _pos_tagger(True)
-    return _frozen(_cached_model('pos', [_RESOURCES['pos'][0]], ['tag/perceptron.py'],
-                                 lambda: FastPOSTagger.tables(load()), lambda t: FastPOSTagger(t, load)))
+
+    def build():
+        t = FastPOSTagger.tables(load())
+        sents = _self_check_sents()
+        t['self_check'] = FastPOSTagger(t, load).tag_sents(sents) == pos_tag_sents(sents, reference=True)
+        return t
+    return _frozen(_cached_model('pos', [_RESOURCES['pos'][0]], ['tag/perceptron.py'], build,
+                                 lambda t: _self_checked(FastPOSTagger(t, load), t['self_check'], 'POS tagger')))
 
 @lru_cache(maxsize=None)
 def _ne_chunker(ner, reference):
@@ -1700,10 +1876,37 @@ def _ne_chunker(ner, reference):
         from nltk.chunk import ne_chunker
         return _frozen(ne_chunker('binary' if ner == 'binary' else 'multiclass'))
     load = lambda: _ne_chunker(ner, True)
+
+    def build():
+        t = FastNEChunker.tables(load())
+        sents = _self_check_sents()
+        pos = pos_tag_sents(sents, reference=True)
+        fast = FastNEChunker(t, load).iob_sents([list(zip(w, p)) for w, p in zip(sents, pos)])
+        t['self_check'] = fast == ner_tag_sents(sents, pos, ner, reference=True)
+        return t
     # the chunker's feature extractor also reads the words corpus (its 'en-basic' list)
     return _frozen(_cached_model('ne_' + ner, [_RESOURCES['ne_' + ner][0], 'corpora/words/en-basic'],
-                                 ['chunk/named_entity.py', 'classify/maxent.py'],
-                                 lambda: FastNEChunker.tables(load()), lambda t: FastNEChunker(t, load)))
+                                 ['chunk/named_entity.py', 'classify/maxent.py'], build,
+                                 lambda t: _self_checked(FastNEChunker(t, load), t['self_check'], f'{ner} NE chunker')))
+
+def _self_check_sents():
+    # the words of nltk_fast.SELF_CHECK_TEXT, sentence by sentence (punkt, NLTK's word tokenizer)
+    text = nltk_fast.SELF_CHECK_TEXT
+    return [[text[s + a:s + b] for a, b in _word_spans(text[s:e], reference=True)[0]]
+            for s, e in _sentence_tokenizer().span_tokenize(text)]
+
+def _self_checked(fast, ok, what):
+    """The fast tagger, or where its tables failed the self-check when they were built (ok False:
+    it tagged nltk_fast.SELF_CHECK_TEXT unlike NLTK's own model) a warning line, and every decision
+    is then made by NLTK's own model: eps = inf makes each one a near-tie, which _exact recomputes
+    with NLTK's model (the same path for the POS tagger and both NE chunkers)."""
+    if type(ok) is not bool:   # not what build() writes: the file is rebuilt
+        raise ValueError('no self-check result')
+    if not ok:
+        print(f"metadata.py: warning: the fast {what} differs from NLTK's on the self-check sample; "
+              f"using NLTK's own model for it (slower)", file=sys.stderr)
+        fast.eps = float('inf')
+    return fast
 
 # BPE: GPT-2 ('gpt2'), or 'gpt2-N': GPT-2 with only its first N ranks (the 256 bytes and
 # the first N-256 merges; <|endoftext|> = N). Every token of a merge has a lower rank than
@@ -1721,12 +1924,10 @@ def set_tokenizer(name):
 
 def parse_tokenizer(name):
     """'gpt2' -> None, 'gpt2-N' -> N; anything else is an error."""
-    if name == 'gpt2':
-        return None
-    head, _, n = name.partition('-')
-    if head != 'gpt2' or not n.isdigit() or not 256 <= int(n) < 50257:
+    n = tokenizer_size(name)   # the naming rule (common.py: checkpoints are checked by it too)
+    if n is None:
         raise MetadataError(f"unknown tokenizer '{name}' (expected gpt2 or gpt2-N, 256 <= N < 50257)")
-    return int(n)
+    return None if name == 'gpt2' else n - 1
 
 @lru_cache(maxsize=None)
 def _gpt2_tables():
@@ -1796,8 +1997,12 @@ def main(argv=None):
         set_tokenizer(args.tokenizer)
         ensure_resources(args.ner)
         if args.file:
-            with open(args.file, 'rb') as f:
-                raw = f.read()
+            try:   # a regular file only: a FIFO would block, a directory cannot be read
+                raw = read_regular(args.file)
+            except OSError as e:
+                raise MetadataError(f'{name}: {e.strerror or e}')
+            except ValueError as e:
+                raise MetadataError(f'{name}: {e}')
         else:
             raw = sys.stdin.buffer.read()
         try:
@@ -1805,18 +2010,22 @@ def main(argv=None):
         except UnicodeDecodeError as e:
             raise MetadataError(f'{name}: not valid UTF-8 (byte {e.start})')
         if args.ids:
-            try:
-                ids = np.array([int(x) for x in data.split()], dtype=np.int64)
-            except ValueError as e:
-                raise MetadataError(f'{name}: --ids expects whitespace-separated integers ({e})')
-            if len(ids) and (ids.min() < 0 or ids.max() >= encoding().n_vocab):
-                raise MetadataError(f'{name}: token id out of range 0..{encoding().n_vocab - 1}')
+            toks = data.split()
+            bad = next((x for x in toks if not (x.isascii() and x.isdigit())), None)   # int() takes '-1', '1_0'
+            if bad is not None:
+                raise MetadataError(f'{name}: --ids expects whitespace-separated integers, got {bad[:20]!r}')
+            # more than 18 digits: out of range (and not an int64)
+            ids = np.array([int(x) if len(x) <= 18 else -1 for x in toks], dtype=np.int64)
+            n = encoding().n_vocab
+            out = np.nonzero((ids < 0) | (ids >= n))[0]
+            if len(out):
+                raise MetadataError(f'{name}: --ids: token id {toks[out[0]][:30]} out of range 0..{n - 1}')
             streams = annotate_ids(ids, args.ner, args.tags, args.reference)
         else:
             ids, streams = annotate_text(data, args.tokenization, args.ner, args.reference)
             if args.tags == 'causal':
                 streams = annotate_ids(ids, args.ner, 'causal', args.reference)
-        streams = {k.replace('_causal', ''): v for k, v in streams.items()}
+        streams = {base_stream(k): v for k, v in streams.items()}
     except MetadataError as e:
         print(f'metadata.py: error: {e}', file=sys.stderr)
         return 1

@@ -51,9 +51,25 @@ class GPTConfig:
     meta_predict: bool = False
     meta_inject_layer: int = 0
     meta_loss_weight: float = 1.0  # loss = token CE + meta_loss_weight * sum over streams of tag CE
+    # metadata cooldown (train.py's meta_cooldown): True once the model has been trained without tags;
+    # then meta=None means no metadata, the tables add nothing, and the model is a plain language model
+    meta_cooled: bool = False
+
+    @property
+    def input_streams(self):
+        """The metadata streams a caller feeds at inference: none once the model has cooled down."""
+        return [] if self.meta_cooled else list(self.meta_streams)
 
     def __post_init__(self):
         # a wrong model shape is a config mistake: ValueError with one line (train.py prints it)
+        for k in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be an integer >= 1, got {getattr(self, k)}")
+        for k in ('n_kv_head', 'mlp_hidden'):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be an integer >= 0 (0: the default), got {getattr(self, k)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.arch not in ('gpt2', 'gemma'):
             raise ValueError(f"arch must be 'gpt2' or 'gemma', got {self.arch!r}")
         if self.n_embd % self.n_head:
@@ -70,6 +86,8 @@ class GPTConfig:
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
         self.meta_streams = tuple(self.meta_streams)
         self.meta_n_tags = tuple(int(n) for n in self.meta_n_tags)
+        if any(n < 1 for n in self.meta_n_tags):
+            raise ValueError(f"meta_n_tags must be integers >= 1, got {self.meta_n_tags}")
         w = self.meta_weight
         if isinstance(w, (int, float)):  # one weight for every stream
             w = (float(w),) * len(self.meta_streams)
@@ -78,6 +96,7 @@ class GPTConfig:
         assert len(self.meta_weight) == len(self.meta_streams), "meta_weight must be a float or one per stream"
         if self.meta_predict:
             assert self.meta_streams, "meta_predict needs metadata streams"
+            self.meta_inject_layer = self.meta_inject_layer or self.n_layer // 2  # 0: the middle block (README's sweep)
             assert 1 <= self.meta_inject_layer < self.n_layer, "meta_inject_layer must be in [1, n_layer)"
 
 
@@ -264,6 +283,8 @@ class GPT(nn.Module):
             for e in self.meta_next_emb:
                 torch.nn.init.normal_(e.weight, mean=0.0, std=std)
 
+        if self.lm_head.weight.is_meta:
+            return  # a shape check (meta_model), not a model to report
         n, n_meta = self.get_num_params(), self.get_num_meta_params()
         print(f"number of parameters: {n/1e6:.2f}M (metadata tables{' and tag heads' if config.meta_predict else ''}: "
               f"{n_meta:,} = {100*n_meta/n:.3f}%)")
@@ -305,22 +326,48 @@ class GPT(nn.Module):
         targets, the loss adds meta_loss_weight * sum over streams of the tag heads' cross-entropy
         against next_meta. Returns (logits, loss): logits of every position with targets, else of
         the last one only."""
-        x = self.lower(idx, meta, kv_cache, start_pos)
-        tag_logits = None
-        if self.config.meta_predict:
-            if next_meta is None:
-                raise ValueError("a meta_predict model needs next_meta: the next token's tags")
-            tag_logits = self.tag_logits(x)
-            x = self.inject(x, next_meta)
-        logits, loss = self.upper(x, targets, kv_cache, start_pos)
-        if loss is not None and tag_logits is not None:
+        if not self.config.meta_predict:
+            return self.upper(self.lower(idx, meta, kv_cache, start_pos), targets, kv_cache, start_pos)
+        if next_meta is None:
+            raise ValueError("a meta_predict model needs next_meta: the next token's tags")
+        logits, loss, tag_logits, _ = self.forward_predict(idx, meta, next_meta, targets, kv_cache, start_pos)
+        if loss is not None:
             tag_loss = sum(F.cross_entropy(tl.view(-1, tl.size(-1)), next_meta[s].reshape(-1))
                            for s, tl in zip(self.config.meta_streams, tag_logits))
             loss = loss + self.config.meta_loss_weight * tag_loss
         return logits, loss
 
-    # forward in pieces: generation (sample.py) and evaluation (train.py) of meta_predict models
-    # choose or read the next tags between lower() and upper()
+    def forward_predict(self, idx, meta=None, next_meta=None, targets=None, kv_cache=None, start_pos=0,
+                        choose=None, h=None):
+        """The meta_predict forward, the one place that runs it (training, evaluation, generation, the
+        harness, the experiments): blocks 1..k, the tag heads, the next token's tags added, blocks k+1..L.
+        The next tags {stream: (B, T)} are next_meta (the data's: teacher forcing), else
+        choose(tag_logits) (generation: a draw or a hint; evaluation: argmax_tags). next_meta may hold
+        n rows for one row of idx: n candidates after one prefix (the lower blocks run once; a kv_cache
+        then needs n rows, equal up to start_pos). h: the lower blocks' output returned by an earlier
+        call on the same idx and meta, to rerun only blocks k+1..L with other next tags.
+        Returns (logits, loss, tag_logits, h): logits and loss (the tokens' only) as upper();
+        tag_logits one (B, T, n_tags) per stream, of every position with targets, else of the last."""
+        if h is None:
+            h = self.lower(idx, meta, kv_cache, start_pos)
+        tag_logits = [head(h if targets is not None else h[:, -1:]) for head in self.tag_head]
+        if next_meta is None:
+            if choose is None:
+                raise ValueError("a meta_predict model needs the next token's tags: next_meta or choose")
+            next_meta = choose(tag_logits)
+        x = h
+        for name, w, emb in zip(self.config.meta_streams, self.config.meta_weight, self.meta_next_emb):
+            if name not in next_meta:
+                raise ValueError(f"missing next-token metadata stream '{name}'")
+            x = x + w * emb(next_meta[name])
+        logits, loss = self.upper(x, targets, kv_cache, start_pos)
+        return logits, loss, tag_logits, h
+
+    def argmax_tags(self, tag_logits):
+        """choose for forward_predict: each stream's most likely next tag (the model's own, from the past alone)."""
+        return {s: tl.argmax(-1) for s, tl in zip(self.config.meta_streams, tag_logits)}
+
+    # the two halves of forward and forward_predict (meta_predict: the next tags are added between them)
 
     def lower(self, idx, meta=None, kv_cache=None, start_pos=0):
         """Embeddings and the blocks before the next-tag injection (all blocks unless meta_predict)."""
@@ -355,18 +402,6 @@ class GPT(nn.Module):
             return None
         return self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
 
-    def tag_logits(self, x):
-        """Next-token tag logits of every position of lower()'s output: one (B, T, n_tags) per stream."""
-        return [head(x) for head in self.tag_head]
-
-    def inject(self, x, next_meta):
-        """Add the next token's tags, {stream: (B, T)}, to the residual stream."""
-        for name, w, emb in zip(self.config.meta_streams, self.config.meta_weight, self.meta_next_emb):
-            if name not in next_meta:
-                raise ValueError(f"missing next-token metadata stream '{name}'")
-            x = x + w * emb(next_meta[name])
-        return x
-
     def upper(self, x, targets=None, kv_cache=None, start_pos=0):
         """The remaining blocks, the final norm and the LM head; the token loss when targets are given."""
         rope = self.rope(start_pos, x.size(1))
@@ -383,6 +418,8 @@ class GPT(nn.Module):
 
     def add_meta(self, x, meta):
         """x + sum_d w_d * E_d(meta_d), streams in config order; meta: {stream name: (B, T) tag ids}."""
+        if not meta and self.config.meta_cooled:
+            return x  # cooled down (meta_cooldown): trained to end without tags
         if meta is None:
             raise ValueError(f"this model needs metadata streams {list(self.config.meta_streams)}")
         for name, w, emb in zip(self.config.meta_streams, self.config.meta_weight, self.meta_emb):
@@ -432,13 +469,93 @@ class GPT(nn.Module):
     def from_checkpoint(cls, ckpt, device='cpu'):
         """Rebuild a model from a train.py checkpoint (dict or path): model_args -> GPTConfig -> weights.
         A path is loaded with weights_only=True: tensors and plain data only, so it cannot run code
-        (train.load_checkpoint does the same and names what is wrong with a file in one line)."""
+        (train.load_checkpoint does the same and names what is wrong with a file in one line).
+        The model is made on the meta device and checked against the file's tensors (meta_model) before
+        any memory is taken, then filled from the file: at most the file's size again."""
         if not isinstance(ckpt, dict):
             ckpt = torch.load(ckpt, map_location='cpu', weights_only=True)
-        model = cls(GPTConfig(**ckpt['model_args']))
-        sd = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
+        sd = unwrapped(ckpt['model'])
+        model = meta_model(ckpt['model_args'], sd)
+        model.to_empty(device=device)  # uninitialised; every persistent tensor is read from the file next
+        model.transformer.wte.weight = model.lm_head.weight  # to_empty makes new parameters: tie them again
         model.load_state_dict(sd)
-        return model.to(device)
+        if model.config.arch == 'gemma':  # derived from the config, never saved: to_empty left them unset
+            cos, sin = rotary_tables(model.config.n_embd // model.config.n_head, model.config.block_size)
+            model.rope_cos.copy_(cos)
+            model.rope_sin.copy_(sin)
+        return model
+
+
+def unwrapped(state_dict):
+    """A state_dict saved from a compiled or DDP-wrapped model, with the wrappers' key prefixes dropped."""
+    return {k.removeprefix('_orig_mod.').removeprefix('module.') if isinstance(k, str) else k: v
+            for k, v in state_dict.items()}
+
+
+def _compare(expected, found):
+    """The first difference between expected ({name: shape}) and found ({name: tensor}), as a ValueError."""
+    for k, shape in expected.items():
+        if k not in found:
+            raise ValueError(f"missing tensor {k} (model_args say shape {shape})")
+        if tuple(found[k].shape) != shape:
+            raise ValueError(f"tensor {k} has shape {tuple(found[k].shape)}, model_args say {shape}")
+    for k in found:
+        if k not in expected:
+            raise ValueError(f"unexpected tensor {k} (not in the model that model_args describe)")
+
+
+def meta_model(model_args, state_dict):
+    """The GPT of a checkpoint's model_args, built on the meta device (no memory for its tensors), once
+    the checkpoint's tensors state_dict are proven to be exactly its own: names, shapes, floating dtypes,
+    and the data to fill them really in the file. Both come from an untrusted file, so nothing the size of
+    model_args is made before it is compared with what the file holds: a 20 MB file that says n_layer=10**6
+    or n_embd=4096 is refused, not allocated. ValueError: one line naming the key or tensor."""
+    if not isinstance(model_args, dict) or not isinstance(state_dict, dict):
+        raise ValueError("model_args and model must be dicts")
+    unknown = [k for k in model_args if k not in GPTConfig.__dataclass_fields__]
+    if unknown:
+        raise ValueError(f"model_args: unknown key {unknown[0]!r}")
+    try:
+        config = GPTConfig(**model_args)
+    except (TypeError, ValueError, AssertionError) as e:  # a type, a range, a key that contradicts another
+        raise ValueError(f"bad model_args: {e}")
+    for k, t in state_dict.items():
+        if not isinstance(k, str):
+            raise ValueError(f"tensor name {k!r} is not a string")
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided and not t.is_meta):
+            raise ValueError(f"tensor {k}: not a dense floating-point tensor "
+                             f"({t.dtype if isinstance(t, torch.Tensor) else type(t).__name__})")
+        st = t.untyped_storage()
+        if t.numel() * t.element_size() > st.nbytes():  # e.g. a stride-0 view: a huge shape over one value
+            raise ValueError(f"tensor {k}: shape {tuple(t.shape)} needs {t.numel() * t.element_size():,} bytes, "
+                             f"the file holds {st.nbytes():,} for it")
+    # the layers first, from one block: n_layer blocks (even on meta, ~70 kB of Python objects each) are built
+    # only for a file that holds every tensor of every one of them; the same for the metadata tables
+    layers = {k: t for k, t in state_dict.items() if k.startswith('transformer.h.')}
+    n = len({k.split('.')[2] for k in layers})
+    if n != config.n_layer:
+        raise ValueError(f"model_args n_layer={config.n_layer}, but the file holds tensors of {n} layers")
+    n = len({k.split('.')[1] for k in state_dict if k.startswith('meta_emb.')})
+    if n != len(config.meta_streams):
+        raise ValueError(f"model_args meta_streams has {len(config.meta_streams)} streams, "
+                         f"but the file holds {n} metadata tables")
+    with torch.device('meta'):
+        block = {k: tuple(v.shape) for k, v in Block(config, 0).state_dict().items()}
+    _compare({f'transformer.h.{i}.{k}': s for i in range(config.n_layer) for k, s in block.items()}, layers)
+    with torch.device('meta'):
+        model = GPT(config)
+    _compare({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict)
+    # the values the file really holds: tensors that share data (views of one storage) count once
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() // t.element_size()
+                for t in state_dict.values()}.values())
+    need = sum(p.numel() for p in model.parameters())  # tied weights once
+    if need > held:
+        raise ValueError(f"tensors overlap: the model has {need:,} weights, the file holds {held:,} values")
+    derived = sum(b.numel() for k, b in model.named_buffers() if k not in state_dict)  # gemma's rotary tables
+    if derived > held:
+        raise ValueError(f"model_args block_size={config.block_size}: its rotary tables ({derived:,} values) "
+                         f"outweigh all the file's weights ({held:,})")
+    return model
 
 
 def default_peak_flops():

@@ -278,6 +278,48 @@ def _grow(arr, n):
     return new
 
 
+# The sample text every fast tagger must tag exactly as NLTK's own model does, checked when its
+# tables are built (metadata.py's _self_checked; this file is in the tables' cache key, so a new
+# sample is checked at once): names of people, organisations, places, facilities; numbers, money, dates;
+# quotes of every kind; abbreviations; odd capitals and punctuation.
+SELF_CHECK_TEXT = """\
+Mr. John Smith, the new C.E.O. of Acme Corp., flew from New York to Paris on Jan. 5, 2024. \
+He met Dr. Maria Garcia-Lopez at the Louvre Museum and later at the U.S. Embassy. \
+"We expect revenue of $3.5 billion, up 12% from last year," Smith said. \
+Ms. O'Neill, a spokeswoman for the European Union, didn't comment; she's in Brussels until Friday. \
+The Mississippi River floods every spring, and the Golden Gate Bridge was closed for 3 hours. \
+'It was 'odd',' said Prof. Chen of MIT. ``Really odd.'' \
+IBM, Microsoft and Apple Inc. reported earnings on Tuesday; Google's shares fell 4.2 percent. \
+Mount Everest (8,849 m) lies between Nepal and China, east of the Himalayan town of Namche Bazaar. \
+In 1999 the Red Cross and the United Nations sent 1,000,000 tonnes of food to Sudan. \
+St. Petersburg, Fla., and St. Petersburg, Russia, are 9,000 km apart -- or so says the A.P. \
+He read The Times, the Wall Street Journal and Le Monde before 7:30 a.m. every day. \
+Queen Elizabeth II opened Heathrow Terminal 5 in London; President Obama visited Camp David. \
+WHY DID THE FBI AND THE CIA MEET IN VIRGINIA? nobody at the pentagon knows. \
+Sen. Bob Dole (R-Kan.) and Gov. Jerry Brown of California spoke at Stanford University. \
+The Amazon, the Nile and the Yangtze are long; the Sahara Desert is dry. \
+Call 555-0123 or write to P.O. Box 42, Springfield, IL 62704 by 5/1/2025! \
+Toyota Motor Corp. and General Motors Co. build cars in Detroit, Mich., and Nagoya, Japan. \
+Hello... world?! "Quoted," she said, 'single', \u201ccurly\u201d and \u2018curly\u2019 quotes. \
+Jean-Paul Sartre wrote in French; Fyodor Dostoevsky wrote in Russian about St. Petersburg. \
+The World Health Organization, NASA, and the Bank of England issued reports on 3.14159 and 2.71828.
+"""
+
+
+def check_arrays(t, spec):
+    """Raise ValueError unless each array named in spec, name -> (dtype, shape, bound), is what
+    tables() makes: that dtype, that shape (None: any length), and where bound is given, values
+    in 0..bound-1 (rows of another array). A table file that parses but holds something else is
+    then refused when it is loaded (metadata.py rebuilds it), not at the first tagging."""
+    for name, (dtype, shape, bound) in spec.items():
+        a = t[name]
+        if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == len(shape)
+                and all(n is None or n == m for n, m in zip(shape, a.shape))):
+            raise ValueError(f"table {name}: not a {dtype} array of shape {shape}")
+        if bound is not None and a.size and not (a.min() >= 0 and a.max() < bound):
+            raise ValueError(f"table {name}: a row index out of range")
+
+
 def source_hash(fn):
     """A short hash of a function's source: which NLTK code a copy here was checked against."""
     import hashlib
@@ -381,6 +423,12 @@ class FastPOSTagger:
         self.NT = len(self.tags)
         self.feat_row = dict(zip(t['features'], range(1, len(t['features']) + 1)))
         self.W, self.T, self.tw_keys, self.tw_rows = t['W'], t['T'], t['tw_keys'], t['tw_rows']
+        C, F = len(self.classes), len(t['features']) + 1
+        check_arrays(t, {'W': ('float64', (F, C), None), 'T': ('float64', (self.NT, self.NT, C), None),
+                         'tw_keys': ('int64', (None,), None), 'tw_rows': ('int64', (len(t['tw_keys']),), F)})
+        known = self.tag_idx.keys()
+        if not (set(self.tagdict.values()) | set(t['start'])) <= known or self.classes != self.tags[:C]:
+            raise ValueError("tables: a tag of the tag dictionary, a class or a START marker is not a known tag")
         self.bias = self.W[self.feat_row.get("bias", 0)]
         self.tw_word = dict(zip(t['tw_words'], range(len(t['tw_words']))))
         # NLTK's context markers and word normalisation: our copy of it where NLTK's is the one
@@ -512,6 +560,7 @@ class FastPOSTagger:
     def _score(self, flat, starts, lens, h1, h2, job):
         # tag_windows; also returns the tagged positions (realpos) and each window's offset
         # among them (offs)
+        self._context = None   # (words, context) of _exact, valid during this call only
         W, T, C, NT = self.W, self.T, len(self.classes), self.NT
         R = self.roles[flat]
         N = len(flat)
@@ -579,7 +628,11 @@ class FastPOSTagger:
         k = int(np.searchsorted(starts, p, side="right")) - 1
         words, start = job(k)[:2]
         i = start + p - int(starts[k])
-        context = tg.START + [tg.normalize(w) for w in words] + tg.END
+        # the context of the last sentence, reused: eps = inf (metadata.py's fallback to NLTK's
+        # model) sends every word here, and rebuilding it per word would be quadratic
+        if self._context is None or self._context[0] is not words:
+            self._context = words, tg.START + [tg.normalize(w) for w in words] + tg.END
+        context = self._context[1]
         prev, prev2 = self.tags[tags[p - 1]], self.tags[tags[p - 2]]
         feats = tg._get_features(i, words[i], context, prev, prev2)
         return self.tag_idx[tg.model.predict(feats)[0]]
@@ -702,6 +755,15 @@ class FastNEChunker:
         self.wn_word = dict(zip(t['wn_words'], range(1, len(t['wn_words']) + 1)))
         self.wn_pl = dict(zip(t['wn_pl'], range(len(t['wn_pl']))))
         self.wn_tab, self.longest = t['wn_tab'], t['longest']
+        L, V, R = len(self.labels), len(self.vals), len(self.W)
+        check_arrays(t, {'W': ('float64', (None, L), None), 'aon': ('float64', (L,), None),
+                         'v_full': ('int64', (L,), V), 'v_char': ('int64', (L,), V),
+                         'r_prevtag': ('int64', (V,), R), 'r_shpt_none': ('int64', (V,), R),
+                         'feat_rows': ('int64', (sum(map(len, t['feat_vals'])),), R),
+                         'wn_tab': ('int64', (len(self.wn_word) + 1, len(self.wn_pl)), R)})
+        if set(self.r_none) != set(self.COLS) or not all(type(r) is int and 0 <= r < R
+                                                         for r in self.r_none.values()):
+            raise ValueError("table r_none: a row index out of range")
         self._reset_cache()
 
     @property
@@ -1135,12 +1197,17 @@ class FastWordSpans:
 # A prefix that ends inside a long whitespace-free run (a base64 blob, minified JSON, 'a' * n)
 # would make metadata.py's causal steps cost the run's length per token: the run is one chunk
 # (re-tokenized whole), often one huge word (whose every prefix is a new word for the taggers),
-# and punkt's contexts hold the whole run. Three facts about NLTK keep the work per token bounded, each exact:
+# and punkt's contexts hold the whole run. Four facts about NLTK keep the work per token bounded, each exact:
 # 1. Sync points (sync_point). NLTK's Treebank rules only match patterns of a few characters,
 #    except runs of backticks, periods, closing brackets/quotes before the text's end, and
-#    chains of ':' ','. At a position m whose 2 * SYNC_G neighbours hold none of those runs (nor
-#    quotes other than '"', nor whitespace) and not only closing characters right of m, no rule
-#    match crosses m and every match near m depends on characters within the window only. So
+#    chains of ':' ','. At a position m whose 2 * SYNC_G neighbours hold none of those runs but
+#    runs of periods (nor quotes other than '"', nor whitespace) and not only closing characters
+#    right of m, no rule match crosses m but a run of periods, and every match near m depends on
+#    characters within the window only. A run of two or more periods is one word whatever its
+#    length and neighbours (the ellipsis rule pads it with spaces; the rules before it read one
+#    character after ':' ',' or a final period after a non-period, the rules after it see the
+#    padding), so it may hold m (the word across m) or start before the window, provided the
+#    window holds two of its periods (else the window would read a single period). So
 #    the words of a prefix left of m are the document's, and right of m those of the text from
 #    m - SYNC_G to the prefix end, tokenized on its own (the word across m, if any, joins both).
 # 2. Long words (MiddleSummary, rep_middle; used by metadata's _word_str). The taggers read a
@@ -1158,20 +1225,35 @@ class FastWordSpans:
 #    through its first and last characters and which classes of characters it holds. So, for
 #    punkt, the middle of a long stretch reads the same as a few characters: as the two
 #    single-character tokens ( ) [ ] { } " ; : * @ around it (and a ':') when no token in it can
-#    end a sentence (no ? ! and no period that ends a token), or, with the last candidate in the
-#    tail, when the text before it already holds a sentence-ending pair or the middle holds none
-#    (_sentence_ends); as one character of each class present (letter, digit, , . - inside a
-#    token, other) when punkt splits nowhere in it.
-# Each holds for the NLTK rules it was checked against (long_run_checks compares them); with
-# another NLTK the exact per-token path runs (slower on long runs, the same tags).
+#    end a sentence (no ? ! and no period that ends a token); as the two anchors around it (those
+#    tokens, or runs of two to _RUN_MAX periods: always tokens of their own) and a ':', with the
+#    last candidate in the tail (or none in the stretch), when the text before it already holds a
+#    sentence-ending pair or the middle holds none (_sentence_ends; neither (anchor, ':') nor
+#    (':', anchor) is one); as one character of each class present (letter, digit, , . - inside a
+#    token, other) when punkt splits nowhere in it (a period ends a token only before whitespace,
+#    NonWord punctuation, '..', '--' or a comma that ends one: TextIndex._judge_dot); inside a run
+#    of periods, as 2 * REP_H + 1 periods (a run longer than any string punkt looks up is one
+#    token, read the same whatever its length).
+# 4. Candidate breaks (TextIndex.candidates). punkt breaks only at matches of its period_context_re:
+#    a . ? ! followed by NonWord punctuation, or by whitespace and a token. A period before
+#    ',' '-' '.', a letter or a digit is none, in the text and in each of its prefixes (there the
+#    character after it is the text's, a U+FFFD for a cut character, or nothing), so it creates
+#    no break and keeps no decision open. (Counted as candidates, the periods of 'x.,x.,' or of
+#    '...' kept a decision open up to the run's end: punkt re-ran on the whole run per token.)
+#    With fact 1's runs of periods (sync points inside and next to them), runs of periods,
+#    'x.,' 'x.-' and ellipses between words cost the same per token as other text.
+# Each holds for the NLTK rules it was checked against (long_run_checks compares them; fact 4
+# reads PunktLanguageVars, part of punkt's checked code); with another NLTK the exact per-token
+# path runs (slower on long runs, the same tags).
 
 
 SYNC_G = 8                 # characters on each side of a sync point
 _SYNC_TRIES = 64           # windows tried before re-tokenizing the whole chunk
 # what a sync window may not hold: whitespace, backticks, single and curly quotes, guillemets,
-# two periods, two of ':' ',' or two '-' in a row (a single period is read by the final-period
-# rule only before closing characters up to the text's end: the window's right half has another)
-_SYNC_BAD = re.compile(r"""[\s`'«»“”‘’„]|\.(?=\.)|[:,](?=[:,])|-(?=-)""")
+# two of ':' ',' or two '-' in a row (a single period is read by the final-period rule only
+# before closing characters up to the text's end: the window's right half has another; runs of
+# periods: see fact 1, sync_point keeps the window from starting at the last period of a run)
+_SYNC_BAD = re.compile(r"""[\s`'«»“”‘’„]|[:,](?=[:,])|-(?=-)""")
 _CLOSERS = frozenset('])}>"\'»”’')   # closing characters the Treebank final-period rule skips
 REP_H = 32                 # characters kept at each end of a long word (taggers) or stretch (punkt)
 LONG_WORD = 3 * REP_H      # words at least this long go to the taggers as a representative
@@ -1194,7 +1276,9 @@ def sync_point(text, lo, x):
         for bad in _SYNC_BAD.finditer(w):
             pass
         if bad is None:
-            if any(ch not in _CLOSERS for ch in w[G:]):
+            # (not from the last period of a run: the window would read a single period)
+            edge = w[0] == '.' and w[1] != '.' and m > G and text[m - G - 1] == '.'
+            if any(ch not in _CLOSERS for ch in w[G:]) and not edge:
                 return m
             m -= 1
         else:
@@ -1422,7 +1506,7 @@ class TextIndex:
             while a and a[-1] >= k:
                 a.pop()
         if self.has_punkt:   # , . - judged by their next characters: judged again
-            for p in range(max(0, k - 2), k):
+            for p in range(max(0, k - _DOT_AHEAD), k):
                 if self.text[p] in '.,-' and p not in self.dot_open:
                     for name in ('pbad', 'pact', 'pnum'):
                         a = self.pos[name]
@@ -1447,13 +1531,39 @@ class TextIndex:
                 self.pos['cand'].append(p)
         if self.has_punkt:
             self._punkt_extend(old)
+        if 'pcand' in self.pos:
+            self._cand_extend(old)
+
+    def candidates(self):
+        """Build the kind pcand (fact 4 of the notes above): the . ? ! that punkt's candidate
+        pattern may match in the text or a prefix of it: those followed by whitespace or NonWord
+        punctuation (the text's last character is none: judged again when text follows)."""
+        if 'pcand' not in self.pos:
+            from array import array
+            self.pos['pcand'] = array('q')
+            self._cand_extend(0)
+        return self
+
+    def _cand_extend(self, old):
+        pc, text, L = self.pos['pcand'], self.text, self.L
+        while pc and pc[-1] >= old - 1:
+            pc.pop()
+        cand = self.pos['cand']
+        P = np.frombuffer(cand, dtype=np.int64)[bisect.bisect_left(cand, max(old - 1, 0)):]
+        if not len(P):
+            return
+        nxt = np.frombuffer(text[max(old - 1, 0):].encode('utf-32-le', 'surrogatepass'), dtype=np.uint32)
+        table = _punkt_end_table()
+        at = np.minimum(P + 1 - max(old - 1, 0), len(nxt) - 1)
+        ok = (P + 1 < L) & table[np.minimum(nxt[at], len(table) - 1)]
+        pc.frombytes(P[ok].tobytes())
 
     def punkt(self):
         """Build the punkt kinds: pact (characters punkt may split a token at, or whose class the
         two regex engines disagree on), pbad (? ! and periods that may end a token: they may end
         a sentence), c1 (_PUNKT_C1), pdig / pnum / poth (digits / , . - inside a token / other
         non-word characters among the rest; letters are the rest). The kinds of , . - depend on
-        the next character (judged when it comes)."""
+        the next characters (up to _DOT_AHEAD; judged when they come)."""
         if not self.has_punkt:
             from array import array
             for k in self.PUNKT_KINDS:
@@ -1481,14 +1591,15 @@ class TextIndex:
             j = np.flatnonzero(kv & 4)
             c0 = cp[j]
             numch = (c0 == 46) | (c0 == 44) | (c0 == 45)
-            wait = numch & (j + 2 >= n)
+            wait = numch & (j + _DOT_AHEAD >= n)
             self.dot_open += (j[wait] + old).tolist()
             j, c0, numch = j[~wait], c0[~wait], numch[~wait]
-            n1, n2 = cp[np.minimum(j + 1, n - 1)], cp[np.minimum(j + 2, n - 1)]
-            k1, k2 = kv[np.minimum(j + 1, n - 1)], kv[np.minimum(j + 2, n - 1)]
+            n1, n2, n3 = (cp[np.minimum(j + i, n - 1)] for i in (1, 2, 3))
+            k1, k2, k3 = (kv[np.minimum(j + i, n - 1)] for i in (1, 2, 3))
             dot, com, dash = c0 == 46, c0 == 44, c0 == 45
-            ends = ((k1 & 32) != 0) | (n1 == 46) | (n1 == 44) | (n1 == 45)
             com_ends = ((k1 & 32) != 0) | (((n1 == 46) | (n1 == 45)) & (n2 == n1)) | ((n1 == 46) & ((k2 & 64) != 0))
+            com2_ends = ((k2 & 32) != 0) | (((n2 == 46) | (n2 == 45)) & (n3 == n2)) | ((n2 == 46) & ((k3 & 64) != 0))
+            ends = ((k1 & 32) != 0) | (n1 == 46) | ((n1 == 45) & (n2 == 45)) | ((n1 == 44) & com2_ends)
             act = (dot & ends) | (dash & (n1 == 45)) | (com & com_ends)
             found = {'pact': np.union1d(np.flatnonzero(kv & 1), j[act]), 'c1': np.flatnonzero(kv & 2),
                      'pdig': np.flatnonzero(kv & 8), 'poth': np.flatnonzero(kv & 16), 'pnum': j[numch & ~act],
@@ -1513,29 +1624,48 @@ class TextIndex:
     def _bad_or_dot(self, p):
         if self.text[p] not in '.,-':
             bisect.insort(self.pos['pbad'], p)
-        elif p + 2 < self.L:
+        elif p + _DOT_AHEAD < self.L:
             self._judge_dot(p)
         else:
             self.dot_open.append(p)
 
     def _judge_dot(self, p):
-        # punkt reads , . - inside a token as number characters; a period before a character
-        # that ends tokens (NonWord punctuation, whitespace, '.', ',', '-') may end a token (and so
-        # a sentence); '..' and '--' are tokens of their own, and a comma ends a token before a
+        # punkt reads , . - inside a token as number characters; a token ends before whitespace,
+        # NonWord punctuation, '..' or '--' (MultiChar) or a comma that ends a token itself, so a
+        # period there may end a token (and so a sentence), not before ',x' or '-x' ('x.,x.,' is
+        # one token); '..' and '--' are tokens of their own, and a comma ends a token before a
         # character that ends tokens (judged late, after later characters: inserted in order)
-        ch, nxt, nxt2 = self.text[p], self.text[p + 1], self.text[p + 2]
-        ends = nxt.isspace() or nxt in '.,-' or _punkt_nonword().match(nxt) is not None
+        ch, nxt, nxt2, nxt3 = self.text[p:p + _DOT_AHEAD + 1]
+        ends = (nxt.isspace() or nxt == '.' or (nxt == '-' and nxt2 == '-') or _punkt_nonword().match(nxt) is not None
+                or (nxt == ',' and _comma_ends(nxt2, nxt3)))
         if ch == '.' and ends:
             bisect.insort(self.pos['pbad'], p)
-        if ch == ',':   # ',(?=$|\s|NonWord|MultiChar)' ends a token (MultiChar: '--', '..', '. . .')
-            ends = (nxt.isspace() or _punkt_nonword().match(nxt) is not None
-                    or (nxt in '.-' and nxt2 == nxt) or (nxt == '.' and nxt2.isspace()))
+        if ch == ',':
+            ends = _comma_ends(nxt, nxt2)
         if (nxt == ch) if ch != ',' else ends:
             bisect.insort(self.pos['pact'], p)
         elif not (ch == '.' and ends):
             bisect.insort(self.pos['pnum'], p)
         else:
             bisect.insort(self.pos['pact'], p)
+
+
+@lru_cache(maxsize=None)
+def _punkt_end_table():
+    # code point -> whether punkt's candidate pattern accepts it after . ? ! (whitespace, or
+    # NonWord punctuation: ASCII in the checked NLTK); the last entry (False) stands for the rest
+    nonword = _punkt_nonword()
+    return _SPACE_TABLE | np.array([nonword.match(chr(i)) is not None for i in range(len(_SPACE_TABLE) - 1)] + [False])
+
+
+_DOT_AHEAD = 3   # characters after a , . - that its judgment reads (_judge_dot)
+
+
+def _comma_ends(nxt, nxt2):
+    # ',(?=$|\s|NonWord|MultiChar)' ends a token (MultiChar: '--', '..', '. . .'), given the two
+    # characters after the comma (the text goes on after them)
+    return (nxt.isspace() or _punkt_nonword().match(nxt) is not None
+            or (nxt in '.-' and nxt2 == nxt) or (nxt == '.' and nxt2.isspace()))
 
 
 _INDEX_RX = re.compile(r'[\s.?!]')
@@ -1608,7 +1738,7 @@ def punkt_input(tok, text, idx, memo, W, c, mcut):
 
 def _punkt_cut(tok, text, idx, memo, z, z2):
     """A middle [x, y) of the long stretch [z, z2) and its replacement for punkt, or None."""
-    idx.punkt()
+    idx.punkt().candidates()
     a, b = z + REP_H, z2 - REP_H
     if idx.count('pact', a - 1, b + 1) == 0:
         # only characters punkt never splits a token at (the neighbours too: the middle stays
@@ -1616,11 +1746,14 @@ def _punkt_cut(tok, text, idx, memo, z, z2):
         dig, num, oth = idx.count('pdig', a, b), idx.count('pnum', a, b), idx.count('poth', a, b)
         if b - a > dig + num + oth or dig or oth:   # (a comma first: never before the tail)
             return a, b, (',' if num else '') + ('a' if b - a > dig + num + oth else '') + ('0' if dig else '') + ('+' if oth else '')
+    if idx.count('cand', a - 2, b + 1) == b - a + 3 and idx.count('pcand', a - 2, b + 1) == 0:
+        # periods only (a ? or ! among . ? ! makes the character before it a candidate): a run
+        # of periods is one token, read the same whatever its length past 2 * REP_H (no string
+        # punkt looks up is that long); it stays longer than that
+        return a, b, '.' * (2 * REP_H + 1)
     x = idx.first_from('c1', a, b)
     y1 = idx.last_before('c1', b - 1)
-    if x >= b or y1 <= x + 2:
-        return None
-    if idx.count('pbad', x, y1 + 1) == 0:
+    if x < b and y1 > x + 2 and idx.count('pbad', x, y1 + 1) == 0:
         # between two single-character tokens, with no ? ! or period that can end a token in
         # between (no token there can end a sentence) and a character that is no closing one
         # (the realignment after a break before the middle reads closing characters up to the
@@ -1634,18 +1767,76 @@ def _punkt_cut(tok, text, idx, memo, z, z2):
     # it holds a sentence-ending pair of tokens, whatever else it holds. So with the stretch's
     # last candidate in the tail, a middle reads as nothing when the text before it holds such
     # a pair already, or when the middle itself holds none (both found by _sentence_ends).
+    # The middle lies between two anchors (_anchor_from), kept around a ':'. A stretch without
+    # candidates is read only as the token after an earlier one (the whole stretch: its context).
     pk = _last_candidate(text, idx, z, z2)
-    y1 = idx.last_before('c1', min(b, pk) - 1) if pk >= 0 else -1
-    if y1 <= x + 2:
+    if pk < 0 and idx.candidates().count('pcand', z, z2 - 1) == 0:
+        pk = z2
+    if pk < 0:
         return None
-    found, clean = _sentence_ends(tok, text, idx, memo, z, y1)
+    xa, ya = _anchor_from(text, idx, a, min(b, pk)), _anchor_before(text, idx, min(b, pk))
+    if xa is None or ya is None or ya[0] <= xa[1] + 2:
+        return None
+    if all(ch in _PUNKT_REALIGN for ch in text[z:xa[1]]):   # (the realignment could read into the middle)
+        return None
+    found, clean = _sentence_ends(tok, text, idx, memo, z, ya)
     if found >= 0:
-        x = idx.first_from('c1', max(x, found + 1), y1)
-    elif clean < y1 - 64 or _sentence_break_in(tok, text[clean:y1 + 1]):
+        xa = _anchor_from(text, idx, max(xa[0], found + 1), ya[0])
+    elif clean < ya[0] - 64 or _sentence_break_in(tok, text[clean:ya[1]]):
         return None
-    if y1 <= x + 2:
+    if xa is None or ya[0] <= xa[1] + 2:
         return None
-    return x, y1 + 1, text[x] + ':' + text[y1]
+    return xa[0], ya[1], text[xa[0]:xa[1]] + ':' + text[ya[0]:ya[1]]
+
+
+_RUN_MAX = 8   # runs of periods up to this long are anchors
+
+
+def _anchor_from(text, idx, x, y, tries=64):
+    """An anchor [s, e) with x <= s and e <= y, the first one unless many other token breaks come
+    first (None: none found): a token that splits the text the same way whatever surrounds it,
+    so that punkt reads a piece of text between two anchors as it reads it inside the whole: a
+    single-character token (_PUNKT_C1; these never end a sentence) or a run of two to _RUN_MAX
+    periods (MultiChar: always a token of its own; an ellipsis, which may end a sentence)."""
+    c = idx.first_from('c1', x, y)
+    best = (c, c + 1) if c + 1 <= y else None
+    pact = idx.pos['pact']
+    k = bisect.bisect_left(pact, x)
+    for _ in range(tries):
+        if k >= len(pact) or pact[k] >= (best[0] if best else y):
+            break
+        r = _period_run(text, pact[k])
+        if r is not None and r[1] <= y:
+            return r
+        k += 1
+    return best
+
+
+def _anchor_before(text, idx, y, tries=64):
+    """An anchor [s, e) with e <= y, the last one unless many other token breaks come last (None:
+    none found)."""
+    c = idx.last_before('c1', y - 1)
+    best = (c, c + 1) if c >= 0 else None
+    pact = idx.pos['pact']
+    k = bisect.bisect_left(pact, y) - 1
+    for _ in range(tries):
+        if k < 0 or (best is not None and pact[k] <= best[0]):
+            break
+        r = _period_run(text, pact[k])
+        if r is not None and r[1] <= y:
+            return r
+        k -= 1
+    return best
+
+
+def _period_run(text, p):
+    # (p, end) if a run of two to _RUN_MAX periods starts at p (and ends inside the text), else None
+    if text[p:p + 2] != '..' or (p > 0 and text[p - 1] == '.'):
+        return None
+    e = p + 2
+    while e < len(text) and e <= p + _RUN_MAX and text[e] == '.':
+        e += 1
+    return (p, e) if e - p <= _RUN_MAX and e < len(text) else None
 
 
 def _sentence_break_in(tok, text):
@@ -1683,21 +1874,22 @@ def _punkt_lang_vars():
 
 
 def _sentence_ends(tok, text, idx, memo, z, y):
-    """(found, clean) for the stretch starting at z, read up to y (a single-character token
-    position, _PUNKT_C1): found: a position such that text[z:found + 1] holds a sentence-ending
-    pair of tokens (-1: none up to clean); clean: text[z:clean + 1] holds none. Read in pieces
-    that start and end at single-character tokens (a pair never straddles two pieces as a
-    sentence-ending one: those tokens end no sentence), each once per stretch (cached in memo,
-    a dict: stretch start -> what has been read)."""
+    """(found, clean) for the stretch starting at z, read up to the anchor y (its span, see
+    _anchor_from): found: a position such that text[z:found + 1] holds a sentence-ending pair of
+    tokens (-1: none up to clean); clean: the start of an anchor such that no pair of tokens
+    whose first one starts before it is a sentence-ending one. Read in pieces that start at an
+    anchor and end with the next one (so every pair of tokens lies in a piece, its first one not
+    the piece's last), each once per stretch (cached in memo, a dict: stretch start -> what has
+    been read)."""
     memo = memo.setdefault(z, [z, -1])   # [clean up to, found]
     while memo[1] < 0:
         v = memo[0]
-        u = idx.first_from('c1', v + 64, y + 1)   # the next piece: text[v:u + 1]
-        if u > y:
+        u = _anchor_from(text, idx, v + 64, y[1])   # the next piece: text[v:u[1]]
+        if u is None:
             break
-        if _sentence_break_in(tok, text[v:u + 1]):
-            memo[1] = u
+        if _sentence_break_in(tok, text[v:u[1]]):
+            memo[1] = u[1] - 1
         else:
-            memo[0] = u
+            memo[0] = u[0]
     return memo[1], memo[0]
 

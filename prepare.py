@@ -22,12 +22,15 @@ and with --tags ...causal: pos_causal, ner_causal (tags of token t computed from
 Shards: shard i of N reads input files i, i+N, ... only (--shard_index/--num_shards, by default
 SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT); a complete shard is skipped when run again
 (--overwrite to redo). python prepare.py --merge DIR [DIR ...] --out_dir DIR combines them into
-exactly what one unsharded run writes.
+exactly what one unsharded run writes. An existing dataset is replaced only with --overwrite; a
+directory holding anything else is never touched. Only regular files are read, and a document
+larger than --max_doc_bytes (64 MiB) is an error.
 """
 import os
 import re
 import sys
 import json
+import stat
 import time
 import queue
 import shutil
@@ -44,6 +47,7 @@ from functools import lru_cache
 import numpy as np
 
 import metadata as md
+from common import MAX_DOC_BYTES, SURROGATE, LimeError, decode_text, fail, pid_alive  # MAX_DOC_BYTES: see --max_doc_bytes
 
 # -----------------------------------------------------------------------------
 # config
@@ -53,6 +57,7 @@ def default_workers():
         return len(os.sched_getaffinity(0))  # the cores this process may use (Slurm, taskset)
     except AttributeError:
         return os.cpu_count() or 1
+
 
 p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +80,11 @@ p.add_argument('--num_shards', type=int, default=None,
                help='split the corpus across machines (default: SLURM_ARRAY_TASK_COUNT, else 1)')
 p.add_argument('--shard_index', type=int, default=None,
                help='which shard this run writes, in [0, num_shards) (default: SLURM_ARRAY_TASK_ID)')
-p.add_argument('--overwrite', action='store_true', help='redo a shard that is already complete')
+p.add_argument('--overwrite', action='store_true',
+               help='replace the dataset in --out_dir (a complete shard is otherwise skipped)')
+p.add_argument('--max_doc_bytes', type=int, default=MAX_DOC_BYTES,
+               help='refuse a document (a .txt file, a JSONL line, a parquet/HF text) of more bytes '
+                    'than this (default 64 MiB): a decompression bomb or runaway line fails at once')
 p.add_argument('--chunk_chars', type=int, default=1 << 17,
                help='work unit size in characters: long documents are tagged in pieces (same output)')
 p.add_argument('--reference', action='store_true', help='tag with plain NLTK (slow, the reference)')
@@ -87,22 +96,18 @@ MAX_WORKERS = 1024
 HOST = socket.gethostname()
 # what prepare.py writes into a dataset directory: only such a directory is ever replaced
 OUR_FILE = re.compile(r'(train|val)(\.\w+)?\.bin|meta\.json')
-SURROGATE = re.compile('[\ud800-\udfff]')
+META_KEYS = ('vocab_size', 'streams', 'train_tokens', 'val_tokens')  # in every meta.json we wrote
+# in each OUT.tmp-HOST-PID / OUT.old-HOST-PID directory prepare.py makes, holding that name: a
+# later run removes a leftover directory only when it holds this marker
+MARK = '.prepare.py-leftover'
 JSONL = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.jsonl.zstd')
 FORMATS = ('.txt', '.parquet') + JSONL
 
-class PrepareError(Exception):
-    pass
-
-class Stopped(PrepareError):
+class Stopped(LimeError):
     """SIGTERM or Ctrl-C: handled like an error (clean up, one line), exit code 128 + signal."""
     def __init__(self, signum):
         super().__init__(f'stopped by {signal.Signals(signum).name}; nothing written')
-        self.code = 128 + signum
-
-def fail(msg, code=1):
-    print(f'prepare.py: error: {msg}', file=sys.stderr)
-    sys.exit(code)
+        self.code = 128 + signum   # SystemExit's exit status
 
 def on_signal(signum, frame):
     # ignore repeats while cleaning up, then unwind like an error
@@ -115,7 +120,7 @@ def need(module, package, user):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise PrepareError(f'{user}: needs the {package} package (pip install {package})')
+        raise LimeError(f'{user}: needs the {package} package (pip install {package})')
 
 # -----------------------------------------------------------------------------
 # inputs. A corpus is a list of units, read in order: files, the Gutenberg books, or a Hugging
@@ -123,31 +128,58 @@ def need(module, package, user):
 # A unit is (kind, path, key): kind txt | jsonl | parquet | gutenberg | hf, key its name in
 # the train/val split (the path relative to the input root, without the format extension).
 
-def list_files(paths):
-    """Input files (path, key) in a fixed order. Directories are walked in sorted order,
-    following symlinked subdirectories; a directory reached twice (a symlink loop, or two
+def regular_file(path):
+    """Refuse anything but a regular file (symlinks followed): a FIFO would block the run
+    forever, /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise LimeError(f'{path}: cannot read ({e.strerror})')
+    if not stat.S_ISREG(mode):
+        raise LimeError(f'{path}: not a regular file (a FIFO, device or socket); only regular files are read')
+
+def walk(top):
+    """(path, key) of the input files under directory top: sorted, depth first, subdirectories
+    after their directory's files (os.walk's order), with an explicit stack, so any depth works.
+    Symlinked subdirectories are followed; a directory reached twice (a symlink loop, or two
     links to one directory) is read once."""
+    files, seen, stack = [], {os.stat(top)[1:3]}, [top]  # (st_ino, st_dev): a directory's identity
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            raise LimeError(f'{d}: cannot read ({e.strerror})')
+        subdirs = []
+        for e in entries:
+            try:
+                st = e.stat() if e.is_dir() else None
+            except OSError:
+                st = None  # a broken link, a loop of links: not a directory (as os.walk)
+            if st is not None:
+                if st[1:3] not in seen:
+                    seen.add(st[1:3])
+                    subdirs.append(e.path)
+            elif e.name.endswith(FORMATS):
+                regular_file(e.path)
+                files.append((e.path, os.path.relpath(e.path, top)))
+        stack += reversed(subdirs)
+    return files
+
+def list_files(paths):
+    """Input files (path, key) in a fixed order: directories walked (see walk), regular files only."""
     files = []
     for path in paths:
         if not os.path.exists(path):
-            raise PrepareError(f'{path}: no such file or directory')
+            raise LimeError(f'{path}: no such file or directory')
         if os.path.isdir(path):
-            seen = {os.path.realpath(path)}
-            for root, dirs, names in os.walk(path, followlinks=True):
-                keep = []
-                for d in sorted(dirs):
-                    real = os.path.realpath(os.path.join(root, d))
-                    if real not in seen:
-                        seen.add(real)
-                        keep.append(d)
-                dirs[:] = keep
-                files += [(os.path.join(root, n), os.path.relpath(os.path.join(root, n), path))
-                          for n in sorted(names) if n.endswith(FORMATS)]
+            files += walk(path)
         elif path.endswith(FORMATS):
+            regular_file(path)
             files.append((path, os.path.basename(path)))
         else:
-            raise PrepareError(f'{path}: unsupported file type (expected {", ".join(FORMATS)} '
-                               f'or a directory)')
+            raise LimeError(f'{path}: unsupported file type (expected {", ".join(FORMATS)} '
+                            f'or a directory)')
     return files
 
 def file_unit(path, rel):
@@ -163,7 +195,7 @@ def list_units(args):
             ds = datasets.load_dataset(args.hf_dataset, args.hf_config, split=args.hf_split, streaming=True)
         except Exception as e:  # the library's errors are many and its own; one line for all
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
-            raise PrepareError(f'--hf_dataset {args.hf_dataset}: cannot load ({type(e).__name__}: {msg})')
+            raise LimeError(f'--hf_dataset {args.hf_dataset}: cannot load ({type(e).__name__}: {msg})')
         name = f'{args.hf_dataset}:{args.hf_config or ""}:{args.hf_split}'
         return [('hf', name, f'{args.hf_split}/{k}') for k in range(ds.num_shards)], ds
     if args.input is None:
@@ -172,55 +204,72 @@ def list_units(args):
     return [file_unit(path, rel) for path, rel in list_files(args.input)], None
 
 def open_input(path):
+    regular_file(path)  # checked when listed too: a run can be long
     try:
         return open(path, 'rb')
     except OSError as e:
-        raise PrepareError(f'{path}: cannot read ({e.strerror})')
+        raise LimeError(f'{path}: cannot read ({e.strerror})')
 
-def read_txt(path):
+def too_big(name, limit):
+    return LimeError(f'{name}: longer than --max_doc_bytes={limit:,} bytes (corrupt, or a '
+                     f'decompression bomb? if it is a real document, raise --max_doc_bytes)')
+
+def read_txt(path, limit):
     with open_input(path) as f:
-        raw = f.read()
-    try:
-        text = raw.decode('utf-8')  # bytes -> str as is: CRLF and all whitespace are kept
-    except UnicodeDecodeError as e:
-        raise PrepareError(f'{path}: not valid UTF-8 (byte {e.start})')
-    return text[1:] if text.startswith('\ufeff') else text  # a BOM is not text
+        raw = f.read(limit + 1)  # never more than the limit: the file may be huge or growing
+    if len(raw) > limit:
+        raise too_big(path, limit)
+    return decode_text(path, raw)  # as sample.py reads a prompt file
+
+ZSTD_STEP = 256  # zstd input bytes per call: they decompress to at most 8 MiB (128 KiB per 4 bytes)
 
 def zstd_blocks(f, path):
-    """Decompressed blocks of a zstd file, frame after frame; a truncated last frame is an
-    error (zstandard's stream reader would end quietly)."""
+    """Decompressed blocks of a zstd file, frame after frame, each at most 8 MiB however well it
+    compresses (the decompressor has no output limit, so it gets ZSTD_STEP bytes at a time); a
+    truncated last frame is an error (zstandard's stream reader would end quietly)."""
     zstd = need('zstandard', 'zstandard', path)
     d, obj = zstd.ZstdDecompressor(), None
     while True:
-        data = f.read(1 << 20)
-        if not data:
+        block = f.read(1 << 20)
+        if not block:
             break
-        while data:
-            obj = obj or d.decompressobj()
-            out = obj.decompress(data)
-            if out:
-                yield out
-            data, obj = (obj.unused_data, None) if obj.eof else (b'', obj)
+        for i in range(0, len(block), ZSTD_STEP):
+            data = block[i:i + ZSTD_STEP]
+            while data:
+                obj = obj or d.decompressobj()
+                out = obj.decompress(data)
+                if out:
+                    yield out
+                data, obj = (obj.unused_data, None) if obj.eof else (b'', obj)
     if obj is not None:
         raise EOFError('the last zstd frame is incomplete')
 
-def split_lines(blocks):
-    rest = []
+def split_lines(blocks, path, limit):
+    """The lines of a stream of blocks. A line longer than `limit` bytes is refused once that
+    much of it is read (an endless line, a decompression bomb): memory stays below the limit
+    plus one block."""
+    rest, size, n = [], 0, 0  # the unfinished line: its pieces, their size; lines done
     for b in blocks:
         lines = b.split(b'\n')
-        if len(lines) == 1:
-            rest.append(b)
-            continue
-        lines[0] = b''.join(rest) + lines[0]
-        rest = [lines.pop()]
-        yield from lines
+        if len(lines) > 1:
+            lines[0] = b''.join(rest) + lines[0]
+            rest, size = [], 0
+            for line in lines[:-1]:
+                n += 1
+                if len(line) > limit:
+                    raise too_big(f'{path}:{n}', limit)
+                yield line
+        rest.append(lines[-1])
+        size += len(lines[-1])
+        if size > limit:
+            raise too_big(f'{path}:{n + 1}', limit)
     tail = b''.join(rest)
     if tail:
         yield tail
 
-def raw_lines(path):
-    """The lines (bytes) of a .jsonl file, plain, gzip or zstd. Corrupt or truncated compressed
-    data is a PrepareError naming the last good line."""
+def raw_lines(path, limit):
+    """The lines (bytes) of a .jsonl file, plain, gzip or zstd, read a block at a time (see
+    split_lines). Corrupt or truncated compressed data is a LimeError naming the last good line."""
     import zlib
     errors = (OSError, EOFError, zlib.error)
     if path.endswith(('.zst', '.zstd')):
@@ -230,20 +279,21 @@ def raw_lines(path):
         try:
             if path.endswith('.gz'):
                 import gzip
-                lines = gzip.GzipFile(fileobj=f)
+                g = gzip.GzipFile(fileobj=f)
+                blocks = iter(lambda: g.read(1 << 20), b'')  # at most 1 MiB decompressed per read
             elif path.endswith(('.zst', '.zstd')):
-                lines = split_lines(zstd_blocks(f, path))
+                blocks = zstd_blocks(f, path)
             else:
-                lines = f
-            for raw in lines:
+                blocks = iter(lambda: f.read(1 << 20), b'')
+            for raw in split_lines(blocks, path, limit):
                 n += 1
                 yield raw
         except errors as e:
-            raise PrepareError(f'{path}: corrupt or truncated data after line {n} ({e})')
+            raise LimeError(f'{path}: corrupt or truncated data after line {n} ({e})')
 
-def read_jsonl(path, field):
+def read_jsonl(path, field, limit):
     """(index, name, text) of the documents of a JSONL file; index = line number - 1."""
-    for n, raw in enumerate(raw_lines(path), 1):
+    for n, raw in enumerate(raw_lines(path, limit), 1):
         if n == 1 and raw.startswith(b'\xef\xbb\xbf'):
             raw = raw[3:]  # a UTF-8 BOM at the start of the file
         if not raw.strip():
@@ -251,15 +301,15 @@ def read_jsonl(path, field):
         try:
             obj = json.loads(raw.decode('utf-8'))
         except UnicodeDecodeError as e:
-            raise PrepareError(f'{path}:{n}: not valid UTF-8 (byte {e.start})')
+            raise LimeError(f'{path}:{n}: not valid UTF-8 (byte {e.start})')
         except json.JSONDecodeError as e:
-            raise PrepareError(f'{path}:{n}: not valid JSON ({e.msg})')
+            raise LimeError(f'{path}:{n}: not valid JSON ({e.msg})')
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-            raise PrepareError(f'{path}:{n}: no string field "{field}" (see --text_field)')
+            raise LimeError(f'{path}:{n}: no string field "{field}" (see --text_field)')
         text = obj[field]
         m = SURROGATE.search(text)
         if m:  # JSON can escape one ("\ud800"); it is not text and has no UTF-8 form
-            raise PrepareError(f'{path}:{n}: "{field}" holds a lone surrogate (U+{ord(m.group()):04X})')
+            raise LimeError(f'{path}:{n}: "{field}" holds a lone surrogate (U+{ord(m.group()):04X})')
         yield n - 1, f'{path}:{n}', text
 
 def parquet_file(path, field):
@@ -269,17 +319,17 @@ def parquet_file(path, field):
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f'{path}: not a readable parquet file ({e})')
+        raise LimeError(f'{path}: not a readable parquet file ({e})')
     schema = pf.schema_arrow
     if field not in schema.names:
-        raise PrepareError(f'{path}: no column "{field}" (columns: {", ".join(schema.names)}; see --text_field)')
+        raise LimeError(f'{path}: no column "{field}" (columns: {", ".join(schema.names)}; see --text_field)')
     t = schema.field(field).type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or
             getattr(pa.types, 'is_string_view', lambda t: False)(t)):
-        raise PrepareError(f'{path}: column "{field}" holds {t}, not text')
+        raise LimeError(f'{path}: column "{field}" holds {t}, not text')
     return pf
 
-def read_parquet(path, field):
+def read_parquet(path, field, limit):
     """(index, name, text) of the rows of a parquet file, read a batch at a time."""
     import pyarrow as pa
     pf, row = parquet_file(path, field), 0
@@ -287,65 +337,59 @@ def read_parquet(path, field):
         for batch in pf.iter_batches(batch_size=1024, columns=[field]):
             for text in batch.column(0).to_pylist():
                 if text is None:
-                    raise PrepareError(f'{path}: row {row}: "{field}" is null')
+                    raise LimeError(f'{path}: row {row}: "{field}" is null')
+                if len(text.encode('utf-8', 'surrogatepass')) > limit:
+                    raise too_big(f'{path}: row {row}', limit)
                 yield row, f'{path}: row {row}', text
                 row += 1
     except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f'{path}: corrupt parquet data after row {row} ({e})')
+        raise LimeError(f'{path}: corrupt parquet data after row {row} ({e})')
 
-def read_hf(ds, name, key, field):
+def read_hf(ds, name, key, field, limit):
     k = int(key.rsplit('/', 1)[1])
     row = 0
     try:
         for ex in ds.shard(num_shards=ds.num_shards, index=k):
             text = ex.get(field)
             if not isinstance(text, str):
-                raise PrepareError(f'{name} shard {k} row {row}: no string field "{field}" (see --text_field)')
+                raise LimeError(f'{name} shard {k} row {row}: no string field "{field}" (see --text_field)')
+            if len(text.encode('utf-8', 'surrogatepass')) > limit:
+                raise too_big(f'{name} shard {k} row {row}', limit)
             yield row, f'{name} shard {k} row {row}', text
             row += 1
-    except PrepareError:
+    except LimeError:
         raise
     except Exception as e:
-        raise PrepareError(f'{name} shard {k}: cannot read after row {row} ({type(e).__name__}: {e})')
+        raise LimeError(f'{name} shard {k}: cannot read after row {row} ({type(e).__name__}: {e})')
 
-def read_unit(unit, field, hf=None):
-    """(index, name, text) of each document of a unit, in order."""
+def read_unit(unit, field, hf=None, limit=MAX_DOC_BYTES):
+    """(index, name, text) of each document of a unit, in order; a document of more than
+    `limit` bytes (UTF-8) is an error."""
     kind, path, key = unit
     if kind == 'gutenberg':
         from nltk.corpus import gutenberg
         yield 0, path, gutenberg.raw(path)
     elif kind == 'txt':
-        yield 0, path, read_txt(path)
+        yield 0, path, read_txt(path, limit)
     elif kind == 'jsonl':
-        yield from read_jsonl(path, field)
+        yield from read_jsonl(path, field, limit)
     elif kind == 'parquet':
-        yield from read_parquet(path, field)
+        yield from read_parquet(path, field, limit)
     else:
-        yield from read_hf(hf, path, key, field)
+        yield from read_hf(hf, path, key, field, limit)
 
-def check_unit(unit, field):
+def check_unit(unit, field, limit):
     """Before any tagging: a .txt is decoded in full, a JSONL file up to its first document,
     a parquet file's schema read. (Gutenberg and Hugging Face shards are streamed as they are.)"""
     kind, path, _ = unit
     if kind == 'txt':
-        read_txt(path)
+        read_txt(path, limit)
     elif kind == 'jsonl':
-        docs = read_jsonl(path, field)
+        docs = read_jsonl(path, field, limit)
         next(docs, None)
         docs.close()
     elif kind == 'parquet':
         parquet_file(path, field)
-
-# bench.py reads small corpora as plain texts through these two
-def enumerate_documents(inputs):
-    """The units of --input paths (None: Gutenberg)."""
-    return list_units(argparse.Namespace(hf_dataset=None, input=inputs))[0]
-
-def iter_texts(units):
-    """The texts of all documents of the units, in order."""
-    for u in units:
-        for _, _, text in read_unit(u, 'text'):
-            yield text
 
 # -----------------------------------------------------------------------------
 # the train/val split, decided per document without any global count:
@@ -372,7 +416,7 @@ def documents(units, mine, args, hf):
     val_files = file_val_set(units, args.val_fraction, args.seed)
     for j in mine:
         kind, _, key = units[j]
-        for index, name, text in read_unit(units[j], args.text_field, hf):
+        for index, name, text in read_unit(units[j], args.text_field, hf, args.max_doc_bytes):
             if kind in ('txt', 'gutenberg'):
                 val = j in val_files
             else:
@@ -515,7 +559,7 @@ def exit_reason(code):
 def results_in_order(items, workers, job):
     """process(item) for each item, in order. With workers > 1 the items go to worker
     processes, at most 4 per worker in flight (so memory stays bounded); the main process
-    watches them: a worker that dies (OOM killer, kill -9) ends the run with PrepareError
+    watches them: a worker that dies (OOM killer, kill -9) ends the run with LimeError
     instead of waiting forever for its result. Close the generator to stop the workers."""
     if workers == 1:
         init_worker(job)
@@ -545,7 +589,7 @@ def results_in_order(items, workers, job):
                 except queue.Empty:
                     dead = [w for w in procs if w.exitcode is not None]
                     if dead:
-                        raise PrepareError(f'a tagging worker died ({exit_reason(dead[0].exitcode)})')
+                        raise LimeError(f'a tagging worker died ({exit_reason(dead[0].exitcode)})')
                     continue
                 if tb:
                     raise RuntimeError(f'a tagging worker failed:\n{tb}')
@@ -563,51 +607,84 @@ def results_in_order(items, workers, job):
 
 # -----------------------------------------------------------------------------
 # the output directory: written as DIR.tmp-HOST-PID, swapped in when complete, so a directory
-# with a meta.json is always complete
+# with a meta.json is always complete. prepare.py deletes only what it provably wrote: its own
+# temporary directory, a dataset of its own (with --overwrite), and leftover OUT.tmp-/OUT.old-
+# directories of dead runs that hold its marker (MARK).
 
-def resolve_out_dir(path):
+def holds_dataset(out, path):
+    """Whether directory `out` holds a dataset that prepare.py wrote (False: it is empty).
+    Anything else is refused: other files, train.bin/val.bin without our meta.json."""
+    try:
+        names = sorted(os.listdir(out))
+    except OSError as e:
+        raise LimeError(f'--out_dir {path}: cannot read ({e.strerror})')
+    foreign = [n for n in names if not OUR_FILE.fullmatch(n)]
+    if foreign:
+        raise LimeError(f'--out_dir {path}: holds {foreign[0]!r}, which prepare.py did not '
+                        f'write; not replacing it (choose another directory)')
+    if not names:
+        return False
+    try:
+        with open(os.path.join(out, 'meta.json')) as f:
+            meta = json.load(f)
+        missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+        why = f'its meta.json has no {missing[0]!r}' if missing else ''
+    except (OSError, ValueError):
+        why = 'no readable meta.json'
+    if why:
+        raise LimeError(f'--out_dir {path}: holds {names[0]} but {why}: not a dataset of prepare.py\'s '
+                        f'(nanoGPT\'s layout?); not replacing it (choose another directory)')
+    return True
+
+def resolve_out_dir(path, overwrite):
     """Where the dataset goes: trailing slashes dropped, a symlink followed (its target is
-    replaced, the link kept). Refuses a file, and a directory holding anything prepare.py does
-    not write (so a typo like --out_dir . can never delete a directory)."""
+    replaced, the link kept). Refuses a file, a directory holding anything but a dataset of
+    prepare.py's (so a typo like --out_dir . can never delete a directory), and a dataset unless
+    overwrite."""
     out = os.path.normpath(path)
     if os.path.islink(out):
         out = os.path.realpath(out)
     if os.path.lexists(out):
         if not os.path.isdir(out):
-            raise PrepareError(f'--out_dir {path}: exists and is not a directory')
-        try:
-            foreign = sorted(n for n in os.listdir(out) if not OUR_FILE.fullmatch(n))
-        except OSError as e:
-            raise PrepareError(f'--out_dir {path}: cannot read ({e.strerror})')
-        if foreign:
-            raise PrepareError(f'--out_dir {path}: holds {foreign[0]!r}, which prepare.py did not '
-                               f'write; not replacing it (choose another directory)')
+            raise LimeError(f'--out_dir {path}: exists and is not a directory')
+        if holds_dataset(out, path) and not overwrite:
+            raise LimeError(f'--out_dir {path}: holds a dataset already; --overwrite to replace it')
     return out
 
-def pid_alive(pid):
+def mark(d):
+    """Mark directory d as prepare.py's own leftover-to-be: MARK holding its name."""
+    with open(os.path.join(d, MARK), 'w') as f:
+        f.write(os.path.basename(d))
+
+def marked(d):
+    """Whether d is a real directory holding prepare.py's MARK with d's name (a user's
+    directory with a look-alike name never is)."""
+    m = os.path.join(d, MARK)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if os.path.islink(d) or not stat.S_ISREG(os.lstat(m).st_mode):
+            return False
+        with open(m) as f:
+            return f.read(1000) == os.path.basename(d)
+    except (OSError, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 def remove_stale(out):
     """Remove OUT.tmp-HOST-PID / OUT.old-HOST-PID left by earlier runs on this machine that
-    died (kill -9, power loss): their pid is no longer alive. Others are only reported."""
+    died (kill -9, power loss): their pid is no longer alive and they hold our MARK. Marked ones
+    from other machines are only reported; unmarked ones are not ours and never touched."""
     parent, name = os.path.split(os.path.abspath(out))
-    pat = re.compile(re.escape(name) + r'\.(?:tmp|old)-(?:(.+)-)?(\d+)')
+    pat = re.compile(re.escape(name) + r'\.(?:tmp|old)-(.+)-(\d+)')
     try:
         entries = os.listdir(parent)
     except OSError:
         return
     for n in sorted(entries):
         m = pat.fullmatch(n)
-        if not m:
+        path = os.path.join(parent, n)
+        if not m or not marked(path):
             continue
-        host, pid, path = m.group(1), int(m.group(2)), os.path.join(parent, n)
-        if host not in (None, HOST):
+        host, pid = m.group(1), int(m.group(2))
+        if host != HOST:
             print(f'note: {path} is from a run on {host}; remove it if that run has ended', file=sys.stderr)
         elif pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
@@ -618,8 +695,9 @@ def make_tmp(out):
     tmp = f'{out}.tmp-{HOST}-{os.getpid()}'
     try:
         os.makedirs(tmp)
+        mark(tmp)
     except OSError as e:
-        raise PrepareError(f'--out_dir {out}: cannot create {tmp} ({e.strerror})')
+        raise LimeError(f'--out_dir {out}: cannot create {tmp} ({e.strerror})')
     return tmp
 
 def write_meta(tmp, meta):
@@ -637,11 +715,19 @@ def close_all(files):
             f.close()
 
 def replace_dir(tmp, out):
-    """Swap the finished temporary directory in; an old dataset is removed only after."""
+    """Swap the finished temporary directory in; an old dataset is removed only after, and only
+    if it still is one of ours (checked again: the run may have been long)."""
     old = None
+    os.remove(os.path.join(tmp, MARK))
     if os.path.isdir(out):
+        holds_dataset(out, out)
         old = f'{out}.old-{HOST}-{os.getpid()}'
         os.rename(out, old)
+        try:
+            mark(old)  # a crash from here on leaves it to the next run's remove_stale
+        except OSError:
+            os.rename(old, out)
+            raise
     os.rename(tmp, out)
     if old:
         shutil.rmtree(old, ignore_errors=True)
@@ -673,49 +759,50 @@ def read_shards(dirs):
     for d in dirs:
         path = os.path.join(d, 'meta.json')
         if not os.path.isdir(d):
-            raise PrepareError(f'{d}: no such shard directory')
+            raise LimeError(f'{d}: no such shard directory')
         if not os.path.exists(path):
-            raise PrepareError(f'{d}: incomplete shard (no meta.json: still running or killed; rerun it)')
+            raise LimeError(f'{d}: incomplete shard (no meta.json: still running or killed; rerun it)')
         try:
             with open(path) as f:
                 m = json.load(f)
         except (OSError, ValueError) as e:
-            raise PrepareError(f'{path}: cannot read ({e})')
+            raise LimeError(f'{path}: cannot read ({e})')
         missing = [k for k in IDENTITY + ('shard_index', 'units') if k not in m]
         if missing:
-            raise PrepareError(f'{path}: no {missing[0]!r} (made by an older prepare.py? rebuild it)')
+            raise LimeError(f'{path}: no {missing[0]!r} (made by an older prepare.py? rebuild it)')
         metas.append(m)
     first = dirs[0]
     for d, m in zip(dirs, metas):
         for k in IDENTITY:
             if m[k] != metas[0][k]:
-                raise PrepareError(f'{d}: {k} {m[k]!r} differs from {metas[0][k]!r} in {first}: '
-                                   f'not shards of one run')
+                raise LimeError(f'{d}: {k} {m[k]!r} differs from {metas[0][k]!r} in {first}: '
+                                f'not shards of one run')
     n = metas[0]['num_shards']
     owner = {}
     for d, m in zip(dirs, metas):
         i = m['shard_index']
         if i in owner:
-            raise PrepareError(f'{d}: shard {i} of {n} given twice (also {owner[i]})')
+            raise LimeError(f'{d}: shard {i} of {n} given twice (also {owner[i]})')
         owner[i] = d
     gaps = [i for i in range(n) if i not in owner]
     if gaps:
-        raise PrepareError(f'shard {gaps[0]} of {n} is missing ({len(gaps)} of {n} missing; got '
-                           f'{", ".join(dirs)})')
+        raise LimeError(f'shard {gaps[0]} of {n} is missing ({len(gaps)} of {n} missing; got '
+                        f'{", ".join(dirs)})')
     for d, m in zip(dirs, metas):
         for split in ('train', 'val'):
             if sum(u[1 if split == 'train' else 2] for u in m['units']) != m[f'{split}_tokens']:
-                raise PrepareError(f'{d}/meta.json: its units do not add up to {split}_tokens')
+                raise LimeError(f'{d}/meta.json: its units do not add up to {split}_tokens')
         for name in bin_names(m['streams']):
             path = os.path.join(d, name)
             want = 2 * m[f'{name.split(".")[0]}_tokens']
             if not os.path.isfile(path):
-                raise PrepareError(f'{path}: missing (meta.json lists it)')
+                raise LimeError(f'{path}: missing (meta.json lists it)')
             if os.path.getsize(path) != want:
-                raise PrepareError(f'{path}: {os.path.getsize(path):,} bytes, meta.json says {want:,}')
+                raise LimeError(f'{path}: {os.path.getsize(path):,} bytes, meta.json says {want:,}')
     return dirs, metas
 
-def merge(dirs, out_dir):
+def merge(dirs, out_dir, overwrite=False):
+    out = resolve_out_dir(out_dir, overwrite)  # before the work: a bad --out_dir fails at once
     dirs, metas = read_shards(dirs)
     # (unit, shard dir, {split: (token offset in the shard's file, tokens)}) in unit order
     segments, seen = [], {}
@@ -723,13 +810,12 @@ def merge(dirs, out_dir):
         off = {'train': 0, 'val': 0}
         for j, n_train, n_val in m['units']:
             if j in seen:
-                raise PrepareError(f'{d}: input unit {j} is also in {seen[j]}: not shards of one run')
+                raise LimeError(f'{d}: input unit {j} is also in {seen[j]}: not shards of one run')
             seen[j] = d
             segments.append((j, d, {'train': (off['train'], n_train), 'val': (off['val'], n_val)}))
             off['train'] += n_train
             off['val'] += n_val
     segments.sort(key=lambda s: s[0])
-    out = resolve_out_dir(out_dir)
     tmp = make_tmp(out)
     files = []
     try:
@@ -746,7 +832,7 @@ def merge(dirs, out_dir):
                         while left:
                             block = fi.read(min(left, 1 << 24))
                             if not block:
-                                raise PrepareError(f'{d}/{name}: shorter than meta.json says')
+                                raise LimeError(f'{d}/{name}: shorter than meta.json says')
                             fo.write(block)
                             left -= len(block)
         close_all(files)
@@ -762,7 +848,7 @@ def merge(dirs, out_dir):
         replace_dir(tmp, out)
     except OSError as e:
         discard(tmp, files)
-        raise PrepareError(f'{out_dir}: cannot write the merged dataset ({e.strerror or e})')
+        raise LimeError(f'{out_dir}: cannot write the merged dataset ({e.strerror or e})')
     except BaseException:
         discard(tmp, files)
         raise
@@ -802,6 +888,8 @@ def check_args(args):
         fail(f'--chunk_chars={args.chunk_chars} must be >= 1')
     if not args.text_field:
         fail('--text_field must not be empty')
+    if args.max_doc_bytes < 1:
+        fail(f'--max_doc_bytes={args.max_doc_bytes} must be >= 1')
     if args.input is not None and args.hf_dataset is not None:
         fail('--input and --hf_dataset: give one of them')
     for name, value, allowed in (('tokenization', args.tokenization, md.TOKENIZATIONS),
@@ -812,6 +900,8 @@ def check_args(args):
     for t in tags:
         if t not in md.TAG_KINDS:
             fail(f"--tags={t!r} is not one of: {', '.join(md.TAG_KINDS)}")
+        if tags.count(t) > 1:
+            fail(f"--tags={args.tags}: {t!r} given twice (each of {', '.join(md.TAG_KINDS)} at most once)")
     if not tags:
         fail('--tags needs at least one of: full, causal')
     return tags
@@ -826,12 +916,15 @@ def main(argv=None):
                 fail('--merge needs --out_dir')
             if args.input is not None or args.hf_dataset is not None:
                 fail('--merge takes no --input or --hf_dataset (it combines finished shard directories)')
-            return merge(args.merge, args.out_dir)
+            return merge(args.merge, args.out_dir, args.overwrite)
         return prepare(args)
-    except PrepareError as e:
-        fail(str(e), getattr(e, 'code', 1))
+    except LimeError as e:   # one line; exit status 1, or 128 + signal when Stopped
+        print(f'prepare.py: error: {e.msg}', file=sys.stderr)
+        sys.exit(e.code if isinstance(e.code, int) else 1)
 
 def prepare(args):
+    """One run (or one shard) of prepare.py: check the options and inputs, tag every document in
+    worker processes, write the dataset into a temporary directory and swap it in when complete."""
     default = args.input is None and args.hf_dataset is None
     out_dir = args.out_dir or ('data/gutenberg' if default else None)
     if out_dir is None:
@@ -843,7 +936,8 @@ def prepare(args):
     except md.MetadataError as e:
         fail(str(e))
     t0 = time.time()
-    out = resolve_out_dir(out_dir)  # before the work: a bad --out_dir fails at once
+    # before the work: a bad --out_dir fails at once (a shard's dataset is checked below)
+    out = resolve_out_dir(out_dir, args.overwrite or args.num_shards > 1)
     try:
         # downloads happen here, in the main process, before the workers start
         md.ensure_resources(args.ner, extra=('gutenberg',) if default else ())
@@ -858,40 +952,18 @@ def prepare(args):
              f'the corpus by file, so use at most {len(units)}')
     streams = md.stream_names(args.ner, tags)
     enc = md.encoding()
-    identity = {
-        'inputs': ([os.path.abspath(i) for i in args.input] if args.input else
-                   [f'hf:{args.hf_dataset}:{args.hf_config or ""}:{args.hf_split}'] if args.hf_dataset
-                   else ['nltk.corpus.gutenberg']),
-        'text_field': args.text_field, 'num_units': len(units), 'num_shards': args.num_shards,
-        'seed': args.seed, 'val_fraction': args.val_fraction, 'vocab_size': enc.n_vocab,
-        'tokenizer': md.TOKENIZER, 'tokenization': args.tokenization, 'ner': args.ner,
-        'tags': list(tags), 'streams': {k: {'tags': md.stream_tags(k, args.ner)} for k in streams},
-        'reference_tagger': args.reference,
-    }
-    if args.num_shards > 1 and os.path.isfile(os.path.join(out, 'meta.json')) and not args.overwrite:
-        try:
-            with open(os.path.join(out, 'meta.json')) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            old = {}
-        want = {**identity, 'shard_index': args.shard_index}
-        diff = [k for k in want if old.get(k) != want[k]]
-        if not diff:
-            print(f'{out_dir}: shard {args.shard_index} of {args.num_shards} is already complete '
-                  f'(meta.json); skipped (--overwrite to redo it)')
-            return
-        fail(f'{out_dir}: holds a dataset made with another {diff[0]} ({old.get(diff[0])!r}); '
-             f'--overwrite to replace it')
+    identity = dataset_identity(args, units, tags, streams, enc)
+    if shard_complete(args, out, out_dir, identity):
+        return
     mine = list(range(args.shard_index, len(units), args.num_shards))  # units i, i+N, ...
     for j in mine:
-        check_unit(units[j], args.text_field)  # a bad file fails now, not hours into the run
+        check_unit(units[j], args.text_field, args.max_doc_bytes)  # a bad file fails now, not hours in
 
     tmp = make_tmp(out)
     files, results, bar = {}, None, None
     counts = {'train_tokens': 0, 'val_tokens': 0, 'train_docs': 0, 'val_docs': 0, 'words': 0}
     per_unit = {}  # unit -> [train tokens, val tokens] of this shard's units
     job = dict(tokenization=args.tokenization, ner=args.ner, tags=tags, reference=args.reference)
-    eot = {k: np.array([enc.eot_token if k == '' else md.PAD], dtype=np.uint16).tobytes() for k in [''] + streams}
     try:
         for s in ('train', 'val'):
             for k in [''] + streams:
@@ -902,46 +974,17 @@ def prepare(args):
             from tqdm import tqdm
             shard = f' shard {args.shard_index}/{args.num_shards}' if args.num_shards > 1 else ''
             bar = tqdm(unit='word', unit_scale=True, desc=f'prepare {out_dir}{shard} ({len(mine)} files)')
-        for out_pieces, err in results:
-            if err:
-                raise PrepareError(err)
-            words = 0
-            for j, split, last, ids, st, nwords in out_pieces:
-                files[(split, '')].write(ids.tobytes())
-                for k in streams:
-                    files[(split, k)].write(st[k].tobytes())
-                n = len(ids)
-                if last:  # <|endoftext|> (metadata <pad>) after each document
-                    for k in [''] + streams:
-                        files[(split, k)].write(eot[k])
-                    n += 1
-                    counts[f'{split}_docs'] += 1
-                counts[f'{split}_tokens'] += n
-                per_unit.setdefault(j, [0, 0])[split == 'val'] += n
-                words += nwords
-            counts['words'] += words
-            if bar is not None:
-                bar.update(words)
+        write_results(results, files, streams, enc, counts, per_unit, bar)
         close_all(files.values())
         if args.num_shards == 1 and counts['train_docs'] + counts['val_docs'] == 0:
-            raise PrepareError(f'{what}: no non-empty documents (empty input)')
+            raise LimeError(f'{what}: no non-empty documents (empty input)')
         elapsed = time.time() - t0
-        import nltk, tiktoken
-        meta = {
-            **identity, 'eot_token': enc.eot_token, 'dtype': 'uint16',
-            'special': {'pad': md.PAD, 'space': md.SPACE, 'unk': md.UNK},
-            **counts, 'shard_index': args.shard_index, 'shard_from': shard_source,
-            'hf_config': args.hf_config, 'hf_split': args.hf_split,
-            'units': [[j, *per_unit.get(j, [0, 0])] for j in mine],
-            'elapsed_s': round(elapsed, 2), 'words_per_sec': round(counts['words'] / elapsed, 1),
-            'versions': {'python': platform.python_version(), 'numpy': np.__version__,
-                         'nltk': nltk.__version__, 'tiktoken': tiktoken.__version__},
-        }
-        write_meta(tmp, meta)  # last: a directory with a meta.json is complete
+        # last: a directory with a meta.json is complete
+        write_meta(tmp, dataset_meta(args, identity, enc, counts, per_unit, mine, shard_source, elapsed))
         replace_dir(tmp, out)
     except OSError as e:
         discard(tmp, files.values())
-        raise PrepareError(f'{out_dir}: cannot write the dataset ({e.strerror or e})')
+        raise LimeError(f'{out_dir}: cannot write the dataset ({e.strerror or e})')
     except BaseException:
         discard(tmp, files.values())
         raise
@@ -954,6 +997,78 @@ def prepare(args):
     print(f"wrote {out_dir}: {counts['train_tokens']:,} train + {counts['val_tokens']:,} val tokens "
           f"({counts['train_docs']} + {counts['val_docs']} docs), {counts['words']:,} words "
           f"in {elapsed:.1f}s ({counts['words'] / elapsed:,.0f} words/s, {total / elapsed:,.0f} tokens/s)")
+
+def dataset_identity(args, units, tags, streams, enc):
+    """What makes two datasets (or two shards of one) the same: in meta.json, compared by --merge
+    and by a shard run that finds its shard already written."""
+    return {
+        'inputs': ([os.path.abspath(i) for i in args.input] if args.input else
+                   [f'hf:{args.hf_dataset}:{args.hf_config or ""}:{args.hf_split}'] if args.hf_dataset
+                   else ['nltk.corpus.gutenberg']),
+        'text_field': args.text_field, 'num_units': len(units), 'num_shards': args.num_shards,
+        'seed': args.seed, 'val_fraction': args.val_fraction, 'vocab_size': enc.n_vocab,
+        'tokenizer': md.TOKENIZER, 'tokenization': args.tokenization, 'ner': args.ner,
+        'tags': list(tags), 'streams': {k: {'tags': md.stream_tags(k, args.ner)} for k in streams},
+        'reference_tagger': args.reference,
+    }
+
+def shard_complete(args, out, out_dir, identity):
+    """True when this shard was already written with the same identity (skip it); a shard of
+    another dataset there is an error, unless --overwrite."""
+    if not (args.num_shards > 1 and os.path.isfile(os.path.join(out, 'meta.json')) and not args.overwrite):
+        return False
+    try:
+        with open(os.path.join(out, 'meta.json')) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        old = {}
+    want = {**identity, 'shard_index': args.shard_index}
+    diff = [k for k in want if old.get(k) != want[k]]
+    if not diff:
+        print(f'{out_dir}: shard {args.shard_index} of {args.num_shards} is already complete '
+              f'(meta.json); skipped (--overwrite to redo it)')
+        return True
+    fail(f'{out_dir}: holds a dataset made with another {diff[0]} ({old.get(diff[0])!r}); '
+         f'--overwrite to replace it')
+
+def write_results(results, files, streams, enc, counts, per_unit, bar):
+    """Append the workers' pieces, in document order, to the split's token and stream files;
+    counts and per_unit (unit -> [train tokens, val tokens]) are updated as they are written."""
+    eot = {k: np.array([enc.eot_token if k == '' else md.PAD], dtype=np.uint16).tobytes() for k in [''] + streams}
+    for out_pieces, err in results:
+        if err:
+            raise LimeError(err)
+        words = 0
+        for j, split, last, ids, st, nwords in out_pieces:
+            files[(split, '')].write(ids.tobytes())
+            for k in streams:
+                files[(split, k)].write(st[k].tobytes())
+            n = len(ids)
+            if last:  # <|endoftext|> (metadata <pad>) after each document
+                for k in [''] + streams:
+                    files[(split, k)].write(eot[k])
+                n += 1
+                counts[f'{split}_docs'] += 1
+            counts[f'{split}_tokens'] += n
+            per_unit.setdefault(j, [0, 0])[split == 'val'] += n
+            words += nwords
+        counts['words'] += words
+        if bar is not None:
+            bar.update(words)
+
+def dataset_meta(args, identity, enc, counts, per_unit, mine, shard_source, elapsed):
+    """meta.json: the identity, the special ids, the counts, this shard's units, the versions."""
+    import nltk, tiktoken
+    return {
+        **identity, 'eot_token': enc.eot_token, 'dtype': 'uint16',
+        'special': {'pad': md.PAD, 'space': md.SPACE, 'unk': md.UNK},
+        **counts, 'shard_index': args.shard_index, 'shard_from': shard_source,
+        'hf_config': args.hf_config, 'hf_split': args.hf_split,
+        'units': [[j, *per_unit.get(j, [0, 0])] for j in mine],
+        'elapsed_s': round(elapsed, 2), 'words_per_sec': round(counts['words'] / elapsed, 1),
+        'versions': {'python': platform.python_version(), 'numpy': np.__version__,
+                     'nltk': nltk.__version__, 'tiktoken': tiktoken.__version__},
+    }
 
 if __name__ == '__main__':
     main()

@@ -11,15 +11,17 @@ tokens <= t (metadata.CausalStream), since the future text a full tagger would l
 exist yet. Every module-level name below is a config key, overridable with --key=value.
 """
 
-import os
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch.nn import functional as F
 
-from metadata import UNK  # the tag id of a missing hint, in every stream
+import common
+from common import fail
+from metadata import UNK, base_stream, is_causal  # UNK: the tag id of a missing hint, in every stream
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # a train.py run directory (its ckpt.pt), or a checkpoint file (e.g. out/ckpt_000500.pt)
@@ -42,65 +44,33 @@ DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
 
 
-class SampleError(Exception):
-    """Bad input: main prints it as one line and exits 1."""
-
-
 def configure(argv):
     """Config files and --key=value flags over DEFAULTS: train.py's configurator (a string option
     keeps its raw text: --start=42 is the text "42"), then the ranges of the options."""
-    from train import configure as train_configure
-    cfg = train_configure(argv, DEFAULTS)[0]
+    cfg = common.configure(argv, DEFAULTS)[0]
     check_config(cfg)
     return cfg
 
 
 def check_config(cfg):
-    """Ranges of the options: one line naming the allowed range (train.ConfigError), not a traceback."""
+    """Ranges of the options: one line naming the allowed range (a LimeError), not a traceback."""
     import math
-    from train import check_device, check_range, resolve_dtype
+    from common import check_device, check_range, resolve_dtype
     check_range(cfg, 'num_samples', cfg['num_samples'] >= 1, 'an integer >= 1')
     for k in ('max_new_tokens', 'top_k', 'seed'):
         check_range(cfg, k, cfg[k] >= 0, 'an integer >= 0' + (' (0: no top-k filtering)' if k == 'top_k' else ''))
     check_range(cfg, 'temperature', math.isfinite(cfg['temperature']) and cfg['temperature'] >= 0,
                 'a finite number >= 0 (0: greedy)')
+    mt = cfg['meta_temperature']
+    check_range(cfg, 'meta_temperature', mt == -1 or (math.isfinite(mt) and mt >= 0),
+                '-1 (the token temperature) or a finite number >= 0 (0: argmax)')
     check_range(cfg, 'out_dir', cfg['out_dir'].strip() != '', 'a directory name')
     check_device(cfg['device'])
     resolve_dtype(cfg['dtype'], cfg['device'])
 
 
 # -----------------------------------------------------------------------------
-# checkpoint and tokenizer
-
-def checkpoint_path(out_dir):
-    """A run directory means its ckpt.pt; a file is the checkpoint itself (a step snapshot, ckpt_best.pt)."""
-    return out_dir if os.path.isfile(out_dir) else os.path.join(out_dir, 'ckpt.pt')
-
-
-def load_checkpoint(out_dir, device):
-    """The model and checkpoint dict of out_dir/ckpt.pt (or of the checkpoint file out_dir), loaded with
-    weights_only=True (train.load_checkpoint): a file that is not one of train.py's checkpoints is
-    refused, and nothing in it can run code."""
-    from model import GPT
-    from train import CheckpointError, first_line, load_checkpoint as load
-    path = checkpoint_path(out_dir)
-    if not os.path.isfile(path):
-        raise SampleError(f"{path}: not found (train a model with train.py first)")
-    try:
-        ckpt = load(path)
-        model = GPT.from_checkpoint(ckpt, device)
-    except CheckpointError as e:
-        raise SampleError(e.msg)
-    except Exception as e:
-        raise SampleError(f"{path}: cannot load checkpoint ({first_line(e)})")
-    model.eval()
-    return model, ckpt
-
-
-def base_stream(name):
-    # pos_causal and pos are the same computation at generation: causal tags
-    return name[:-len('_causal')] if name.endswith('_causal') else name
-
+# tokenizer
 
 class Text:
     """Encode/decode with the checkpoint's tokenizer and tokenization, as prepare.py did."""
@@ -115,7 +85,7 @@ class Text:
             md.ensure_resources(self.ner)
             self.enc = md.encoding()
         except md.MetadataError as e:
-            raise SampleError(str(e))
+            fail(str(e))
         self.eot = self.enc.eot_token
 
     def encode(self, text):
@@ -153,12 +123,12 @@ def parse_hints(text, vocabs):
             for part in elem.split('/'):
                 where = valid.get(part)
                 if where is None:
-                    raise SampleError(f"hint {n}: unknown tag '{part}' (valid: {' '.join(valid)}, or _ for none)")
+                    fail(f"hint {n}: unknown tag '{part}' (valid: {' '.join(valid)}, or _ for none)")
                 if len(where) > 1:
-                    raise SampleError(f"hint {n}: tag '{part}' is ambiguous (streams {', '.join(s for s, _ in where)})")
+                    fail(f"hint {n}: tag '{part}' is ambiguous (streams {', '.join(s for s, _ in where)})")
                 s, i = where[0]
                 if s in h:
-                    raise SampleError(f"hint {n}: two tags for stream '{s}' in '{elem}'")
+                    fail(f"hint {n}: two tags for stream '{s}' in '{elem}'")
                 h[s] = i
         out.append(h)
     return out
@@ -192,6 +162,93 @@ def pick_tag(probs, temperature, generator=None):
     return int(torch.multinomial(F.softmax(logp - logp.max(), dim=-1).float(), 1, generator=generator))
 
 
+class Generation:
+    """The state of one generate() call (batch of one): the tokens so far, the tags fed at each position
+    (meta), for meta_predict models the next tags injected there (nxt), and what generate returns."""
+
+    def __init__(self, model, prompt, hints, tagger, tag_temp, generator, ctx):
+        cfg = model.config
+        self.model, self.dev, self.ctx, self.tagger = model, model.lm_head.weight.device, ctx, tagger
+        self.streams, self.shift, self.predict = cfg.input_streams, cfg.meta_shift, cfg.meta_predict
+        self.hints, self.tag_temp, self.generator = hints or [], tag_temp, generator
+        self.tokens, self.n_prompt = list(prompt), len(prompt)
+        assert self.tokens, "the prompt must hold at least one token"
+        self.causal = {}
+        self.annotate(self.tokens)
+        self.meta = {s: [] for s in self.streams}   # tags fed at each position (the model's input)
+        self.nxt = {s: [] for s in self.streams}    # meta_predict: next-token tags injected at each position
+        self.given = {s: [] for s in self.streams}
+        self.source, self.head = [], []
+        if self.streams and tagger is None:
+            raise ValueError("a model with metadata streams needs a tagger")
+        for s in self.streams:
+            c = self.causal[base_stream(s)]
+            if self.shift == 0:   # position t: causal tags of token t (meta_predict: also the next tags of the prompt)
+                self.meta[s] = list(c)
+                self.nxt[s] = list(c[1:])
+            else:                 # position t: causal tags of prompt token t+1; the last one: hint 1
+                self.meta[s] = list(c[1:]) + [self.hinted(1)[0][s]]
+
+    def annotate(self, new):
+        if self.tagger is None:
+            return
+        for k, v in self.tagger.extend(new).items():
+            self.causal.setdefault(k, []).extend(int(x) for x in v)
+
+    def hint(self, i):
+        return self.hints[i - 1] if i <= len(self.hints) else {}
+
+    def hinted(self, i):
+        """Metadata fed for generated token i (1-based) under LIME+1: the hint, else <unk>."""
+        h = self.hint(i)
+        return {s: h.get(s, UNK) for s in self.streams}, 'hinted' if h else 'unk'
+
+    def choose(self, lo, hi, tag_logits):
+        """forward_predict's choose (meta_predict): the next generated token's tags, from its hint and the
+        heads' last position; returns the next tags of positions lo..hi-1, the new ones last."""
+        h, top = self.hint(len(self.tokens) - self.n_prompt + 1), {}
+        for s, tl in zip(self.streams, tag_logits):
+            probs = F.softmax(tl[0, -1].float(), dim=-1)
+            p, t = torch.max(probs, dim=-1)
+            top[s] = (int(t), float(p))
+            self.nxt[s].append(h[s] if s in h else pick_tag(probs, self.tag_temp, self.generator))
+        self.head.append(top)
+        self.source.append('hinted' if len(h) == len(self.streams) else 'hinted+predicted' if h else 'predicted')
+        return {s: torch.tensor([self.nxt[s][lo:hi]], dtype=torch.long, device=self.dev) for s in self.streams}
+
+    def logits(self, lo, hi, start_pos, cache):
+        """The next token's logits: tokens[lo:hi] fed at positions start_pos.. (earlier ones from cache)."""
+        idx = torch.tensor([self.tokens[lo:hi]], dtype=torch.long, device=self.dev)
+        m = {s: torch.tensor([self.meta[s][lo:hi]], dtype=torch.long, device=self.dev) for s in self.streams}
+        with self.ctx:
+            if self.predict:
+                logits = self.model.forward_predict(idx, m, kv_cache=cache, start_pos=start_pos,
+                                                    choose=partial(self.choose, lo, hi))[0]
+            else:
+                logits, _ = self.model(idx, m, kv_cache=cache, start_pos=start_pos)
+        return logits[0, -1]
+
+    def append(self, tok, i, tag_generated):
+        """tok is generated token i (1-based): tag it where needed, and record the tags fed with it."""
+        self.tokens.append(tok)
+        if (self.shift == 0 and not self.predict) or tag_generated:
+            self.annotate([tok])
+        if not self.streams:
+            return
+        if self.predict:      # the tags picked for the new token are its own tags from now on
+            m = given = {s: self.nxt[s][-1] for s in self.streams}
+        elif self.shift == 0:
+            m = given = {s: self.causal[base_stream(s)][-1] for s in self.streams}
+            self.source.append('online')
+        else:                 # the new token's own tags were fed one position earlier; feed the next hint now
+            given = {s: self.meta[s][-1] for s in self.streams}
+            self.source.append(self.hinted(i)[1])
+            m, _ = self.hinted(i + 1)
+        for s in self.streams:
+            self.given[s].append(given[s])
+            self.meta[s].append(m[s])
+
+
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, tagger=None,
              hints=None, ctx=nullcontext(), generator=None, cache_dtype=None, tag_generated=True,
@@ -212,73 +269,11 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cac
     generated tokens are tagged only if tag_generated, since generation itself never needs them).
     stop: called with the new token ids after each one; generation ends early when it returns True
     (harness.py: stop strings)."""
-    cfg = model.config
-    dev = model.lm_head.weight.device
-    streams, shift, predict = list(cfg.meta_streams), cfg.meta_shift, cfg.meta_predict
-    bs = cfg.block_size
-    hints = hints or []
     tag_temp = temperature if meta_temperature is None else meta_temperature
     if temperature == 0 or top_k == 1:
         tag_temp = 0 if meta_temperature is None else tag_temp  # greedy tokens, greedy tags
-    tokens = list(prompt)
-    assert tokens, "the prompt must hold at least one token"
-    causal = {}
-
-    def annotate(new):
-        if tagger is None:
-            return
-        for k, v in tagger.extend(new).items():
-            causal.setdefault(k, []).extend(int(x) for x in v)
-
-    annotate(tokens)
-    meta = {s: [] for s in streams}   # tags fed at each position (the model's input)
-    nxt = {s: [] for s in streams}    # meta_predict: next-token tags injected at each position
-    source, head = [], []
-
-    def hint(i):
-        return hints[i - 1] if i <= len(hints) else {}
-
-    def hinted(i):
-        """Metadata fed for generated token i (1-based) under LIME+1: the hint, else <unk>."""
-        h = hint(i)
-        return {s: h.get(s, UNK) for s in streams}, 'hinted' if h else 'unk'
-
-    if streams:
-        if tagger is None:
-            raise ValueError("a model with metadata streams needs a tagger")
-        for s in streams:
-            c = causal[base_stream(s)]
-            if shift == 0:   # position t: causal tags of token t (meta_predict: also the next tags of the prompt)
-                meta[s] = list(c)
-                nxt[s] = list(c[1:])
-            else:            # position t: causal tags of prompt token t+1; the last one: hint 1
-                meta[s] = list(c[1:]) + [hinted(1)[0][s]]
-
-    def choose_next(tag_logits, i):
-        """meta_predict: the tags of generated token i, from hint i and the heads' last position."""
-        h, top, used = hint(i), {}, {}
-        for s, tl in zip(streams, tag_logits):
-            probs = F.softmax(tl[0, -1].float(), dim=-1)
-            p, t = torch.max(probs, dim=-1)
-            top[s] = (int(t), float(p))
-            used[s] = h[s] if s in h else pick_tag(probs, tag_temp, generator)
-            nxt[s].append(used[s])
-        head.append(top)
-        source.append('hinted' if len(h) == len(streams) else 'hinted+predicted' if h else 'predicted')
-
-    def forward(lo, hi, start_pos, cache):
-        idx = torch.tensor([tokens[lo:hi]], dtype=torch.long, device=dev)
-        m = {s: torch.tensor([meta[s][lo:hi]], dtype=torch.long, device=dev) for s in streams}
-        with ctx:
-            if not predict:
-                logits, _ = model(idx, m, kv_cache=cache, start_pos=start_pos)
-                return logits[0, -1]
-            x = model.lower(idx, m, kv_cache=cache, start_pos=start_pos)
-            choose_next(model.tag_logits(x[:, -1:]), len(tokens) - len(prompt) + 1)
-            nm = {s: torch.tensor([nxt[s][lo:hi]], dtype=torch.long, device=dev) for s in streams}
-            logits, _ = model.upper(model.inject(x, nm), kv_cache=cache, start_pos=start_pos)
-        return logits[0, -1]
-
+    g = Generation(model, prompt, hints, tagger, tag_temp, generator, ctx)
+    bs = model.config.block_size
     # With the cache, each new token costs one position. Cached keys carry their positions (gpt2's
     # absolute embeddings; gemma's keys are rotated before caching), so they cannot slide: once
     # the context holds block_size tokens, the cache is refilled from the
@@ -286,45 +281,39 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None, use_cac
     # past block_size every token costs a full window either way).
     cache = model.new_kv_cache(1, dtype=cache_dtype) if use_cache else None
     cache_lo, cached = 0, 0  # the cache holds tokens[cache_lo:cache_lo + cached] at positions 0..cached-1
-    given = {s: [] for s in streams}
     for i in range(1, max_new_tokens + 1):
-        n = len(tokens)
+        n = len(g.tokens)
         lo = max(0, n - bs)
         if cache is None:
-            logits = forward(lo, n, 0, None)
+            logits = g.logits(lo, n, 0, None)
         elif cached and lo == cache_lo and n - lo == cached + 1:
-            logits = forward(n - 1, n, cached, cache)  # one new position
+            logits = g.logits(n - 1, n, cached, cache)  # one new position
             cached += 1
         else:
-            logits = forward(lo, n, 0, cache)  # (re)fill from the window's start
+            logits = g.logits(lo, n, 0, cache)  # (re)fill from the window's start
             cache_lo, cached = lo, n - lo
-        tok = pick(logits, temperature, top_k, generator)
-        tokens.append(tok)
-        if (shift == 0 and not predict) or tag_generated:
-            annotate([tok])
-        if streams:
-            if predict:    # the tags picked for the new token are its own tags from now on
-                m = {s: nxt[s][-1] for s in streams}
-                for s in streams:
-                    given[s].append(m[s])
-            elif shift == 0:
-                m, src = {s: causal[base_stream(s)][-1] for s in streams}, 'online'
-                for s in streams:
-                    given[s].append(m[s])
-                source.append(src)
-            else:  # the new token's own tags were fed one position earlier; feed the next hint now
-                for s in streams:
-                    given[s].append(meta[s][-1])
-                source.append(hinted(i)[1])
-                m, _ = hinted(i + 1)
-            for s in streams:
-                meta[s].append(m[s])
-        if stop is not None and stop(tokens[len(prompt):]):
+        g.append(pick(logits, temperature, top_k, generator), i, tag_generated)
+        if stop is not None and stop(g.tokens[len(prompt):]):
             break
-    return dict(tokens=tokens, meta=meta, given=given, source=source, head=head, causal=causal)
+    return dict(tokens=g.tokens, meta=g.meta, given=g.given, source=g.source, head=g.head, causal=g.causal)
 
 
 # -----------------------------------------------------------------------------
+
+def utf8_text(option, text):
+    """text as given on the command line (or in a config file): valid UTF-8, else one line naming option."""
+    return common.check_utf8(option, text)
+
+
+def read_text(option, path):
+    """The text of a --start=FILE:path or --hints_file, read as prepare.py reads a .txt document
+    (common.read_text: a regular file of at most prepare.py's document size limit, UTF-8 kept as is,
+    a BOM dropped), so a prompt file encodes exactly like training text."""
+    try:
+        return common.read_text(path)
+    except common.LimeError as e:
+        fail(f"{option}: {e.msg}")
+
 
 def fmt_tags(vocabs, tags):
     return '/'.join(vocabs[s][t] for s, t in tags.items())
@@ -332,51 +321,46 @@ def fmt_tags(vocabs, tags):
 
 def run(cfg, out=None, err=None):
     out, err = out or sys.stdout, err or sys.stderr
-    from train import resolve_dtype
     check_config(cfg)
     torch.manual_seed(cfg['seed'])
     dev = cfg['device']
-    device_type = 'cuda' if 'cuda' in dev else 'cpu'
-    dtype = resolve_dtype(cfg['dtype'], dev)
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    dtype = common.resolve_dtype(cfg['dtype'], dev)
+    ctx = common.autocast(dev, dtype)
 
-    model, ckpt = load_checkpoint(cfg['out_dir'], dev)
+    # the prompt and the hints first: a bad file is one line before the checkpoint is loaded
+    start, hint_text = cfg['start'], cfg['hints']
+    start = read_text('--start', start[5:]) if start.startswith('FILE:') else utf8_text('--start', start)
+    hint_text = read_text('--hints_file', cfg['hints_file']) if cfg['hints_file'] else utf8_text('--hints', hint_text)
+
+    model, ckpt = common.load_model(cfg['out_dir'], dev)
     mcfg = model.config
-    streams, shift, predict = list(mcfg.meta_streams), mcfg.meta_shift, mcfg.meta_predict
+    streams, shift, predict = mcfg.input_streams, mcfg.meta_shift, mcfg.meta_predict
     dataset = ckpt.get('dataset') or {}
     vocabs = {s: dataset.get('streams', {}).get(s, {}).get('tags') for s in streams}
     for s, v in vocabs.items():
         if v is None:
-            raise SampleError(f"checkpoint has no tag vocabulary for stream '{s}'")
+            fail(f"checkpoint has no tag vocabulary for stream '{s}'")
         if base_stream(s) not in ('pos', 'ner'):
-            raise SampleError(f"stream '{s}' cannot be computed at generation (only pos/ner, full or causal)")
+            fail(f"stream '{s}' cannot be computed at generation (only pos/ner, full or causal)")
 
     # hints: LIME+1 and meta_predict models (whose heads fill in what is not hinted)
-    hint_text = cfg['hints']
-    if cfg['hints_file']:
-        try:
-            with open(cfg['hints_file']) as f:
-                hint_text = f.read()
-        except OSError as e:
-            raise SampleError(f"--hints_file: {e.strerror}: {cfg['hints_file']}")
     hints = []
     if hint_text.strip():
         if not streams:
-            raise SampleError("--hints needs a LIME+1 checkpoint; this one is a baseline (no metadata streams)")
+            fail("--hints needs a LIME+1 checkpoint; this one is a baseline (no metadata streams)")
         if shift != 1 and not predict:
-            raise SampleError("--hints needs a LIME+1 checkpoint (meta_shift=1) or a meta_predict one; this LIME "
-                              "model computes the metadata of each token itself, after generating it")
+            fail("--hints needs a LIME+1 checkpoint (meta_shift=1) or a meta_predict one; this LIME "
+                 "model computes the metadata of each token itself, after generating it")
         hints = parse_hints(hint_text, {s: vocabs[s] for s in streams})
         if len(hints) > cfg['max_new_tokens']:
-            raise SampleError(f"{len(hints)} hints for max_new_tokens={cfg['max_new_tokens']}")
+            fail(f"{len(hints)} hints for max_new_tokens={cfg['max_new_tokens']}")
 
     text = Text(dataset)
     for s in streams:
         # the tag vocabulary must be the one metadata.py produces, or its ids would mean other tags
         if text.md.stream_tags(base_stream(s), text.ner) != vocabs[s]:
-            raise SampleError(f"stream '{s}': the checkpoint's tag vocabulary differs from metadata.py's")
-    if any(not s.endswith('_causal') for s in streams):
+            fail(f"stream '{s}': the checkpoint's tag vocabulary differs from metadata.py's")
+    if any(not is_causal(s) for s in streams):
         print(f"warning: this model was trained on full metadata ({', '.join(streams)}); "
               "generation can only give it causal metadata", file=err)
     if shift == 1 and (ckpt.get('config') or {}).get('meta_dropout', 0.0) == 0 and (
@@ -384,13 +368,6 @@ def run(cfg, out=None, err=None):
         print("note: this model was trained without meta_dropout, so generated positions without a "
               "hint for a stream (<unk>) are out of distribution", file=err)
 
-    start = cfg['start']
-    if start.startswith('FILE:'):
-        try:
-            with open(start[5:], encoding='utf-8') as f:
-                start = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SampleError(f"--start: cannot read {start[5:]} ({e})")
     prompt = text.encode(start) if start else [text.eot]
     if not prompt:
         prompt = [text.eot]
@@ -402,7 +379,7 @@ def run(cfg, out=None, err=None):
         t0 = time.perf_counter()
         r = generate(model, prompt, cfg['max_new_tokens'], cfg['temperature'], cfg['top_k'], cfg['kv_cache'],
                      tagger=text.tagger() if streams else None, hints=hints, ctx=ctx,
-                     cache_dtype=ptdtype if device_type == 'cuda' else None, tag_generated=cfg['show_tags'],
+                     cache_dtype=common.torch_dtype(dtype) if dev.startswith('cuda') else None, tag_generated=cfg['show_tags'],
                      meta_temperature=None if cfg['meta_temperature'] < 0 else cfg['meta_temperature'])
         dt = time.perf_counter() - t0
         new = r['tokens'][len(prompt):]
@@ -456,13 +433,7 @@ def show_tags(r, new, n_prompt, hints, names, shift, predict, text, out):
 
 
 def main(argv):
-    from train import ConfigError
-    try:
-        run(configure(argv))
-    except (SampleError, ConfigError) as e:
-        print(f"sample.py: error: {getattr(e, 'msg', e)}", file=sys.stderr)
-        return 1
-    return 0
+    return common.run_main('sample.py', lambda: run(configure(argv)))
 
 
 if __name__ == '__main__':

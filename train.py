@@ -6,29 +6,33 @@ $ python train.py configs/cpu_demo.py --max_iters=200
 DDP on one node (nccl on CUDA, gloo on CPU):
 $ torchrun --standalone --nproc_per_node=8 train.py configs/gpt2_124m_lime.py
 
-Every module-level name below is a config key; a config file (python, run with exec)
-and --key=value flags override them, in command-line order.
+Every module-level name below is a config key; a config file (python, run with exec; it may
+include('base.py') a config beside it) and --key=value flags override them, in command-line order
+(common.configure).
 """
 
-import ast
 import glob
+import hashlib
+import io
 import json
 import math
 import os
-import pickle
 import shutil
+import signal
 import sys
+import threading
 import time
-import warnings
-import zlib
-from contextlib import nullcontext
+from contextlib import redirect_stdout
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metadata import UNK  # the tag id of missing metadata, in every stream
+from common import (Split, append_log, autocast, check_device, check_range, coerce, configure, eval_starts, fail,
+                    first_line, id_limits, load_checkpoint, load_meta, lock_out_dir, remove_temps, resolve_dtype,
+                    run_main, save_checkpoint, trim_log, unlock_out_dir, write_atomic)
+from metadata import UNK, is_causal  # UNK: the tag id of missing metadata, in every stream
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -43,6 +47,7 @@ eval_only = False
 always_save_checkpoint = True  # False: save only when val loss improves (then resume restarts from the best)
 keep_checkpoints = 0  # also keep the last N evaluations' snapshots, out_dir/ckpt_{iter:06d}.pt (and ckpt_best.pt)
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+allow_data_change = False  # resume on a data_dir re-prepared since the checkpoint (logged; this resume only)
 # run tracking (optional: pip install wandb); every log.jsonl field goes to wandb
 wandb_log = False
 wandb_project = 'lime'
@@ -61,6 +66,7 @@ meta_shuffle = False  # leakage control: read each stream through a fixed permut
 meta_predict = False  # LIME+1 without an oracle: the model predicts the next token's tags itself (meta_shift 0)
 meta_inject_layer = 0  # meta_predict: tag heads read block k's output, the next tags are added after it; 0 = n_layer // 2
 meta_loss_weight = 1.0  # meta_predict: loss = token CE + meta_loss_weight * sum over streams of tag CE
+meta_cooldown = 0.0  # the last fraction of max_iters trains without metadata (the tables add nothing), same lr schedule; 0 = off
 # model
 arch = 'gpt2'  # 'gpt2' (learned positions, LayerNorm, GELU) or 'gemma' (rotary, RMSNorm, GeGLU, GQA, no biases)
 n_layer = 6
@@ -94,120 +100,6 @@ DEFAULTS = {k: v for k, v in globals().items()
 MODEL_KEYS = ('arch', 'n_layer', 'n_head', 'n_kv_head', 'n_embd', 'mlp_hidden', 'block_size', 'bias', 'dropout')
 
 
-class ConfigError(SystemExit):
-    """A bad config value: exits with status 1 and one line, no traceback, when not caught.
-    .msg is the message without the 'config error: ' prefix (sample.py prints it its own way)."""
-
-    def __init__(self, msg):
-        super().__init__(f"config error: {msg}")
-        self.msg = msg
-
-
-def fail(msg):
-    # one line on stderr, exit status 1, no traceback
-    raise SystemExit(msg)
-
-
-def coerce(key, value, source, defaults):
-    """Check value against the type of the default for key."""
-    if key not in defaults:
-        raise ConfigError(f"unknown key '{key}' ({source})")
-    default = defaults[key]
-    bad = f"{key} must be {type(default).__name__}, got {value!r} ({source})"
-    if key == 'meta_weight' and isinstance(value, (list, tuple)):
-        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value):
-            raise ConfigError(bad)
-        return [float(w) for w in value]
-    if key == 'metadata' and isinstance(value, (list, tuple)):
-        value = ','.join(value)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(bad)
-    elif isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # --max_iters=2e4
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(bad)
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(bad)
-        value = float(value)
-    elif not isinstance(value, str):
-        raise ConfigError(bad)
-    return value
-
-
-def configure(argv, defaults=None):
-    """The configurator of train.py, sample.py and bench.py: config files (python, run with exec)
-    and --key=value flags over defaults (this file's, or the calling script's), in command-line
-    order. A flag's value is a python literal (--max_iters=2e4, --compile=True) unless the key's
-    default is a string: then it is the raw text (--out_dir=2024 is the directory "2024").
-    Returns (config dict, set of keys set explicitly); raises ConfigError on a bad key or value."""
-    defaults = DEFAULTS if defaults is None else defaults
-    cfg, explicit = dict(defaults), set()
-    for arg in argv:
-        if not arg.startswith('--'):
-            if not os.path.isfile(arg):
-                raise ConfigError(f"no such config file {arg}")
-            ns = {'__file__': os.path.abspath(arg)}  # a config can exec a base config beside it
-            with open(arg) as f:
-                exec(f.read(), ns)
-            items = [(k, v) for k, v in ns.items()
-                     if not k.startswith('_') and not callable(v) and type(v).__name__ != 'module']
-            source = arg
-        else:
-            if '=' not in arg:
-                raise ConfigError(f"expected --key=value, got {arg}")
-            key, val = arg[2:].split('=', 1)
-            if not isinstance(defaults.get(key), str):
-                try:
-                    val = ast.literal_eval(val)
-                except (SyntaxError, ValueError):
-                    pass  # not a literal: coerce() names the expected type
-            items, source = [(key, val)], arg
-        for k, v in items:
-            cfg[k] = coerce(k, v, source, defaults)
-            explicit.add(k)
-    return cfg, explicit
-
-
-def check_device(device):
-    """The device must exist on this machine: a one-line error here, not an AssertionError deep in torch."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError):
-        d = None
-    if d is None or d.type not in ('cpu', 'cuda', 'mps'):
-        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {device!r}")
-    if d.type == 'cuda':
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ConfigError(f"device={device} but no CUDA GPU is available here (use --device=cpu)")
-        if d.index is not None and d.index >= n:
-            raise ConfigError(f"device={device} but this machine has {n} CUDA GPU(s): cuda:0 to cuda:{n - 1}")
-    if d.type == 'mps' and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={device} but MPS is not available here (use --device=cpu)")
-
-
-def resolve_dtype(dtype, device):
-    """'auto' -> bfloat16 on a CUDA GPU that supports it, else float32. Only CUDA runs under autocast;
-    elsewhere the model computes in float32, so float16/bfloat16 there are refused, not silently ignored."""
-    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    cuda = device.startswith('cuda')
-    if dtype == 'auto':
-        return 'bfloat16' if cuda and torch.cuda.is_bf16_supported() else 'float32'
-    if dtype != 'float32' and not cuda:
-        raise ConfigError(f"dtype={dtype} needs a CUDA device: on {device} the model computes in float32 only "
-                          "(use --dtype=float32 or auto)")
-    return dtype
-
-
-def check_range(c, key, ok, allowed):
-    if not ok:
-        raise ConfigError(f"{key} must be {allowed}, got {c[key]!r}")
-
-
 def check_config(c):
     """Option ranges, checked at parse time (and again once a resume merged the checkpoint's config),
     so a bad value is one line naming the allowed range instead of a traceback or a silent misrun."""
@@ -231,6 +123,10 @@ def check_config(c):
     check_range(c, 'meta_shift', c['meta_shift'] in (0, 1), '0 (LIME) or 1 (LIME+1)')
     check_range(c, 'meta_loss_weight', c['meta_loss_weight'] >= 0, '>= 0')
     check_range(c, 'keep_checkpoints', c['keep_checkpoints'] >= 0, 'an integer >= 0')
+    check_range(c, 'meta_cooldown', 0.0 <= c['meta_cooldown'] < 1.0, 'in [0, 1) (a fraction of max_iters; 0 = off)')
+    # a meta_predict model already runs on the tags it predicts itself; without them it would lose its heads' point
+    check_range(c, 'meta_cooldown', not (c['meta_cooldown'] and c['meta_predict']),
+                "0 with meta_predict=True (such a model reads only the tags it predicts: it needs no given tags)")
     if c['meta_predict']:
         check_range(c, 'metadata', any(s.strip() for s in c['metadata'].split(',')),
                     'one or more streams with meta_predict=True (e.g. pos_causal,ner_causal)')
@@ -244,7 +140,10 @@ def check_config(c):
     w = c['meta_weight']
     ws = w if isinstance(w, list) else [w]
     check_range(c, 'meta_weight', all(math.isfinite(x) for x in ws), 'finite')
-    n = len([s for s in c['metadata'].split(',') if s.strip()])
+    names = [s.strip() for s in c['metadata'].split(',') if s.strip()]
+    n = len(names)
+    # a stream twice would get two embedding tables fed the same tags: twice the weight, under two names
+    check_range(c, 'metadata', n == len(set(names)), 'a list of distinct streams (each at most once)')
     check_range(c, 'meta_weight', not isinstance(w, list) or len(w) == n,
                 f"one float, or a list of {n} (one per stream of metadata={c['metadata']!r})")
     check_device(c['device'])
@@ -252,102 +151,24 @@ def check_config(c):
 
 
 # -----------------------------------------------------------------------------
-# data
+# data (the reader, load_meta and Split, is common.py's: other scripts read the same windows)
 
-def load_meta(data_dir, streams):
-    """Read meta.json and check that every requested stream exists and matches the token files."""
-    meta_path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(meta_path):
-        fail(f"{meta_path}: not found (build the dataset with prepare.py)")
+def data_fingerprint(data_dir, streams):
+    """The dataset's identity: a hash of meta.json (prepare.py writes a new one, with its counts and
+    timings, on every run) and the sizes of the files a run reads. Kept in the checkpoint; compared on
+    resume and at every evaluation, so re-prepared data is noticed instead of silently trained on."""
+    h = hashlib.sha256()
+    path = os.path.join(data_dir, 'meta.json')
     try:
-        with open(meta_path, encoding='utf-8') as f:
-            info = json.load(f)
+        with open(path, 'rb') as f:
+            h.update(f.read())
+        for split in ('train', 'val'):
+            for name in [''] + [f'.{s}' for s in streams]:
+                path = os.path.join(data_dir, f'{split}{name}.bin')
+                h.update(f"{split}{name}:{os.path.getsize(path)};".encode())
     except OSError as e:
-        fail(f"{meta_path}: cannot read ({e.strerror or e})")
-    except ValueError as e:  # not JSON, or not UTF-8
-        fail(f"{meta_path}: not valid JSON ({e})")
-    known = info.get('streams') if isinstance(info, dict) else None
-    if not isinstance(known, dict) or not all(isinstance(v, dict) and isinstance(v.get('tags'), list)
-                                              for v in known.values()):
-        fail(f"{meta_path}: not a prepare.py meta.json (needs 'streams': {{name: {{'tags': [...]}}}})")
-    if not isinstance(info.get('vocab_size'), int) or not 0 < info['vocab_size'] <= 65536:
-        fail(f"{meta_path}: not a prepare.py meta.json (needs 'vocab_size': an integer in [1, 65536])")
-    for s in streams:
-        if s not in known:
-            fail(f"{meta_path}: unknown metadata stream '{s}' (available: {', '.join(known) or 'none'})")
-
-    def n_ids(path):  # uint16 ids: an odd size is a truncated or foreign file
-        size = os.path.getsize(path)
-        if size % 2:
-            fail(f"{path}: {size} bytes, not a whole number of uint16 ids (truncated, or not written by prepare.py)")
-        return size // 2
-
-    for split in ('train', 'val'):
-        tok_path = os.path.join(data_dir, f'{split}.bin')
-        if not os.path.isfile(tok_path):
-            fail(f"{tok_path}: not found")
-        n = n_ids(tok_path)
-        for s in streams:
-            p = os.path.join(data_dir, f'{split}.{s}.bin')
-            if not os.path.isfile(p):
-                fail(f"{p}: not found (stream '{s}' is listed in {meta_path})")
-            m = n_ids(p)
-            if m != n:
-                fail(f"{p}: {m} tags but {tok_path} has {n} tokens")
-    return info
-
-
-def affine_perm(n, seed, name):
-    """A seeded permutation of range(n), p -> (a*p + b) % n with gcd(a, n) == 1, kept as (a, b):
-    O(1) memory, same tag frequencies, no alignment with the tokens."""
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    while True:
-        a = int(rng.integers(1, max(n, 2)))
-        if math.gcd(a, n) == 1:
-            break
-    return a, int(rng.integers(0, n))
-
-
-class Split:
-    """One split (train or val) of a dataset directory. Windows are read through fresh memmaps
-    each call (a long-lived np.memmap leaks memory, as nanoGPT notes)."""
-
-    def __init__(self, data_dir, split, streams, shift, shuffle_seed=None, word_tags=None):
-        self.tok_path = os.path.join(data_dir, f'{split}.bin')
-        self.n = os.path.getsize(self.tok_path) // 2
-        self.streams, self.shift = list(streams), shift
-        self.paths = {s: os.path.join(data_dir, f'{split}.{s}.bin') for s in self.streams}
-        # each stream gets its own permutation so the streams are not aligned with each other either
-        self.perm = {s: affine_perm(self.n, shuffle_seed, s) for s in self.streams} if shuffle_seed is not None else {}
-        self.word_path = os.path.join(data_dir, f'{split}.word.bin') if word_tags else None
-
-    def _read(self, path, starts, T, perm=None):
-        arr = np.memmap(path, dtype=np.uint16, mode='r')
-        if perm is None:
-            out = np.stack([arr[i:i + T] for i in starts])
-        else:
-            # positions p = s + k map to (a*s + b + a*k) % n; python ints avoid int64 overflow in a*s
-            a, b = perm
-            base = np.array([(a * int(s) + b) % self.n for s in starts], dtype=np.int64)
-            step = np.array([(a * k) % self.n for k in range(T)], dtype=np.int64)
-            out = arr[(base[:, None] + step[None, :]) % self.n]
-        return torch.from_numpy(out.astype(np.int64))
-
-    def windows(self, starts, T):
-        """x = tok[i:i+T], y = tok[i+1:i+T+1], meta[s] = stream_s[i+shift:i+shift+T]."""
-        x = self._read(self.tok_path, starts, T)
-        y = self._read(self.tok_path, [i + 1 for i in starts], T)
-        meta = {s: self._read(self.paths[s], [i + self.shift for i in starts], T, self.perm.get(s))
-                for s in self.streams}
-        return x, y, meta
-
-    def next_tags(self, starts, T):
-        """The targets' tags, stream_s[i+1:i+T+1]: what a meta_predict model's heads predict at position t."""
-        return {s: self._read(self.paths[s], [i + 1 for i in starts], T, self.perm.get(s)) for s in self.streams}
-
-    def word(self, starts, T):
-        """word-position tags of the targets (never shuffled: it is ground truth for evaluation)."""
-        return self._read(self.word_path, [i + 1 for i in starts], T)
+        fail(f"{path}: cannot read ({e.strerror or e})")
+    return h.hexdigest()[:16]
 
 
 def mix_seed(*keys):
@@ -373,14 +194,9 @@ def apply_meta_dropout(meta, masks):
     return {s: (t.masked_fill(masks[s], UNK) if s in masks else t) for s, t in meta.items()}
 
 
-def eval_starts(n, T, count):
-    """The fixed validation windows: count evenly spaced offsets; depends only on the data and eval config."""
-    return np.linspace(0, n - T - 1, count).round().astype(np.int64).tolist()
-
-
 @torch.no_grad()
 def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False, first_tag_nll=None,
-             token_bytes=None):
+             token_bytes=None, no_tags=False):
     """Summed over the windows: loss, next-token accuracy, and accuracy on targets that start a word
     (word tag B) vs continue one (I); <pad>/<space>/<unk> targets are left out of that split.
     meta_predict models also get each stream's next-tag loss and accuracy (fed the data's next tags,
@@ -401,15 +217,14 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
         chunk = starts[j:j + bs]
         x, y, meta = split.windows(chunk, T)
         x, y = x.to(device), y.to(device)
-        meta = {k: v.to(device) for k, v in meta.items()}
+        # no_tags: a cooled-down model (meta_cooldown) is evaluated as what it now is, a plain language model
+        meta = None if no_tags else {k: v.to(device) for k, v in meta.items()}
         with ctx:
             if heads:
                 nxt = {k: v.to(device) for k, v in split.next_tags(chunk, T).items()}
-                h = model.lower(x, meta)
-                tag_logits = model.tag_logits(h)
-                logits, _ = model.upper(model.inject(h, nxt), targets=y)
-                own = {k: tl.argmax(-1) for k, tl in zip(heads, tag_logits)}
-                s[8] += (model.upper(model.inject(h, own), targets=y)[0].argmax(-1) == y).sum()
+                logits, _, tag_logits, h = model.forward_predict(x, meta, nxt, targets=y)
+                own, _, _, _ = model.forward_predict(x, meta, targets=y, choose=model.argmax_tags, h=h)
+                s[8] += (own.argmax(-1) == y).sum()
             else:
                 logits, _ = model(x, meta, targets=y)
         logits = logits.float()
@@ -475,10 +290,6 @@ def bits_per_byte(nll, bytes_per_token):
     return nll / (math.log(2) * bytes_per_token)
 
 
-def is_causal(stream):
-    return stream.endswith('_causal')
-
-
 def nll_rule(streams, shift, predict, shuffle):
     """How val_nll (the NLL per token of the val text under the model as a generative model of
     text alone, or an upper bound of it) is read off an evaluation row, or None where the model
@@ -518,8 +329,9 @@ def get_lr(it, C):
     return C.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (C.learning_rate - C.min_lr)
 
 
-def check_resume_data(ckpt, info, streams, ckpt_path, meta_path):
-    """A checkpoint only makes sense on data with the same tokenizer and tag vocabularies."""
+def check_resume_data(ckpt, info, streams, ckpt_path, meta_path, fingerprint, allow_change):
+    """A checkpoint only makes sense on data with the same tokenizer and tag vocabularies; on other data
+    of that kind (re-prepared: other documents, seed or split) only when told so (allow_change, logged)."""
     old = ckpt.get('dataset') or {}
     keys = ['tokenizer', 'tokenization', 'vocab_size', 'eot_token']
     if any(s.startswith('ner') for s in streams):
@@ -531,129 +343,23 @@ def check_resume_data(ckpt, info, streams, ckpt_path, meta_path):
         a = old.get('streams', {}).get(s, {}).get('tags')
         if a != info['streams'][s]['tags']:
             fail(f"{ckpt_path}: tag vocabulary of stream '{s}' differs from {meta_path}")
+    old_fp = ckpt.get('data_fingerprint')  # absent in checkpoints from before it was recorded
+    if isinstance(old_fp, str) and old_fp != fingerprint:
+        what = (f"{ckpt_path}: saved on another version of {os.path.dirname(meta_path)} (its meta.json or file "
+                f"sizes differ: re-prepared?)")
+        if not allow_change:
+            fail(f"{what}; point --data_dir at the run's data, or resume on this data with --allow_data_change=True")
+        print(f"note: {what}; resuming on this data as asked (--allow_data_change=True)")
 
 
 # -----------------------------------------------------------------------------
 # checkpoints and the out_dir
 
-class CheckpointError(SystemExit):
-    """A checkpoint that cannot be used: exits with status 1 and one line naming the file, when not caught."""
-
-    def __init__(self, path, problem):
-        self.msg = f"{path}: {problem}"
-        super().__init__(self.msg)
-
-
-def first_line(e):
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
-# what every train.py checkpoint holds (model_args: GPTConfig's fields when this was written)
-CKPT_KEYS = ('model', 'model_args', 'config', 'dataset')
-RESUME_KEYS = ('iter_num', 'best_val_loss', 'optimizer', 'rng')
-MODEL_ARGS = dict(n_layer=int, n_head=int, n_embd=int, block_size=int, bias=bool, dropout=(int, float),
-                  vocab_size=int, meta_streams=(tuple, list), meta_n_tags=(tuple, list),
-                  meta_weight=(tuple, list), meta_shift=int)
-
-
-def load_checkpoint(path, resume=False):
-    """A train.py checkpoint as a dict, loaded with weights_only=True: only tensors and plain data
-    (numbers, strings, lists, tuples, dicts) are unpickled, so a file that would run code is refused,
-    never executed. Anything that is not one of our checkpoints (truncated, foreign, another project's)
-    raises CheckpointError: one line naming the file. resume: also the optimizer and RNG state."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # torch's notes about pickle protocols are not for the user
-            ck = torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(path, "not found")
-    except OSError as e:
-        raise CheckpointError(path, f"cannot read ({e.strerror or e})")
-    except pickle.UnpicklingError as e:
-        detail = [l.strip() for l in str(e).splitlines() if 'GLOBAL' in l or 'Unsupported' in l] + ['']
-        if 'GLOBAL' in detail[0]:  # a function or class to call: the way a pickle runs code
-            raise CheckpointError(path, f"refused: holds more than tensors and plain data, so loading it could "
-                                  f"run code (weights_only: {detail[0]}); train.py never writes such a file")
-        raise CheckpointError(path, "not a readable checkpoint, truncated or not written by torch.save "
-                              f"({detail[0] or first_line(e)})")
-    except Exception as e:  # zip/pickle errors of a truncated file or another format: RuntimeError, EOFError, ...
-        raise CheckpointError(path, f"not a readable checkpoint, truncated or not written by torch.save "
-                              f"({first_line(e)})")
-    need = CKPT_KEYS + (RESUME_KEYS if resume else ())
-    if not isinstance(ck, dict) or any(k not in ck for k in need):
-        missing = [k for k in need if k not in ck] if isinstance(ck, dict) else list(need)
-        raise CheckpointError(path, f"not a LIME checkpoint written by train.py (no {', '.join(missing)})")
-    a = ck['model_args'] if isinstance(ck['model_args'], dict) else {}
-    bad = [k for k, t in MODEL_ARGS.items() if not isinstance(a.get(k), t)]
-    if not bad and not all(isinstance(s, str) for s in a['meta_streams']):
-        bad = ['meta_streams']
-    if bad or not isinstance(ck['model'], dict):
-        raise CheckpointError(path, "not a LIME checkpoint written by train.py (model_args: no or bad "
-                              f"{', '.join(bad or ['model'])})")
-    if not (isinstance(ck['config'], dict) and isinstance(ck['dataset'], dict)):
-        raise CheckpointError(path, "not a LIME checkpoint written by train.py (bad config or dataset)")
-    if resume and not (isinstance(ck['iter_num'], int) and isinstance(ck['best_val_loss'], (int, float))
-                       and isinstance(ck['optimizer'], dict) and isinstance(ck['rng'], dict)
-                       and isinstance(ck['rng'].get('torch'), torch.Tensor)):
-        raise CheckpointError(path, "not a LIME checkpoint written by train.py (bad iter_num, best_val_loss, "
-                              "optimizer or rng state)")
-    return ck
-
-
-def fsync_dir(d):
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    finally:
-        os.close(fd)
-
-
-class _KeepWriteError:
-    """A file that remembers why a write failed: torch.save reports it only as an unhelpful RuntimeError."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, b):
-        try:
-            return self.f.write(b)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self):
-        self.f.flush()
-
-
-def write_atomic(path, write):
-    """write(f) into a temporary name unique to this process, fsync, rename over path: a reader sees
-    the old file or the new one, never half of one. On failure the temporary file is removed; a full
-    disk or a read-only directory is one line naming the file."""
-    tmp, w = f"{path}.tmp-{os.getpid()}", None
-    try:
-        with open(tmp, 'wb') as f:
-            w = _KeepWriteError(f)
-            write(w)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path) or '.')
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, (OSError, RuntimeError)):
-            e = (w and w.error) or e
-            fail(f"{path}: cannot write ({e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)})")
-        raise
-
-
 def snapshot(src, dst):
     """dst becomes a copy of src, atomically: a hard link (no extra disk; ckpt.pt is later replaced by
     a rename, so the link keeps this version), or a plain copy where links are not possible."""
-    tmp = f"{dst}.tmp-{os.getpid()}"
+    # write_atomic's naming: a killed run's leftover is found and removed like its other temporary files
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.hardlink.tmp")
     try:
         os.link(src, tmp)
         os.replace(tmp, dst)
@@ -669,88 +375,40 @@ def snapshots(out_dir):
     return sorted(glob.glob(os.path.join(glob.escape(out_dir), 'ckpt_[0-9]*.pt')))
 
 
-def lock_out_dir(out_dir):
-    """One run per out_dir: an exclusive flock on out_dir/train.lock, which holds the owner's pid.
-    The kernel drops a flock when its process dies, so the lock of a killed run is stale: it is
-    detected (the file names a pid but nobody holds it) and taken over. Where the file system has
-    no flock, the pid alone decides (taken over when that process is gone). Returns the fd."""
-    import fcntl
-    path = os.path.join(out_dir, 'train.lock')
+def new_paths(out_dir):
+    """What lock_out_dir is about to create, deepest first: train.lock and the directories out_dir and
+    above that do not exist yet."""
+    made, d = [], os.path.abspath(out_dir)
+    while not os.path.exists(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    lock = os.path.join(os.path.abspath(out_dir), 'train.lock')
+    return ([] if os.path.exists(lock) else [lock]) + made
+
+
+def remove_if_unused(made, out_dir):
+    """A run that wrote nothing (it failed before training started) leaves no debris: removes what
+    new_paths listed as created by it, and only while out_dir holds nothing else."""
+    lock = os.path.join(os.path.abspath(out_dir), 'train.lock')
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        fail(f"{out_dir}: cannot write to out_dir ({e.strerror or e})")
-    owner = os.pread(fd, 64, 0).decode('ascii', 'replace').strip()
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held = False
-    except BlockingIOError:
-        held = True
-    except OSError:  # no flock here (some network file systems): is the named process alive?
-        held = owner.isdigit() and int(owner) != os.getpid() and pid_alive(int(owner))
-    if held:
-        os.close(fd)
-        fail(f"{out_dir}: in use by another run (pid {owner or '?'}, {path}); one run per out_dir")
-    if owner:
-        print(f"note: {path}: stale lock of pid {owner} (not running), taken over")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def unlock_out_dir(fd):
-    os.ftruncate(fd, 0)  # an empty lock file: released cleanly (a pid left in it means a killed run)
-    os.close(fd)
-
-
-def trim_log(log_path, last_iter):
-    """On resume: keep the rows up to the checkpoint's iteration. Later rows are from iterations the
-    resumed run redoes (a run killed during a save, or before saving: the row is written first) and
-    would be duplicated; a row cut short by a kill is dropped too. Rewritten atomically."""
-    if not os.path.isfile(log_path):
-        return
-    keep = []
-    with open(log_path, encoding='utf-8', errors='replace') as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get('iter'), int) and row['iter'] <= last_iter:
-                keep.append(json.dumps(row) + '\n')
-    write_atomic(log_path, lambda f: f.write(''.join(keep).encode()))
-
-
-def append_log(log_path, row):
-    try:
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
-    except OSError as e:
-        fail(f"{log_path}: cannot write ({e.strerror or e})")
+        if lock in made and os.listdir(out_dir) == ['train.lock']:
+            os.remove(lock)
+            for d in made[1:]:  # deepest first; each was empty but for what we made
+                os.rmdir(d)
+    except OSError:  # someone else wrote there meanwhile: theirs stays
+        pass
 
 
 def prepare_out_dir(C, ckpt_path, log_path, iter_num):
     """Before the first write: remove temporary files that a killed run left (the lock says no live run
     owns them), then start the log afresh (scratch; an --overwrite'n run's checkpoint goes too, so
     the directory never mixes two runs) or trim it to the checkpoint (resume)."""
-    for p in glob.glob(glob.escape(ckpt_path) + '.tmp*') + glob.glob(glob.escape(log_path) + '.tmp*'):
-        os.remove(p)
+    remove_temps(C.out_dir, only_dead=False)  # of ckpt.pt, log.jsonl and the snapshots
     if C.init_from == 'scratch':
         for p in [ckpt_path, os.path.join(C.out_dir, 'ckpt_best.pt')] + snapshots(C.out_dir):
             if os.path.exists(p):
                 os.remove(p)
-        write_atomic(log_path, lambda f: None)
+        write_atomic(log_path, b'')
     else:
         trim_log(log_path, iter_num)
 
@@ -771,7 +429,7 @@ def start_wandb(C, cfg):
     try:
         import wandb
     except ImportError:
-        fail("config error: wandb_log=True needs the wandb package: pip install wandb")
+        fail("wandb_log=True needs the wandb package: pip install wandb")
     try:
         return wandb.init(project=C.wandb_project, name=C.wandb_run_name or os.path.basename(os.path.abspath(C.out_dir)),
                           config=cfg, dir=C.out_dir)
@@ -821,51 +479,159 @@ def resume_conflicts(ckpt, cfg, explicit):
 
 # -----------------------------------------------------------------------------
 
-def main(argv):
-    cfg, explicit = configure(argv)
-    check_config(cfg)
-    lock = None
-    if int(os.environ.get('RANK', 0)) == 0 and not cfg['eval_only']:
-        lock = lock_out_dir(cfg['out_dir'])  # before reading or writing anything in it
+def check_memory(C, model_config, rows, procs):
+    """Refuse a run that cannot fit, before it allocates: a rough, low estimate of its bytes against this
+    machine's memory (the GPU's, on CUDA; the host's shared by procs processes). Device: the parameters,
+    16 bytes each to train (float32 weights and gradients, AdamW's two moments; 4 for eval_only), the
+    activations kept for the backward pass, ~34 bytes per row, position, channel and layer (Korthikanti
+    et al. 2022, 16-bit, fused attention), and the logits, 8 bytes per row, position and vocabulary entry.
+    Host: the iteration's rows of ids (int64) and the validation offsets (~56 bytes each: numpy, a list)."""
+    with redirect_stdout(io.StringIO()), torch.device('meta'):  # sizes without memory
+        n_params = GPT(model_config).get_num_params()
+    cfg, B, T = model_config, C.batch_size, C.block_size
+    per_param = 4 if C.eval_only else 16
+    acts = B * T * ((0 if C.eval_only else 34 * cfg.n_embd * cfg.n_layer) + 8 * cfg.vocab_size)
+    host = rows * T * 8 * (2 + 2 * len(cfg.meta_streams)) + C.eval_iters * B * 56
+    gib = lambda b: f"{b / 2**30:,.1f} GiB"
+    parts = [f"{n_params:,} parameters x {per_param} B = {gib(n_params * per_param)}",
+             f"activations of batch_size={B} x block_size={T}: {gib(acts)}",
+             f"batch ids and eval_iters x batch_size = {C.eval_iters * B:,} validation windows: {gib(host)}"]
     try:
-        run(cfg, explicit)
+        have_host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // procs
+    except (AttributeError, ValueError, OSError):  # no sysconf here: the host is not checked
+        have_host = None
+    if C.device.startswith('cuda'):
+        checks = [(n_params * per_param + acts, torch.cuda.get_device_properties(torch.device(C.device)).total_memory,
+                   C.device, parts[:2]), (host, have_host, 'the host', parts[2:])]
+    else:
+        checks = [(n_params * per_param + acts + host, have_host, 'this machine', parts)]
+    for need, have, where, what in checks:
+        if have is not None and need > have:
+            shared = f" ({procs} processes share it)" if procs > 1 and where != C.device else ""
+            fail(f"this run needs at least {gib(need)} on {where} ({'; '.join(what)}) but it has "
+                 f"{gib(have)}{shared}; use a smaller model, batch_size or eval_iters")
+
+
+STOP_SIGNALS = ('SIGTERM', 'SIGINT', 'SIGUSR1')  # preemption (Slurm, most clusters), Ctrl-C, Slurm's --signal
+STOP_EXIT = 3  # the exit status of a run stopped by one of them after saving its checkpoint: resume it
+
+
+def catch_stop_signals(stop):
+    """SIGTERM, SIGINT and SIGUSR1 only set stop[0] to the signal's name: the training loop saves a
+    checkpoint at the next step boundary and exits STOP_EXIT. A second Ctrl-C stops at once, unsaved.
+    Returns the previous handlers, to restore; none outside the main thread (python allows none there)."""
+    def handler(signum, frame):
+        if stop[0] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop[0] = stop[0] or signal.Signals(signum).name
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig in (getattr(signal, n) for n in STOP_SIGNALS)}
+
+
+def any_rank(flag, ddp, device):
+    """flag here or, under DDP, on any rank: every rank takes the same branch, since a rank that left
+    the loop alone would leave the others waiting in their next all-reduce. One tiny all-reduce."""
+    if not ddp:
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def main(argv):
+    cfg, explicit = configure(argv, DEFAULTS)
+    check_config(cfg)
+    lock, made = None, []
+    if int(os.environ.get('RANK', 0)) == 0 and not cfg['eval_only']:
+        made = new_paths(cfg['out_dir'])
+        lock = lock_out_dir(cfg['out_dir'])  # before reading or writing anything in it
+    stop = [None]
+    handlers = catch_stop_signals(stop) if not cfg['eval_only'] else {}
+    try:
+        run(cfg, explicit, stop)
+    except KeyboardInterrupt:  # a second Ctrl-C, or a signal before training set up its handlers
+        print("interrupted: stopped without saving a checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(130)
     finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
         if lock is not None:
             unlock_out_dir(lock)
+            remove_if_unused(made, cfg['out_dir'])
 
 
-def run(cfg, explicit):
+def run(cfg, explicit, stop=None):
+    """Train (or evaluate) with config cfg. stop: a one-item list a signal handler sets to the signal's
+    name (catch_stop_signals): the run then saves a checkpoint at the next step boundary and exits STOP_EXIT.
+    The steps, top to bottom: the config (a resume continues the checkpoint's), the processes and device,
+    the data, the model and optimizer, then the loop: evaluate when due, one optimizer step, repeat."""
+    cfg, ckpt = resolve_config(cfg, explicit)
+    C = SimpleNamespace(**cfg)
+    S = setup(C)
+    D = open_data(C, cfg, S, ckpt)
+    R = build_model(C, S, D, ckpt)
+    ckpt = None  # free memory
+    if S.master and not C.eval_only:
+        prepare_out_dir(C, S.ckpt_path, S.log_path, R.iter_num)
+    R.wb = start_wandb(C, cfg) if S.master and C.wandb_log and not C.eval_only else None
+    stopped = train_loop(C, cfg, S, D, R, stop)
+    if R.wb is not None:
+        R.wb.finish()
+    if S.ddp:
+        # wait for rank 0 to finish its checkpoint: a rank that tears gloo down while its peer is
+        # still busy can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
+        del R.model
+        torch.distributed.destroy_process_group()
+    if stopped:
+        if S.master:
+            print(f"stopped by {stopped} at iter {R.iter_num}: checkpoint saved to {S.ckpt_path}; continue with "
+                  "--init_from=resume", file=sys.stderr, flush=True)
+        raise SystemExit(STOP_EXIT)
+
+
+def resolve_config(cfg, explicit):
+    """The run's config and its checkpoint (None from scratch): a resume continues the checkpoint's
+    run, its config with only the keys set now on top; a scratch run refuses to replace a run unasked."""
     C = SimpleNamespace(**cfg)
     master_env = int(os.environ.get('RANK', 0)) == 0
     ckpt_path = os.path.join(C.out_dir, 'ckpt.pt')
-    ckpt = None
-    if C.init_from == 'resume':
-        if not os.path.isfile(ckpt_path):
-            fail(f"{ckpt_path}: not found, cannot resume")
-        ckpt = load_checkpoint(ckpt_path, resume=True)
-        conflicts = resume_conflicts(ckpt, cfg, explicit)
-        if conflicts:
-            fail(f"{ckpt_path}: a resume keeps the checkpoint's architecture and metadata, but "
-                 f"{', '.join(conflicts)}; drop these flags, or train from scratch in another out_dir")
-        # continue the checkpoint's run: its config, with only the keys set now on top
-        old = {k: coerce(k, v, ckpt_path, DEFAULTS) for k, v in ckpt['config'].items() if k in DEFAULTS}
-        cfg = {**DEFAULTS, **old, **{k: cfg[k] for k in explicit}}
-        for k in MODEL_KEYS + ('meta_shift',):  # the architecture is the checkpoint's (older ones: gpt2)
-            cfg[k] = coerce(k, ckpt['model_args'].get(k, DEFAULTS[k]), ckpt_path, DEFAULTS)
-        cfg['metadata'] = ','.join(ckpt['model_args']['meta_streams'])
-        for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight'):  # absent in older checkpoints
-            cfg[k] = ckpt['model_args'].get(k, DEFAULTS[k])
-        check_config(cfg)  # the merged config, e.g. the checkpoint's device on this machine
-        C = SimpleNamespace(**cfg)
-    elif master_env and not C.eval_only and not C.overwrite and existing_run(C.out_dir):
-        fail(f"{C.out_dir}: already holds a run ({', '.join(existing_run(C.out_dir))}); continue it with "
-             "--init_from=resume, replace it with --overwrite=True, or choose another --out_dir")
-    streams = [s.strip() for s in C.metadata.split(',') if s.strip()]
-    if C.meta_predict:  # 0 = the middle block (the default: see README's sweep)
-        C.meta_inject_layer = cfg['meta_inject_layer'] = C.meta_inject_layer or C.n_layer // 2
-    meta_weight = C.meta_weight
+    if C.init_from != 'resume':
+        if master_env and not C.eval_only and not C.overwrite and existing_run(C.out_dir):
+            found = existing_run(C.out_dir)
+            # only a checkpoint can be resumed: a log alone is a run stopped before its first save
+            resume = ("continue it with --init_from=resume, " if 'ckpt.pt' in found
+                      else "it has no checkpoint to resume; ")
+            fail(f"{C.out_dir}: already holds a run ({', '.join(found)}); {resume}replace it with --overwrite=True, "
+                 "or choose another --out_dir")
+        return cfg, None
+    if not os.path.isfile(ckpt_path):
+        found = existing_run(C.out_dir)
+        fail(f"{ckpt_path}: not found, cannot resume; " + (
+             f"{C.out_dir} holds a run that stopped before its first checkpoint ({', '.join(found)}): "
+             "start it again with --init_from=scratch --overwrite=True" if found else
+             "no run to continue there: train from scratch (--init_from=scratch)"))
+    ckpt = load_checkpoint(ckpt_path, resume=True)
+    conflicts = resume_conflicts(ckpt, cfg, explicit)
+    if conflicts:
+        fail(f"{ckpt_path}: a resume keeps the checkpoint's architecture and metadata, but "
+             f"{', '.join(conflicts)}; drop these flags, or train from scratch in another out_dir")
+    # continue the checkpoint's run: its config, with only the keys set now on top
+    old = {k: coerce(k, v, ckpt_path, DEFAULTS) for k, v in ckpt['config'].items() if k in DEFAULTS}
+    cfg = {**DEFAULTS, **old, **{k: cfg[k] for k in explicit}}
+    cfg['allow_data_change'] = cfg['allow_data_change'] and 'allow_data_change' in explicit  # this resume only
+    for k in MODEL_KEYS + ('meta_shift',):  # the architecture is the checkpoint's (older ones: gpt2)
+        cfg[k] = coerce(k, ckpt['model_args'].get(k, DEFAULTS[k]), ckpt_path, DEFAULTS)
+    cfg['metadata'] = ','.join(ckpt['model_args']['meta_streams'])
+    for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight'):  # absent in older checkpoints
+        cfg[k] = ckpt['model_args'].get(k, DEFAULTS[k])
+    check_config(cfg)  # the merged config, e.g. the checkpoint's device on this machine
+    return cfg, ckpt
 
-    # distributed setup
+
+def setup(C):
+    """The processes (DDP or one), the seed, the device and its autocast, and the run's paths."""
     ddp = int(os.environ.get('RANK', -1)) != -1
     if ddp:
         import torch.distributed as dist
@@ -878,9 +644,8 @@ def run(cfg, explicit):
         rank, local_rank, world = 0, 0, 1
     master = rank == 0
     if C.gradient_accumulation_steps % world:
-        fail(f"config error: gradient_accumulation_steps={C.gradient_accumulation_steps} "
+        fail(f"gradient_accumulation_steps={C.gradient_accumulation_steps} "
              f"is not divisible by {world} processes")
-    accum = C.gradient_accumulation_steps // world  # micro-steps on this rank
     global_rows = C.batch_size * C.gradient_accumulation_steps
     tokens_per_iter = global_rows * C.block_size
     log = print if master else (lambda *a, **k: None)
@@ -889,193 +654,252 @@ def run(cfg, explicit):
     torch.manual_seed(C.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    device_type = 'cuda' if 'cuda' in C.device else 'cpu'
     C.dtype = resolve_dtype(C.dtype, C.device)  # the saved config keeps what was asked for ('auto')
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[C.dtype]
-    ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=master,
+                           accum=C.gradient_accumulation_steps // world,  # micro-steps on this rank
+                           global_rows=global_rows, tokens_per_iter=tokens_per_iter, log=log,
+                           device_type='cuda' if 'cuda' in C.device else 'cpu', ctx=autocast(C.device, C.dtype),
+                           ckpt_path=os.path.join(C.out_dir, 'ckpt.pt'), log_path=os.path.join(C.out_dir, 'log.jsonl'))
 
-    # data
+
+def open_data(C, cfg, S, ckpt):
+    """The dataset, checked (against the checkpoint too), the model config it sizes (checked against
+    this machine's memory), the two splits, the fixed validation windows and what evaluation reads."""
+    streams = [s.strip() for s in C.metadata.split(',') if s.strip()]
     ensure_data(C.data_dir)
     info = load_meta(C.data_dir, streams)
-    meta_path = os.path.join(C.data_dir, 'meta.json')
+    fingerprint = data_fingerprint(C.data_dir, streams)
     if ckpt is not None:
-        check_resume_data(ckpt, info, streams, ckpt_path, meta_path)
-    word_ids = None
-    word_tags = info.get('streams', {}).get('word', {}).get('tags')
-    if word_tags and 'B' in word_tags and 'I' in word_tags:
-        word_ids = (word_tags.index('B'), word_tags.index('I'))
-    shuffle_seed = C.seed if C.meta_shuffle else None
-    train_split = Split(C.data_dir, 'train', streams, C.meta_shift, shuffle_seed)
-    val_split = Split(C.data_dir, 'val', streams, C.meta_shift, shuffle_seed, word_tags=word_ids)
-    for sp in (train_split, val_split):
-        if sp.n < C.block_size + 2:
-            fail(f"{sp.tok_path}: {sp.n} tokens, too few for block_size {C.block_size}")
-    val_windows = eval_starts(val_split.n, C.block_size, C.eval_iters * C.batch_size)[rank::world]
-    nll_key = nll_rule(streams, C.meta_shift, C.meta_predict, C.meta_shuffle)
-    first_tags = (first_tag_costs(train_split, streams, [len(info['streams'][s]['tags']) for s in streams])
-                  if C.meta_predict else None)
-    token_bytes = token_byte_lengths(info)
-
-    # model
+        check_resume_data(ckpt, info, streams, S.ckpt_path, os.path.join(C.data_dir, 'meta.json'), fingerprint,
+                          C.allow_data_change)
     model_args = dict(arch=C.arch, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head, n_embd=C.n_embd,
                       mlp_hidden=C.mlp_hidden, block_size=C.block_size,
                       bias=C.bias, dropout=C.dropout, vocab_size=info['vocab_size'],
                       meta_streams=tuple(streams),
                       meta_n_tags=tuple(len(info['streams'][s]['tags']) for s in streams),
-                      meta_weight=meta_weight, meta_shift=C.meta_shift, meta_predict=C.meta_predict,
+                      meta_weight=C.meta_weight, meta_shift=C.meta_shift, meta_predict=C.meta_predict,
                       meta_inject_layer=C.meta_inject_layer if C.meta_predict else 0,
                       meta_loss_weight=C.meta_loss_weight)
     try:
         model_config = GPTConfig(**model_args)
     except ValueError as e:  # e.g. n_head not a multiple of n_kv_head
-        fail(f"config error: {e}")
-    model = GPT(model_config)
+        fail(str(e))
+    if C.meta_predict:  # the run's config records the block GPTConfig resolved (0: the middle one)
+        C.meta_inject_layer = cfg['meta_inject_layer'] = model_config.meta_inject_layer
+    check_memory(C, model_config, C.batch_size * S.accum, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    word_ids = None
+    word_tags = info.get('streams', {}).get('word', {}).get('tags')
+    if word_tags and 'B' in word_tags and 'I' in word_tags:
+        word_ids = (word_tags.index('B'), word_tags.index('I'))
+    shuffle_seed = C.seed if C.meta_shuffle else None
+    train_split = Split(C.data_dir, 'train', streams, C.meta_shift, shuffle_seed,
+                        limits=id_limits(C.data_dir, 'train', info, streams))
+    val_split = Split(C.data_dir, 'val', streams, C.meta_shift, shuffle_seed, word_tags=word_ids,
+                      limits=id_limits(C.data_dir, 'val', info, streams))
+    for sp in (train_split, val_split):
+        if sp.n < C.block_size + 2:
+            fail(f"{sp.tok_path}: {sp.n} tokens, too few for block_size {C.block_size}")
+    return SimpleNamespace(
+        streams=streams, info=info, fingerprint=fingerprint, model_config=model_config, word_ids=word_ids,
+        train=train_split, val=val_split,
+        val_windows=eval_starts(val_split.n, C.block_size, C.eval_iters * C.batch_size)[S.rank::S.world],
+        nll_key=nll_rule(streams, C.meta_shift, C.meta_predict, C.meta_shuffle),
+        first_tags=(first_tag_costs(train_split, streams, [len(info['streams'][s]['tags']) for s in streams])
+                    if C.meta_predict else None),
+        token_bytes=token_byte_lengths(info))
+
+
+def build_model(C, S, D, ckpt):
+    """The model (the checkpoint's weights on resume), its optimizer (and RNG state) and the
+    metadata cooldown's start, compiled and DDP-wrapped as asked: the training state, R."""
+    model = GPT(D.model_config)
     model_args = dict(vars(model.config))  # normalised (meta_weight as one float per stream)
     iter_num, best_val_loss = 0, 1e9
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt['model'])
         except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"{ckpt_path}: weights do not fit the checkpoint's model_args ({first_line(e)})")
+            fail(f"{S.ckpt_path}: weights do not fit the checkpoint's model_args ({first_line(e)})")
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     model.to(C.device)
     raw_model = model
-    scaler = torch.amp.GradScaler(device_type, enabled=(C.dtype == 'float16' and device_type == 'cuda'))
-    optimizer = model.configure_optimizers(C.weight_decay, C.learning_rate, (C.beta1, C.beta2), device_type)
+    # metadata cooldown: the iterations from cool_start on train without tags, and the evaluations after
+    # it (of a model trained without them since) run without tags too; meta_cooled is saved in model_args
+    cool_start = C.max_iters - math.ceil(C.meta_cooldown * C.max_iters) if C.meta_cooldown and D.streams else None
+    raw_model.config.meta_cooled = model_args['meta_cooled'] = cool_start is not None and iter_num > cool_start
+    scaler = torch.amp.GradScaler(S.device_type, enabled=(C.dtype == 'float16' and S.device_type == 'cuda'))
+    optimizer = model.configure_optimizers(C.weight_decay, C.learning_rate, (C.beta1, C.beta2), S.device_type)
     if ckpt is not None:
         try:
             optimizer.load_state_dict(ckpt['optimizer'])
             torch.set_rng_state(ckpt['rng']['torch'])
-            if device_type == 'cuda' and ckpt['rng'].get('cuda') is not None:
+            if S.device_type == 'cuda' and ckpt['rng'].get('cuda') is not None:
                 torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            fail(f"{ckpt_path}: bad optimizer or RNG state ({first_line(e)})")
-    ckpt = None  # free memory
+            fail(f"{S.ckpt_path}: bad optimizer or RNG state ({first_line(e)})")
     if C.compile:
-        log("compiling the model...")
+        S.log("compiling the model...")
         model = torch.compile(model)
-    if ddp:
+    if S.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+        # in the cooldown the metadata tables get no gradient: DDP must be told that parameters may go unused
+        model = DDP(model, device_ids=[S.local_rank] if S.device_type == 'cuda' else None,
+                    find_unused_parameters=cool_start is not None)
+    return SimpleNamespace(model=model, raw_model=raw_model, model_args=model_args, optimizer=optimizer,
+                           scaler=scaler, iter_num=iter_num, best_val_loss=best_val_loss, cool_start=cool_start)
 
-    def to_dev(x, y, meta):
-        if device_type == 'cuda':
-            f = lambda t: t.pin_memory().to(C.device, non_blocking=True)
-        else:
-            f = lambda t: t.to(C.device)
-        return f(x), f(y), {k: f(v) for k, v in meta.items()}
 
-    log_path = os.path.join(C.out_dir, 'log.jsonl')
-    if master and not C.eval_only:
-        prepare_out_dir(C, ckpt_path, log_path, iter_num)
-    wb = start_wandb(C, cfg) if master and C.wandb_log and not C.eval_only else None
-    start_iter, t_start = iter_num, time.time()
-    t_interval, it_interval = time.time(), iter_num
-    loss_sum, loss_count = torch.zeros((), device=C.device), 0
+def train_loop(C, cfg, S, D, R, stop):
+    """nanoGPT's loop: at each iteration set the lr, evaluate when due, stop when done or signalled,
+    else take one optimizer step. Returns what stopped it early (a signal's name), else None."""
+    R.start_iter, R.t_start = R.iter_num, time.time()
+    R.t_interval, R.it_interval = time.time(), R.iter_num
+    R.loss_sum, R.loss_count = torch.zeros((), device=C.device), 0
     while True:
-        lr = get_lr(iter_num, C)
-        for group in optimizer.param_groups:
+        lr = get_lr(R.iter_num, C)
+        for group in R.optimizer.param_groups:
             group['lr'] = lr
 
         # evaluate, log and checkpoint; a resumed run already did this at its start iteration
-        due = iter_num % C.eval_interval == 0 or iter_num == C.max_iters
-        if (due and (iter_num != start_iter or C.init_from == 'scratch')) or C.eval_only:
-            if device_type == 'cuda':
-                torch.cuda.synchronize()
-            dt = time.time() - t_interval
-            n_it = iter_num - it_interval
-            if ddp:
-                torch.distributed.all_reduce(loss_sum)
-                loss_sum /= world
-            train_loss = loss_sum.item() / loss_count if loss_count else None
-            tps = n_it * tokens_per_iter / dt if n_it else None
-            mfu = raw_model.estimate_mfu(C.batch_size * accum, dt / n_it, C.peak_flops) if n_it else None
-            # ranks may hold different numbers of windows, so evaluate outside DDP's forward and all-reduce sums
-            res = evaluate(model.module if ddp else model, val_split, val_windows, C.block_size, C.batch_size,
-                           ctx, C.device, word_ids, ddp, first_tags, token_bytes)
-            res['val_nll'] = res[nll_key] if nll_key else None
-            res['val_bpb'] = bits_per_byte(res['val_nll'], res['val_bytes_per_token'])
-            row = dict(iter=iter_num, tokens=iter_num * tokens_per_iter, lr=lr, train_loss=train_loss, **res,
-                       tokens_per_sec=tps, mfu=mfu, elapsed_s=time.time() - t_start)
-            fmt = lambda v: 'n/a' if v is None else f"{v:.4f}"
-            log(f"step {iter_num}: train loss {fmt(train_loss)}, val loss {res['val_loss']:.4f}, "
-                f"val_nll {fmt(res['val_nll'])} (bpb {fmt(res['val_bpb'])})"
-                + (f" (bound: tag loss {res['val_tag_loss']:.4f})" if C.meta_predict else "")
-                + f", ppl {res['val_ppl']:.2f}, acc {res['val_acc']:.4f} (word start {fmt(res['val_acc_word_start'])}, "
-                f"cont {fmt(res['val_acc_word_cont'])})" + (f", {tps:,.0f} tok/s" if tps else ""))
+        due = R.iter_num % C.eval_interval == 0 or R.iter_num == C.max_iters
+        if (due and (R.iter_num != R.start_iter or C.init_from == 'scratch')) or C.eval_only:
+            eval_step(C, cfg, S, D, R, lr)
             if C.eval_only:
-                log(json.dumps(row))
-                break
-            if master:
-                append_log(log_path, row)
-                if wb is not None:
-                    wb.log({k: v for k, v in row.items() if v is not None}, step=iter_num)
-            # the loss the run minimises: meta_predict models also pay for their tags
-            score = res['val_loss_bound'] if C.meta_predict else res['val_loss']
-            improved = score < best_val_loss
-            best_val_loss = min(best_val_loss, score)
-            if master and iter_num > 0 and (improved or C.always_save_checkpoint):
-                ck = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_args=model_args,
-                          iter_num=iter_num, best_val_loss=best_val_loss, config=cfg, dataset=info,
-                          rng=dict(torch=torch.get_rng_state(),
-                                   cuda=torch.cuda.get_rng_state_all() if device_type == 'cuda' else None))
-                write_atomic(ckpt_path, lambda f: torch.save(ck, f))  # never a truncated ckpt.pt
-                if C.keep_checkpoints:
-                    snapshot(ckpt_path, os.path.join(C.out_dir, f'ckpt_{iter_num:06d}.pt'))
-                    for old in snapshots(C.out_dir)[:-C.keep_checkpoints]:
-                        os.remove(old)
-                if C.keep_checkpoints and improved and C.always_save_checkpoint:
-                    snapshot(ckpt_path, os.path.join(C.out_dir, 'ckpt_best.pt'))  # ckpt.pt is the latest
-            loss_sum, loss_count = torch.zeros((), device=C.device), 0
-            t_interval, it_interval = time.time(), iter_num
-        if iter_num >= C.max_iters:
-            break
+                return None
+        if R.iter_num >= C.max_iters:
+            return None
+        # a stop signal (preemption, Ctrl-C): save at this step boundary, exit after the loop. Every rank
+        # asks every step, so all stop at the same step (a rank stopping alone would hang the others)
+        if stop is not None and any_rank(stop[0], S.ddp, C.device):
+            if S.master:
+                save_state(cfg, S, D, R)  # whatever always_save_checkpoint says: this is the run's progress
+            return stop[0] or 'a signal to another rank'
 
-        # one optimizer step on the global batch of this iteration; this rank takes its slice
-        t0 = time.time()
-        torch.manual_seed(mix_seed(C.seed, iter_num, rank, 1))  # model dropout: a function of (seed, iter, rank)
-        starts, masks = sample_batch(train_split, C.seed, iter_num, global_rows, C.block_size, streams, C.meta_dropout)
-        lo = rank * C.batch_size * accum
-        mine = starts[lo:lo + C.batch_size * accum]
-        x_all, y_all, meta_all = train_split.windows(mine, C.block_size)
-        meta_all = apply_meta_dropout(meta_all, {s: m[lo:lo + C.batch_size * accum] for s, m in masks.items()})
-        x_all, y_all, meta_all = to_dev(x_all, y_all, meta_all)
-        # meta_predict: the next token's tags, teacher-forced (never dropped: they are also the tag targets)
-        next_all = to_dev(x_all, y_all, train_split.next_tags(mine, C.block_size))[2] if C.meta_predict else None
-        it_loss = torch.zeros((), device=C.device)
-        for micro in range(accum):
-            sl = slice(micro * C.batch_size, (micro + 1) * C.batch_size)
-            if ddp:
-                # all-reduce gradients only on the last micro-step
-                model.require_backward_grad_sync = (micro == accum - 1)
-            with ctx:
-                nm = {k: v[sl] for k, v in next_all.items()} if next_all is not None else None
-                _, loss = model(x_all[sl], {k: v[sl] for k, v in meta_all.items()}, targets=y_all[sl], next_meta=nm)
-                loss = loss / accum
-            it_loss += loss.detach()
-            scaler.scale(loss).backward()
-        if C.grad_clip != 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), C.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += it_loss
-        loss_count += 1
-        if iter_num % C.log_interval == 0 and master:
-            lossf = it_loss.item()  # syncs with the device
-            log(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {(time.time() - t0) * 1000:.1f}ms")
-        iter_num += 1
+        train_step(C, S, D, R, lr)
+        R.iter_num += 1
 
-    if wb is not None:
-        wb.finish()
-    if ddp:
-        # wait for rank 0 to finish its checkpoint: a rank that tears gloo down while its peer is
-        # still busy can abort ("terminate called without an active exception")
-        torch.distributed.barrier()
-        del model
-        torch.distributed.destroy_process_group()
+
+def eval_step(C, cfg, S, D, R, lr):
+    """Evaluate on the fixed validation windows, log a row (log.jsonl, wandb, stdout) with the train
+    loss and speed since the last one, and save the checkpoint (and the snapshots asked for)."""
+    if any_rank(data_fingerprint(C.data_dir, D.streams) != D.fingerprint, S.ddp, C.device):
+        fail(f"{C.data_dir}: the dataset changed during the run (meta.json or file sizes: re-prepared?); "
+             f"stopped at iter {R.iter_num} without saving: resume from {S.ckpt_path} on the run's data, or "
+             "on this data with --allow_data_change=True")
+    if S.device_type == 'cuda':
+        torch.cuda.synchronize()
+    dt = time.time() - R.t_interval
+    n_it = R.iter_num - R.it_interval
+    if S.ddp:
+        torch.distributed.all_reduce(R.loss_sum)
+        R.loss_sum /= S.world
+    train_loss = R.loss_sum.item() / R.loss_count if R.loss_count else None
+    tps = n_it * S.tokens_per_iter / dt if n_it else None
+    mfu = R.raw_model.estimate_mfu(C.batch_size * S.accum, dt / n_it, C.peak_flops) if n_it else None
+    # ranks may hold different numbers of windows, so evaluate outside DDP's forward and all-reduce sums
+    res = evaluate(R.model.module if S.ddp else R.model, D.val, D.val_windows, C.block_size, C.batch_size,
+                   S.ctx, C.device, D.word_ids, S.ddp, D.first_tags, D.token_bytes,
+                   no_tags=R.raw_model.config.meta_cooled)
+    # evaluated without tags (cooldown): a plain language model's NLL, whatever tags it trained on
+    res['val_no_tags'] = R.raw_model.config.meta_cooled
+    res['val_nll'] = res['val_loss'] if res['val_no_tags'] else res[D.nll_key] if D.nll_key else None
+    res['val_bpb'] = bits_per_byte(res['val_nll'], res['val_bytes_per_token'])
+    row = dict(iter=R.iter_num, tokens=R.iter_num * S.tokens_per_iter, lr=lr, train_loss=train_loss, **res,
+               tokens_per_sec=tps, mfu=mfu, elapsed_s=time.time() - R.t_start)
+    fmt = lambda v: 'n/a' if v is None else f"{v:.4f}"
+    S.log(f"step {R.iter_num}: train loss {fmt(train_loss)}, val loss {res['val_loss']:.4f}, "
+          f"val_nll {fmt(res['val_nll'])} (bpb {fmt(res['val_bpb'])})"
+          + (f" (bound: tag loss {res['val_tag_loss']:.4f})" if C.meta_predict else "")
+          + (" (no tags: cooldown)" if res['val_no_tags'] else "")
+          + f", ppl {res['val_ppl']:.2f}, acc {res['val_acc']:.4f} (word start {fmt(res['val_acc_word_start'])}, "
+          f"cont {fmt(res['val_acc_word_cont'])})" + (f", {tps:,.0f} tok/s" if tps else ""))
+    if C.eval_only:
+        S.log(json.dumps(row))
+        return
+    if S.master:
+        append_log(S.log_path, row)
+        if R.wb is not None:
+            R.wb.log({k: v for k, v in row.items() if v is not None}, step=R.iter_num)
+    # the loss the run minimises: meta_predict models also pay for their tags
+    score = res['val_loss_bound'] if C.meta_predict else res['val_loss']
+    improved = score < R.best_val_loss
+    R.best_val_loss = min(R.best_val_loss, score)
+    if S.master and R.iter_num > 0 and (improved or C.always_save_checkpoint):
+        save_state(cfg, S, D, R)
+        if C.keep_checkpoints:
+            snapshot(S.ckpt_path, os.path.join(C.out_dir, f'ckpt_{R.iter_num:06d}.pt'))
+            for old in snapshots(C.out_dir)[:-C.keep_checkpoints]:
+                os.remove(old)
+        if C.keep_checkpoints and improved and C.always_save_checkpoint:
+            snapshot(S.ckpt_path, os.path.join(C.out_dir, 'ckpt_best.pt'))  # ckpt.pt is the latest
+    R.loss_sum, R.loss_count = torch.zeros((), device=C.device), 0
+    R.t_interval, R.it_interval = time.time(), R.iter_num
+
+
+def save_state(cfg, S, D, R):
+    """The checkpoint of the state after R.iter_num iterations; atomic: never a truncated ckpt.pt."""
+    ck = dict(model=R.raw_model.state_dict(), optimizer=R.optimizer.state_dict(), model_args=R.model_args,
+              iter_num=R.iter_num, best_val_loss=R.best_val_loss, config=cfg, dataset=D.info,
+              data_fingerprint=D.fingerprint,
+              rng=dict(torch=torch.get_rng_state(),
+                       cuda=torch.cuda.get_rng_state_all() if S.device_type == 'cuda' else None))
+    save_checkpoint(S.ckpt_path, ck)
+
+
+def to_device(t, device):
+    """A batch tensor on the device: through pinned memory, asynchronously, on CUDA."""
+    if 'cuda' in device:
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def train_step(C, S, D, R, lr):
+    """One optimizer step on the global batch of iteration R.iter_num; this rank takes its slice."""
+    t0 = time.time()
+    torch.manual_seed(mix_seed(C.seed, R.iter_num, S.rank, 1))  # model dropout: a function of (seed, iter, rank)
+    # the batch: the global one's rows of this rank, tags dropped to <unk> as drawn, on the device
+    rows = C.batch_size * S.accum
+    starts, masks = sample_batch(D.train, C.seed, R.iter_num, S.global_rows, C.block_size, D.streams, C.meta_dropout)
+    lo = S.rank * rows
+    mine = starts[lo:lo + rows]
+    x_all, y_all, meta_all = D.train.windows(mine, C.block_size)
+    meta_all = apply_meta_dropout(meta_all, {s: m[lo:lo + rows] for s, m in masks.items()})
+    x_all, y_all = to_device(x_all, C.device), to_device(y_all, C.device)
+    meta_all = {k: to_device(v, C.device) for k, v in meta_all.items()}
+    # meta_predict: the next token's tags, teacher-forced (never dropped: they are also the tag targets)
+    next_all = ({k: to_device(v, C.device) for k, v in D.train.next_tags(mine, C.block_size).items()}
+                if C.meta_predict else None)
+    # metadata cooldown: no tags from cool_start on (not even <unk>)
+    if R.cool_start is not None and R.iter_num >= R.cool_start:
+        R.raw_model.config.meta_cooled = R.model_args['meta_cooled'] = True
+    # forward and backward, micro-step by micro-step (gradient accumulation)
+    it_loss = torch.zeros((), device=C.device)
+    for micro in range(S.accum):
+        sl = slice(micro * C.batch_size, (micro + 1) * C.batch_size)
+        if S.ddp:
+            # all-reduce gradients only on the last micro-step
+            R.model.require_backward_grad_sync = (micro == S.accum - 1)
+        with S.ctx:
+            nm = {k: v[sl] for k, v in next_all.items()} if next_all is not None else None
+            meta = None if R.raw_model.config.meta_cooled else {k: v[sl] for k, v in meta_all.items()}
+            _, loss = R.model(x_all[sl], meta, targets=y_all[sl], next_meta=nm)
+            loss = loss / S.accum
+        it_loss += loss.detach()
+        R.scaler.scale(loss).backward()
+    # clip, step, and zero the gradients
+    if C.grad_clip != 0.0:
+        R.scaler.unscale_(R.optimizer)
+        torch.nn.utils.clip_grad_norm_(R.model.parameters(), C.grad_clip)
+    R.scaler.step(R.optimizer)
+    R.scaler.update()
+    R.optimizer.zero_grad(set_to_none=True)
+    # log: the loss is summed on the device, read at the evaluation; read here only every log_interval
+    R.loss_sum += it_loss
+    R.loss_count += 1
+    if R.iter_num % C.log_interval == 0 and S.master:
+        lossf = it_loss.item()  # syncs with the device
+        S.log(f"iter {R.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {(time.time() - t0) * 1000:.1f}ms")
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    sys.exit(run_main('train.py', main, sys.argv[1:]))

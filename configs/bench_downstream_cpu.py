@@ -1,11 +1,11 @@
 # Downstream CPU experiment (issue 13): cloze and arithmetic accuracy per model and tag policy.
-#   python bench.py configs/bench_downstream_cpu.py
+#   python experiments.py configs/bench_downstream_cpu.py
 # Trains baseline, LIME (causal tags), LIME+1 (full tags, metadata dropout 0.1 so that unhinted
 # positions, <unk>, are in distribution), LIME+1 with self-predicted tags and a second baseline seed
 # on NLTK's Gutenberg books plus 40,000 generated arithmetic problems (lm-eval's format; none is a
 # test problem), then scores each with harness.py's offline tasks (tasks/lime, built on first use).
 # Sized for <= 30 minutes on 2 idle cores (two one-thread runs at a time).
-exec(open(__file__.replace('bench_downstream_cpu.py', 'bench_efficiency_cpu.py')).read())
+include('bench_efficiency_cpu.py')  # its settings first, then this file's (common.exec_config)
 mode = 'downstream'
 out_json = 'out-bench/bench_downstream_cpu.json'
 data_dir = 'data/gutenberg_arith_4k'

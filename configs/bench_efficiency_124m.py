@@ -1,5 +1,5 @@
 # Learning-efficiency benchmark at GPT-2 small scale (124M), on 8 GPUs of one node:
-#   python bench.py configs/bench_efficiency_124m.py
+#   python experiments.py configs/bench_efficiency_124m.py
 # Six runs one after the other (baseline, LIME, LIME causal, LIME+1, shuffled control, baseline
 # seed 2), each 5,000 iterations x 0.5M tokens = 2.5B tokens: hours per run on 8 H100-class GPUs.
 # data_dir: a large corpus written by prepare.py with both tag kinds (full GPT-2 vocabulary), e.g.

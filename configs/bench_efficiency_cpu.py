@@ -1,5 +1,5 @@
 # Learning-efficiency benchmark, CPU preset (2 cores, about 30 min, see README):
-#   python bench.py configs/bench_efficiency_cpu.py
+#   python experiments.py configs/bench_efficiency_cpu.py
 # Eight train.py runs on the same data, seed, batches and steps: baseline, LIME (pos,ner), LIME with
 # causal tags, LIME+1, LIME+1 predicting its own next tags, shuffled-metadata control, a second
 # baseline seed (run-to-run noise), and the baseline on GPT-2's own tokenization (compared by bpb).
@@ -7,7 +7,7 @@
 # full 50257-way output layer a model this small would spend most of its time in the softmax.
 # data/gutenberg_4k is built on first use (NLTK Gutenberg, full + causal tags).
 # The Gemma-style model on the same runs (4 layers, d=128, 4 query / 2 key-value heads, GeGLU 512):
-#   python bench.py configs/bench_efficiency_cpu.py --arch=gemma --eff_dir=out-bench-eff-cpu-gemma
+#   python experiments.py configs/bench_efficiency_cpu.py --arch=gemma --eff_dir=out-bench-eff-cpu-gemma
 mode = 'efficiency'
 out_json = 'out-bench/bench_efficiency_cpu.json'
 device = 'cpu'

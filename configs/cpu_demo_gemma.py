@@ -4,7 +4,7 @@
 # python train.py configs/cpu_demo_gemma.py
 #   baseline: --metadata='' --out_dir=out-cpu-demo-gemma-baseline
 #   LIME+1:   --meta_shift=1 --out_dir=out-cpu-demo-gemma-lime1
-exec(open(__file__.replace('cpu_demo_gemma.py', 'cpu_demo.py')).read())
+include('cpu_demo.py')  # its settings first, then this file's (common.exec_config)
 out_dir = 'out-cpu-demo-gemma-lime'
 arch = 'gemma'
 n_kv_head = 2

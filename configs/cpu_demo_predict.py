@@ -1,7 +1,7 @@
 # CPU demo, self-predicting LIME+1 arm: configs/cpu_demo.py on causal tags, with the model predicting
 # the next token's POS/NER tags itself (no oracle: it generates without hints, hints override it).
 # python train.py configs/cpu_demo_predict.py
-exec(open(__file__.replace('cpu_demo_predict.py', 'cpu_demo.py')).read())
+include('cpu_demo.py')  # its settings first, then this file's (common.exec_config)
 out_dir = 'out-cpu-demo-predict'
 metadata = 'pos_causal,ner_causal'
 meta_predict = True

@@ -1,4 +1,4 @@
-# The one-command demo (README's quickstart): python bench.py configs/quickstart.py
+# The one-command demo (README's quickstart): python experiments.py configs/quickstart.py
 # Builds the default corpus if it is missing (NLTK's Gutenberg, binary NER: works offline with the
 # NLTK data present), trains four small models on the same data, seed, batches and steps, and shows
 # what LIME bought against the baseline: a table and out-quickstart/curves.png. A few minutes on 2 cores.
@@ -6,7 +6,7 @@
 #   lime            LIME with full tags (the paper's setting; full tags read the next words)
 #   lime_causal     LIME with causal tags (computed from the past only)
 #   lime1_predict   LIME+1 predicting the next token's tags itself (an honest language model)
-exec(open(__file__.replace('quickstart.py', 'bench_efficiency_cpu.py')).read())
+include('bench_efficiency_cpu.py')  # its settings first, then this file's (common.exec_config)
 out_json = 'out-quickstart/quickstart.json'
 eff_dir = 'out-quickstart'
 eff_runs = 'baseline,lime,lime_causal,lime1_predict'

@@ -1,5 +1,6 @@
-"""bench.py end to end on tiny presets: every mode runs and writes well-formed JSON.
-A tiny real dataset (prepare.py on a few paragraphs, GPT-2's first 512 ranks) is built once."""
+"""bench.py (the cost benchmarks) end to end on tiny presets: every mode runs and writes well-formed
+JSON. A tiny real dataset (prepare.py on a few paragraphs, GPT-2's first 512 ranks) is built once;
+tests/test_experiments.py uses these helpers too."""
 import json
 import math
 import os
@@ -8,7 +9,6 @@ import sys
 import types
 
 import pytest
-import torch
 
 from conftest import ROOT
 
@@ -22,12 +22,16 @@ TEXT = ("The old man walked to the harbour in the morning. Mr. Smith sold 3 boat
         "going?\" asked Alice. The Queen of Hearts shouted at the White Rabbit, who ran away quickly. ")
 
 
-def run_bench(cwd, *args, timeout=300):
+def run_script(script, cwd, *args, timeout=300):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, str(ROOT / 'bench.py'), *args], cwd=cwd, env=env,
+    r = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def run_bench(cwd, *args, timeout=300):
+    return run_script('bench.py', cwd, *args, timeout=timeout)
 
 
 def load(path):
@@ -62,14 +66,23 @@ def tiny_data(tmp_path_factory):
     return d, out, docs
 
 
-@pytest.fixture(scope='module')
-def eff(tiny_data):
-    d, data, _ = tiny_data
-    out = d / 'eff.json'
-    run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}', f'--out_json={out}',
-              '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
-              '--marginal_positions=6', *TINY_MODEL, timeout=900)  # 8 runs and two datasets: slow on a busy box
-    return d, data, load(out)
+def test_tagging_corpus_is_the_txt_files_prepare_reads(tmp_path):
+    # bench.py reads data_input itself (it imports no other script): the .txt files prepare.py would
+    # read, in its order; a file of another format named there is a one-line error
+    import prepare
+    (tmp_path / 'b' / 'c').mkdir(parents=True)
+    for i, name in enumerate(['z.txt', 'b/c/y.txt', 'b/x.txt', 'a.txt', 'b/w.txt']):
+        (tmp_path / name).write_text(f'\ufeffdocument {i}\r\n')
+    args = bench.configure(['--data_input=' + ','.join([str(tmp_path / 'z.txt'), str(tmp_path)])])
+    C = types.SimpleNamespace(**{**args, 'tag_doc_chars': 1})
+    units = prepare.list_units(types.SimpleNamespace(hf_dataset=None, input=C.data_input.split(',')))[0]
+    assert bench.corpus_docs(C) == [text for u in units for _, _, text in prepare.read_unit(u, 'text')]
+    assert bench.corpus_docs(C)[:2] == ['document 0\r\n', 'document 3\r\n']  # BOM dropped, as prepare.py
+    (tmp_path / 'd.jsonl').write_text('{"text": "a"}\n')
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'd.jsonl'}: the tagging corpus \\(data_input\\) is .txt files"):
+        bench.txt_files([str(tmp_path / 'd.jsonl')])
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'no.txt'}: cannot read"):
+        bench.corpus_docs(types.SimpleNamespace(data_input=str(tmp_path / 'no.txt'), tag_doc_chars=1))
 
 
 def test_config_errors():
@@ -79,14 +92,14 @@ def test_config_errors():
         bench.configure(['--mode=fast'])
     with pytest.raises(SystemExit, match='tp_rounds must be int'):
         bench.configure(['--tp_rounds=two'])
-    cfg = bench.configure(['--max_iters=2e3', '--compile=True'])
-    assert cfg['max_iters'] == 2000 and cfg['compile'] is True
-
-
-def test_first_reach_interpolates():
-    rows = [dict(tokens=0, val_loss=5.0), dict(tokens=100, val_loss=3.0), dict(tokens=200, val_loss=2.0)]
-    assert bench.first_reach(rows, 'val_loss', 2.5, lambda v, t: v <= t) == pytest.approx(150)
-    assert bench.first_reach(rows, 'val_loss', 1.0, lambda v, t: v <= t) is None
+    cfg = bench.configure(['--tp_steps=2e3', '--compile=True'])
+    assert cfg['tp_steps'] == 2000 and cfg['compile'] is True
+    # the experiments are experiments.py's: neither their modes nor their keys are bench.py's
+    with pytest.raises(SystemExit, match='mode must be one of throughput, tagging, startup, gpu_check'):
+        bench.configure(['--mode=efficiency'])
+    for key in ('eff_n_layer', 'eff_runs', 'max_iters', 'steer_windows', 'ds_runs', 'curves_png'):
+        with pytest.raises(SystemExit, match=f"unknown key '{key}'"):
+            bench.configure([f'--{key}=1'])
 
 
 def test_throughput(tmp_path):
@@ -156,8 +169,8 @@ def test_startup(tmp_path, monkeypatch):
     run_bench(tmp_path, '--mode=startup', '--startup_runs=2', f'--out_json={out}')
     r = load(out)['result']
     rows = {x['step']: x for x in r['rows']}
-    steps = ['import numpy', 'import metadata', 'import nltk', 'punkt', 'POS tagger', 'NE chunker', 'GPT-2',
-             'first sentence']
+    steps = ['import numpy', 'import metadata', 'import nltk', 'POS tagger', 'NE chunker', 'GPT-2',
+             'punkt, first sentence']
     assert list(rows) == ['python -c pass', 'metadata.py CLI, one sentence'] + steps + ['ready to tag']
     assert all(0 < x['min_s'] <= x['median_s'] <= x['max_s'] for x in rows.values())
     assert sum(rows[s]['min_s'] for s in steps) <= rows['ready to tag']['max_s']
@@ -166,145 +179,29 @@ def test_startup(tmp_path, monkeypatch):
     assert len(r['nltk_modules']) == 1 and r['nltk_modules'][0] < 40   # not the ~245 of a plain import
 
 
-def test_efficiency(eff):
-    d, data, res = eff
-    assert all_finite(res)
-    runs = res['result']['runs']
-    assert list(runs) == ['baseline', 'lime', 'lime_causal', 'lime1', 'lime1_predict', 'shuffled', 'baseline_seed2',
-                          'baseline_plain']
-    for name, r in runs.items():
-        for k in ('final_val_loss', 'final_val_ppl', 'final_val_acc', 'final_val_acc_word_start',
-                  'final_val_acc_word_cont'):
-            assert isinstance(r[k], float), (name, k)
-        assert r['curve']['iter'] == [0, 2, 4] and len(r['curve']['val_loss']) == 3
-        for k in ('frac_tokens_to_baseline_loss', 'frac_tokens_to_baseline_acc'):
-            assert r[k] is None or r[k] >= 0
-    assert runs['baseline']['frac_tokens_to_baseline_loss'] == pytest.approx(1.0)
-    # val_nll exists exactly for the runs that read nothing of the future
-    honest = {n for n, r in runs.items() if not r['reads_future']}
-    assert honest == {'baseline', 'lime_causal', 'lime1_predict', 'baseline_seed2', 'baseline_plain'}
-    for n, r in runs.items():
-        assert (r['final_val_nll'] is None) == r['reads_future'] == (r['final_val_bpb'] is None)
-        assert r['final_val_bytes_per_token'] > 0 and r['other_tokens'] == (n == 'baseline_plain')
-        if not r['reads_future']:  # bits per byte: val_nll / (ln 2 * bytes per target token)
-            assert r['final_val_bpb'] == pytest.approx(r['final_val_nll'] / (math.log(2) * r['final_val_bytes_per_token']))
-        if r['reads_future']:
-            assert r['frac_tokens_to_baseline_nll'] is None and bench.reach_cell(r, 'frac_tokens_to_baseline_nll') == 'n/a'
-    p = runs['lime1_predict']
-    assert p['final_val_nll'] == pytest.approx(p['final_val_loss_bound']) and p['final_val_nll'] > p['final_val_loss']
-    # the plain-tokenization arm: the same documents and split, GPT-2's own encoding, compared by bpb only
-    plain = runs['baseline_plain']
-    assert plain['frac_tokens_to_baseline_nll'] is None and plain['frac_tokens_to_baseline_loss'] is None
-    assert bench.reach_cell(plain, 'frac_tokens_to_baseline_nll') == 'n/a'
-    assert bench.reach_cell(plain, 'frac_tokens_to_baseline_bpb') != 'n/a'
-    assert runs['baseline']['frac_tokens_to_baseline_bpb'] == pytest.approx(1.0)
-    lime_meta, plain_meta = load(data / 'meta.json'), load(str(data) + '_plain/meta.json')
-    assert plain_meta['tokenization'] == 'plain' and lime_meta['tokenization'] == 'lime'
-    for k in ('train_docs', 'val_docs', 'tokenizer', 'inputs', 'seed'):
-        assert plain_meta[k] == lime_meta[k]
-    assert res['result']['plain_data_dir'] == str(data) + '_plain'
-    args = load(d / 'eff' / 'baseline_plain' / 'bench_args.json')['args']
-    assert f'--data_dir={data}_plain' in args
-    m = res['result']['marginal']
-    assert m['positions'] == 6 and m['marginalised'] == ['pos_causal', 'ner_causal'] and m['values'] == 48 * 6
-    assert 0 <= m['gap'] and m['marginal'] <= m['bound'] and 0 < m['tag_cost'] < m['bound']
-    # the honest runs at the same positions, for scale: the baseline's mean is its own loss there
-    same = m['same_positions']
-    assert set(same) == {'baseline', 'lime_causal'} and same['baseline']['se'] > 0
-    assert same['baseline']['marginal_minus'] == pytest.approx(m['marginal'] - same['baseline']['nll'])
-    from model import GPT
-    from train import Split, eval_starts, load_checkpoint
-    base = GPT.from_checkpoint(load_checkpoint(str(d / 'eff' / 'baseline' / 'ckpt.pt')), 'cpu').eval()
-    sp, nll = Split(str(data), 'val', [], 0), []
-    for i in eval_starts(sp.n, base.config.block_size, 6):
-        x, y, _ = sp.windows([i], base.config.block_size)
-        with torch.no_grad():
-            nll.append(-torch.log_softmax(base(x)[0][0, -1], -1)[y[0, -1]].item())
-    assert same['baseline']['nll'] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
-    assert (d / 'eff' / 'lime1' / 'ckpt.pt').exists()
-    # a second call reuses the finished runs instead of training again
-    r = run_bench(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}',
-                  f'--out_json={d / "eff2.json"}', '--max_iters=4', '--eval_interval=2', '--eval_iters=2',
-                  '--warmup_iters=1', '--plot=False', '--eff_runs=baseline,lime', *TINY_MODEL)
-    assert 'reusing' in r.stdout
-
-
-def test_curves(eff, monkeypatch, capsys):
-    d, _, _ = eff
-    runs = [str(d / 'eff' / n) for n in ('baseline', 'lime', 'lime_causal', 'lime1_predict')]
-    out, png = d / 'curves.json', d / 'curves.png'
-    run_bench(d, '--mode=curves', *runs, f'--out_json={out}', f'--curves_png={png}')
-    r = load(out)['result']
-    assert r['baseline'] == 'baseline' and set(r['runs']) == {'baseline', 'lime', 'lime_causal', 'lime1_predict'}
-    assert r['runs']['lime']['reads_future'] and not r['runs']['lime_causal']['reads_future']
-    pytest.importorskip('matplotlib')
-    assert png.stat().st_size > 10000 and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    # without matplotlib: one line naming the package, and the numbers still come
-    monkeypatch.setitem(sys.modules, 'matplotlib', None)
-    assert bench.draw_curves({'b': bench.read_log(d / 'eff' / 'baseline' / 'log.jsonl')}, 'b', str(d / 'x.png')) is None
-    assert 'pip install matplotlib' in capsys.readouterr().out and not (d / 'x.png').exists()
-    with pytest.raises(SystemExit, match='log.jsonl: not found'):
-        bench.run_curves(types.SimpleNamespace(curves_baseline='', curves_png=str(png)), [str(d)])
-
-
-def test_steering(eff):
-    d, _, _ = eff
-    out = d / 'steer.json'
-    run_bench(d, '--mode=steering', f'--ckpt_dir={d / "eff" / "lime1"}', f'--base_ckpt_dir={d / "eff" / "baseline"}',
-              f'--out_json={out}', '--steer_windows=4', '--steer_samples=2', '--steer_prompt=6',
-              '--steer_new_tokens=5', '--device=cpu', '--dtype=float32')
-    res = load(out)
-    assert all_finite(res)
-    r = res['result']
-    assert set(r['accuracy']) == {'oracle_hints', 'unk_hints', 'baseline', 'predict_oracle_tags', 'predict_own_tags'}
-    assert set(r['generation']) == {'hinted', 'unhinted_unk', 'predict_hinted', 'predict_unhinted', 'baseline'}
-    assert r['predict_ckpt_dir'].endswith('lime1_predict') and r['generation']['predict_unhinted']['target'] == 'own tags'
-    for g in r['generation'].values():
-        for k in ('match_pos', 'match_ner', 'match_all'):
-            assert 0.0 <= g[k] <= 1.0
-    for a in r['accuracy'].values():
-        assert 0.0 <= a['acc'] <= 1.0 and a['loss'] > 0
-
-
-def test_gpu_check_plumbing_on_cpu(tiny_data):
-    d, data, _ = tiny_data
-    out = d / 'gpu_check.json'
-    run_bench(d, str(ROOT / 'configs' / 'bench_gpu_check.py'), f'--data_dir={data}', f'--eff_dir={d / "gc"}',
-              f'--out_json={out}', '--tp_rounds=1', '--tp_steps=1', '--tp_warmup=1', '--vocab_size=64',
-              '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--eff_runs=baseline,lime1', '--plot=False',
-              '--steer_windows=2', '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL,
-              '--eff_n_layer=0', '--eff_n_head=0', '--eff_n_embd=0', '--eff_block_size=0', '--eff_batch_size=0',
-              '--n_kv_head=1', '--compile=False')  # inductor on CPU needs a C++ toolchain and minutes; CUDA compiles in the real check
+def test_gpu_check_plumbing_on_cpu(tmp_path):
+    # the GPU check's cost part (its experiments part: tests/test_experiments.py)
+    out = tmp_path / 'gpu_check.json'
+    run_bench(tmp_path, str(ROOT / 'configs' / 'bench_gpu_check.py'), f'--out_json={out}', '--tp_rounds=1',
+              '--tp_steps=1', '--tp_warmup=1', '--vocab_size=64', *TINY_MODEL, '--n_kv_head=1',
+              '--compile=False')  # inductor on CPU needs a C++ toolchain and minutes; CUDA compiles in the real check
     res = load(out)
     assert res['mode'] == 'gpu_check' and all_finite(res)
-    assert {'throughput', 'throughput_gemma', 'efficiency', 'steering'} <= set(res['result'])
+    assert set(res['result']) == {'throughput', 'throughput_gemma', 'wall_s'}
     assert res['result']['throughput_gemma']['arch'] == 'gemma' and res['result']['throughput']['arch'] == 'gpt2'
     assert set(res['result']['throughput_gemma']['variants']) == {'lime'}
-    assert res['result']['steering']['generator'].startswith('sample.generate')
 
 
-def test_downstream(tiny_data):
-    """The downstream mode end to end on tiny data: arithmetic mixed in (no test problem), offline
-    tasks through harness.py, a row per model and tag policy, the oracle marked."""
-    pytest.importorskip('lm_eval')
-    d, _, docs = tiny_data
-    out = d / 'ds.json'
-    run_bench(d, '--mode=downstream', f'--data_dir={d / "ds_data"}', f'--data_input={docs}', '--data_tokenizer=gpt2-512',
-              f'--ds_task_dir={d / "tasks"}', '--ds_cloze_n=5', '--ds_arith_n=2', '--ds_arith_problems=300',
-              f'--eff_dir={d / "ds"}', f'--out_json={out}', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
-              '--warmup_iters=1', '--ds_runs=lime1', '--ds_limit=2', '--lime1_meta_dropout=0.1',
-              '--ds_tasks=lime_cloze,lime_arithmetic_hinted', *TINY_MODEL, timeout=600)
-    res = load(out)['result']
-    assert [(r['run'], r['policy'], r['reads_future']) for r in res['rows']] == [
-        ('lime1', 'causal', False), ('lime1', 'oracle', True), ('lime1', 'unk', False)]
-    for r in res['rows']:
-        assert 0 <= r['cloze_acc'] <= 1 and r['cloze_ll'] < 0
-        # generation has no oracle
-        assert (r['arith_em_hinted'] is None) == (r['policy'] == 'oracle') and r['arith_em'] is None
-        assert r['policy'] == 'oracle' or set(r['arith_em_hinted_by_kind']) == {'1da'}  # the first 2 problems
-    assert res['test_problems'] == 12  # 2 per kind
-    # held apart: no test problem in the training documents
-    test = {json.loads(l)['context'] for l in open(d / 'tasks' / 'arithmetic.jsonl')}
-    train = open(d / 'ds_data-docs' / 'arithmetic.jsonl').read()
-    assert len(test) == 12 and not any(json.dumps(t)[1:-1] + ' ' in train for t in test)
-    assert 'Question: What is' in train and load(d / 'ds_data' / 'meta.json')['train_docs'] > 0
+def test_startup_steps_is_a_script_mode_without_torch(tmp_path):
+    # the start-up child is bench.py's own code path (public metadata functions), not a program in a
+    # string; it runs before bench.py imports torch, so torch's import is not in what it times
+    r = subprocess.run([sys.executable, '-X', 'importtime', str(ROOT / 'bench.py'), '--startup_steps',
+                        'The old man the boat.', 'none'], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)
+    assert list(got['laps']) == ['import numpy', 'import metadata', 'import nltk', 'POS tagger', 'GPT-2',
+                                 'punkt, first sentence', 'ready to tag']
+    imported = {line.split('|')[-1].strip() for line in r.stderr.splitlines() if line.startswith('import time:')}
+    assert 'metadata' in imported and 'torch' not in imported
+    assert not hasattr(bench, '_STARTUP_STEPS')

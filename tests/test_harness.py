@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 import harness
 import metadata as md
 from conftest import ROOT
@@ -144,7 +145,7 @@ def test_honest_policies_do_not_read_the_continuation(ckpts):
     ('baseline', 'unk', 'does not apply'), ('lime1', 'predict', 'does not apply'),
     ('predict', 'causal', 'does not apply'), ('lime', 'bogus', 'unknown tag policy')])
 def test_policy_refusals(ckpts, kind, policy, match):
-    with pytest.raises(harness.HarnessError, match=match):
+    with pytest.raises(common.LimeError, match=match):
         harness.Scorer(ckpts[kind], policy)
 
 
@@ -163,10 +164,9 @@ def direct_ll(model, seq, n_cont, meta=None, nxt=None, pay=False):
             tag_lp = 0
         else:
             nx = {s: torch.from_numpy(np.asarray(v[lo:]))[None] for s, v in nxt.items()}
-            h = model.lower(x, m)
-            logits, _ = model.upper(model.inject(h, nx), targets=y)
+            logits, _, tag_logits, _ = model.forward_predict(x, m, nx, targets=y)
             tag_lp = sum(F.log_softmax(tl, -1)[0, -n_cont:].gather(-1, nx[s][0, -n_cont:, None]).sum()
-                         for s, tl in zip(model.config.meta_streams, model.tag_logits(h))) if pay else 0
+                         for s, tl in zip(model.config.meta_streams, tag_logits)) if pay else 0
     lp = F.log_softmax(logits, -1)[0, -n_cont:].gather(-1, y[0, -n_cont:, None]).sum()
     greedy = bool((logits[0, -n_cont:].argmax(-1) == y[0, -n_cont:]).all())
     return float(lp + tag_lp), greedy
@@ -300,7 +300,7 @@ def test_generation_hints_and_unk(ckpts, monkeypatch):
     assert isinstance(seen[-1]['tagger'], harness.UnkTagger)
     harness.make_lm(out_dir=ckpts['lime']).generate_until(req)  # a LIME model reads no next-token tags
     assert seen[-1]['hints'] == []
-    with pytest.raises(harness.HarnessError, match='oracle'):
+    with pytest.raises(common.LimeError, match='oracle'):
         harness.make_lm(out_dir=ckpts['lime1'], tag_policy='oracle').generate_until(req)
 
 
@@ -407,3 +407,61 @@ def test_no_lm_eval_import_elsewhere():
             "print('lm_eval' in sys.modules)")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip().endswith('False'), r.stderr
+
+
+# --- options and the results file, checked before any work (issue 21) --------------------------
+
+BAD_OPTIONS = [
+    ('--limit=-3', 'limit must be an integer >= 0 (0: all examples), got -3'),
+    ('--batch_size=0', 'batch_size must be an integer >= 1, got 0'),
+    ('--batch_size=-4', 'batch_size must be an integer >= 1, got -4'),
+    ('--num_fewshot=-2', "num_fewshot must be an integer >= 0, or -1 for the task's default, got -2"),
+    ('--bootstrap_iters=-1', 'bootstrap_iters must be an integer >= 0 (0: no stderr), got -1'),
+    ('--seed=-1', 'seed must be an integer >= 0, got -1'),
+    ('--cloze_n=0', 'cloze_n must be an integer >= 1, got 0'),
+    ('--arith_n=-5', 'arith_n must be an integer >= 1, got -5'),
+    ('--cloze_max_words=10', 'cloze_max_words must be an integer >= cloze_min_words=30, got 10'),
+    ('--device=gpu', "device must be cpu, cuda, cuda:N or mps, got 'gpu'"),
+]
+
+
+@pytest.mark.parametrize('flag,msg', BAD_OPTIONS)
+def test_bad_options_are_one_line_with_the_allowed_range(tmp_path, capsys, flag, msg):
+    # no checkpoint there: the option is refused first, before anything is loaded or built
+    assert harness.main([f'--out_dir={tmp_path}/nothing', f'--task_dir={tmp_path}/tasks', flag]) == 1
+    assert capsys.readouterr().err == f'harness.py: error: {msg}\n'
+    assert not (tmp_path / 'tasks').exists()
+
+
+def test_scorer_refuses_a_batch_size_below_one(ckpts):
+    for bs in (0, -4):  # was silently run as 1
+        with pytest.raises(common.LimeError, match=f'batch_size must be an integer >= 1, got {bs}'):
+            harness.Scorer(ckpts['baseline'], batch_size=bs)
+    assert harness.Scorer(ckpts['baseline'], batch_size=np.int64(3)).batch_size == 3
+
+
+def test_results_file_is_checked_before_the_evaluation(ckpts, tmp_path, capsys):
+    ckpt = os.path.join(ckpts['baseline'], 'ckpt.pt')
+    tasks = tmp_path / 'tasks'
+    for out_json, msg in [(f'{ckpt}/h.json', f'{ckpt}/h.json: cannot write the results ({ckpt} is not a directory)'),
+                          (str(tmp_path), f'{tmp_path}: cannot write the results (a directory)')]:
+        assert harness.main([f'--out_dir={ckpts["baseline"]}', '--tasks=lime_cloze', f'--task_dir={tasks}',
+                             f'--out_json={out_json}']) == 1
+        assert capsys.readouterr().err == f'harness.py: error: {msg}\n'
+        assert not tasks.exists()  # refused before the tasks were built, let alone evaluated
+    # out_dir may be a checkpoint file (as in sample.py): its results go beside it, not into it
+    assert harness.results_path(dict(out_json='', out_dir=ckpt)) == os.path.join(ckpts['baseline'], 'ckpt.harness.json')
+    assert harness.results_path(dict(out_json='', out_dir=ckpts['baseline'])) == os.path.join(ckpts['baseline'],
+                                                                                              'harness.json')
+
+
+def test_a_checkpoint_file_as_out_dir_end_to_end(ckpts, task_dir, tmp_path, capsys):
+    lm_eval_or_skip()
+    import shutil
+    ckpt = tmp_path / 'ckpt_000002.pt'
+    shutil.copy(os.path.join(ckpts['baseline'], 'ckpt.pt'), ckpt)
+    assert harness.main([f'--out_dir={ckpt}', '--tasks=lime_cloze', f'--task_dir={task_dir}', '--limit=2',
+                         '--bootstrap_iters=0']) == 0
+    res = json.loads((tmp_path / 'ckpt_000002.harness.json').read_text())
+    assert 0 <= res['policies']['causal']['results']['lime_cloze']['acc,none'] <= 1
+    assert f"wrote {tmp_path / 'ckpt_000002.harness.json'}" in capsys.readouterr().out

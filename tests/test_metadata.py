@@ -154,9 +154,9 @@ def test_tag_vocabularies_fixed():
     with pytest.raises(md.MetadataError):
         md.stream_tags('lemma', 'binary')
 
-def run_cli(args, stdin=None, env=None):
+def run_cli(args, stdin=None, env=None, timeout=300):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'metadata.py')] + args, input=stdin,
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=timeout)
 
 def test_cli_text_and_ids(tmp_path):
     text = "The old man the boat. Mr. O'Neill didn't visit New York in 2024!"
@@ -186,6 +186,31 @@ def test_cli_errors(tmp_path):
     assert r.returncode != 0 and 'integers' in r.stderr
     r = run_cli(['--ner', 'fancy'], stdin='x')
     assert r.returncode != 0 and 'typed' in r.stderr and 'binary' in r.stderr
+
+def test_cli_input_errors_are_one_line(tmp_path, capsys):
+    # a missing file, a directory, token ids that are no numbers or out of range: one line naming
+    # the file (and option) and the problem, exit 1
+    (tmp_path / 'somedir').mkdir()
+    ids = tmp_path / 'ids.txt'
+    cases = [([str(tmp_path / 'missing.txt')], 'missing.txt: No such file or directory'),
+             ([str(tmp_path / 'somedir') + '/'], 'somedir/: is a directory'),
+             ([str(ids), '--ids'], 'ids.txt: --ids: token id 12345678901234567890 out of range 0..50256', '1 12345678901234567890'),
+             ([str(ids), '--ids'], 'ids.txt: --ids: token id 50257 out of range 0..50256', '50257'),
+             ([str(ids), '--ids'], "ids.txt: --ids expects whitespace-separated integers, got 'x'", '1 2 x'),
+             ([str(ids), '--ids'], "ids.txt: --ids expects whitespace-separated integers, got '-1'", '-1'),
+             ([str(ids), '--ids'], "ids.txt: --ids expects whitespace-separated integers, got '1_0'", '1_0')]
+    for args, msg, *data in cases:
+        if data:
+            ids.write_text(data[0])
+        assert md.main(args + ['--ner', 'none']) == 1, args
+        err = capsys.readouterr().err
+        assert err.startswith('metadata.py: error: ') and err.endswith(msg + '\n') and err.count('\n') == 1, err
+
+def test_cli_refuses_a_fifo(tmp_path):
+    # a FIFO is not read (it would block until someone writes): one line, exit 1
+    os.mkfifo(tmp_path / 'fifo')
+    r = run_cli([str(tmp_path / 'fifo'), '--ner', 'none'], timeout=60)   # a hang fails
+    assert r.returncode == 1 and r.stderr == f"metadata.py: error: {tmp_path / 'fifo'}: not a regular file\n"
 
 def test_missing_resources_clear_error(tmp_path):
     env = dict(os.environ, NLTK_DATA=str(tmp_path), LIME_NO_DOWNLOAD='1')
@@ -385,7 +410,10 @@ def test_cached_tables_equal_fresh_ones():
              'ne_binary': nltk_fast.FastNEChunker.tables(md._ne_chunker('binary', True)),
              'punkt': nltk_fast.punkt_tables(PunktTokenizer('english')._params)}
     for name, tables in fresh.items():
-        _assert_same_tables(md._read_tables(os.path.join(md.cache_dir(), name + '.tables')), tables)
+        cached = md._read_tables(os.path.join(md.cache_dir(), name + '.tables'))
+        if name != 'punkt':   # the fast taggers passed their self-check against NLTK's own models
+            assert cached.pop('self_check') is True, name
+        _assert_same_tables(cached, tables)
     ours, ref = md._sentence_tokenizer()._params, PunktTokenizer('english')._params   # the tokenizer in use
     assert (ours.abbrev_types, ours.collocations, ours.sent_starters, dict(ours.ortho_context)) == \
         (ref.abbrev_types, ref.collocations, ref.sent_starters, dict(ref.ortho_context))
@@ -399,6 +427,20 @@ def test_cached_tables_equal_fresh_ones():
     # the cache key covers the model files and the code that builds the tables
     files = md._nltk_files([md._RESOURCES['pos'][0]])
     assert len(files) == 3 and all(f.endswith('.json') for f in files)
+
+def _split_table_file(data):
+    # (header, the bytes after the header's 64-byte aligned end) of a table file
+    n0 = len(md._TABLES_MAGIC)
+    n = int.from_bytes(data[n0:n0 + 8], 'little')
+    return json.loads(data[n0 + 16:n0 + 16 + n]), data[-(-(n0 + 16 + n) // 64) * 64:]
+
+def _table_file(header, body):
+    # a table file with this header and data and a right CRC: what passes the checksum, so that
+    # the checks of the structure are tested
+    import zlib
+    n0, head = len(md._TABLES_MAGIC), json.dumps(header).encode()
+    rest = head + b'\0' * (-(n0 + 16 + len(head)) % 64) + body
+    return md._TABLES_MAGIC + len(head).to_bytes(8, 'little') + zlib.crc32(rest).to_bytes(8, 'little') + rest
 
 def test_cache_rebuilds_stale_and_corrupt_files(tmp_path, monkeypatch):
     monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'cache'))
@@ -425,11 +467,26 @@ def test_cache_rebuilds_stale_and_corrupt_files(tmp_path, monkeypatch):
     assert get('v2')[0] == 'two' and len(builds) == 3   # another version of the code
     good = f.read_bytes()
     n0 = len(md._TABLES_MAGIC)
-    head_end = n0 + 8 + int.from_bytes(good[n0:n0 + 8], 'little')
+    head_end = n0 + 16 + int.from_bytes(good[n0:n0 + 8], 'little')
+    header, body = _split_table_file(good)
+    assert _table_file(header, body) == good and header['arrays']['w'][2:] == [len(body) - 24, 24]
+    w = header['arrays']['w']
+    crafted = [dict(header, arrays={'w': w[:2] + [-64, 24]}),               # header bytes as weights
+               dict(header, arrays={'w': w[:2] + [len(body) - 16, 24]}),    # past the end
+               dict(header, arrays={'w': w[:2] + [len(body) + 64, 0]}),     # outside, empty
+               dict(header, arrays={'w': ['<f8', [-3], w[2], 24]}),         # a negative dimension
+               dict(header, arrays={'w': ['|S8'] + w[1:]}),                 # not numeric
+               dict(header, arrays={'w': ['no such dtype'] + w[1:]}),
+               dict(header, arrays={'w': [['<f8', 3]] + w[1:]}),            # a dtype that is not a string
+               dict(header, strings={'s': [0, 0, -1]}),                     # a negative count
+               dict(header, strings={'s': [-8, 8, 1]})]
     for junk in (b'', b'not a table file', good[:n0 + 4], good[:head_end - 1], good[:len(good) - 8],
                  good[:n0] + (10 ** 9).to_bytes(8, 'little') + good[n0 + 8:],
                  good.replace(b'"float64"', b'"object"').replace(b'<f8', b'|O8'),
-                 good.replace(b'"json"', b'"jsno"')):
+                 good.replace(b'"json"', b'"jsno"'),
+                 good[:-24] + bytes(range(24)),                          # the data changed in place: bad CRC
+                 good.replace(b'LIME tables v2', b'LIME tables v1'),      # the format before
+                 *(_table_file(h, body) for h in crafted)):
         f.write_bytes(junk)
         n = len(builds)
         assert get('v2')[0] == 'two' and len(builds) == n + 1, junk[:40]   # corrupt: rebuilt ...
@@ -437,9 +494,186 @@ def test_cache_rebuilds_stale_and_corrupt_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in f.parent.iterdir()) == ['file-hashes.json', 'toy.tables']   # no temp files
 
 
+_TOY_CACHE = r'''
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import metadata as md
+if sys.argv[3] == 'killed':   # killed while it writes the table file (kill -9 during a build)
+    def write(f, key, tables):
+        f.write(b'partial')
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    md._write_tables = write
+print(md._cached('pos', 'v', [sys.argv[2]], lambda: {'w': np.arange(3.0)}, lambda t: t['w'].tolist()))
+import resource
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, 'MB')   # peak memory
+'''
+
+def _toy_cache(tmp_path, how='run'):
+    # a fresh process that reads (or builds) the table file pos.tables of a toy model in tmp_path/cache
+    model = tmp_path / 'model.txt'
+    model.write_text('m')
+    env = dict(os.environ, LIME_CACHE_DIR=str(tmp_path / 'cache'))
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))   # an endless read stops
+    return subprocess.run([sys.executable, '-c', _TOY_CACHE, ROOT, str(model), how], capture_output=True,
+                          text=True, env=env, timeout=60, preexec_fn=limit)   # a hang (a FIFO read) fails
+
+@pytest.mark.parametrize('entry', ['file-hashes.json', 'pos.tables'])
+@pytest.mark.parametrize('kind', ['fifo', 'dev-zero'])
+def test_cache_reads_only_regular_files(tmp_path, entry, kind):
+    # a FIFO or a link to a device in the cache is never read (no hang, no endless read): it is a
+    # corrupt entry, replaced by a regular file (the link itself, not /dev/zero)
+    import stat
+    (tmp_path / 'cache').mkdir()
+    p = tmp_path / 'cache' / entry
+    if kind == 'fifo':
+        os.mkfifo(p)
+    else:
+        p.symlink_to('/dev/zero')
+    r = _toy_cache(tmp_path)
+    assert r.returncode == 0 and r.stdout.split()[:3] == ['[0.0,', '1.0,', '2.0]'] and r.stderr == '', r.stderr
+    assert int(r.stdout.split()[3]) < 1000   # MB: /dev/zero was not read (until memory ran out)
+    assert stat.S_ISREG(os.lstat(p).st_mode) and stat.S_ISCHR(os.stat('/dev/zero').st_mode)
+    assert _toy_cache(tmp_path).stdout.split()[:3] == ['[0.0,', '1.0,', '2.0]']
+
+def test_cache_ignores_a_large_hash_memo(tmp_path, monkeypatch):
+    # file-hashes.json is a few KB; a larger one is not read (not even its valid entries), and is rewritten
+    monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'cache'))
+    model = tmp_path / 'model.txt'
+    model.write_text('m')
+    get = lambda: md._cached('toy', 'v', [str(model)], lambda: {'w': np.ones(2)}, lambda t: t['w'].sum())
+    assert get() == 2.0
+    memo = tmp_path / 'cache' / 'file-hashes.json'
+    entry = json.loads(memo.read_text())
+    big = {f'{tmp_path}/gone{k}.txt': entry[str(model)] for k in range(30000)}   # 3 MB (the valid entry kept)
+    memo.write_text(json.dumps(dict(big, **entry)))
+    assert memo.stat().st_size > 2 << 20
+    assert get() == 2.0 and json.loads(memo.read_text()).keys() == entry.keys()
+
+def test_cache_removes_temp_files_of_killed_builds_only(tmp_path, monkeypatch):
+    # a build killed while writing leaves its temp file; the next write removes it: only the temp
+    # files of our naming (.NAME.PID.XXXXXXXX.tmp) whose process is gone
+    r = _toy_cache(tmp_path, 'killed')
+    assert r.returncode == -9
+    cache = tmp_path / 'cache'
+    left = [p.name for p in cache.iterdir() if p.name.startswith('.pos.tables.')]
+    assert len(left) == 1 and left[0].endswith('.tmp') and len(left[0].split('.')) == 6
+    dead = left[0].split('.')[3]   # its pid
+    assert dead.isdigit()
+    keep = [f'.pos.tables.{os.getpid()}.abcd_123.tmp',     # a live build's
+            '.pos.tables.abcd_123.tmp',                    # no pid (another naming)
+            f'.pos.tables.{dead}.abcd_123.tmp.bak', f'pos.tables.{dead}.abcd_123.tmp',
+            f'.pos.tables.{dead}.abcd_1234.tmp', f'.toy.tables.{dead}.abcd_123.tmp',   # not pos.tables' temp
+            'notes.txt']
+    for k in keep:
+        (cache / k).write_text('mine')
+    (cache / f'.pos.tables.{dead}.dir_0000.tmp').mkdir()   # not a regular file
+    r = _toy_cache(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (cache / left[0]).exists()
+    assert all((cache / k).read_text() == 'mine' for k in keep) and (cache / f'.pos.tables.{dead}.dir_0000.tmp').is_dir()
+
+_TRUNCATED = r'''
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import metadata as md
+tg = md._pos_tagger(False)
+assert not tg.W.flags.owndata   # read from the table file, not built
+os.truncate(os.path.join(md.cache_dir(), 'pos.tables'), 64)   # truncated while in use
+print(' '.join(md.pos_tag_sents([sys.argv[2].split()])[0]))
+'''
+
+def _copy_of_the_cache(tmp_path, names):
+    # tmp_path/cache with copies of the default cache's files (built first): nothing to rebuild there
+    import shutil
+    md._pos_tagger(False)
+    (tmp_path / 'cache').mkdir()
+    for name in names + ['file-hashes.json']:
+        shutil.copy(os.path.join(md.cache_dir(), name), tmp_path / 'cache' / name)
+    return tmp_path / 'cache'
+
+def test_table_file_truncated_while_in_use(tmp_path):
+    # the tables are a copy in memory: a table file truncated under a running process cannot
+    # crash it (an mmap would: SIGBUS)
+    cache = _copy_of_the_cache(tmp_path, ['pos.tables'])
+    words = "The old man the boat , said Mr. Smith .".split()
+    env = dict(os.environ, LIME_CACHE_DIR=str(cache))
+    r = subprocess.run([sys.executable, '-c', _TRUNCATED, ROOT, ' '.join(words)], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == md.pos_tag_sents([words], reference=True)[0]
+
+def test_cache_rebuilds_tables_the_tagger_refuses(tmp_path, monkeypatch):
+    # a table file that is sound as a file (right CRC, every piece inside) but not what the tagger's
+    # tables are (a tag of the tag dictionary that is no tag, weights of another dtype) is rebuilt
+    # at load, not an error at every tagging
+    cache = _copy_of_the_cache(tmp_path, ['pos.tables'])
+    monkeypatch.setenv('LIME_CACHE_DIR', str(cache))
+    path = cache / 'pos.tables'
+    header, body = _split_table_file(path.read_bytes())
+    js, W = header['json'], header['arrays']['W']
+    bad = [dict(header, json=dict(js, tagdict=dict(js['tagdict'], the='NOT-A-TAG'))),
+           dict(header, arrays=dict(header['arrays'], W=['<f4', [W[1][0], 2 * W[1][1]]] + W[2:]))]
+    words = "The old man the boat .".split()
+    try:
+        for h in bad:
+            path.write_bytes(_table_file(h, body))
+            md._pos_tagger.cache_clear()
+            assert md.pos_tag_sents([words])[0] == md.pos_tag_sents([words], reference=True)[0]
+            t = md._read_tables(str(path))   # rebuilt
+            assert t['tagdict']['the'] == 'DT' and t['W'].dtype == np.float64 and t['self_check'] is True
+    finally:
+        md._pos_tagger.cache_clear()
+
+def test_fast_tagger_unlike_nltk_falls_back_to_nltk(tmp_path, monkeypatch, capsys):
+    # each fast tagger is compared with NLTK's own model on a sample when its tables are built; one
+    # that differs (here: one weight changed) is replaced by NLTK's model with one warning line, in
+    # this process and in every later one that reads its tables
+    monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'cache'))
+    pos_tables, ne_tables = nltk_fast.FastPOSTagger.tables, nltk_fast.FastNEChunker.tables
+
+    def bad_pos(tagger):   # every word not in the tag dictionary: UH
+        t = pos_tables(tagger)
+        t['W'] = t['W'].copy()
+        t['W'][t['features'].index('bias') + 1, t['classes'].index('UH')] += 100
+        return t
+
+    def bad_ne(chunker):   # every word: B-NE
+        t = ne_tables(chunker)
+        t['aon'] = t['aon'].copy()
+        t['aon'][t['labels'].index('B-NE')] += 100
+        return t
+    monkeypatch.setattr(nltk_fast.FastPOSTagger, 'tables', staticmethod(bad_pos))
+    monkeypatch.setattr(nltk_fast.FastNEChunker, 'tables', staticmethod(bad_ne))
+    text = ''.join(TRICKY) + ' Mr. John Smith of Acme Corp. met Ms. Garcia in New York on Jan. 5.'
+    ids = md.annotate_text(text, 'lime', 'binary', reference=True)[0]
+
+    def clear():
+        for f in (md._pos_tagger, md._ne_chunker, md._iob_id_table, md._pos_id_of_tag, md._long_run_checks):
+            f.cache_clear()
+        md._ANALYSIS_CACHE.clear()
+        md._ANALYSIS_HELD[0] = 0
+    try:
+        for run in ('built', 'read back'):
+            clear()
+            got, want = md.analyze(text, 'binary'), md.analyze(text, 'binary', reference=True)
+            assert all(np.array_equal(a, b) for a, b in zip(got, want)), run
+            assert md._pos_tagger(False).eps == md._ne_chunker('binary', False).eps == float('inf')
+            causal = md.annotate_ids(ids[:40], 'binary', 'causal')
+            ref = md.annotate_ids(ids[:40], 'binary', 'causal', reference=True)
+            assert all(np.array_equal(causal[k], ref[k]) for k in ref), run
+            err = capsys.readouterr().err.splitlines()
+            assert len(err) == 2 and all(l.startswith('metadata.py: warning: the fast ') for l in err), err
+            assert 'POS tagger' in err[0] and 'binary NE chunker' in err[1]
+        assert md._read_tables(str(tmp_path / 'cache' / 'pos.tables'))['self_check'] is False
+    finally:
+        clear()
+
 def test_cache_reads_arrays_in_place_and_hashes_a_file_once(tmp_path, monkeypatch):
-    # the arrays are read-only views of the file (nothing copied), and a model file is hashed
-    # again only when its stat changes
+    # the arrays are read-only views of the file's bytes (read once, no copy per array), and a
+    # model file is hashed again only when its stat changes
     import hashlib
     monkeypatch.setenv('LIME_CACHE_DIR', str(tmp_path / 'cache'))
     model = tmp_path / 'model.txt'

@@ -144,7 +144,7 @@ def test_bad_input_keeps_existing_dataset(tmp_path):
     assert run_prepare(['--input', str(inp), '--out_dir', str(out), '--ner', 'none', '--tags', 'full']).returncode == 0
     before = (out / 'train.bin').read_bytes()
     (inp / 'zz.txt').write_bytes(b'\xff\xfe')
-    r = run_prepare(['--input', str(inp), '--out_dir', str(out), '--ner', 'none', '--tags', 'full'])
+    r = run_prepare(['--input', str(inp), '--out_dir', str(out), '--ner', 'none', '--tags', 'full', '--overwrite'])
     assert r.returncode != 0 and 'zz.txt' in r.stderr
     assert (out / 'train.bin').read_bytes() == before
 
@@ -170,9 +170,9 @@ def test_small_vocab_tokenizer(tmp_path):
 def test_default_corpus_is_gutenberg():
     sys.path.insert(0, ROOT)
     import prepare
-    units = prepare.enumerate_documents(None)
+    units = prepare.list_units(prepare.p.parse_args([]))[0]
     assert len(units) >= 17 and all(k == 'gutenberg' for k, _, _ in units)
-    texts = list(prepare.iter_texts(units[:2]))  # bench.py reads corpora this way
+    texts = [text for u in units[:2] for _, _, text in prepare.read_unit(u, 'text')]
     from nltk.corpus import gutenberg
     assert texts == [gutenberg.raw(f) for _, f, _ in units[:2]]
 
@@ -262,8 +262,8 @@ def test_out_dir_forms(tmp_path):
     out = tmp_path / 'ds'
     assert run_prepare(common + ['--out_dir', str(out)]).returncode == 0
     first = (out / 'train.bin').read_bytes()
-    # an existing DIR given as DIR/: replaced, nothing orphaned
-    r = run_prepare(common + ['--out_dir', str(out) + '/'])
+    # an existing DIR given as DIR/: replaced (--overwrite), nothing orphaned
+    r = run_prepare(common + ['--out_dir', str(out) + '/', '--overwrite'])
     assert r.returncode == 0, r.stderr
     assert (out / 'train.bin').read_bytes() == first and leftovers(out) == []
     # a symlink: the dataset goes to its target, the link stays
@@ -271,7 +271,7 @@ def test_out_dir_forms(tmp_path):
     link = tmp_path / 'link'
     link.symlink_to(target, target_is_directory=True)
     for _ in range(2):  # new target, then replacing it
-        r = run_prepare(common + ['--out_dir', str(link)])
+        r = run_prepare(common + ['--out_dir', str(link), '--overwrite'])
         assert r.returncode == 0, r.stderr
         assert link.is_symlink() and (target / 'train.bin').read_bytes() == first
         assert leftovers(link) == [] and leftovers(target) == []
@@ -282,7 +282,7 @@ def test_out_dir_forms(tmp_path):
     assert r.returncode != 0
     one_line_error(r.stderr, 'afile', 'not a directory')
     assert f.read_text() == 'keep me' and leftovers(f) == []
-    r = run_prepare(common + ['--out_dir', str(inp)])
+    r = run_prepare(common + ['--out_dir', str(inp), '--overwrite'])
     assert r.returncode != 0
     one_line_error(r.stderr, 'did not write')
     assert sorted(os.listdir(inp)) == ['doc0.txt', 'doc1.txt', 'doc2.txt', 'more.jsonl']
@@ -301,29 +301,46 @@ def test_disk_full_at_the_final_flush(tmp_path):
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), '--no_progress'] + common,
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), '--no_progress', '--overwrite'] + common,
                        capture_output=True, text=True, timeout=600, preexec_fn=limit)
     assert r.returncode == 1
     one_line_error(r.stderr, str(out), 'cannot write')
     assert leftovers(out) == [] and (out / 'train.bin').read_bytes() == before
 
-def test_stale_temporary_dirs_removed(tmp_path):
-    import socket
-    inp = write_inputs(tmp_path / 'in')
-    out = tmp_path / 'ds'
+def dead_pid():
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
-    host = socket.gethostname()
-    stale = [f'ds.tmp-{dead.pid}', f'ds.tmp-{host}-{dead.pid}', f'ds.old-{host}-{dead.pid}']
-    kept = [f'ds.tmp-{host}-{os.getpid()}', f'ds.tmp-otherhost-{dead.pid}', 'ds.backup']
-    for n in stale + kept:
+    return dead.pid
+
+def test_stale_temporary_dirs_removed_users_dirs_kept(tmp_path):
+    """Leftovers of dead runs on this host that hold prepare.py's marker are removed; a user's
+    directories with look-alike names (no marker, or a marker naming another directory) are not."""
+    import socket
+    sys.path.insert(0, ROOT)
+    import prepare
+    inp = write_inputs(tmp_path / 'in')
+    out = tmp_path / 'ds'
+    host, dead, dead2 = socket.gethostname(), dead_pid(), dead_pid()
+    stale = [f'ds.tmp-{host}-{dead}', f'ds.old-{host}-{dead}']
+    kept = [f'ds.tmp-{host}-{os.getpid()}', f'ds.tmp-otherhost-{dead}']  # alive, another machine's
+    users = ['ds.old-2024', 'ds.tmp-99999', f'ds.tmp-{dead2}', f'ds.old-{dead2}', f'ds.old-{host}-{dead2}',
+             f'ds.tmp-{host}-{dead2}', 'ds.backup']
+    for n in stale + kept + users:
         (tmp_path / n).mkdir()
         (tmp_path / n / 'train.bin').write_bytes(b'xx')
+        if n in stale + kept:
+            prepare.mark(str(tmp_path / n))
+    (tmp_path / 'ds.old-2024' / 'a.txt').write_text('notes')
+    (tmp_path / f'ds.tmp-{host}-{dead2}' / prepare.MARK).write_text(stale[0])  # copied from elsewhere
     r = run_prepare(['--input', str(inp), '--out_dir', str(out), '--ner', 'none', '--tags', 'full',
                      '--workers', '1'])
     assert r.returncode == 0, r.stderr
-    assert leftovers(out) == sorted(kept)
+    assert leftovers(out) == sorted(kept + users)
+    assert (tmp_path / 'ds.old-2024' / 'a.txt').read_text() == 'notes'
+    assert all((tmp_path / n / 'train.bin').read_bytes() == b'xx' for n in kept + users)
     assert 'otherhost' in r.stderr and all(n in r.stderr for n in stale)
+    assert not [n for n in users if n in r.stderr]
+    assert not os.path.exists(out / prepare.MARK)  # the marker never stays in a dataset
 
 def test_every_input_checked_before_tagging(tmp_path):
     """A bad file late in the corpus fails the run before any document is tagged."""
@@ -383,7 +400,9 @@ def test_text_rules_bom_and_literal_endoftext(tmp_path):
     (['--workers', '0'], '[1, 1024]'), (['--workers=-3'], '[1, 1024]'),
     (['--val_fraction', '1'], '[0, 1)'), (['--val_fraction=-0.1'], '[0, 1)'),
     (['--num_shards', '0'], '>= 1'), (['--num_shards', '2', '--shard_index', '2'], '[0, --num_shards=2)'),
-    (['--shard_index=-1'], '[0, --num_shards=1)'), (['--seed=-5'], '>= 0')])
+    (['--shard_index=-1'], '[0, --num_shards=1)'), (['--seed=-5'], '>= 0'),
+    (['--max_doc_bytes=0'], '>= 1'), (['--tags=full,full'], 'given twice'),
+    (['--tags=causal,full,causal'], 'full, causal')])
 def test_option_ranges(tmp_path, args, expect):
     inp = write_inputs(tmp_path / 'in')
     r = run_prepare(['--input', str(inp), '--out_dir', str(tmp_path / 'o')] + args)
@@ -753,3 +772,166 @@ def test_default_dataset_unchanged(tmp_path):
     assert r.returncode == 0, r.stderr
     got = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in GUTENBERG_SHA256}
     assert got == GUTENBERG_SHA256
+
+# -----------------------------------------------------------------------------
+# issue 21: nothing of the user's is deleted, hostile inputs, hangs
+
+def tree(d):
+    """Every file under d with its bytes and mtime: 'untouched' means equal trees."""
+    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob('*'))}
+
+def test_existing_dataset_replaced_only_with_overwrite(tmp_path, shards):
+    inp = write_inputs(tmp_path / 'in')
+    out = tmp_path / 'ds'
+    common = ['--input', str(inp), '--ner', 'none', '--tags', 'full', '--workers', '1', '--out_dir', str(out)]
+    assert run_prepare(common).returncode == 0
+    before = tree(out)
+    for extra in ([], ['--seed', '5']):  # the same arguments or others: refused before any work
+        r = run_prepare(common + extra)
+        assert r.returncode == 1
+        one_line_error(r.stderr, str(out), 'holds a dataset already', '--overwrite')
+        assert tree(out) == before and leftovers(out) == []
+    r = run_prepare(['--merge', str(shards / 's0'), str(shards / 's1'), '--out_dir', str(out)])
+    assert r.returncode == 1
+    one_line_error(r.stderr, 'holds a dataset already', '--overwrite')
+    assert tree(out) == before and leftovers(out) == []
+    r = run_prepare(common + ['--seed', '5', '--overwrite'])
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(out / 'meta.json'))['seed'] == 5 and leftovers(out) == []
+    r = run_prepare(['--merge', str(shards / 's0'), str(shards / 's1'), '--out_dir', str(out), '--overwrite'])
+    assert r.returncode == 0, r.stderr
+    assert 'merged_from' in json.load(open(out / 'meta.json')) and leftovers(out) == []
+
+@pytest.mark.parametrize('case', ['nanogpt', 'not_our_meta', 'bad_meta', 'user_file'])
+def test_directory_prepare_did_not_write_is_refused(tmp_path, case):
+    """nanoGPT's train.bin/val.bin, a meta.json of someone else's or any user file: refused
+    even with --overwrite, and left untouched."""
+    inp = write_inputs(tmp_path / 'in')
+    out = tmp_path / 'ds'
+    if case != 'user_file':
+        out.mkdir()
+        (out / 'train.bin').write_bytes(b'\x01\x02' * 100)
+        (out / 'val.bin').write_bytes(b'\x03\x04' * 10)
+    expect = {'nanogpt': 'train.bin but no readable meta.json', 'not_our_meta': "meta.json has no 'streams'",
+              'bad_meta': "meta.json has no 'vocab_size'", 'user_file': "'notes.txt'"}[case]
+    if case == 'not_our_meta':
+        (out / 'meta.json').write_text(json.dumps({'vocab_size': 50304}))  # nanoGPT's meta.pkl, as JSON
+    elif case == 'bad_meta':
+        (out / 'meta.json').write_text('[1, 2]')
+    elif case == 'user_file':
+        assert run_prepare(['--input', str(inp), '--ner', 'none', '--tags', 'full', '--workers', '1',
+                            '--out_dir', str(out), '--overwrite']).returncode == 0
+        (out / 'notes.txt').write_text('mine')
+    before = tree(out)
+    for args in (['--input', str(inp), '--ner', 'none', '--tags', 'full', '--workers', '1'],
+                 ['--input', str(inp), '--ner', 'none', '--tags', 'full', '--num_shards', '2']):
+        r = run_prepare(args + ['--out_dir', str(out), '--overwrite'])
+        assert r.returncode == 1
+        one_line_error(r.stderr, str(out), expect, 'not replacing it')
+        assert tree(out) == before and leftovers(out) == []
+
+def run_quick(args, timeout=60):
+    """run_prepare, but a hang fails the test instead of stalling it (subprocess.run kills it)."""
+    try:
+        return subprocess.run([sys.executable, os.path.join(ROOT, 'prepare.py'), '--no_progress'] + args,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f'prepare.py still running after {timeout} s (hung)')
+
+@pytest.mark.parametrize('case', ['fifo_in_dir', 'fifo_given', 'dev_zero_link', 'dev_null_link'])
+def test_only_regular_files_are_read(tmp_path, case):
+    """A FIFO would block at open forever, /dev/zero never ends: refused at the listing, in one
+    line naming it, also behind a symlink."""
+    inp = write_inputs(tmp_path / 'in')
+    bad = inp / ('x.jsonl' if case == 'dev_null_link' else 'x.txt')
+    if case.startswith('fifo'):
+        os.mkfifo(bad)
+    else:
+        bad.symlink_to('/dev/zero' if case == 'dev_zero_link' else '/dev/null')
+    out = tmp_path / 'ds'
+    target = str(bad) if case == 'fifo_given' else str(inp)
+    r = run_quick(['--input', target, '--out_dir', str(out), '--ner', 'none', '--workers', '1'])
+    assert r.returncode == 1
+    one_line_error(r.stderr, str(bad), 'not a regular file')
+    assert not out.exists() and leftovers(out) == []
+
+def jsonl_bomb(path, line_bytes, first='{"text": "A fine first document."}\n'):
+    """A JSONL file (.jsonl, .gz or .zst by its name) whose second line is line_bytes long,
+    written in pieces (memory stays small however long the line)."""
+    import zstandard
+    piece = b'a' * min(line_bytes, 1 << 24)
+    if path.name.endswith('.gz'):
+        f = gzip.open(path, 'wb', compresslevel=1)
+    elif path.name.endswith('.zst'):
+        f = zstandard.ZstdCompressor().stream_writer(open(path, 'wb'))
+    else:
+        f = open(path, 'wb')
+    with f:
+        f.write(first.encode() + b'{"text": "')
+        for _ in range(line_bytes // len(piece)):
+            f.write(piece)
+        f.write(b'"}\n')
+    return path
+
+@pytest.mark.parametrize('name', ['bomb.jsonl', 'bomb.jsonl.gz', 'bomb.jsonl.zst', 'big.txt'])
+def test_document_size_limit(tmp_path, name):
+    """A 2 MiB document with --max_doc_bytes 1 MiB: one line naming the file (and line), before
+    any tagging; with a limit above it, the same file is fine."""
+    inp = write_inputs(tmp_path / 'in')
+    if name.endswith('.txt'):
+        (inp / name).write_bytes(b'word ' * ((2 << 20) // 5))
+        where = name
+    else:
+        jsonl_bomb(inp / name, 2 << 20)
+        where = f'{name}:2'
+    out = tmp_path / 'ds'
+    common = ['--input', str(inp), '--out_dir', str(out), '--ner', 'none', '--tags', 'full', '--workers', '1']
+    r = run_quick(common + ['--max_doc_bytes', str(1 << 20)])
+    assert r.returncode == 1
+    one_line_error(r.stderr, where, '--max_doc_bytes=1,048,576')
+    assert not out.exists() and leftovers(out) == []
+    if not name.endswith('.txt'):  # only the long line is refused: the first document was read
+        code = (f"import sys\nsys.path.insert(0, {ROOT!r})\nimport prepare\n"
+                f"docs = prepare.read_jsonl({str(inp / name)!r}, 'text', 1 << 20)\n"
+                f"print(next(docs)[2])\n")
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+        assert r.stdout == 'A fine first document.\n', r.stderr
+
+def test_decompression_bomb_memory_bounded(tmp_path):
+    """A 32 KB .jsonl.zst whose line is 1 GiB: refused after reading about the limit, peak memory
+    a few MiB above the process' own (reading the whole line took 1 GiB or more)."""
+    bomb = jsonl_bomb(tmp_path / 'bomb.jsonl.zst', 1 << 30)
+    assert bomb.stat().st_size < 1 << 20
+    code = (f"import sys, resource\nsys.path.insert(0, {ROOT!r})\nimport prepare\n"
+            f"rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"before = rss()\n"
+            f"try:\n    list(prepare.read_jsonl({str(bomb)!r}, 'text', 1 << 20))\n"
+            f"except prepare.LimeError as e:\n    print(e)\n"
+            f"print((rss() - before) // 1024)\n")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    msg, grown_mib = r.stdout.strip().splitlines()
+    assert 'bomb.jsonl.zst:2: longer than --max_doc_bytes=1,048,576' in msg, r.stdout + r.stderr
+    assert int(grown_mib) < 64, f'peak memory grew by {grown_mib} MiB'
+
+def test_deep_input_tree(tmp_path):
+    """A 1,500-deep input folder (os.walk recursed: RecursionError) is walked in order."""
+    inp = tmp_path / 'in'
+    inp.mkdir()
+    (inp / 'top.txt').write_text(DOCS[0])
+    d, dirs = str(inp), []
+    for _ in range(1500):  # os.makedirs recurses too
+        d = os.path.join(d, 'd')
+        os.mkdir(d)
+        dirs.append(d)
+    with open(os.path.join(d, 'bottom.txt'), 'w') as f:
+        f.write(DOCS[1])
+    out = tmp_path / 'ds'
+    try:
+        r = run_quick(['--input', str(inp), '--out_dir', str(out), '--ner', 'none', '--tags', 'full',
+                       '--val_fraction', '0', '--workers', '1'])
+        assert r.returncode == 0, r.stderr
+        assert docs_of(read_dataset(out)[1]['train']) == DOCS[:2]
+    finally:  # pytest's rmtree recurses as deep: remove it here, bottom up
+        os.remove(os.path.join(d, 'bottom.txt'))
+        for d in reversed(dirs):
+            os.rmdir(d)

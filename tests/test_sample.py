@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import metadata as md
 import sample
 import train
@@ -120,7 +121,7 @@ def test_kv_cache_matches_recompute(tmp_path, kind):
     streams, shift = {'baseline': ((), 0), 'lime': (('pos_causal', 'ner_causal'), 0),
                       'lime1': (('pos_causal', 'ner_causal'), 1)}.get(kind, (('pos_causal', 'ner_causal'), 0))
     arch = dict(arch='gemma', n_kv_head=1, seed=1) if kind == 'predict_gemma' else {}  # seed 0: a constant stream
-    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, streams, shift, predict=kind.startswith('predict'),
+    model, ckpt = common.load_model(make_ckpt(tmp_path, streams, shift, predict=kind.startswith('predict'),
                                                    **arch), 'cpu')
     text = sample.Text(ckpt['dataset'])
     prompt = text.encode(PROMPT)
@@ -147,7 +148,7 @@ def test_gemma_kv_cache_matches_recompute(tmp_path, kind):
     # cache refills past block_size, gives what recomputing the context gives
     streams, shift = {'baseline': ((), 0), 'lime': (('pos_causal', 'ner_causal'), 0),
                       'lime1': (('pos_causal', 'ner_causal'), 1)}[kind]
-    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, streams, shift, arch='gemma', n_head=4, n_kv_head=2),
+    model, ckpt = common.load_model(make_ckpt(tmp_path, streams, shift, arch='gemma', n_head=4, n_kv_head=2),
                                          'cpu')
     assert model.config.arch == 'gemma' and 'wpe' not in model.transformer
     with torch.no_grad():  # the tied, sqrt(d)-scaled table at 5x would make the model repeat its last token
@@ -177,7 +178,7 @@ def test_cli_cache_on_off_identical_and_gpt2_n(tmp_path):
 def test_prompt_metadata_is_causal_annotation(tmp_path, shift):
     predict = shift == 'predict'
     shift = 0 if predict else shift
-    model, ckpt = sample.load_checkpoint(make_ckpt(tmp_path, ('pos_causal', 'ner_causal'), shift, predict=predict),
+    model, ckpt = common.load_model(make_ckpt(tmp_path, ('pos_causal', 'ner_causal'), shift, predict=predict),
                                          'cpu')
     text = sample.Text(ckpt['dataset'])
     prompt = text.encode('Alice met Bob in Paris.') + [text.eot] + text.encode(PROMPT)  # two documents
@@ -229,7 +230,7 @@ def test_lime1_follows_hints(tmp_path):
                 '--log_interval=1000', '--eval_interval=1000', '--warmup_iters=10', '--learning_rate=3e-3',
                 '--min_lr=3e-4', '--device=cpu', '--dtype=float32', '--max_iters=120', '--lr_decay_iters=120',
                 '--metadata=pos', '--meta_shift=1', '--meta_dropout=0.1', f'--data_dir={data}', f'--out_dir={out}'])
-    model, ckpt = sample.load_checkpoint(out, 'cpu')
+    model, ckpt = common.load_model(out, 'cpu')
     tags = ckpt['dataset']['streams']['pos']['tags']
     rng = np.random.default_rng(0)
     want = rng.integers(3, len(tags), 40)
@@ -256,7 +257,7 @@ def test_meta_predict_samples_its_own_tags_and_hints_override_them(tmp_path):
                 '--min_lr=3e-4', '--device=cpu', '--dtype=float32', '--max_iters=120', '--lr_decay_iters=120',
                 '--metadata=pos', '--meta_predict=True', '--meta_inject_layer=1', f'--data_dir={data}',
                 f'--out_dir={out}'])
-    model, ckpt = sample.load_checkpoint(out, 'cpu')
+    model, ckpt = common.load_model(out, 'cpu')
     tags = ckpt['dataset']['streams']['pos']['tags']
     eot = ckpt['dataset']['eot_token']
     want = np.random.default_rng(0).integers(3, len(tags), 30)
@@ -278,6 +279,15 @@ def test_meta_predict_samples_its_own_tags_and_hints_override_them(tmp_path):
     assert all(p < 0.5 for h in r['head'] for _, p in h.values())
 
 
+def test_generate_keeps_its_state_in_generation_not_closures():
+    # issue 22: generate's state lives in sample.Generation (explicit), not in functions nested in it
+    import inspect
+    import types
+    comprehension = ('<listcomp>', '<dictcomp>', '<setcomp>', '<genexpr>')
+    code = inspect.unwrap(sample.generate).__code__
+    assert [c.co_name for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name not in comprehension] == []
+
+
 # --- errors -----------------------------------------------------------------------------
 
 def test_parse_hints():
@@ -286,11 +296,11 @@ def test_parse_hints():
     h = sample.parse_hints('CD  CD/O _\nB-NE', vocabs)
     assert h == [{'pos_causal': pos.index('CD')}, {'pos_causal': pos.index('CD'), 'ner_causal': ner.index('O')},
                  {}, {'ner_causal': ner.index('B-NE')}]
-    with pytest.raises(sample.SampleError, match=r"hint 2: unknown tag 'XX' \(valid: # \$ .* CD .* B-NE I-NE"):
+    with pytest.raises(common.LimeError, match=r"hint 2: unknown tag 'XX' \(valid: # \$ .* CD .* B-NE I-NE"):
         sample.parse_hints('CD XX', vocabs)
-    with pytest.raises(sample.SampleError, match="two tags for stream 'pos_causal'"):
+    with pytest.raises(common.LimeError, match="two tags for stream 'pos_causal'"):
         sample.parse_hints('CD/NN', vocabs)
-    with pytest.raises(sample.SampleError, match="unknown tag '<unk>'"):
+    with pytest.raises(common.LimeError, match="unknown tag '<unk>'"):
         sample.parse_hints('<unk>', vocabs)
 
 
@@ -301,7 +311,7 @@ def test_configure_is_trains_with_config_files(tmp_path):
     # string options keep their raw text; the file's values are checked as train.py checks them
     assert cfg['start'] == '42' and cfg['out_dir'] == '2024' and cfg['num_samples'] == 2
     assert cfg['max_new_tokens'] == 100 and type(cfg['max_new_tokens']) is int
-    with pytest.raises(train.ConfigError, match="unknown key 'n_layer'"):
+    with pytest.raises(common.LimeError, match="unknown key 'n_layer'"):
         sample.configure(['--n_layer=2'])
 
 
@@ -316,7 +326,8 @@ def test_cli_errors(tmp_path, capsys):
         ([f'--out_dir={lime}', '--hints=CD'], '--hints needs a LIME+1 checkpoint (meta_shift=1)'),
         ([f'--out_dir={lime1}', '--hints=CD ZZ'], "hint 2: unknown tag 'ZZ' (valid: #"),
         ([f'--out_dir={lime1}', '--hints=CD CD', '--max_new_tokens=1'], '2 hints for max_new_tokens=1'),
-        ([f'--out_dir={lime1}', f'--hints_file={tmp_path}/none.txt'], '--hints_file: No such file'),
+        ([f'--out_dir={lime1}', f'--hints_file={tmp_path}/none.txt'],
+         f'--hints_file: {tmp_path}/none.txt: cannot read'),
         ([f'--out_dir={lime1}', '--top_k=many'], 'top_k must be int'),
         (['--no_such=1'], "unknown key 'no_such'"),
     ]
@@ -395,6 +406,9 @@ BAD_OPTIONS = [
     ('--num_samples=0', 'num_samples must be an integer >= 1, got 0'),
     ('--max_new_tokens=-3', 'max_new_tokens must be an integer >= 0, got -3'),
     ('--seed=-1', 'seed must be an integer >= 0, got -1'),
+    ('--meta_temperature=-0.5', 'meta_temperature must be -1 (the token temperature) or a finite number >= 0 '
+                                '(0: argmax), got -0.5'),
+    ('--meta_temperature=1e999', 'meta_temperature must be -1 (the token temperature) or a finite number >= 0'),
     ('--dtype=float16', 'dtype=float16 needs a CUDA device: on cpu the model computes in float32 only'),
     ('--dtype=fp8', 'dtype must be auto, float32, bfloat16 or float16'),
     ('--device=gpu', "device must be cpu, cuda, cuda:N or mps, got 'gpu'"),
@@ -460,3 +474,67 @@ def test_literal_endoftext_is_text_as_in_prepare(tmp_path):
     assert trained == prompt + [text.eot]  # the document, then the one separator prepare.py appends
     assert text.eot not in prompt and text.decode(prompt) == doc
     assert md.annotate_text(doc, 'lime', NER)[0].tolist() == prompt  # metadata.py: the same
+
+
+# --- non-UTF-8 prompts and hints (issue 21) ----------------------------------------------------
+
+@needs_nltk
+def test_non_utf8_start_and_hints_are_one_line_before_the_checkpoint_loads(tmp_path, capsys):
+    lime1 = make_ckpt(tmp_path / 'lime1', ('pos_causal', 'ner_causal'), 1)
+    bad = tmp_path / 'bad.txt'
+    bad.write_bytes(b'CD \xff\xfe _\n')
+    cases = [  # a non-UTF-8 byte in an argument arrives as a lone surrogate (surrogateescape)
+        (f'--start=FILE:{bad}', f'--start: {bad}: not valid UTF-8 (byte 3)'),
+        (f'--hints_file={bad}', f'--hints_file: {bad}: not valid UTF-8 (byte 3)'),
+        ('--start=Hi \udcff there', '--start: not valid UTF-8 (byte 0xff at character 3)'),
+        ('--hints=CD \udcff', '--hints: not valid UTF-8 (byte 0xff at character 3)'),
+        (f'--start=FILE:{tmp_path}', f'--start: {tmp_path}: '),  # then prepare.py's reason (not a regular file)
+        (f'--hints_file={tmp_path}/none.txt', f'--hints_file: {tmp_path}/none.txt: cannot read (No such file'),
+    ]
+    for flag, msg in cases:
+        assert sample.main([f'--out_dir={lime1}', '--max_new_tokens=2', '--num_samples=1', flag]) == 1, flag
+        assert one_error_line(capsys).startswith(f'sample.py: error: {msg}')
+        # the text is read before the checkpoint: its error comes first, without a model loaded
+        assert sample.main([f'--out_dir={tmp_path}/nothing', flag]) == 1
+        assert one_error_line(capsys).startswith(f'sample.py: error: {msg}')
+    for flag, msg in cases[1:3]:  # through the script: the real bytes on the command line, exit 1, no traceback
+        rc, out, err = cli(f'--out_dir={lime1}', '--max_new_tokens=2', '--num_samples=1', flag)
+        assert rc == 1 and err.strip().splitlines() == [f'sample.py: error: {msg}'], err
+    # a UTF-8 file is read as prepare.py reads a document (a BOM is not text)
+    (tmp_path / 'h.txt').write_bytes('\ufeffCD _'.encode('utf-8'))
+    assert sample.main([f'--out_dir={lime1}', '--max_new_tokens=2', '--num_samples=1', '--top_k=1',
+                        f'--hints_file={tmp_path}/h.txt', '--show_tags=True']) == 0
+    assert capsys.readouterr().out.count('(hinted)') == 1
+
+
+def test_crafted_checkpoint_is_refused_before_a_model_is_built(tmp_path, monkeypatch):
+    """Issue 21: a checkpoint whose model_args ask for far more than its tensors hold (n_layer=10**6 would
+    take minutes and gigabytes to build) or whose tokenizer overflows vocab_size is refused by sample.py
+    and by the harness's loader in one line naming the mismatch, before any model is built."""
+    import harness
+    d = make_ckpt(tmp_path / 'c', ('pos_causal',))  # n_layer=2, n_embd=32, tokenizer gpt2-512: vocab_size=513
+    path = os.path.join(d, 'ckpt.pt')
+    ck = torch.load(path, weights_only=True)
+    cases = [(dict(n_layer=10**6), {}, "model_args n_layer=1000000, but the file holds tensors of 2 layers"),
+             (dict(n_layer=48, n_embd=4096), {}, "model_args n_layer=48, but the file holds tensors of 2 layers"),
+             (dict(n_embd=4096), {}, "tensor transformer.h.0.ln_1.weight has shape (32,), model_args say (4096,)"),
+             ({}, dict(tokenizer='gpt2'), "dataset tokenizer 'gpt2' has 50257 tokens, more than model_args vocab_size=513")]
+    init = GPT.__init__
+
+    def guarded(self, config):  # only shape checks on the meta device may build a GPT
+        if torch.get_default_device().type != 'meta':
+            raise AssertionError(f"a real GPT was built for n_layer={config.n_layer}, n_embd={config.n_embd}")
+        init(self, config)
+
+    for args, dataset, msg in cases:
+        torch.save(dict(ck, model_args={**ck['model_args'], **args}, dataset={**ck['dataset'], **dataset}), path)
+        with monkeypatch.context() as mp:
+            mp.setattr(GPT, '__init__', guarded)
+            with pytest.raises(common.LimeError) as e:
+                common.load_model(d, 'cpu')
+            assert str(e.value) == f"{path}: {msg}"
+            with pytest.raises(common.LimeError) as e:
+                harness.Scorer(d)
+            assert str(e.value) == f"{path}: {msg}"
+    rc, out, err = cli(f'--out_dir={d}', '--max_new_tokens=2')  # the script: exit 1, one line, no traceback
+    assert rc == 1 and err.strip() == f"sample.py: error: {path}: {msg}"

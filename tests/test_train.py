@@ -1,8 +1,10 @@
+import ast
 import contextlib
 import errno
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import train
+from common import Split, eval_starts
 from conftest import ROOT, RunsCode, write_dataset, write_markov_dataset
 from model import GPT, GPTConfig
 
@@ -35,35 +39,36 @@ def script(*args, env=None):
 # --- configuration -----------------------------------------------------------
 
 def test_config_types_and_unknown_keys(tmp_path):
-    cfg, explicit = train.configure(['--max_iters=2e4', '--learning_rate=1', '--metadata=pos,ner', '--compile=True'])
+    cfg, explicit = common.configure(['--max_iters=2e4', '--learning_rate=1', '--metadata=pos,ner', '--compile=True'],
+                                     train.DEFAULTS)
     assert cfg['max_iters'] == 20000 and type(cfg['max_iters']) is int
     assert cfg['learning_rate'] == 1.0 and cfg['metadata'] == 'pos,ner' and cfg['compile'] is True
     assert explicit == {'max_iters', 'learning_rate', 'metadata', 'compile'}
-    assert train.configure(['--meta_weight=[1.0, 0.5]'])[0]['meta_weight'] == [1.0, 0.5]
+    assert common.configure(['--meta_weight=[1.0, 0.5]'], train.DEFAULTS)[0]['meta_weight'] == [1.0, 0.5]
     for bad, msg in [('--max_iters=2.5', 'max_iters must be int'), ('--max_iters=abc', 'max_iters must be int'),
                      ('--compile=1', 'compile must be bool'), ('--learning_rate=fast', 'learning_rate must be float'),
                      ('--batch_sise=4', "unknown key 'batch_sise'"), ('--max_iters', 'expected --key=value')]:
         with pytest.raises(SystemExit, match=msg):
-            train.configure([bad])
+            common.configure([bad], train.DEFAULTS)
     # a string option keeps its raw text, whatever it looks like
-    cfg, _ = train.configure(['--out_dir=2024', '--device=3', "--data_dir=['a']"])
+    cfg, _ = common.configure(['--out_dir=2024', '--device=3', "--data_dir=['a']"], train.DEFAULTS)
     assert (cfg['out_dir'], cfg['device'], cfg['data_dir']) == ('2024', '3', "['a']")
     f = tmp_path / 'str.py'
     f.write_text("out_dir = 2024\n")  # in a config file the value is python: an int is refused
     with pytest.raises(SystemExit, match='out_dir must be str'):
-        train.configure([str(f)])
+        common.configure([str(f)], train.DEFAULTS)
     f = tmp_path / 'c.py'
     f.write_text("import math\nn_layer = 2\nlerning_rate = 1e-3\n")
     with pytest.raises(SystemExit, match=f"unknown key 'lerning_rate' .*{f.name}"):
-        train.configure([str(f)])
+        common.configure([str(f)], train.DEFAULTS)
     f.write_text("n_layer = 2\nmax_iters = 1e3\n")
-    assert train.configure([str(f), '--n_layer=3'])[0]['n_layer'] == 3
+    assert common.configure([str(f), '--n_layer=3'], train.DEFAULTS)[0]['n_layer'] == 3
 
 
 def test_config_error_is_one_line_without_traceback():
     r = script('--no_such_key=1')
     assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert r.stderr.strip() == "config error: unknown key 'no_such_key' (--no_such_key=1)"
+    assert r.stderr.strip() == "train.py: error: unknown key 'no_such_key' (--no_such_key=1)"
 
 
 # --- data checks ---------------------------------------------------------------
@@ -98,27 +103,15 @@ def test_resume_refuses_other_tag_vocabulary(tmp_path, dataset):
 # --- batches, metadata dropout, shuffle -----------------------------------------
 
 def test_batches_are_a_function_of_seed_and_iteration(dataset):
-    sp = train.Split(dataset, 'train', ['pos'], 0)
+    sp = Split(dataset, 'train', ['pos'], 0)
     a = train.sample_batch(sp, 1, 5, 16, 32, ['pos'], 0.0)
     assert a == train.sample_batch(sp, 1, 5, 16, 32, ['pos'], 0.0)
     assert a[0] != train.sample_batch(sp, 1, 6, 16, 32, ['pos'], 0.0)[0]
     assert a[0] != train.sample_batch(sp, 2, 5, 16, 32, ['pos'], 0.0)[0]
-    # fixed validation windows: a function of the data length and eval config only
-    assert train.eval_starts(4000, 32, 8) == train.eval_starts(4000, 32, 8)
-    assert max(train.eval_starts(4000, 32, 8)) == 4000 - 33
-
-
-def test_meta_shift_alignment(dataset):
-    tok = np.fromfile(dataset / 'train.bin', np.uint16)
-    pos = np.fromfile(dataset / 'train.pos.bin', np.uint16)
-    for shift in (0, 1):
-        x, y, meta = train.Split(dataset, 'train', ['pos'], shift).windows([0, 100], 32)
-        assert (x[1].numpy() == tok[100:132]).all() and (y[1].numpy() == tok[101:133]).all()
-        assert (meta['pos'][1].numpy() == pos[100 + shift:132 + shift]).all()
 
 
 def test_meta_dropout(dataset):
-    sp = train.Split(dataset, 'train', ['pos', 'ner'], 0)
+    sp = Split(dataset, 'train', ['pos', 'ner'], 0)
     starts, masks = train.sample_batch(sp, 0, 3, 64, 32, ['pos', 'ner'], 0.25)
     assert set(masks) == {'pos', 'ner'} and not torch.equal(masks['pos'], masks['ner'])
     assert abs(masks['pos'].float().mean().item() - 0.25) < 0.03
@@ -130,29 +123,6 @@ def test_meta_dropout(dataset):
     # the same (seed, iteration) drops the same tags; p = 0 draws nothing
     assert all(torch.equal(masks[s], train.sample_batch(sp, 0, 3, 64, 32, ['pos', 'ner'], 0.25)[1][s]) for s in masks)
     assert train.sample_batch(sp, 0, 3, 64, 32, ['pos'], 0.0)[1] == {}
-
-
-def test_meta_shuffle(dataset):
-    for n in (1000, 4096, 4000):
-        a, b = train.affine_perm(n, 7, 'pos')
-        assert sorted((a * p + b) % n for p in range(n)) == list(range(n))
-    T = 40
-    plain = train.Split(dataset, 'val', ['pos', 'ner'], 0)
-    shuf = train.Split(dataset, 'val', ['pos', 'ner'], 0, shuffle_seed=7)
-    starts = list(range(0, 3900, T))
-    x0, y0, m0 = plain.windows(starts, T)
-    x1, y1, m1 = shuf.windows(starts, T)
-    assert torch.equal(x0, x1) and torch.equal(y0, y1)  # tokens untouched
-    for s in ('pos', 'ner'):
-        assert (m0[s] == m1[s]).float().mean() < 0.6  # no alignment (chance level: 1/8 for pos, 1/2 for ner)
-        # read through the permutation, the whole stream keeps its tag counts
-        every = list(range(0, 4000, T))
-        a = plain._read(plain.paths[s], every, T)
-        b = shuf._read(shuf.paths[s], every, T, shuf.perm[s])
-        assert torch.equal(torch.sort(a.flatten())[0], torch.sort(b.flatten())[0])
-    again = train.Split(dataset, 'val', ['pos'], 0, shuffle_seed=7).windows(starts, T)[2]['pos']
-    other = train.Split(dataset, 'val', ['pos'], 0, shuffle_seed=8).windows(starts, T)[2]['pos']
-    assert torch.equal(m1['pos'], again) and not torch.equal(m1['pos'], other)
 
 
 def test_lime_plus_one_uses_next_tokens_metadata(tmp_path, dataset):
@@ -182,7 +152,7 @@ def test_meta_predict_bound_is_honest_on_known_entropy(tmp_path):
     pred = run(data, tmp_path / 'p', *common, '--metadata=pos_causal', '--meta_predict=True', '--meta_inject_layer=1')[-1]
     lime1 = run(data, tmp_path / 'l1', *common, '--metadata=pos_causal', '--meta_shift=1')[-1]
     base = run(data, tmp_path / 'b', *common)[-1]
-    starts = train.eval_starts(6000, 32, 8 * 16)
+    starts = eval_starts(6000, 32, 8 * 16)
     entropy = float(np.mean([nll[i + 1:i + 33] for i in starts]))  # the eval windows' targets
     print(entropy, pred['val_loss_bound'], lime1['val_loss'], base['val_loss'])
     assert pred['val_loss_bound'] == pytest.approx(pred['val_loss'] + pred['val_tag_loss'])
@@ -204,7 +174,7 @@ def test_val_bpb_on_known_byte_counts(tmp_path):
     (d / 'meta.json').write_text(json.dumps(meta))
     r = run(d, tmp_path / 'o', '--max_iters=2', '--eval_interval=2')[-1]
     tok = np.fromfile(d / 'val.bin', dtype=np.uint16)
-    targets = np.concatenate([tok[i + 1:i + 33] for i in train.eval_starts(len(tok), 32, 4 * 8)])
+    targets = np.concatenate([tok[i + 1:i + 33] for i in eval_starts(len(tok), 32, 4 * 8)])
     assert r['val_bytes_per_token'] == pytest.approx(np.mean(np.array(nbytes)[targets]))
     assert r['val_bpb'] == pytest.approx(r['val_nll'] / (np.log(2) * r['val_bytes_per_token']))
     # full tags read the future: no val_nll, so no bits per byte either
@@ -262,7 +232,7 @@ def test_resume_continues_the_same_run(tmp_path, dataset):
     ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)  # all of it: weights, optimizer, rng, config
     assert ckpt['iter_num'] == 20 and ckpt['dataset']['streams']['pos']['tags'][3] == 'T0'
     m = GPT.from_checkpoint(ckpt).eval()
-    x, y, meta = train.Split(dataset, 'val', ['pos', 'ner'], 0).windows(train.eval_starts(4000, 32, 4 * 8), 32)
+    x, y, meta = Split(dataset, 'val', ['pos', 'ner'], 0).windows(eval_starts(4000, 32, 4 * 8), 32)
     with torch.no_grad():
         _, loss = m(x, meta, targets=y)
     assert loss.item() == pytest.approx(resumed[-1]['val_loss'], rel=1e-4)
@@ -306,7 +276,7 @@ def test_compiled_training_step(tmp_path, dataset, arch):
         ckpt = torch.load(tmp_path / 'c' / 'ckpt.pt', weights_only=True)
         m = GPT.from_checkpoint(ckpt).eval()
         assert m.config.arch == 'gemma' and m.config.n_kv_head == 2
-        x, y, meta = train.Split(dataset, 'val', ['pos'], 0).windows(train.eval_starts(4000, 32, 8), 32)
+        x, y, meta = Split(dataset, 'val', ['pos'], 0).windows(eval_starts(4000, 32, 8), 32)
         with torch.no_grad():
             _, loss = m(x, meta, targets=y)
         assert loss.item() == pytest.approx(rows[-1]['val_loss'], rel=1e-4)
@@ -338,7 +308,7 @@ def test_resume_refuses_a_checkpoint_that_runs_code(tmp_path, dataset):
 def test_checkpoint_holds_only_plain_data(tmp_path, dataset):
     out = tmp_path / 'o'
     run(dataset, out, '--metadata=pos', '--meta_weight=[0.5]', '--max_iters=2')
-    ck = train.load_checkpoint(str(out / 'ckpt.pt'), resume=True)  # weights_only=True
+    ck = common.load_checkpoint(str(out / 'ckpt.pt'), resume=True)  # weights_only=True
     assert ck['iter_num'] == 2 and ck['config']['meta_weight'] == [0.5] and ck['rng']['torch'].dtype == torch.uint8
     assert ck['dataset']['streams']['pos']['tags'][3] == 'T0' and ck['optimizer']['state']
 
@@ -362,7 +332,7 @@ BAD_CKPTS = {
                                                  model_args=dict(n_layer='2', meta_streams=[1])), p),
                        'model_args: no or bad n_layer, n_head, n_embd, block_size, bias, dropout, vocab_size'),
     'other_weights': (lambda p: torch.save(dict(torch.load(p, weights_only=True), model={'x': torch.zeros(1)}), p),
-                      'weights do not fit'),
+                      'model_args n_layer=2, but the file holds tensors of 0 layers'),
 }
 
 
@@ -386,6 +356,116 @@ def test_resume_of_a_bad_checkpoint_is_one_line(tmp_path, trained, kind):
     with pytest.raises(SystemExit) as e:
         run(data, out, '--init_from=resume', '--max_iters=4')
     assert one_line(e).startswith(f"{out / 'ckpt.pt'}: ") and msg in one_line(e)
+
+
+def only_meta_models(monkeypatch):
+    """GPT(...) raises unless built on the meta device: proves a loader refuses before it allocates a model."""
+    init = GPT.__init__
+
+    def guarded(self, config):
+        if torch.get_default_device().type != 'meta':
+            raise AssertionError(f"a real GPT was built for n_layer={config.n_layer}, n_embd={config.n_embd}")
+        init(self, config)
+
+    monkeypatch.setattr(GPT, '__init__', guarded)
+
+
+def set_args(**kw):
+    return lambda ck: ck['model_args'].update(kw)
+
+
+def set_tensor(k, t):
+    return lambda ck: ck['model'].update({k: t(ck['model'])})
+
+
+def shrink_pos_table(ck):  # a consistent model whose pos table (3 rows) is smaller than the tag list
+    ck['model_args']['meta_n_tags'] = (3,)
+    ck['model']['meta_emb.0.weight'] = ck['model']['meta_emb.0.weight'][:3].clone()
+
+
+# crafted checkpoints (the trained one: n_layer=2, n_embd=32, vocab_size=64, stream pos with 11 tags,
+# tokenizer 'test'): each refused by load_checkpoint, before any model is built, with this line
+CRAFTED = {
+    'n_layer_1e6': (set_args(n_layer=10**6), "model_args n_layer=1000000, but the file holds tensors of 2 layers"),
+    'n_layer_48_n_embd_4096': (set_args(n_layer=48, n_embd=4096),
+                               "model_args n_layer=48, but the file holds tensors of 2 layers"),
+    'n_embd_4096': (set_args(n_embd=4096),
+                    "tensor transformer.h.0.ln_1.weight has shape (32,), model_args say (4096,)"),
+    'vocab_1e7': (set_args(vocab_size=10**7),
+                  "tensor transformer.wte.weight has shape (64, 32), model_args say (10000000, 32)"),
+    'wrong_shape': (set_tensor('transformer.h.0.attn.c_attn.weight', lambda m: torch.zeros(3, 4)),
+                    "tensor transformer.h.0.attn.c_attn.weight has shape (3, 4), model_args say (96, 32)"),
+    'missing': (lambda ck: ck['model'].pop('transformer.ln_f.weight'),
+                "missing tensor transformer.ln_f.weight (model_args say shape (32,))"),
+    'unexpected': (set_tensor('transformer.extra', lambda m: torch.zeros(2)),
+                   "unexpected tensor transformer.extra (not in the model that model_args describe)"),
+    'int_tensor': (set_tensor('transformer.ln_f.weight', lambda m: torch.ones(32, dtype=torch.long)),
+                   "tensor transformer.ln_f.weight: not a dense floating-point tensor (torch.int64)"),
+    'stride_0': (set_tensor('lm_head.weight', lambda m: torch.zeros(1).expand(64, 32)),
+                 "tensor lm_head.weight: shape (64, 32) needs 8,192 bytes, the file holds 4 for it"),
+    'overlap': (set_tensor('transformer.h.1.mlp.c_fc.weight', lambda m: m['transformer.h.0.mlp.c_fc.weight']),
+                "tensors overlap: the model has 28,160 weights, the file holds 24,064 values"),
+    'n_head_0': (set_args(n_head=0), "bad model_args: n_head must be an integer >= 1, got 0"),
+    'n_head_3': (set_args(n_head=3), "bad model_args: n_embd=32 is not a multiple of n_head=3"),
+    'unknown_arg': (set_args(n_experts=8), "model_args: unknown key 'n_experts'"),
+    'meta_n_tags_float': (set_args(meta_n_tags=(11.5,)), "not a LIME checkpoint written by train.py "
+                          "(model_args: no or bad meta_n_tags)"),
+    'arch_int': (set_args(arch=1), "not a LIME checkpoint written by train.py (model_args: no or bad arch)"),
+    'meta_n_tags_small': (shrink_pos_table,
+                          "dataset streams['pos'] has 11 tags, more than model_args meta_n_tags gives it (3)"),
+    'tokenizer_gpt2': (lambda ck: ck['dataset'].update(tokenizer='gpt2'),
+                       "dataset tokenizer 'gpt2' has 50257 tokens, more than model_args vocab_size=64"),
+    'tokenizer_gpt2_512': (lambda ck: ck['dataset'].update(tokenizer='gpt2-512'),
+                           "dataset tokenizer 'gpt2-512' has 513 tokens, more than model_args vocab_size=64"),
+    'dataset_vocab': (lambda ck: ck['dataset'].update(vocab_size=65),
+                      "dataset vocab_size 65 is not an integer in [1, model_args vocab_size=64]"),
+    'streams_list': (lambda ck: ck['dataset'].update(streams=['pos']),
+                     "dataset streams is a list, not a dict {stream: {'tags': [...]}}"),
+    'streams_no_tags': (lambda ck: ck['dataset'].update(streams={'pos': {'tags': 'ABC'}}),
+                        "dataset streams['pos'] has no tag list (a list of strings) for the model's stream 'pos'"),
+    'tokenization': (lambda ck: ck['dataset'].update(tokenization='bpe'),
+                     "dataset tokenization 'bpe' is unknown (expected lime, plain)"),
+    'ner': (lambda ck: ck['dataset'].update(ner='full'), "dataset ner 'full' is unknown (expected typed, binary, none)"),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(CRAFTED))
+def test_crafted_checkpoint_is_refused_before_a_model_is_built(tmp_path, trained, monkeypatch, kind):
+    ck = torch.load(trained[1] / 'ckpt.pt', weights_only=True)
+    spoil, msg = CRAFTED[kind]
+    spoil(ck)
+    torch.save(ck, tmp_path / 'ckpt.pt')
+    only_meta_models(monkeypatch)
+    with pytest.raises(common.LimeError) as e:
+        common.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert one_line(e) == f"{tmp_path / 'ckpt.pt'}: {msg}"
+
+
+def test_crafted_gemma_block_size_is_refused(tmp_path, trained):
+    """gemma's rotary tables are derived from block_size, not stored: it is bounded by the file's weights."""
+    ck = torch.load(trained[1] / 'ckpt.pt', weights_only=True)
+    m = GPT(GPTConfig(**dict(ck['model_args'], arch='gemma', n_head=4, n_kv_head=2)))
+    ck.update(model=m.state_dict(), model_args=dict(vars(m.config)))
+    torch.save(ck, tmp_path / 'ckpt.pt')
+    assert common.load_checkpoint(str(tmp_path / 'ckpt.pt'))['model_args']['arch'] == 'gemma'  # as written: fine
+    ck['model_args']['block_size'] = 10**9
+    torch.save(ck, tmp_path / 'ckpt.pt')
+    with pytest.raises(common.LimeError) as e:
+        common.load_checkpoint(str(tmp_path / 'ckpt.pt'))
+    assert one_line(e).endswith("model_args block_size=1000000000: its rotary tables (8,000,000,000 values) "
+                                "outweigh all the file's weights (33,280)")
+
+
+def test_resume_of_a_crafted_checkpoint_builds_nothing(tmp_path, trained, monkeypatch):
+    data, src = trained
+    ck = torch.load(src / 'ckpt.pt', weights_only=True)
+    ck['model_args'].update(n_layer=10**6)
+    (tmp_path / 'o').mkdir()
+    torch.save(ck, tmp_path / 'o' / 'ckpt.pt')
+    only_meta_models(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path / 'o', '--init_from=resume', '--max_iters=4')
+    assert one_line(e) == f"{tmp_path / 'o' / 'ckpt.pt'}: model_args n_layer=1000000, but the file holds tensors of 2 layers"
 
 
 def test_scratch_run_refuses_an_out_dir_with_a_run(tmp_path, dataset):
@@ -461,12 +541,12 @@ def test_kill_during_a_save_then_resume(tmp_path, dataset, capsys):
     killed = [json.loads(line) for line in open(out / 'log.jsonl')]
     assert [row['iter'] for row in killed] == [0, 5, 10]  # row 10 written, its checkpoint was not
     assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 5
-    assert len(list(out.glob('ckpt.pt.tmp*'))) == 1 and (out / 'train.lock').read_text().strip().isdigit()
+    assert len(list(out.glob('.ckpt.pt.*.tmp'))) == 1 and (out / 'train.lock').read_text().strip().isdigit()
     rows = run(dataset, out, '--init_from=resume', '--max_iters=20')
     assert 'stale lock' in capsys.readouterr().out
     assert [row['iter'] for row in rows] == [0, 5, 10, 15, 20]  # no duplicated row
     assert rows[2]['val_loss'] == pytest.approx(killed[2]['val_loss'], rel=1e-6)  # iteration 10 redone, same result
-    assert not list(out.glob('*.tmp*'))
+    assert not [p for p in out.iterdir() if '.tmp' in p.name]
 
 
 def test_save_leaves_no_temporary_file_and_names_are_per_process(tmp_path, dataset, monkeypatch):
@@ -475,11 +555,12 @@ def test_save_leaves_no_temporary_file_and_names_are_per_process(tmp_path, datas
     real = torch.save
 
     def save(obj, f):
-        seen.append(f.f.name)
+        seen.append(sorted(p.name for p in out.iterdir() if p.name.endswith('.tmp')))  # the file being written
         real(obj, f)
     monkeypatch.setattr(torch, 'save', save)
     run(dataset, out, '--max_iters=2', '--eval_interval=1')
-    assert seen == [f"{out / 'ckpt.pt'}.tmp-{os.getpid()}"] * 2
+    assert len(seen) == 2 and all(len(names) == 1 for names in seen), seen
+    assert all(re.fullmatch(rf'\.ckpt\.pt\.{os.getpid()}\.[a-z0-9_]{{8}}\.tmp', n[0]) for n in seen), seen
     assert sorted(p.name for p in out.iterdir()) == ['ckpt.pt', 'log.jsonl', 'train.lock']
 
 
@@ -586,6 +667,9 @@ BAD_OPTIONS = [
     pytest.param('--device=cuda', 'device=cuda but no CUDA GPU is available here (use --device=cpu)',
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a GPU')),
     ('--out_dir=', 'out_dir must be a directory name'),
+    ('--batch_size=-4', 'batch_size must be an integer >= 1, got -4'),
+    ('--metadata=pos,pos', "metadata must be a list of distinct streams (each at most once), got 'pos,pos'"),
+    ('--metadata=pos, ner,pos', "metadata must be a list of distinct streams"),
 ]
 
 
@@ -595,7 +679,7 @@ def test_bad_options_are_one_line_with_the_allowed_range(tmp_path, dataset, flag
     argv = TINY + [f'--data_dir={dataset}', f'--out_dir={out}', '--metadata=pos', '--max_iters=1', flag]
     with pytest.raises(SystemExit) as e:
         train.main(argv)
-    assert one_line(e) == f"config error: {msg}" or one_line(e).startswith(f"config error: {msg}"), one_line(e)
+    assert one_line(e).startswith(msg), one_line(e)
     assert not out.exists()  # refused before anything was written
 
 
@@ -613,7 +697,7 @@ def test_resume_checks_the_merged_config(tmp_path, dataset):
     ck = torch.load(out / 'ckpt.pt', weights_only=True)
     ck['config']['meta_dropout'] = 1.5  # e.g. written before this value was refused
     torch.save(ck, out / 'ckpt.pt')
-    with pytest.raises(SystemExit, match=r"config error: meta_dropout must be in \[0, 1\), got 1.5"):
+    with pytest.raises(SystemExit, match=r"meta_dropout must be in \[0, 1\), got 1.5"):
         run(dataset, out, '--init_from=resume', '--max_iters=4')
     run(dataset, out, '--init_from=resume', '--max_iters=4', '--meta_dropout=0.1')  # the flag fixes it
 
@@ -646,7 +730,6 @@ def test_bad_dataset_is_one_line(tmp_path, kind):
 # --- around training: step checkpoints, run tracking, the default corpus ---------------
 
 def test_keep_checkpoints_keeps_the_last_snapshots_and_the_best(tmp_path, dataset):
-    import sample
     out = tmp_path / 'o'
     rows = run(dataset, out, '--max_iters=8', '--eval_interval=2', '--keep_checkpoints=2')
     assert sorted(p.name for p in out.glob('ckpt*.pt')) == ['ckpt.pt', 'ckpt_000006.pt', 'ckpt_000008.pt',
@@ -655,8 +738,8 @@ def test_keep_checkpoints_keeps_the_last_snapshots_and_the_best(tmp_path, datase
     best = min(rows[1:], key=lambda r: r['val_loss'])['iter']
     assert torch.load(out / 'ckpt_best.pt', weights_only=True)['iter_num'] == best
     # sample.py takes a checkpoint file as well as a run directory
-    _, ck = sample.load_checkpoint(str(out / 'ckpt_000006.pt'), 'cpu')
-    assert ck['iter_num'] == 6 and sample.load_checkpoint(str(out), 'cpu')[1]['iter_num'] == 8
+    _, ck = common.load_model(str(out / 'ckpt_000006.pt'), 'cpu')
+    assert ck['iter_num'] == 6 and common.load_model(str(out), 'cpu')[1]['iter_num'] == 8
     # a snapshot is a run too, and an overwriting run leaves none of the old ones
     (out / 'ckpt.pt').unlink()
     (out / 'log.jsonl').unlink()
@@ -756,7 +839,7 @@ def test_arch_comes_from_the_checkpoint_on_resume(tmp_path, dataset):
 def test_bad_model_shape_is_a_one_line_error(tmp_path, dataset):
     r = script(*TINY, f'--data_dir={dataset}', f'--out_dir={tmp_path}', '--arch=gemma', '--n_head=4', '--n_kv_head=3')
     assert r.returncode != 0 and 'Traceback' not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == "config error: n_head=4 is not a multiple of n_kv_head=3"
+    assert r.stderr.strip().splitlines()[-1] == "train.py: error: n_head=4 is not a multiple of n_kv_head=3"
     r = script(*TINY, f'--data_dir={dataset}', f'--out_dir={tmp_path}', '--n_kv_head=1')
     assert r.returncode != 0 and "grouped-query attention needs arch='gemma'" in r.stderr
 
@@ -765,7 +848,7 @@ def test_bad_model_shape_is_a_one_line_error(tmp_path, dataset):
 def test_gemma_configs_build_with_the_sizes_they_state(name):
     import re
     path = ROOT / 'configs' / f'{name}.py'
-    cfg, _ = train.configure([str(path)])
+    cfg, _ = common.configure([str(path)], train.DEFAULTS)
     assert cfg['arch'] == 'gemma' and cfg['n_head'] % cfg['n_kv_head'] == 0
     kw = {k: cfg[k] for k in train.MODEL_KEYS}
     with torch.device('meta'):  # sizes without memory
@@ -778,3 +861,214 @@ def test_gemma_configs_build_with_the_sizes_they_state(name):
         assert lime.get_num_params() - base.get_num_params() == int(m[2].replace(',', ''))
         tokens = cfg['batch_size'] * cfg['gradient_accumulation_steps'] * cfg['block_size']
         assert f"= {tokens:,}" in path.read_text()
+
+
+# --- preemption, dataset identity, impossible options (issue 21) --------------------------------
+
+def start_training(out, data, *extra):
+    """train.py in a subprocess that logs every iteration; returns it once iteration 3 is done."""
+    p = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *TINY, f'--data_dir={data}', f'--out_dir={out}',
+                          '--log_interval=1', '--eval_interval=1000', '--lr_decay_iters=40', '--max_iters=100000',
+                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd='/',
+                         env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
+    for line in p.stdout:
+        if line.startswith('iter 3:'):
+            return p
+    p.wait()
+    pytest.fail(f"train.py ended before iteration 3: {p.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT', 'SIGUSR1'])
+def test_stop_signal_saves_at_a_step_boundary_and_resume_continues(tmp_path, dataset, sig):
+    import re
+    import signal
+    out = tmp_path / 'o'
+    p = start_training(out, dataset, '--metadata=pos')
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == train.STOP_EXIT == 3 and 'Traceback' not in err, err
+    m = re.fullmatch(rf"stopped by {sig} at iter (\d+): checkpoint saved to {out}/ckpt.pt; "
+                     r"continue with --init_from=resume", err.strip().splitlines()[-1])
+    assert m, err
+    n = int(m[1])
+    assert n >= 4 and torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == n
+    assert (out / 'train.lock').read_text() == ''  # released, not a killed run's lock
+    # the resumed run is the uninterrupted one: the checkpoint is a whole step's state
+    resumed = run(dataset, out, '--init_from=resume', f'--max_iters={n + 2}')
+    full = run(dataset, tmp_path / 'full', '--metadata=pos', '--eval_interval=1000', '--lr_decay_iters=40',
+               f'--max_iters={n + 2}')
+    assert [r['iter'] for r in resumed] == [0, n + 2]
+    assert resumed[-1]['val_loss'] == pytest.approx(full[-1]['val_loss'], rel=1e-6)
+
+
+def test_stop_signal_under_ddp_stops_every_rank_at_the_same_step(tmp_path, dataset):
+    import re
+    import signal
+    out = tmp_path / 'two'
+    args = [*TINY, f'--data_dir={dataset}', f'--out_dir={out}', '--log_interval=1', '--eval_interval=1000',
+            '--max_iters=100000', '--gradient_accumulation_steps=2']
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          str(ROOT / 'train.py'), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd='/', env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'})
+    for line in p.stdout:
+        if line.startswith('iter 3:'):
+            break
+    else:
+        p.wait()
+        pytest.fail(p.stderr.read()[-3000:])
+    # only rank 1 is told (a signal can reach the ranks at different steps): both must stop together
+    children = f'/proc/{p.pid}/task/{p.pid}/children'
+    if not os.path.exists(children):
+        p.kill()
+        p.communicate()
+        pytest.skip('no /proc/PID/task/PID/children here: the workers cannot be told apart')
+    ranks = {}
+    for child in open(children).read().split():
+        env = open(f'/proc/{child}/environ', 'rb').read().split(b'\0')
+        ranks.update({int(e[5:]): int(child) for e in env if e.startswith(b'RANK=')})
+    os.kill(ranks[1], signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and 'stopped by a signal to another rank at iter' in err, err[-3000:]
+    n = int(re.search(r'stopped by a signal to another rank at iter (\d+)', err)[1])
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == n >= 4
+
+
+def test_resume_before_the_first_checkpoint_says_what_to_do(tmp_path, dataset):
+    out = tmp_path / 'o'
+    out.mkdir()
+    with pytest.raises(SystemExit) as e:
+        run(dataset, out, '--init_from=resume', '--max_iters=2')
+    assert 'ckpt.pt: not found, cannot resume; no run to continue there: train from scratch' in one_line(e)
+    (out / 'log.jsonl').write_text('{"iter": 0, "val_loss": 4.1}\n')  # a run killed before its first save
+    with pytest.raises(SystemExit) as e:
+        run(dataset, out, '--max_iters=2')
+    assert '--init_from=resume' not in one_line(e), one_line(e)  # it cannot: no checkpoint
+    assert 'already holds a run (log.jsonl); it has no checkpoint to resume; replace it with --overwrite=True' \
+        in one_line(e)
+    with pytest.raises(SystemExit) as e:
+        run(dataset, out, '--init_from=resume', '--max_iters=2')
+    assert 'stopped before its first checkpoint (log.jsonl): start it again with --init_from=scratch ' \
+           '--overwrite=True' in one_line(e)
+    assert run(dataset, out, '--max_iters=2', '--overwrite=True')[-1]['iter'] == 2  # the advice works
+
+
+def test_resume_refuses_re_prepared_data_unless_told(tmp_path, dataset, capsys):
+    out = tmp_path / 'o'
+    run(dataset, out, '--metadata=pos', '--max_iters=2')
+    fp = torch.load(out / 'ckpt.pt', weights_only=True)['data_fingerprint']
+    for change in ('sizes', 'meta'):
+        if change == 'sizes':  # other documents or split: same tokenizer and tags, other files
+            write_dataset(dataset, n_train=21000, seed=1)
+        else:  # same sizes: meta.json tells (prepare.py writes its counts, timings, ... there)
+            meta = json.loads((dataset / 'meta.json').read_text())
+            (dataset / 'meta.json').write_text(json.dumps(dict(meta, elapsed_s=1.5)))
+        with pytest.raises(SystemExit) as e:
+            run(dataset, out, '--init_from=resume', '--max_iters=4')
+        assert one_line(e).startswith(f"{out / 'ckpt.pt'}: saved on another version of {dataset} (its meta.json "
+                                      "or file sizes differ: re-prepared?)") and '--allow_data_change=True' in one_line(e)
+    rows = run(dataset, out, '--init_from=resume', '--max_iters=4', '--allow_data_change=True')
+    assert rows[-1]['iter'] == 4
+    assert 'resuming on this data as asked (--allow_data_change=True)' in capsys.readouterr().out
+    ck = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ck['data_fingerprint'] != fp and ck['config']['allow_data_change'] is True  # recorded
+    # the checkpoint now names the new data: a plain resume goes on; the flag is not inherited
+    run(dataset, out, '--init_from=resume', '--max_iters=6')
+    assert 'allow_data_change' not in capsys.readouterr().out
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['config']['allow_data_change'] is False
+
+
+def change_data_at(monkeypatch, it, change):
+    """Calls change() when training draws the batch of iteration it (as if prepare.py rewrote data_dir)."""
+    real = train.sample_batch
+
+    def sample_batch(split, seed, i, *a):
+        if i == it:
+            change()
+        return real(split, seed, i, *a)
+    monkeypatch.setattr(train, 'sample_batch', sample_batch)
+
+
+def test_data_changed_during_the_run_is_noticed(tmp_path, dataset, monkeypatch):
+    meta = json.loads((dataset / 'meta.json').read_text())
+    change_data_at(monkeypatch, 3, lambda: (dataset / 'meta.json').write_text(json.dumps(dict(meta, seed=2))))
+    with pytest.raises(SystemExit) as e:
+        run(dataset, tmp_path / 'o', '--max_iters=10', '--eval_interval=5')
+    assert one_line(e).startswith(f"{dataset}: the dataset changed during the run (meta.json or file sizes: "
+                                  f"re-prepared?); stopped at iter 5 without saving")
+    # smaller new files: noticed at the next read, not a ValueError from numpy
+    change_data_at(monkeypatch, 2, lambda: write_dataset(dataset, n_train=5000))
+    with pytest.raises(SystemExit) as e:
+        run(dataset, tmp_path / 'o2', '--max_iters=10', '--eval_interval=5')
+    assert one_line(e) == (f"{dataset / 'train.bin'}: 5000 ids, 20000 when the run opened it: the dataset "
+                           "changed during the run")
+
+
+@pytest.mark.parametrize('flag,what', [('--n_embd=1048576', ' parameters x 16 B = '),
+                                       ('--batch_size=1e9', 'activations of batch_size=1000000000 x block_size=32'),
+                                       ('--eval_iters=1e11', 'eval_iters x batch_size = 800,000,000,000 validation')])
+def test_a_run_that_cannot_fit_is_refused_with_the_estimate(tmp_path, dataset, flag, what):
+    out = tmp_path / 'a' / 'o'
+    with pytest.raises(SystemExit) as e:
+        run(dataset, out, '--max_iters=1', flag)
+    msg = one_line(e)
+    assert msg.startswith('this run needs at least ') and what in msg, msg
+    assert ' GiB on this machine (' in msg and msg.endswith('; use a smaller model, batch_size or eval_iters'), msg
+    assert not (tmp_path / 'a').exists()  # refused before anything was written
+
+
+def test_ids_beyond_the_tables_are_one_line_naming_the_file(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / 'data')
+    tok = np.fromfile(data / 'train.bin', np.uint16)
+    tok[15000] = 70  # vocab_size 64
+    tok.tofile(data / 'train.bin')
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path / 'o', '--max_iters=1')
+    meta_path = data / 'meta.json'
+    assert one_line(e) == f"{data / 'train.bin'}: id 70 out of range for vocab_size 64 of {meta_path} (ids must be < 64)"
+    assert not (tmp_path / 'o').exists()
+    # beyond the part checked at opening: every window read is checked (train and evaluation)
+    monkeypatch.setattr(common, 'ID_CHECK', 1000)
+    info = common.load_meta(str(data), ['pos'])
+    sp = Split(str(data), 'train', ['pos'], 0, limits=common.id_limits(str(data), 'train', info, ['pos']))
+    sp.windows([0, 14000], 32)  # clean windows
+    with pytest.raises(SystemExit, match=r'train.bin: id 70 out of range for vocab_size 64'):
+        sp.windows([14990], 32)
+    # a tag list in meta.json shorter than the tag ids
+    data = write_dataset(tmp_path / 'data2')
+    meta = json.loads((data / 'meta.json').read_text())
+    meta['streams']['pos']['tags'] = meta['streams']['pos']['tags'][:6]  # ids go up to 10
+    (data / 'meta.json').write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path / 'o', '--metadata=pos', '--max_iters=1')
+    assert one_line(e) == (f"{data / 'train.pos.bin'}: id 10 out of range for stream 'pos' (6 tags in "
+                           f"{data / 'meta.json'}) (ids must be < 6)")
+    # and an unchecked head in training itself: one line, not an IndexError from the embedding
+    tok = np.fromfile(data / 'train.bin', np.uint16)
+    tok[1000::50] = 64  # after the checked head (ID_CHECK): found by the first batch that reads one
+    tok.tofile(data / 'train.bin')
+    with pytest.raises(SystemExit, match=r'train.bin: id 64 out of range for vocab_size 64'):
+        run(data, tmp_path / 'o3', '--max_iters=3')
+
+
+def test_a_run_failing_before_training_leaves_no_out_dir(tmp_path, dataset):
+    out = tmp_path / 'new' / 'o'
+    with pytest.raises(SystemExit, match='meta.json: not found'):
+        run(tmp_path / 'no_data', out, '--max_iters=1')
+    assert not (tmp_path / 'new').exists()
+    mine = tmp_path / 'mine'  # an out_dir the user made: it stays, only train.lock goes
+    mine.mkdir()
+    with pytest.raises(SystemExit, match='too few for block_size'):
+        run(dataset, mine, '--max_iters=1', '--block_size=5000')
+    assert mine.is_dir() and list(mine.iterdir()) == []
+
+
+# --- the code's shape ----------------------------------------------------------
+
+def test_train_py_is_functions_that_fit_a_screen_without_closures():
+    # issue 22: run() is named steps that read top to bottom, none over 80 lines, and none nested in
+    # another (a closure sharing half the run's state); the one nested function is the signal handler
+    tree = ast.parse((ROOT / 'train.py').read_text())
+    funcs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    assert {f.name: f.end_lineno - f.lineno + 1 for f in funcs if f.end_lineno - f.lineno + 1 > 80} == {}
+    nested = {g.name for f in funcs for g in ast.walk(f) if g is not f and isinstance(g, ast.FunctionDef)}
+    assert nested == {'handler'}  # catch_stop_signals': python calls it with (signum, frame) only

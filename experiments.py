@@ -1,0 +1,894 @@
+"""
+Experiments with LIME: train models with train.py and compare them (what the metadata buys, how
+well LIME+1 hints steer, downstream accuracy). The cost measurements (throughput, MFU, tagging,
+start-up) are bench.py's.
+
+$ python experiments.py configs/quickstart.py               # the one-command demo: 4 runs, a table, curves
+$ python experiments.py configs/bench_efficiency_cpu.py     # baseline vs LIME variants, same data/steps
+$ python experiments.py --mode=steering --ckpt_dir=out-bench-eff/lime1
+$ python experiments.py configs/bench_downstream_cpu.py     # cloze/arithmetic accuracy per model and tag policy
+$ python experiments.py --mode=curves RUN_DIR [RUN_DIR ...] # curves of any train.py runs against the first
+$ python experiments.py configs/experiments_gpu_check.py    # a short efficiency + steering pass on a GPU
+
+Engines: train.py trains every run, as a subprocess (no state shared between runs); the steering
+mode generates with sample.generate; the downstream mode scores with harness.py (its offline tasks
+through lm-eval). Those are the only scripts it imports, inside the modes that use them; the helpers
+it shares with bench.py (config checks, tables, the dataset build, the result file) are common.py's.
+
+Every module-level name below is a config key; config files (python, exec'd) and --key=value
+flags override them in command-line order, unknown keys are an error (as in train.py).
+Each mode prints a table and writes out_json (default out-bench/bench_<mode>.json), atomically.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from common import (ROOT, arch_args, autocast, build_dataset, checkpoint_path, configure_mode, ensure_dataset, fail,
+                    load_model, read_log, run_main, setup_torch, table, write_atomic, write_json, write_result)
+from metadata import UNK, base_stream
+
+# -----------------------------------------------------------------------------
+# default config values
+mode = 'efficiency'  # efficiency | steering | curves | downstream | gpu_check (efficiency, then steering)
+out_json = ''  # '' = out-bench/bench_<mode>.json
+seed = 1337
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
+compile = False
+threads = 0  # torch CPU threads for the in-process modes (steering); 0 = torch's default
+# data: a prepare.py directory, built on demand if missing (GPT-2's first 4096 ranks: a valid BPE
+# whose output layer does not dominate a small model's cost on CPU)
+data_dir = 'data/gutenberg_4k'
+data_tokenizer = 'gpt2-4096'  # only used to build data_dir when it is missing (build_data=True)
+data_input = ''  # '' = NLTK's Gutenberg corpus; else comma-separated prepare.py --input paths
+build_data = True
+plain_data_dir = ''  # baseline_plain: data_dir's documents and split prepared with --tokenization plain; '' = data_dir + '_plain' (built on first use)
+# the model every run trains (train.py's keys)
+arch = 'gpt2'  # 'gpt2' or 'gemma' (model.py)
+n_layer = 4
+n_head = 4
+n_kv_head = 2  # gemma only (ignored for gpt2, so one preset serves both archs): 0 = n_head, 1 = multi-query
+n_embd = 128
+mlp_hidden = 0  # MLP hidden width (gemma: per gate/up projection); 0 = 4 * n_embd
+block_size = 128
+batch_size = 16
+bias = False  # gpt2 only
+dropout = 0.0
+lime1_meta_dropout = 0.0  # the paper's LIME+1 trains without; >0 teaches the model what <unk> (no hint) means
+meta_inject_layer = 0  # lime1_predict runs: the block after which the next tags are predicted and added; 0 = n_layer // 2
+# training (train.py's keys; lr_decay_iters = max_iters)
+max_iters = 1000
+eval_interval = 100
+eval_iters = 10
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 50
+weight_decay = 0.1
+gradient_accumulation_steps = 1
+launcher = ''  # prefix for train.py instead of the python running experiments, e.g. 'torchrun --standalone --nproc_per_node=8'
+train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
+# efficiency: the arms of ARMS below, each trained in eff_dir/<arm>
+eff_runs = 'baseline,lime,lime_causal,lime1,lime1_predict,shuffled,baseline_seed2,baseline_plain'
+eff_dir = 'out-bench-eff'  # each run trains in eff_dir/<run> (also the downstream runs)
+eff_reuse = True  # skip a run whose eff_dir/<run> finished with identical arguments
+eff_parallel = 1  # training processes at once (CPU: 2 one-thread runs beat 1 two-thread run)
+marginal_positions = 1024  # lime1_predict: val positions where the bound is compared with the next-tag marginal
+plot = True  # eff_dir/curves.png when matplotlib is installed
+# downstream: train ds_runs on data_dir (the default corpus plus generated arithmetic problems, none of
+# them a test problem), then score each with harness.py's offline tasks under every tag policy it has
+ds_runs = 'baseline,lime_causal,lime1,lime1_predict,baseline_seed2'
+ds_task_dir = 'tasks/lime'  # built here (harness.py --build_tasks) when missing
+ds_tasks = 'lime_cloze,lime_arithmetic,lime_arithmetic_hinted,lime_arithmetic_ll'
+ds_arith_problems = 20000  # arithmetic problems mixed into the training corpus (50 per document)
+ds_cloze_n = 500  # harness.py cloze_n / arith_n / task_seed for the tasks built here
+ds_arith_n = 50
+ds_task_seed = 1234
+ds_limit = 0  # examples per task; 0 = all
+# curves: python experiments.py --mode=curves RUN_DIR [RUN_DIR ...]
+curves_baseline = ''  # the run the others are measured against; '' = the first directory given
+curves_png = 'out-bench/curves.png'
+# steering
+ckpt_dir = ''  # a LIME+1 run dir with ckpt.pt, or a checkpoint file; '' = eff_dir/lime1 (trained now if missing)
+base_ckpt_dir = ''  # the baseline run dir or checkpoint file; '' = eff_dir/baseline (trained now if missing)
+predict_ckpt_dir = ''  # self-predicting LIME+1 run dir; '' = lime1_predict beside ckpt_dir (trained if missing there)
+steer_predict = True  # also compare the self-predicting model (with and without hints)
+steer_windows = 64  # fixed val windows for next-token accuracy
+steer_samples = 16  # generations (one per val window)
+steer_prompt = 32  # prompt tokens (real val text)
+steer_new_tokens = 32  # generated tokens, each with a hint (the real next tokens' tags)
+steer_top_k = 0  # 0 = greedy
+steer_temperature = 1.0
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
+MODES = ('efficiency', 'steering', 'curves', 'downstream', 'gpu_check')
+PAPER_FRACTION = 0.4365  # the paper's headline: LIME reaches the baseline's loss with 43.65% of its tokens
+
+
+def configure(argv):
+    """Config files and --key=value flags over the defaults above, mode and dtype checked."""
+    return configure_mode(argv, DEFAULTS, MODES)
+
+
+# -----------------------------------------------------------------------------
+# the arms: what each run changes against the baseline (train.py keys), and its label in tables.
+# Every experiment picks its runs from here by name.
+
+ARMS = {
+    'baseline': dict(metadata='', label='baseline'),
+    'lime': dict(metadata='pos,ner', label='LIME (full tags)'),
+    'lime_causal': dict(metadata='pos_causal,ner_causal', label='LIME (causal tags)'),
+    # downstream labels it by its tags alone: which tags it reads is the policy column's business
+    'lime1': dict(metadata='pos,ner', meta_shift=1, label='LIME+1 (full, oracle next-token tags)',
+                  ds_label='LIME+1 (full tags)'),
+    # LIME+1 without an oracle: own causal tags in, the next token's tags predicted by the model itself
+    'lime1_predict': dict(metadata='pos_causal,ner_causal', meta_predict=True,
+                          label='LIME+1, self-predicted tags (causal)'),
+    'lime1_predict_full': dict(metadata='pos,ner', meta_predict=True, label='LIME+1, self-predicted tags (full)'),
+    'shuffled': dict(metadata='pos,ner', meta_shuffle=True, label='shuffled tags (control)'),
+    'baseline_seed2': dict(metadata='', seed_offset=1, label='baseline, seed 2'),
+    # the tokenization itself: GPT-2's own encoding of the same documents (its own data dir), compared by val_bpb
+    'baseline_plain': dict(metadata='', tokenization='plain', label='baseline, plain tokenization'),
+}
+
+
+# -----------------------------------------------------------------------------
+# efficiency: baseline vs LIME variants trained by train.py on the same data, seed, batches, steps
+
+def plain_dir(C):
+    return C.plain_data_dir or C.data_dir.rstrip('/') + '_plain'
+
+
+def ensure_plain_dataset(C, info):
+    """The baseline_plain arm's data: data_dir's documents, split, tokenizer and NER mode, prepared
+    with --tokenization plain (GPT-2's own encoding of the whole text), from data_dir's meta.json."""
+    d = plain_dir(C)
+    meta = os.path.join(d, 'meta.json')
+    same = ('tokenizer', 'ner', 'train_docs', 'val_docs', 'inputs', 'seed', 'val_fraction')
+    if os.path.isfile(meta):
+        p = json.load(open(meta))
+        bad = [k for k in same if p.get(k) != info.get(k)]
+        if p.get('tokenization') != 'plain' or bad:
+            fail(f"{meta}: not data_dir's documents with plain tokenization (differs in: "
+                 f"{', '.join(bad) or 'tokenization'}); remove it or set plain_data_dir")
+        return p
+    if info.get('tokenization', 'lime') == 'plain':
+        fail(f"{C.data_dir} is plain-tokenized already: baseline_plain compares plain with LIME tokenization")
+    if info.get('merged_from') or info.get('num_shards', 1) != 1:
+        fail(f"{C.data_dir} was merged from shards: build its plain twin with prepare.py and set plain_data_dir")
+    if not C.build_data:
+        fail(f"{meta}: not found (prepare.py --tokenization plain, or set --build_data=True)")
+    inputs = info.get('inputs') or []
+    args = ['--tokenization', 'plain', '--tags', 'full', '--tokenizer', info['tokenizer'], '--ner', info['ner'],
+            '--seed', str(info['seed']), '--val_fraction', str(info['val_fraction'])]
+    if inputs != ['nltk.corpus.gutenberg']:
+        args += ['--input'] + inputs
+    p = build_dataset(d, args)
+    bad = [k for k in same if p.get(k) != info.get(k)]
+    if bad:
+        fail(f"{d}: plain twin differs from {C.data_dir} in {', '.join(bad)}")
+    return p
+
+
+def train_args(C, name, out_dir):
+    """train.py's arguments for arm name, trained in out_dir: the arm's changes over the shared settings."""
+    spec = ARMS[name]
+    data = plain_dir(C) if spec.get('tokenization') == 'plain' else C.data_dir
+    args = dict(data_dir=os.path.abspath(data), out_dir=os.path.abspath(out_dir),
+                metadata=spec.get('metadata', ''), meta_shift=spec.get('meta_shift', 0),
+                meta_shuffle=spec.get('meta_shuffle', False), seed=C.seed + spec.get('seed_offset', 0),
+                n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=C.block_size,
+                batch_size=C.batch_size, **arch_args(C), bias=C.bias, dropout=C.dropout,
+                gradient_accumulation_steps=C.gradient_accumulation_steps, max_iters=C.max_iters,
+                lr_decay_iters=C.max_iters, warmup_iters=C.warmup_iters, learning_rate=C.learning_rate,
+                min_lr=C.min_lr, weight_decay=C.weight_decay, eval_interval=C.eval_interval,
+                eval_iters=C.eval_iters, log_interval=max(C.max_iters // 10, 1), device=C.device,
+                dtype=C.dtype, compile=C.compile, always_save_checkpoint=True, overwrite=True)  # a rerun replaces
+    if name == 'lime1' and C.lime1_meta_dropout > 0:
+        args['meta_dropout'] = C.lime1_meta_dropout
+    if spec.get('meta_predict'):
+        args.update(meta_predict=True, meta_inject_layer=C.meta_inject_layer)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def train_runs(C, jobs):
+    """Train runs with train.py in subprocesses (own processes: no state leaks between runs, and
+    train.py stays the single source of truth for training), eff_parallel at a time.
+    jobs: [(name, out_dir)]. Returns {name: (log rows, wall s)}. A finished run with identical
+    arguments is reused when eff_reuse (bench_args.json in its out_dir records them)."""
+    done, todo = {}, []
+    for name, out_dir in jobs:
+        args = train_args(C, name, out_dir)
+        stamp, log_path = os.path.join(out_dir, 'bench_args.json'), os.path.join(out_dir, 'log.jsonl')
+        if C.eff_reuse and os.path.isfile(stamp) and os.path.isfile(log_path):
+            prev = json.load(open(stamp))
+            rows = read_log(log_path)
+            if prev.get('args') == args and rows and rows[-1]['iter'] == C.max_iters:
+                print(f"{name}: reusing the finished run in {out_dir}", flush=True)
+                done[name] = (rows, prev.get('wall_s'))
+                continue
+        todo.append((name, out_dir, args))
+    env = dict(os.environ)
+    if C.train_threads:
+        env['OMP_NUM_THREADS'] = str(C.train_threads)
+    running = []
+    while todo or running:
+        while todo and len(running) < max(C.eff_parallel, 1):
+            name, out_dir, args = todo.pop(0)
+            os.makedirs(out_dir, exist_ok=True)
+            logf = open(os.path.join(out_dir, 'train.log'), 'w')
+            cmd = (C.launcher.split() if C.launcher else [sys.executable]) + [os.path.join(ROOT, 'train.py')] + args
+            p = subprocess.Popen(cmd, stdout=logf,
+                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((p, logf, name, out_dir, args, time.time()))
+        time.sleep(0.2)
+        for job in list(running):
+            p, logf, name, out_dir, args, t0 = job
+            if p.poll() is None:
+                continue
+            running.remove(job)
+            logf.close()
+            wall = time.time() - t0
+            if p.returncode != 0:
+                for q in running:  # stop the other runs we started before failing
+                    q[0].terminate()
+                tail = open(os.path.join(out_dir, 'train.log')).read()[-2000:]
+                fail(f"train.py failed for run '{name}' (exit {p.returncode}); log {out_dir}/train.log:\n{tail}")
+            write_json(os.path.join(out_dir, 'bench_args.json'), dict(args=args, wall_s=wall))
+            rows = read_log(os.path.join(out_dir, 'log.jsonl'))
+            print(f"{name}: val loss {rows[-1]['val_loss']:.4f}, acc {rows[-1]['val_acc']:.4f} ({wall:.0f}s)",
+                  flush=True)
+            done[name] = (rows, wall)
+    return done
+
+
+def first_reach(rows, key, target, better):
+    """Tokens at which a curve first reaches target (linear interpolation between eval points);
+    None if it never does."""
+    prev = None
+    for r in rows:
+        v = r.get(key)
+        if v is None:
+            continue
+        if better(v, target):
+            if prev is None or prev[1] == v:
+                return r['tokens']
+            (t0, v0), (t1, v1) = prev, (r['tokens'], v)
+            return t0 + (t1 - t0) * (target - v0) / (v1 - v0)
+        prev = (r['tokens'], v)
+    return None
+
+
+def honest_acc_key(rows):
+    """The accuracy a run could compute from the past alone: val_acc_own for meta_predict runs (its
+    val_acc is read with the data's next tags), val_acc for runs with val_nll, None otherwise."""
+    last = rows[-1]
+    if last.get('val_nll') is None:
+        return None
+    return 'val_acc_own' if last.get('val_acc_own') is not None else 'val_acc'
+
+
+def summarize_runs(logs, walls, baseline='baseline', other_tokens=()):
+    """Final numbers per run and the fraction of the baseline's tokens at which each run first
+    reaches the baseline's final value: on val_nll and honest accuracy (runs that read the future
+    have none: reads_future), and, as in the paper, on val_loss and val_acc whatever the run reads;
+    on val_bpb for every run that has it. Runs in other_tokens see other tokens (another
+    tokenization): only val_bpb compares them with the baseline."""
+    base = logs[baseline][-1]
+    base_tokens = base['tokens']
+    frac = lambda t: t / base_tokens if t is not None and base_tokens else None
+    out = {}
+    for name, rows in logs.items():
+        last = rows[-1]
+        acc_key = honest_acc_key(rows)
+        lower, higher = (lambda v, t: v <= t), (lambda v, t: v >= t)
+        out[name] = dict(
+            final_val_loss=last['val_loss'], final_val_ppl=last['val_ppl'], final_val_acc=last['val_acc'],
+            final_val_nll=last.get('val_nll'), final_val_loss_bound=last.get('val_loss_bound'),
+            final_val_acc_honest=last.get(acc_key) if acc_key else None,
+            final_val_acc_word_start=last.get('val_acc_word_start'),
+            final_val_acc_word_cont=last.get('val_acc_word_cont'),
+            reads_future=last.get('val_nll') is None,
+            tokens=last['tokens'], wall_s=walls.get(name),  # with eff_parallel > 1 runs share the machine
+            tokens_per_sec=last['tokens'] / walls[name] if walls.get(name) else None,
+            frac_tokens_to_baseline_nll=(frac(first_reach(rows, 'val_nll', base['val_nll'], lower))
+                                         if last.get('val_nll') is not None else None),
+            frac_tokens_to_baseline_acc_honest=frac(first_reach(rows, acc_key, base['val_acc'], higher))
+            if acc_key else None,
+            frac_tokens_to_baseline_loss=frac(first_reach(rows, 'val_loss', base['val_loss'], lower)),
+            frac_tokens_to_baseline_acc=frac(first_reach(rows, 'val_acc', base['val_acc'], higher)),
+            final_val_bpb=last.get('val_bpb'), final_val_bytes_per_token=last.get('val_bytes_per_token'),
+            frac_tokens_to_baseline_bpb=(frac(first_reach(rows, 'val_bpb', base['val_bpb'], lower))
+                                         if last.get('val_bpb') is not None and base.get('val_bpb') is not None
+                                         else None),
+            other_tokens=name in other_tokens,
+            curve={k: [r.get(k) for r in rows] for k in ('iter', 'tokens', 'val_loss', 'val_nll', 'val_bpb', 'val_ppl',
+                                                         'val_acc', 'val_acc_own', 'val_acc_word_start',
+                                                         'val_acc_word_cont', 'train_loss')})
+        if name in other_tokens:  # per-token numbers of other tokens: not comparable with the baseline's
+            for k in ('frac_tokens_to_baseline_nll', 'frac_tokens_to_baseline_acc_honest',
+                      'frac_tokens_to_baseline_loss', 'frac_tokens_to_baseline_acc'):
+                out[name][k] = None
+    return out
+
+
+def reach_cell(r, key):
+    """'n/a' for a run that reads the future (or, except on bpb, sees other tokens), 'never' when it
+    does not reach the baseline."""
+    if r['reads_future'] and key in ('frac_tokens_to_baseline_nll', 'frac_tokens_to_baseline_acc_honest',
+                                     'frac_tokens_to_baseline_bpb'):
+        return 'n/a'
+    if r.get('other_tokens') and key != 'frac_tokens_to_baseline_bpb':
+        return 'n/a'
+    return 'never' if r[key] is None else f"{100 * r[key]:.1f}%"
+
+
+@torch.no_grad()
+def predict_marginal(C, run_dir):
+    """How loose is the bound? At the last position of marginal_positions val windows, the bound's
+    term (-log p(data's next tags) - log p(next token | them)) next to the one-step marginal
+    -log sum_v p(v) p(next token | v) over the next tags v of the marginalised streams (all streams
+    jointly when their tag vocabularies multiply to <= 512, else the smallest stream), rerunning
+    blocks k+1..L once per v. The past tags are the data's in both; with causal streams they are a
+    function of the past tokens, so the marginal is the exact NLL of the next token under the
+    model with its next tags summed out (a language model; generation would pay a forward of
+    blocks k+1..L per value). For scale, the same positions under the honest runs of eff_dir
+    (baseline, LIME causal) where they have checkpoints."""
+    import itertools
+    import torch.nn.functional as F
+    from common import Split, eval_starts  # train.py's val windows: the ones its evaluation scores
+    model, ck = load_model(run_dir, C.device)
+    cfg = model.config
+    streams, n_tags, T = list(cfg.meta_streams), cfg.meta_n_tags, cfg.block_size
+    val = Split(ck['config']['data_dir'], 'val', streams, 0)
+    marg = streams if math.prod(n_tags) <= 512 else [streams[int(np.argmin(n_tags))]]
+    combos = list(itertools.product(*[range(n) for s, n in zip(streams, n_tags) if s in marg]))
+    cols = {s: torch.tensor([c[j] for c in combos], device=C.device) for j, s in enumerate(marg)}
+    bound, marginal, tag_part = [], [], []
+    starts = list(eval_starts(val.n, T, C.marginal_positions))
+    for i in starts:
+        x, y, meta = val.windows([i], T)
+        nxt = val.next_tags([i], T)
+        x, meta = x.to(C.device), {k: v.to(C.device) for k, v in meta.items()}
+        nxt = {k: v.to(C.device) for k, v in nxt.items()}
+        # the candidate tags matter only at the last position: run the prefix once into a KV cache,
+        # then the last position once, its upper blocks once per candidate (a batch of len(combos))
+        cache = model.new_kv_cache(1)
+        model.forward_predict(x[:, :-1], {s: v[:, :-1] for s, v in meta.items()},
+                              {s: v[:, :-1] for s, v in nxt.items()}, kv_cache=cache)
+        cache.k, cache.v = cache.k.repeat(1, len(combos), 1, 1, 1), cache.v.repeat(1, len(combos), 1, 1, 1)
+        nm = {s: nxt[s][:, -1:].repeat(len(combos), 1) for s in streams}
+        for s in marg:
+            nm[s][:, -1] = cols[s]
+        logits, _, tag_logits, _ = model.forward_predict(x[:, -1:], {s: v[:, -1:] for s, v in meta.items()}, nm,
+                                                         kv_cache=cache, start_pos=T - 1)
+        logp_tag = {s: F.log_softmax(tl[0, -1].float(), -1) for s, tl in zip(streams, tag_logits)}
+        logp_tok = F.log_softmax(logits[:, -1].float(), -1)[:, int(y[0, -1])]
+        lp = sum(logp_tag[s][cols[s]] for s in marg)
+        fixed = sum(logp_tag[s][int(nxt[s][0, -1])] for s in streams if s not in marg)
+        k = combos.index(tuple(int(nxt[s][0, -1]) for s in marg))
+        bound.append(-float(lp[k] + fixed + logp_tok[k]))
+        tag_part.append(-float(lp[k] + fixed))
+        marginal.append(-float(torch.logsumexp(lp + logp_tok, 0) + fixed))
+    same = {}  # honest runs at the same positions (same data dir: same val tokens)
+    for name in ('baseline', 'lime_causal'):
+        path = os.path.join(os.path.dirname(run_dir), name, 'ckpt.pt')
+        if not os.path.isfile(path):
+            continue
+        m, ckr = load_model(path, C.device)
+        if ckr['config']['data_dir'] != ck['config']['data_dir']:
+            continue
+        sp = Split(ckr['config']['data_dir'], 'val', list(m.config.meta_streams), 0)
+        nll = []
+        for i in starts:
+            x, y, meta = sp.windows([i], T)
+            logits, _ = m(x.to(C.device), {k: v.to(C.device) for k, v in meta.items()} or None)
+            nll.append(-float(F.log_softmax(logits[0, -1].float(), -1)[int(y[0, -1])]))
+        # paired by position: the standard error of the mean difference says whether it is noise
+        diff = np.array(marginal) - np.array(nll)
+        same[name] = dict(nll=float(np.mean(nll)), marginal_minus=float(diff.mean()),
+                          se=float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None)
+    res = dict(positions=len(bound), marginalised=marg, values=len(combos), bound=float(np.mean(bound)),
+               marginal=float(np.mean(marginal)), tag_cost=float(np.mean(tag_part)),
+               gap=float(np.mean(bound) - np.mean(marginal)), same_positions=same)
+    print(f"\nbound vs one-step marginal over the next {'/'.join(marg)} tags ({len(combos)} values), "
+          f"{res['positions']} val positions: bound {res['bound']:.4f} (of it tags {res['tag_cost']:.4f}), "
+          f"marginal {res['marginal']:.4f}, gap {res['gap']:.4f} nats/token" +
+          ''.join(f"; {n} at the same positions {v['nll']:.4f} (marginal minus it {v['marginal_minus']:+.4f}, "
+                  f"s.e. {v['se'] or 0:.4f})" for n, v in same.items()))
+    return res
+
+
+def draw_curves(logs, baseline, path):
+    """One PNG of val_nll (val_loss, dashed, for runs that read the future), accuracy and the
+    cohesion accuracies against training tokens for logs {label: log.jsonl rows}, with the
+    baseline's final value marked, where each run first reaches it, and the paper's 43.65% of the
+    baseline's tokens. Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib); the numbers are in the JSON")
+        return None
+    base = logs[baseline]
+    base_tokens = base[-1]['tokens']
+    panels = [('val_nll', 'val NLL per token', lambda v, t: v <= t),
+              ('val_acc', 'val next-token accuracy', lambda v, t: v >= t),
+              ('val_acc_word_start', 'accuracy, word-start targets', lambda v, t: v >= t),
+              ('val_acc_word_cont', 'accuracy, word-continuation targets', lambda v, t: v >= t)]
+
+    def curve_key(rows, key):
+        # (key to plot, from the past alone?): runs that read the future plot val_loss/val_acc, dashed;
+        # a meta_predict run's accuracy is its own-tag accuracy (its val_acc is teacher-forced)
+        honest = rows[-1].get('val_nll') is not None
+        predict = rows[-1].get('val_loss_bound') is not None
+        if key == 'val_nll':
+            return ('val_nll', True) if honest else ('val_loss', False)
+        if key == 'val_acc' and predict and rows[-1].get('val_acc_own') is not None:
+            return 'val_acc_own', True
+        return key, honest and not predict
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for ax, (key, title, better) in zip(axes.flat, panels):
+        target = base[-1].get(key)
+        drawn = 0
+        for k, (label, rows) in enumerate(logs.items()):
+            color = f'C{k}'
+            use, past_only = curve_key(rows, key)
+            pts = [(r['tokens'], r.get(use)) for r in rows if r.get(use) is not None]
+            if not pts:
+                continue
+            drawn += 1
+            ax.plot(*zip(*pts), color=color, ls='-' if past_only else '--', label=label)
+            reach = first_reach(rows, use, target, better) if target is not None else None
+            if reach is not None and label != baseline:
+                ax.axvline(reach, color=color, ls=':', lw=1)
+                ax.annotate(f"{100 * reach / base_tokens:.0f}%", (reach, target), color=color, fontsize=8,
+                            xytext=(3, 3 + 9 * k), textcoords='offset points')
+        if not drawn:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{title}: not in these logs", ha='center', transform=ax.transAxes)
+            continue
+        if target is not None:
+            ax.axhline(target, color='gray', lw=1, ls='--')
+            ax.text(0, target, "baseline's final", color='gray', fontsize=8, va='bottom')
+        ax.axvline(PAPER_FRACTION * base_tokens, color='black', lw=1, ls='-.', alpha=0.5)
+        ax.text(PAPER_FRACTION * base_tokens, ax.get_ylim()[1], ' paper: 43.65%', fontsize=8, va='top')
+        ax.set_title(title + ' (dashed: reads the future)', fontsize=10)
+        ax.set_xlabel('training tokens')
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format='png', dpi=110))
+    plt.close(fig)
+    return path
+
+
+def run_curves(C, run_dirs):
+    """curves: draw_curves over any run directories (each with a log.jsonl); the first is the baseline
+    unless curves_baseline names another. Prints where each run first reaches the baseline's final
+    val_nll / accuracy."""
+    if not run_dirs:
+        fail("curves: give run directories, e.g. python experiments.py --mode=curves out-a out-b")
+    logs = {}
+    for d in run_dirs:
+        path = os.path.join(d, 'log.jsonl')
+        if not os.path.isfile(path):
+            fail(f"{path}: not found (a train.py run directory holds one)")
+        rows = read_log(path)
+        if not rows:
+            fail(f"{path}: no evaluation rows yet")
+        logs[os.path.basename(os.path.normpath(d))] = rows
+    baseline = os.path.basename(os.path.normpath(C.curves_baseline or run_dirs[0]))
+    if baseline not in logs:
+        fail(f"curves_baseline={C.curves_baseline} is not one of the run directories")
+    runs = summarize_runs(logs, {}, baseline)
+    table([dict(run=k, **{c: reach_cell(r, c) for c in ('frac_tokens_to_baseline_nll', 'frac_tokens_to_baseline_loss',
+                                                        'frac_tokens_to_baseline_acc')},
+                final_val_nll=r['final_val_nll'], final_val_loss=r['final_val_loss']) for k, r in runs.items()],
+          [('run', 'run', ''), ('final_val_loss', 'val loss', '.4f'), ('final_val_nll', 'val_nll', '.4f'),
+           ('frac_tokens_to_baseline_nll', "to baseline's val_nll", ''),
+           ('frac_tokens_to_baseline_loss', "to baseline's loss", ''),
+           ('frac_tokens_to_baseline_acc', "to baseline's acc", '')])
+    png = draw_curves(logs, baseline, C.curves_png)
+    if png:
+        print(f"wrote {png}")
+    return dict(runs=runs, baseline=baseline, plot=png, run_dirs=[os.path.abspath(d) for d in run_dirs])
+
+
+def run_efficiency(C):
+    info = ensure_dataset(C)
+    names = [n for n in C.eff_runs.split(',') if n]
+    for n in names:
+        if n not in ARMS:
+            fail(f"unknown efficiency run {n!r} ({', '.join(ARMS)})")
+    if 'baseline' not in names:
+        fail("eff_runs must include 'baseline' (the reference of every comparison)")
+    for n in names:
+        for s in ARMS[n]['metadata'].split(','):
+            if s and s not in info['streams']:
+                fail(f"{C.data_dir}: stream '{s}' missing for run '{n}' (prepare.py --tags full,causal)")
+    names = ['baseline'] + [n for n in names if n != 'baseline']
+    plain = [n for n in names if ARMS[n].get('tokenization') == 'plain']
+    plain_info = ensure_plain_dataset(C, info) if plain else None
+    logs, walls = {}, {}
+    t0 = time.time()
+    res = train_runs(C, [(n, os.path.join(C.eff_dir, n)) for n in names])
+    for n in names:
+        logs[n], walls[n] = res[n]
+    runs = summarize_runs(logs, walls, other_tokens=plain)
+    rows = [dict(run=ARMS[n]['label'], **{k: v for k, v in r.items() if k != 'curve'},
+                 **{k + '_cell': reach_cell(r, k) for k in ('frac_tokens_to_baseline_nll',
+                                                            'frac_tokens_to_baseline_acc_honest',
+                                                            'frac_tokens_to_baseline_loss',
+                                                            'frac_tokens_to_baseline_acc',
+                                                            'frac_tokens_to_baseline_bpb')})
+            for n, r in runs.items()]
+    print()
+    table(rows, [('run', 'run', ''), ('final_val_loss', 'val loss', '.4f'), ('final_val_nll', 'val_nll', '.4f'),
+                 ('final_val_bpb', 'val_bpb', '.4f'), ('final_val_bytes_per_token', 'bytes/token', '.3f'),
+                 ('frac_tokens_to_baseline_bpb_cell', 'to base bpb', ''),
+                 ('final_val_acc', 'acc', '.4f'), ('final_val_acc_honest', 'acc (past only)', '.4f'),
+                 ('final_val_acc_word_start', 'acc word-start', '.4f'),
+                 ('final_val_acc_word_cont', 'acc word-cont', '.4f'),
+                 ('frac_tokens_to_baseline_nll_cell', 'to base val_nll', ''),
+                 ('frac_tokens_to_baseline_acc_honest_cell', 'to base acc (past only)', ''),
+                 ('frac_tokens_to_baseline_loss_cell', 'to base loss (paper)', ''),
+                 ('frac_tokens_to_baseline_acc_cell', 'to base acc (paper)', ''), ('wall_s', 'wall s', '.0f')])
+    print("val_nll: NLL per token of the val text as a generative model of text alone (or its upper bound); "
+          "'-' (and n/a) for runs that read tags depending on tokens they have not seen (full tags, LIME+1's "
+          "oracle next-token tags, shuffled tags). 'to base ...': fraction of the baseline's tokens to reach its "
+          "final value; the paper's columns use val_loss/val_acc whatever the run reads (a meta_predict run's "
+          "val_loss/val_acc are read with the data's next tags). '-' = never reached. val_bpb: val_nll in bits per "
+          "UTF-8 byte of the val targets, the one number comparable across tokenizations: baseline_plain (GPT-2's "
+          "own encoding of the same documents, same tokens per iteration) is compared on it alone.")
+    marginal = None
+    if 'lime1_predict' in names and C.marginal_positions > 0:
+        marginal = predict_marginal(C, os.path.join(C.eff_dir, 'lime1_predict'))
+    png = None
+    if C.plot:
+        png = draw_curves({n: logs[n] for n in names}, 'baseline', os.path.join(C.eff_dir, 'curves.png'))
+    return dict(runs=runs, marginal=marginal, baseline_final_tokens=logs['baseline'][-1]['tokens'],
+                data_dir=C.data_dir,
+                tokenizer=info.get('tokenizer'), vocab_size=info.get('vocab_size'),
+                train_tokens=info.get('train_tokens'), eff_dir=C.eff_dir, plot=png,
+                tokens_per_iter=logs['baseline'][-1]['tokens'] // max(C.max_iters, 1),
+                plain_data_dir=plain_dir(C) if plain else None,
+                plain_train_tokens=plain_info.get('train_tokens') if plain_info else None,
+                max_iters=C.max_iters, wall_s=time.time() - t0, train_args=train_args(C, 'baseline', 'OUT'),
+                notes=("frac_tokens_to_baseline_*: fraction of the baseline's training tokens at which the run "
+                       "first reaches the baseline's final value (linear interpolation between eval points): "
+                       "_nll and _acc_honest on what the run could compute from the past alone (None for runs "
+                       "that read the future: reads_future), _loss and _acc the paper's metric on val_loss and "
+                       "val_acc whatever the run reads; baseline_seed2 shows run-to-run noise. marginal: the "
+                       "lime1_predict bound against the one-step marginal over its next tags."))
+
+
+# -----------------------------------------------------------------------------
+# steering: LIME+1 with oracle hints vs <unk> hints vs the baseline; hinted generation
+
+def ensure_ckpt(C, run_dir, name):
+    if os.path.isfile(run_dir) or os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):  # a checkpoint file, or a run
+        return
+    print(f"{run_dir}/ckpt.pt not found: training run '{name}' now", flush=True)
+    ensure_dataset(C)
+    train_runs(C, [(name, run_dir)])
+
+
+@torch.no_grad()
+def steering_accuracy(C, models, val, streams, T):
+    """Next-token accuracy and loss on fixed val windows for the LIME+1 model with oracle hints
+    (the true next token's tags), with every tag <unk>, and for the baseline (same windows); for a
+    self-predicting model (models['predict']) with the data's next tags (an oracle too) and with its
+    heads' own argmax tags (from the past alone)."""
+    from common import eval_starts
+    starts = eval_starts(val.n, T, C.steer_windows)
+    ctx = autocast(C.device, C.dtype)
+    arms = ['oracle_hints', 'unk_hints', 'baseline'] + (['predict_oracle_tags', 'predict_own_tags']
+                                                         if 'predict' in models else [])
+    acc = {k: [0, 0.0] for k in arms}
+    n_tok = 0
+    for j in range(0, len(starts), 16):
+        x, y, meta = val.windows(starts[j:j + 16], T)  # meta: LIME+1's, the next token's tags
+        x, y = x.to(C.device), y.to(C.device)
+        meta = {s: m.to(C.device) for s, m in meta.items()}
+        unk = {s: torch.full_like(m, UNK) for s, m in meta.items()}
+        out = {}
+        with ctx:
+            out['oracle_hints'] = models['lime1'](x, meta, targets=y)
+            out['unk_hints'] = models['lime1'](x, unk, targets=y)
+            out['baseline'] = models['baseline'](x, None, targets=y)
+            if 'predict' in models:
+                pm, own_in = models['predict'], models['predict_inputs'](starts[j:j + 16], T)
+                logits, loss, _, h = pm.forward_predict(x, own_in['meta'], own_in['next'], targets=y)
+                out['predict_oracle_tags'] = logits, loss
+                out['predict_own_tags'] = pm.forward_predict(x, own_in['meta'], targets=y, choose=pm.argmax_tags,
+                                                             h=h)[:2]  # the lower blocks' output reused
+        for key, (logits, loss) in out.items():
+            acc[key][0] += int((logits.argmax(-1) == y).sum())
+            acc[key][1] += float(loss) * y.numel()
+        n_tok += y.numel()
+    return {k: dict(acc=v[0] / n_tok, loss=v[1] / n_tok) for k, v in acc.items()}, len(starts)
+
+
+def steering_generation(C, models, val, streams, ner):
+    """Generation with hints taken from real val text (the real next tokens' tags, so the hint
+    sequences follow the data's tag distribution), through sample.py's generate() (prompt tags
+    computed online, causal, as a user gets them; KV cache). For each arm: the fraction of
+    generated tokens whose causal tags (annotate_ids(prompt + generated, tags='causal')) equal the
+    hints; for the self-predicting model without hints, equal the tags it picked itself."""
+    import metadata as md
+    from sample import generate
+    from common import eval_starts
+    P, G = C.steer_prompt, C.steer_new_tokens
+    gstarts = eval_starts(val.n, P + G + 1, C.steer_samples)
+    xs, _, ms = val.windows(gstarts, P + G)  # ms[s][:, t] = tag of token t+1
+    prompts = xs[:, :P].tolist()
+    hints = {base_stream(s): m[:, P - 1:P - 1 + G].numpy() for s, m in ms.items()}  # tags of true tokens P..P+G-1
+    gen = torch.Generator(device=C.device).manual_seed(C.seed)
+    greedy = C.steer_top_k == 0
+    kw = dict(temperature=0 if greedy else C.steer_temperature, top_k=1 if greedy else C.steer_top_k,
+              ctx=autocast(C.device, C.dtype), generator=gen, tag_generated=False)
+    arms = [('hinted', 'lime1', True), ('unhinted_unk', 'lime1', False)]
+    if 'predict' in models:
+        arms += [('predict_hinted', 'predict', True), ('predict_unhinted', 'predict', False)]
+    out = {}
+    for key, name, use_hints in arms + [('baseline', 'baseline', False)]:
+        model = models[name]
+        mstreams = list(model.config.meta_streams) or streams
+        match = {b: 0 for b in hints}
+        both, sample_text = 0, None
+        for b, prompt in enumerate(prompts):
+            h = [{s: int(hints[base_stream(s)][b][j]) for s in mstreams} for j in range(G)] if use_hints else None
+            tagger = md.CausalStream(ner) if model.config.meta_streams else None
+            r = generate(model, prompt, G, tagger=tagger, hints=h, **kw)
+            causal = md.annotate_ids(np.array(r['tokens']), ner=ner, tags='causal')
+            own = {base_stream(s): np.array(v) for s, v in r['given'].items()}
+            ok = None
+            for bn in hints:
+                # the target: the hints, or for the self-predicting model unhinted, its own tags
+                m = causal[bn + '_causal'][P:] == (own[bn] if key == 'predict_unhinted' else hints[bn][b])
+                match[bn] += int(m.sum())
+                ok = m if ok is None else ok & m
+            both += int(ok.sum())
+            if sample_text is None:
+                sample_text = md.decode_text(r['tokens'])[0]
+        n = len(prompts) * G
+        out[key] = dict(**{f'match_{bn}': match[bn] / n for bn in hints}, match_all=both / n, sample=sample_text,
+                        target='own tags' if key == 'predict_unhinted' else 'hints')
+    return out, len(prompts)
+
+
+def run_steering(C):
+    """LIME+1 with oracle hints vs <unk> hints vs the baseline, and the self-predicting model with
+    its own tags or the hints: next-token accuracy, then hinted generation."""
+    from common import Split  # train.py's val windows
+    import metadata as md
+    dirs = {'lime1': C.ckpt_dir or os.path.join(C.eff_dir, 'lime1'),
+            'baseline': C.base_ckpt_dir or os.path.join(C.eff_dir, 'baseline')}
+    if C.steer_predict:
+        # the self-predicting run beside the LIME+1 one (eff_dir/lime1_predict by default)
+        run = dirs['lime1'] if not os.path.isfile(dirs['lime1']) else os.path.dirname(os.path.abspath(dirs['lime1']))
+        d = C.predict_ckpt_dir or os.path.join(os.path.dirname(os.path.abspath(run)), 'lime1_predict')
+        if C.predict_ckpt_dir or not C.ckpt_dir or os.path.isfile(checkpoint_path(d)):
+            dirs['predict'] = d
+        else:
+            print(f"{d}/ckpt.pt not found: the self-predicting arms are skipped (--predict_ckpt_dir=DIR)")
+    models, cks = {}, {}
+    for k, d in dirs.items():
+        ensure_ckpt(C, d, {'predict': 'lime1_predict'}.get(k, k))
+        models[k], cks[k] = load_model(d, C.device)  # weights_only: a checkpoint never runs code
+    ck = cks['lime1']
+    if ck['model_args'].get('meta_shift') != 1:
+        fail(f"{checkpoint_path(dirs['lime1'])} is not a LIME+1 model (meta_shift={ck['model_args'].get('meta_shift')})")
+    if 'predict' in cks and not cks['predict']['model_args'].get('meta_predict'):
+        fail(f"{checkpoint_path(dirs['predict'])} is not a self-predicting model (meta_predict=False)")
+    streams = list(ck['model_args']['meta_streams'])
+    data_dir = ck['config']['data_dir']
+    ds = ck.get('dataset') or json.load(open(os.path.join(data_dir, 'meta.json')))
+    for k in cks:
+        if cks[k].get('dataset', {}).get('tokenizer') != ds.get('tokenizer'):
+            fail(f"{dirs[k]}: checkpoint uses another tokenizer than {dirs['lime1']}")
+    T = ck['model_args']['block_size']
+    if C.steer_prompt + C.steer_new_tokens > T:
+        fail(f"steer_prompt + steer_new_tokens = {C.steer_prompt + C.steer_new_tokens} "
+             f"> block_size {T}")
+    val = Split(data_dir, 'val', streams, 1)
+    if 'predict' in models:
+        pval = Split(cks['predict']['config']['data_dir'], 'val', list(models['predict'].config.meta_streams), 0)
+        models['predict_inputs'] = lambda st, T: dict(
+            meta={s: m.to(C.device) for s, m in pval.windows(st, T)[2].items()},
+            next={s: m.to(C.device) for s, m in pval.next_tags(st, T).items()})
+    md.set_tokenizer(ds['tokenizer'])
+    accuracy, n_windows = steering_accuracy(C, models, val, streams, T)
+    t0 = time.time()
+    generation, n_samples = steering_generation(C, models, val, streams, ds.get('ner', 'binary'))
+    print()
+    table([dict(arm=k, **v) for k, v in accuracy.items()],
+          [('arm', 'next-token (val)', ''), ('acc', 'acc', '.4f'), ('loss', 'loss', '.4f')])
+    print()
+    bases = [base_stream(s) for s in streams]
+    table([dict(arm=k, **v) for k, v in generation.items()],
+          [('arm', 'generation', ''), ('target', 'matched against', '')] +
+          [(f'match_{b}', f'{b} match', '.3f') for b in bases] + [('match_all', 'all match', '.3f')])
+    print("oracle_hints and predict_oracle_tags read the true next token's tags (the future); "
+          "predict_own_tags and predict_unhinted use only the model's own tags.")
+    return dict(accuracy=accuracy, generation=generation, ckpt_dir=dirs['lime1'],
+                base_ckpt_dir=dirs['baseline'], predict_ckpt_dir=dirs.get('predict'), data_dir=data_dir,
+                streams=streams, windows=n_windows,
+                samples=n_samples, prompt_tokens=C.steer_prompt, new_tokens=C.steer_new_tokens,
+                top_k=C.steer_top_k, meta_dropout=ck['config'].get('meta_dropout', 0.0),
+                generation_s=time.time() - t0, generator='sample.generate (prompt tags causal/online, KV cache)',
+                greedy=C.steer_top_k == 0,
+                notes=("hints = full tags of the real next tokens of val windows; match = the causal tags "
+                       "(metadata.annotate_ids(prompt+generated, tags='causal')) of each generated token equal "
+                       "its hint (predict_unhinted: the tags the model picked for it). unhinted_unk feeds <unk> "
+                       "as every hint (meaningful only if the model was trained with meta_dropout > 0); "
+                       "baseline = the baseline model, compared to the same hints."))
+
+
+# -----------------------------------------------------------------------------
+# downstream: cloze and arithmetic accuracy per model and tag policy (harness.py; lm-eval)
+
+def ensure_downstream_data(C):
+    """The offline tasks (ds_task_dir, built on first use) and data_dir: NLTK's Gutenberg books (or
+    data_input) plus ds_arith_problems generated arithmetic problems in lm-eval's format, none of them
+    a test problem (checked on every run, against the task file); kept in data_dir + '-docs'."""
+    import harness
+    task = os.path.join(C.ds_task_dir, 'arithmetic.jsonl')
+    if not (os.path.isfile(task) and os.path.isfile(os.path.join(C.ds_task_dir, 'cloze.jsonl'))):
+        harness.build_task_dir(C.ds_task_dir, C.ds_cloze_n, C.ds_arith_n, C.ds_task_seed)  # its errors: one line
+    test = [json.loads(line) for line in open(task)]
+    docs = C.data_dir.rstrip('/') + '-docs'
+    arith = os.path.join(docs, 'arithmetic.jsonl')
+    if not os.path.isfile(os.path.join(C.data_dir, 'meta.json')):
+        if not C.build_data:
+            fail(f"{C.data_dir}/meta.json: not found (set --build_data=True)")
+        tmp = f"{docs}.tmp-{os.getpid()}"
+        os.makedirs(tmp)
+        if not C.data_input:  # the default corpus, as files (prepare.py reads it with the problems)
+            from nltk.corpus import gutenberg
+            for f in gutenberg.fileids():
+                with open(os.path.join(tmp, f), 'w', encoding='utf-8') as fo:
+                    fo.write(gutenberg.raw(f))
+        with open(os.path.join(tmp, 'arithmetic.jsonl'), 'w') as fo:
+            for d in harness.arithmetic_train(C.ds_arith_problems, test, C.ds_task_seed, per_doc=500):
+                fo.write(json.dumps({'text': d}) + '\n')
+        if os.path.isdir(docs):
+            import shutil
+            shutil.rmtree(docs)
+        os.replace(tmp, docs)
+        build_dataset(C.data_dir, ['--ner', 'binary', '--tags', 'full,causal', '--tokenizer', C.data_tokenizer,
+                                   '--input', docs] + (C.data_input.split(',') if C.data_input else []))
+    # held apart: no test problem (question and answer) in the training documents
+    if os.path.isfile(arith):
+        held = {d['context'] + d['completion'] for d in test}
+        seen = {p for line in open(arith) for p in json.loads(line)['text'].split('\n\n')}
+        if held & seen:
+            fail(f"{arith}: {len(held & seen)} test problems of {task} are in the training documents "
+                 f"(rebuild {C.data_dir} after changing the tasks)")
+    return json.load(open(os.path.join(C.data_dir, 'meta.json'))), test
+
+
+def by_kind(samples, metric):
+    """{kind: mean of metric} over lm-eval's per-document samples (arithmetic: 1da, 1ds, ... 3ds)."""
+    acc = {}
+    for x in samples:
+        acc.setdefault(x['doc'].get('kind', '?'), []).append(float(x[metric]))
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
+
+def run_downstream(C):
+    """Train ds_runs on the default corpus with arithmetic mixed in, then run harness.py's offline
+    tasks on each run under every tag policy that applies to it: cloze accuracy and the final word's
+    log-likelihood, arithmetic exact match by generation (unhinted; hinted CD for LIME+1 and
+    meta_predict), and lm-eval's arithmetic metric (greedy continuation, a log-likelihood request)."""
+    import harness
+    t0 = time.time()
+    info, test = ensure_downstream_data(C)
+    names = [n for n in C.ds_runs.split(',') if n]
+    for n in names:
+        if n not in ARMS or ARMS[n].get('tokenization') or ARMS[n].get('meta_shuffle'):
+            fail(f"ds_runs: {n!r} is not a run downstream can score "
+                 f"({', '.join(k for k, v in ARMS.items() if not v.get('tokenization') and not v.get('meta_shuffle'))})")
+    res = train_runs(C, [(n, os.path.join(C.eff_dir, n)) for n in names])
+    t_train = time.time() - t0
+    tasks = [t for t in C.ds_tasks.split(',') if t]
+    rows, kinds = [], {}
+    t1 = time.time()
+    for n in names:
+        sc = harness.Scorer(os.path.join(C.eff_dir, n), '', C.device, 16, C.dtype)
+        for pol in harness.POLICIES[sc.kind]:
+            sc.set_policy(pol)
+            hinted_ok = sc.kind in ('lime1', 'predict')
+            ts = [t for t in tasks if hinted_ok or not t.endswith('_hinted')]  # others ignore hints: same as unhinted
+            te = time.time()
+            out = harness.evaluate(harness.make_lm(scorer=sc), ts, C.ds_task_dir, C.ds_limit, -1, 1000,
+                                   log_samples=True)
+            r, smp = out['results'], out.get('samples', {})
+            get = lambda t, k: r.get(t, {}).get(k)
+            ppl = get('lime_cloze', 'perplexity,none')
+            row = dict(run=n, label=ARMS[n].get('ds_label', ARMS[n]['label']), model=harness.KIND_NAMES[sc.kind], policy=pol,
+                       reads_future=sc.oracle, cloze_acc=get('lime_cloze', 'acc,none'), cloze_ppl=ppl,
+                       cloze_ll=-math.log(ppl) if ppl else None,
+                       arith_em=get('lime_arithmetic', 'exact_match,strip'),
+                       arith_em_hinted=get('lime_arithmetic_hinted', 'exact_match,strip'),
+                       arith_ll_acc=get('lime_arithmetic_ll', 'acc,none'), eval_s=time.time() - te)
+            for t, key, m in (('lime_arithmetic', 'arith_em', 'exact_match'),
+                              ('lime_arithmetic_hinted', 'arith_em_hinted', 'exact_match'),
+                              ('lime_arithmetic_ll', 'arith_ll_acc', 'acc')):
+                if t in smp:
+                    kinds[(n, pol, key)] = by_kind(smp[t], m)
+                    row[key + '_by_kind'] = kinds[(n, pol, key)]
+            rows.append(row)
+            print(f"{n} [{pol}]: " + ', '.join(f"{k} {row[k]:.4f}" for k in ('cloze_acc', 'cloze_ll', 'arith_em',
+                                                                           'arith_em_hinted', 'arith_ll_acc')
+                                              if row[k] is not None) + f" ({row['eval_s']:.0f}s)", flush=True)
+    print()
+    for x in rows:
+        x['policy_cell'] = x['policy'] + (' (ORACLE)' if x['reads_future'] else '')
+    table(rows, [('label', 'model', ''), ('policy_cell', 'tags', ''), ('cloze_acc', 'cloze acc', '.4f'),
+                 ('cloze_ll', 'cloze ll (nats)', '.3f'), ('arith_em', 'arith EM', '.4f'),
+                 ('arith_em_hinted', 'arith EM, hint CD', '.4f'), ('arith_ll_acc', 'arith acc (lm-eval)', '.4f')])
+    print("tags: causal = the causal tags of the text so far (LIME+1: <unk> at scored positions); predict = the "
+          "model's own next tags (cloze ll: the bound, tag log-prob included); oracle = the continuation's own "
+          "tags (reads the future); unk = every tag <unk>. arith EM: exact match of the generated answer; hint CD: "
+          "the first answer token hinted CD (a number, known from the task format); arith acc (lm-eval): the "
+          "greedy continuation is the answer ('-': generation has no oracle, hints only for LIME+1/meta_predict).")
+    kind_rows = [dict(label=x['label'], policy_cell=x['policy_cell'], **{k: v for k, v in x['arith_em_by_kind'].items()})
+                 for x in rows if x.get('arith_em_by_kind')]
+    if kind_rows:
+        ks = sorted({k for x in kind_rows for k in x if k not in ('label', 'policy_cell')})
+        print()
+        table(kind_rows, [('label', 'arith EM by kind', ''), ('policy_cell', 'tags', '')] + [(k, k, '.3f') for k in ks])
+    ds = {n: res[n][0][-1] for n in names}
+    return dict(rows=rows, data_dir=C.data_dir, task_dir=C.ds_task_dir, tasks=tasks, eff_dir=C.eff_dir,
+                runs={n: dict(final_val_loss=ds[n]['val_loss'], final_val_nll=ds[n].get('val_nll'),
+                              final_val_bpb=ds[n].get('val_bpb'), wall_s=res[n][1]) for n in names},
+                train_tokens=info.get('train_tokens'), arith_problems=C.ds_arith_problems,
+                test_problems=len(test), max_iters=C.max_iters, train_s=t_train, eval_s=time.time() - t1,
+                wall_s=time.time() - t0, train_args=train_args(C, 'baseline', 'OUT'))
+
+
+# -----------------------------------------------------------------------------
+# gpu_check: the efficiency runs, then steering on their checkpoints (sized by the config file)
+
+def run_gpu_check(C):
+    from types import SimpleNamespace
+    t0 = time.time()
+    out = dict(efficiency=run_efficiency(C))
+    if 'lime1' in C.eff_runs.split(','):
+        out['steering'] = run_steering(SimpleNamespace(**{**vars(C), 'ckpt_dir': os.path.join(C.eff_dir, 'lime1'),
+                                                          'base_ckpt_dir': os.path.join(C.eff_dir, 'baseline')}))
+    out['wall_s'] = time.time() - t0
+    return out
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    from types import SimpleNamespace
+    # curves: run directories may be given as plain arguments (config files are files, not directories)
+    run_dirs = [a for a in argv if not a.startswith('--') and os.path.isdir(a)]
+    cfg = configure([a for a in argv if a not in run_dirs])
+    C = SimpleNamespace(**cfg)
+    if run_dirs and C.mode != 'curves':
+        fail(f"{run_dirs[0]}: a directory is only an argument of --mode=curves")
+    setup_torch(C)
+    t0 = time.time()
+    print(f"experiments mode={C.mode} arch={C.arch} device={C.device} dtype={C.dtype} compile={C.compile}", flush=True)
+    run = {'efficiency': run_efficiency, 'steering': run_steering, 'curves': lambda C: run_curves(C, run_dirs),
+           'downstream': run_downstream, 'gpu_check': run_gpu_check}[C.mode]
+    write_result(C, cfg, run(C), t0)
+
+
+if __name__ == '__main__':
+    sys.exit(run_main('experiments.py', main, sys.argv[1:]))

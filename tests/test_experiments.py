@@ -1,0 +1,316 @@
+"""experiments.py end to end on tiny presets: the efficiency runs (train.py subprocesses), curves,
+steering, the GPU check's experiments part and downstream write well-formed JSON; the arms' train.py
+command lines are pinned. Helpers and the tiny dataset: tests/test_bench.py."""
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_bench import TINY_MODEL, all_finite, load, run_script
+from test_bench import tiny_data  # noqa: F401 (a fixture: the tiny dataset, built once per module)
+
+import experiments
+
+
+def run_experiments(cwd, *args, timeout=300):
+    return run_script('experiments.py', cwd, *args, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def eff(tiny_data):
+    d, data, _ = tiny_data
+    out = d / 'eff.json'
+    run_experiments(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}', f'--out_json={out}',
+              '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
+              '--marginal_positions=6', *TINY_MODEL, timeout=900)  # 8 runs and two datasets: slow on a busy box
+    return d, data, load(out)
+
+
+def test_config_errors():
+    with pytest.raises(SystemExit, match="unknown key 'eff_n_layer'"):  # n_layer is the runs' model: no shadow
+        experiments.configure(['--eff_n_layer=3'])
+    with pytest.raises(SystemExit, match='mode must be one of efficiency, steering, curves, downstream, gpu_check'):
+        experiments.configure(['--mode=throughput'])
+    with pytest.raises(SystemExit, match="unknown key 'tp_steps'"):  # bench.py's
+        experiments.configure(['--tp_steps=3'])
+    cfg = experiments.configure([str(ROOT / 'configs' / 'quickstart.py'), '--max_iters=2e3'])
+    assert cfg['max_iters'] == 2000 and cfg['eff_runs'] == 'baseline,lime,lime_causal,lime1_predict'
+
+
+def test_each_shipped_config_is_one_programs():
+    # every bench_*/experiments_*/quickstart config loads in exactly one of bench.py and experiments.py
+    import bench
+    owner = {}
+    for path in sorted((ROOT / 'configs').glob('*.py')):
+        if not path.name.startswith(('bench_', 'experiments_', 'quickstart')):
+            continue  # train.py's
+        ok = []
+        for name, configure in (('bench', bench.configure), ('experiments', experiments.configure)):
+            try:
+                configure([str(path)])
+                ok.append(name)
+            except SystemExit:
+                pass
+        owner[path.name] = ok
+    assert owner == {'bench_downstream_cpu.py': ['experiments'], 'bench_efficiency_124m.py': ['experiments'],
+                     'bench_efficiency_cpu.py': ['experiments'], 'bench_gpu_check.py': ['bench'],
+                     'bench_throughput_124m.py': ['bench'], 'experiments_gpu_check.py': ['experiments'],
+                     'quickstart.py': ['experiments']}
+
+
+def test_scripts_import_no_other_script():
+    # experiments.py runs train.py as a subprocess and imports harness/sample/train only inside the
+    # modes that use them as engines; bench.py never imports experiments.py
+    code = ("import sys, bench; b = sorted(m for m in ('experiments', 'train', 'sample', 'harness') if m in sys.modules); "
+            "import experiments; print(b, sorted(m for m in ('train', 'sample', 'harness') if m in sys.modules))")
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == '[] []', r.stdout + r.stderr[-2000:]
+
+
+def quickstart_args(data, out, metadata, *extra):
+    """train.py's arguments for one quickstart run, as bench.py generated them before the split."""
+    return [f'--data_dir={data}', f'--out_dir={out}', f'--metadata={metadata}', '--meta_shift=0',
+            '--meta_shuffle=False', '--seed=1337', '--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=128',
+            '--batch_size=8', '--arch=gpt2', '--n_kv_head=0', '--mlp_hidden=0', '--bias=False', '--dropout=0.0',
+            '--gradient_accumulation_steps=1', '--max_iters=600', '--lr_decay_iters=600', '--warmup_iters=30',
+            '--learning_rate=0.003', '--min_lr=0.0003', '--weight_decay=0.1', '--eval_interval=50',
+            '--eval_iters=16', '--log_interval=60', '--device=cpu', '--dtype=float32', '--compile=False',
+            '--always_save_checkpoint=True', '--overwrite=True', *extra]
+
+
+def test_quickstart_train_commands(tmp_path, monkeypatch):
+    # the quickstart's runs start train.py with exactly the command lines bench.py gave it
+    C = types.SimpleNamespace(**experiments.configure([str(ROOT / 'configs' / 'quickstart.py'),
+                                                       f'--eff_dir={tmp_path}']))
+    cmds = []
+
+    class FinishedRun:  # a train.py that has finished: one log row in its out_dir
+        returncode = 0
+
+        def __init__(self, cmd, **kw):
+            cmds.append(cmd)
+            out = next(a for a in cmd if a.startswith('--out_dir='))[len('--out_dir='):]
+            row = dict(iter=C.max_iters, tokens=1024, val_loss=3.0, val_ppl=20.0, val_acc=0.1)
+            with open(os.path.join(out, 'log.jsonl'), 'w') as f:
+                f.write(json.dumps(row) + '\n')
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(experiments.subprocess, 'Popen', FinishedRun)
+    names = C.eff_runs.split(',')
+    experiments.train_runs(C, [(n, str(tmp_path / n)) for n in names])
+    data = os.path.abspath('data/gutenberg_4k')
+    assert [c[:2] for c in cmds] == [[sys.executable, str(ROOT / 'train.py')]] * 4
+    assert [c[2:] for c in cmds] == [
+        quickstart_args(data, tmp_path / 'baseline', ''), quickstart_args(data, tmp_path / 'lime', 'pos,ner'),
+        quickstart_args(data, tmp_path / 'lime_causal', 'pos_causal,ner_causal'),
+        quickstart_args(data, tmp_path / 'lime1_predict', 'pos_causal,ner_causal', '--meta_predict=True',
+                        '--meta_inject_layer=0')]
+    # the CPU preset's other arms differ from the baseline in their own keys only
+    C = types.SimpleNamespace(**experiments.configure([str(ROOT / 'configs' / 'bench_efficiency_cpu.py')]))
+    base = experiments.train_args(C, 'baseline', 'OUT')
+    diff = {n: sorted(set(experiments.train_args(C, n, 'OUT')) - set(base)) for n in C.eff_runs.split(',')}
+    assert diff == {'baseline': [], 'lime': ['--metadata=pos,ner'], 'lime_causal': ['--metadata=pos_causal,ner_causal'],
+                    'lime1': ['--meta_shift=1', '--metadata=pos,ner'],
+                    'lime1_predict': ['--meta_inject_layer=0', '--meta_predict=True', '--metadata=pos_causal,ner_causal'],
+                    'shuffled': ['--meta_shuffle=True', '--metadata=pos,ner'], 'baseline_seed2': ['--seed=1338'],
+                    'baseline_plain': [f"--data_dir={os.path.abspath('data/gutenberg_4k_plain')}"]}
+
+
+def test_first_reach_interpolates():
+    rows = [dict(tokens=0, val_loss=5.0), dict(tokens=100, val_loss=3.0), dict(tokens=200, val_loss=2.0)]
+    assert experiments.first_reach(rows, 'val_loss', 2.5, lambda v, t: v <= t) == pytest.approx(150)
+    assert experiments.first_reach(rows, 'val_loss', 1.0, lambda v, t: v <= t) is None
+
+
+def test_efficiency(eff):
+    d, data, res = eff
+    assert all_finite(res)
+    runs = res['result']['runs']
+    assert list(runs) == ['baseline', 'lime', 'lime_causal', 'lime1', 'lime1_predict', 'shuffled', 'baseline_seed2',
+                          'baseline_plain']
+    for name, r in runs.items():
+        for k in ('final_val_loss', 'final_val_ppl', 'final_val_acc', 'final_val_acc_word_start',
+                  'final_val_acc_word_cont'):
+            assert isinstance(r[k], float), (name, k)
+        assert r['curve']['iter'] == [0, 2, 4] and len(r['curve']['val_loss']) == 3
+        for k in ('frac_tokens_to_baseline_loss', 'frac_tokens_to_baseline_acc'):
+            assert r[k] is None or r[k] >= 0
+    assert runs['baseline']['frac_tokens_to_baseline_loss'] == pytest.approx(1.0)
+    # val_nll exists exactly for the runs that read nothing of the future
+    honest = {n for n, r in runs.items() if not r['reads_future']}
+    assert honest == {'baseline', 'lime_causal', 'lime1_predict', 'baseline_seed2', 'baseline_plain'}
+    for n, r in runs.items():
+        assert (r['final_val_nll'] is None) == r['reads_future'] == (r['final_val_bpb'] is None)
+        assert r['final_val_bytes_per_token'] > 0 and r['other_tokens'] == (n == 'baseline_plain')
+        if not r['reads_future']:  # bits per byte: val_nll / (ln 2 * bytes per target token)
+            assert r['final_val_bpb'] == pytest.approx(r['final_val_nll'] / (math.log(2) * r['final_val_bytes_per_token']))
+        if r['reads_future']:
+            assert r['frac_tokens_to_baseline_nll'] is None and experiments.reach_cell(r, 'frac_tokens_to_baseline_nll') == 'n/a'
+    p = runs['lime1_predict']
+    assert p['final_val_nll'] == pytest.approx(p['final_val_loss_bound']) and p['final_val_nll'] > p['final_val_loss']
+    # the plain-tokenization arm: the same documents and split, GPT-2's own encoding, compared by bpb only
+    plain = runs['baseline_plain']
+    assert plain['frac_tokens_to_baseline_nll'] is None and plain['frac_tokens_to_baseline_loss'] is None
+    assert experiments.reach_cell(plain, 'frac_tokens_to_baseline_nll') == 'n/a'
+    assert experiments.reach_cell(plain, 'frac_tokens_to_baseline_bpb') != 'n/a'
+    assert runs['baseline']['frac_tokens_to_baseline_bpb'] == pytest.approx(1.0)
+    lime_meta, plain_meta = load(data / 'meta.json'), load(str(data) + '_plain/meta.json')
+    assert plain_meta['tokenization'] == 'plain' and lime_meta['tokenization'] == 'lime'
+    for k in ('train_docs', 'val_docs', 'tokenizer', 'inputs', 'seed'):
+        assert plain_meta[k] == lime_meta[k]
+    assert res['result']['plain_data_dir'] == str(data) + '_plain'
+    args = load(d / 'eff' / 'baseline_plain' / 'bench_args.json')['args']
+    assert f'--data_dir={data}_plain' in args
+    m = res['result']['marginal']
+    assert m['positions'] == 6 and m['marginalised'] == ['pos_causal', 'ner_causal'] and m['values'] == 48 * 6
+    assert 0 <= m['gap'] and m['marginal'] <= m['bound'] and 0 < m['tag_cost'] < m['bound']
+    # the honest runs at the same positions, for scale: the baseline's mean is its own loss there
+    same = m['same_positions']
+    assert set(same) == {'baseline', 'lime_causal'} and same['baseline']['se'] > 0
+    assert same['baseline']['marginal_minus'] == pytest.approx(m['marginal'] - same['baseline']['nll'])
+    from common import load_model
+    from common import Split, eval_starts
+    base, _ = load_model(str(d / 'eff' / 'baseline'), 'cpu')
+    sp, nll = Split(str(data), 'val', [], 0), []
+    for i in eval_starts(sp.n, base.config.block_size, 6):
+        x, y, _ = sp.windows([i], base.config.block_size)
+        with torch.no_grad():
+            nll.append(-torch.log_softmax(base(x)[0][0, -1], -1)[y[0, -1]].item())
+    assert same['baseline']['nll'] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert (d / 'eff' / 'lime1' / 'ckpt.pt').exists()
+    # a second call reuses the finished runs instead of training again
+    r = run_experiments(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}',
+                  f'--out_json={d / "eff2.json"}', '--max_iters=4', '--eval_interval=2', '--eval_iters=2',
+                  '--warmup_iters=1', '--plot=False', '--eff_runs=baseline,lime', *TINY_MODEL)
+    assert 'reusing' in r.stdout
+
+
+def test_curves(eff, monkeypatch, capsys):
+    d, _, _ = eff
+    runs = [str(d / 'eff' / n) for n in ('baseline', 'lime', 'lime_causal', 'lime1_predict')]
+    out, png = d / 'curves.json', d / 'curves.png'
+    run_experiments(d, '--mode=curves', *runs, f'--out_json={out}', f'--curves_png={png}')
+    r = load(out)['result']
+    assert r['baseline'] == 'baseline' and set(r['runs']) == {'baseline', 'lime', 'lime_causal', 'lime1_predict'}
+    assert r['runs']['lime']['reads_future'] and not r['runs']['lime_causal']['reads_future']
+    pytest.importorskip('matplotlib')
+    assert png.stat().st_size > 10000 and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # without matplotlib: one line naming the package, and the numbers still come
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    assert experiments.draw_curves({'b': experiments.read_log(d / 'eff' / 'baseline' / 'log.jsonl')}, 'b', str(d / 'x.png')) is None
+    assert 'pip install matplotlib' in capsys.readouterr().out and not (d / 'x.png').exists()
+    with pytest.raises(SystemExit, match='log.jsonl: not found'):
+        experiments.run_curves(types.SimpleNamespace(curves_baseline='', curves_png=str(png)), [str(d)])
+
+
+def test_steering(eff):
+    d, _, _ = eff
+    out = d / 'steer.json'
+    run_experiments(d, '--mode=steering', f'--ckpt_dir={d / "eff" / "lime1"}', f'--base_ckpt_dir={d / "eff" / "baseline"}',
+              f'--out_json={out}', '--steer_windows=4', '--steer_samples=2', '--steer_prompt=6',
+              '--steer_new_tokens=5', '--device=cpu', '--dtype=float32')
+    res = load(out)
+    assert all_finite(res)
+    r = res['result']
+    assert set(r['accuracy']) == {'oracle_hints', 'unk_hints', 'baseline', 'predict_oracle_tags', 'predict_own_tags'}
+    assert set(r['generation']) == {'hinted', 'unhinted_unk', 'predict_hinted', 'predict_unhinted', 'baseline'}
+    assert r['predict_ckpt_dir'].endswith('lime1_predict') and r['generation']['predict_unhinted']['target'] == 'own tags'
+    for g in r['generation'].values():
+        for k in ('match_pos', 'match_ner', 'match_all'):
+            assert 0.0 <= g[k] <= 1.0
+    for a in r['accuracy'].values():
+        assert 0.0 <= a['acc'] <= 1.0 and a['loss'] > 0
+
+
+def test_gpu_check_plumbing_on_cpu(tiny_data):
+    # the GPU check's experiments part: efficiency runs, then steering on their checkpoints
+    d, data, _ = tiny_data
+    out = d / 'gpu_check.json'
+    run_experiments(d, str(ROOT / 'configs' / 'experiments_gpu_check.py'), f'--data_dir={data}',
+                    f'--eff_dir={d / "gc"}', f'--out_json={out}', '--max_iters=2', '--eval_interval=2',
+                    '--eval_iters=1', '--eff_runs=baseline,lime1', '--plot=False', '--steer_windows=2',
+                    '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL)
+    res = load(out)
+    assert res['mode'] == 'gpu_check' and all_finite(res)
+    assert set(res['result']) == {'efficiency', 'steering', 'wall_s'}
+    assert set(res['result']['efficiency']['runs']) == {'baseline', 'lime1'}
+    assert res['result']['steering']['generator'].startswith('sample.generate')
+    assert '--compile=False' in load(d / 'gc' / 'lime1' / 'bench_args.json')['args']
+
+
+def test_downstream(tiny_data):
+    """The downstream mode end to end on tiny data: arithmetic mixed in (no test problem), offline
+    tasks through harness.py, a row per model and tag policy, the oracle marked."""
+    pytest.importorskip('lm_eval')
+    d, _, docs = tiny_data
+    out = d / 'ds.json'
+    run_experiments(d, '--mode=downstream', f'--data_dir={d / "ds_data"}', f'--data_input={docs}', '--data_tokenizer=gpt2-512',
+              f'--ds_task_dir={d / "tasks"}', '--ds_cloze_n=5', '--ds_arith_n=2', '--ds_arith_problems=300',
+              f'--eff_dir={d / "ds"}', f'--out_json={out}', '--max_iters=2', '--eval_interval=2', '--eval_iters=1',
+              '--warmup_iters=1', '--ds_runs=lime1', '--ds_limit=2', '--lime1_meta_dropout=0.1',
+              '--ds_tasks=lime_cloze,lime_arithmetic_hinted', *TINY_MODEL, timeout=600)
+    res = load(out)['result']
+    assert [(r['run'], r['policy'], r['reads_future']) for r in res['rows']] == [
+        ('lime1', 'causal', False), ('lime1', 'oracle', True), ('lime1', 'unk', False)]
+    for r in res['rows']:
+        assert 0 <= r['cloze_acc'] <= 1 and r['cloze_ll'] < 0
+        # generation has no oracle
+        assert (r['arith_em_hinted'] is None) == (r['policy'] == 'oracle') and r['arith_em'] is None
+        assert r['policy'] == 'oracle' or set(r['arith_em_hinted_by_kind']) == {'1da'}  # the first 2 problems
+    assert res['test_problems'] == 12  # 2 per kind
+    # held apart: no test problem in the training documents
+    test = {json.loads(l)['context'] for l in open(d / 'tasks' / 'arithmetic.jsonl')}
+    train = open(d / 'ds_data-docs' / 'arithmetic.jsonl').read()
+    assert len(test) == 12 and not any(json.dumps(t)[1:-1] + ' ' in train for t in test)
+    assert 'Question: What is' in train and load(d / 'ds_data' / 'meta.json')['train_docs'] > 0
+
+
+# --- curves on logs being written, or damaged (issue 21) ---------------------------------------
+
+def write_log(d, n_rows, tail=b''):
+    """A train.py log.jsonl with n_rows evaluation rows, then tail (raw bytes)."""
+    d.mkdir(parents=True, exist_ok=True)
+    rows = [dict(iter=i, tokens=100 * i, lr=1e-3, train_loss=3.0 - 0.1 * i, val_loss=3.0 - 0.1 * i,
+                 val_ppl=math.exp(3.0 - 0.1 * i), val_acc=0.1 + 0.01 * i, val_nll=3.0 - 0.1 * i)
+            for i in range(1, n_rows + 1)]
+    (d / 'log.jsonl').write_bytes(b''.join(json.dumps(r).encode() + b'\n' for r in rows) + tail)
+    return d
+
+
+def test_curves_skip_a_cut_off_last_line_with_a_note(tmp_path, capsys):
+    a = write_log(tmp_path / 'a', 3)
+    b = write_log(tmp_path / 'b', 2, b'{"iter": 3, "tokens": 300, "val_lo')  # a run still writing its log
+    C = types.SimpleNamespace(curves_baseline='', curves_png=str(tmp_path / 'c.png'))
+    res = experiments.run_curves(C, [str(a), str(b)])
+    assert res['runs']['b']['curve']['iter'] == [1, 2] and res['runs']['a']['curve']['iter'] == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert err == f"note: {b / 'log.jsonl'}:3: the last line is cut off (a run still writing, or killed): skipped\n"
+    write_log(b, 0, b'{"iter": 1, "tok')  # nothing but a cut-off line: no rows yet
+    with pytest.raises(SystemExit, match=f"{b / 'log.jsonl'}: no evaluation rows yet"):
+        experiments.run_curves(C, [str(a), str(b)])
+
+
+@pytest.mark.parametrize('bad', [b'{"iter": 2, "tok', b'\xff\xfe', b'[1, 2]', b'{"iter": 2}'])
+def test_curves_refuse_a_corrupt_line_in_the_middle(tmp_path, bad):
+    a = write_log(tmp_path / 'a', 2)
+    log = a / 'log.jsonl'
+    lines = log.read_bytes().split(b'\n')
+    log.write_bytes(b'\n'.join([lines[0], bad] + lines[1:]))  # line 2 of 3 rows
+    msg = (f"{log}:2: not a row of train.py's log (a JSON object with iter, tokens, val_loss, val_ppl, val_acc)")
+    with pytest.raises(SystemExit, match='^' + msg.replace('(', r'\(').replace(')', r'\)') + '$'):
+        experiments.read_log(log)
+    if bad != b'{"iter": 2, "tok':
+        return
+    # through the script (once): exit 1, that one line, no traceback
+    r = subprocess.run([sys.executable, str(ROOT / 'experiments.py'), '--mode=curves', str(a),
+                        f'--out_json={tmp_path / "c.json"}', f'--curves_png={tmp_path / "c.png"}'],
+                       cwd=tmp_path, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 1 and r.stderr == f'experiments.py: error: {msg}\n' and not (tmp_path / 'c.json').exists(), r.stderr
