@@ -428,7 +428,7 @@ def annotate_causal_reference(ids, ner='binary', reference=False):
         for t in range(a, b):
             full = _annotate_doc_ids(ids[a:t + 1], ner, reference)
             for k in names:
-                out[k][t] = full[k[:-len('_causal')]][t - a]
+                out[k][t] = full[base_stream(k)][t - a]
     return out
 
 @_gc_paused
