@@ -244,7 +244,7 @@ def ner_tag_sents(sents, pos, ner, reference=False):
 def _analyze_reference(text, ner='binary'):
     """analyze with NLTK's own tokenizers and taggers (what the fast path must equal)."""
     sents, offsets = [], []
-    for s, e in _sentence_tokenizer().span_tokenize(text):
+    for s, e in list(_sentence_tokenizer().span_tokenize(text)):   # whole: NLTK's regex time limit runs while it waits
         spans = _word_spans(text[s:e], reference=True)[0]
         sents.append([text[s + a:s + b] for a, b in spans])
         offsets.append([(s + a, s + b) for a, b in spans])

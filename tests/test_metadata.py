@@ -36,7 +36,9 @@ def nltk_reference(text, binary=True):
     from nltk.tokenize import PunktTokenizer, NLTKWordTokenizer
     from nltk.chunk import tree2conlltags
     words, pos, ner = [], [], []
-    for s, e in PunktTokenizer('english').span_tokenize(text):
+    # the sentences first: NLTK's regex time limit (5 s) runs while punkt's lazy iterator is
+    # suspended, and the first ne_chunk below loads the chunker (seconds on a loaded machine)
+    for s, e in list(PunktTokenizer('english').span_tokenize(text)):
         ws = [text[s + a:s + b] for a, b in NLTKWordTokenizer().span_tokenize(text[s:e])]
         if not ws:
             continue
