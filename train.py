@@ -768,9 +768,11 @@ def train_loop(C, cfg, S, D, R, stop):
                 return None
         if R.iter_num >= C.max_iters:
             return None
-        # a stop signal (preemption, Ctrl-C): save at this step boundary, exit after the loop. Every rank
-        # asks every step, so all stop at the same step (a rank stopping alone would hang the others)
-        if stop is not None and any_rank(stop[0], S.ddp, C.device):
+        # a stop signal (preemption, Ctrl-C): save at this step boundary, exit after the loop. Under DDP
+        # the ranks agree at each log interval (one tiny all-reduce where the loss is read anyway, not a
+        # GPU sync every step), so all stop at the same step (a rank stopping alone would hang the others)
+        asks = not S.ddp or R.iter_num % C.log_interval == 0
+        if stop is not None and asks and any_rank(stop[0], S.ddp, C.device):
             if S.master:
                 save_state(cfg, S, D, R)  # whatever always_save_checkpoint says: this is the run's progress
             return stop[0] or 'a signal to another rank'
