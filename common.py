@@ -453,9 +453,12 @@ def affine_perm(n, seed, name):
 
 class Split:
     """One split (train or val) of a dataset directory. Windows are read through fresh memmaps
-    each call (a long-lived np.memmap leaks memory, as nanoGPT notes)."""
+    each call (a long-lived np.memmap leaks memory, as nanoGPT notes). classes {stream: (vocab,)
+    tag ids}: the stream is read as a function of the token itself (classes[s][token]; the control
+    arms of train.py's meta_classes) instead of from its file."""
 
-    def __init__(self, data_dir, split, streams, shift, shuffle_seed=None, word_tags=None, limits=None):
+    def __init__(self, data_dir, split, streams, shift, shuffle_seed=None, word_tags=None, limits=None,
+                 classes=None):
         self.tok_path = os.path.join(data_dir, f'{split}.bin')
         self.limits = limits or {}  # id_limits(): every read is checked against them
         self.n = os.path.getsize(self.tok_path) // 2
@@ -464,6 +467,7 @@ class Split:
         # each stream gets its own permutation so the streams are not aligned with each other either
         self.perm = {s: affine_perm(self.n, shuffle_seed, s) for s in self.streams} if shuffle_seed is not None else {}
         self.word_path = os.path.join(data_dir, f'{split}.word.bin') if word_tags else None
+        self.classes = classes or {}
 
     def _read(self, path, starts, T, perm=None):
         arr = np.memmap(path, dtype=np.uint16, mode='r')
@@ -481,26 +485,81 @@ class Split:
         import torch  # here: the tagging CLI imports common without torch
         return torch.from_numpy(out.astype(np.int64))
 
+    def _stream(self, s, starts, T):
+        if s in self.classes:  # a function of the token at the same position
+            return torch_from(self.classes[s][self._read(self.tok_path, starts, T).numpy()])
+        return self._read(self.paths[s], starts, T, self.perm.get(s))
+
     def windows(self, starts, T):
         """x = tok[i:i+T], y = tok[i+1:i+T+1], meta[s] = stream_s[i+shift:i+shift+T]."""
         x = self._read(self.tok_path, starts, T)
         y = self._read(self.tok_path, [i + 1 for i in starts], T)
-        meta = {s: self._read(self.paths[s], [i + self.shift for i in starts], T, self.perm.get(s))
-                for s in self.streams}
+        meta = {s: self._stream(s, [i + self.shift for i in starts], T) for s in self.streams}
         return x, y, meta
 
     def next_tags(self, starts, T):
         """The targets' tags, stream_s[i+1:i+T+1]: what a meta_predict model's heads predict at position t."""
-        return {s: self._read(self.paths[s], [i + 1 for i in starts], T, self.perm.get(s)) for s in self.streams}
+        return {s: self._stream(s, [i + 1 for i in starts], T) for s in self.streams}
 
     def word(self, starts, T):
         """word-position tags of the targets (never shuffled: it is ground truth for evaluation)."""
         return self._read(self.word_path, [i + 1 for i in starts], T)
 
+    def doc_ends(self, eot):
+        """Positions of the <|endoftext|> that ends each document (prepare.py writes one after each)."""
+        if eot is None:
+            return None
+        return np.flatnonzero(np.memmap(self.tok_path, dtype=np.uint16, mode='r') == eot)
 
-def eval_starts(n, T, count):
-    """The fixed validation windows: count evenly spaced offsets; depends only on the data and eval config."""
-    return np.linspace(0, n - T - 1, count).round().astype(np.int64).tolist()
+
+def torch_from(a):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a).astype(np.int64))
+
+
+def record_in_val(key, index, seed, val_fraction):
+    """prepare.py's split of a record (a JSONL line, a parquet or Hugging Face row): in val when
+    blake2b-64(f"{seed}\0{key}\0{index}") < val_fraction * 2**64 (see prepare.py)."""
+    import hashlib
+    h = hashlib.blake2b(f'{seed}\0{key}\0{index}'.encode('utf-8', 'surrogateescape'), digest_size=8)
+    return int.from_bytes(h.digest(), 'big') < val_fraction * 2 ** 64
+
+
+def eval_starts(n, T, count, ends=None):
+    """The fixed validation windows (start offsets, sorted); they depend only on the data and the eval
+    config. Without document ends: count evenly spaced offsets. With them (Split.doc_ends), the
+    windows are shared out between the documents as evenly as they fit: each document gets the same
+    number, at most as many as it holds without overlap (at least one), the rest going to the longer
+    ones (evenly spaced among them); within a document, evenly spaced. So a long book does not outweigh
+    the short documents of the split, and every comparison can count documents (window_docs)."""
+    last = n - T - 1
+    if ends is None or len(ends) < 2:
+        return np.linspace(0, last, count).round().astype(np.int64).tolist()
+    begins = np.concatenate([[0], np.asarray(ends[:-1]) + 1])
+    room = np.maximum(1, (np.asarray(ends) + 1 - begins) // T)
+    if room.sum() < count:  # more windows than fit: the documents share them as if each had room
+        room = np.full(len(room), count)
+    level = 0  # the largest equal share that fits: sum(min(room, level)) <= count
+    while np.minimum(room, level + 1).sum() <= count:
+        level += 1
+    alloc = np.minimum(room, level)
+    extra = np.flatnonzero(room > level)
+    left = count - int(alloc.sum())
+    if left:
+        alloc[extra[np.linspace(0, len(extra) - 1, left).round().astype(np.int64)]] += 1
+    starts = []
+    for b, e, a in zip(begins, ends, alloc):
+        if a:
+            hi = max(min(int(e) + 1 - T, last), min(int(b), last))
+            starts += np.linspace(min(int(b), last), hi, a).round().astype(np.int64).tolist()
+    return sorted(starts)
+
+
+def window_docs(starts, ends):
+    """The document of each window (the one its first token belongs to), numbered from 0 in the split."""
+    if ends is None or not len(ends):
+        return [0] * len(starts)
+    return np.searchsorted(np.asarray(ends), np.asarray(starts), side='left').tolist()
 
 
 # -----------------------------------------------------------------------------

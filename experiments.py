@@ -45,9 +45,12 @@ compile = False
 threads = 0  # torch CPU threads for the in-process modes (steering); 0 = torch's default
 # data: a prepare.py directory, built on demand if missing (GPT-2's first 4096 ranks: a valid BPE
 # whose output layer does not dominate a small model's cost on CPU)
-data_dir = 'data/gutenberg_4k'
+data_dir = 'data/nltk_mix_4k'
 data_tokenizer = 'gpt2-4096'  # only used to build data_dir when it is missing (build_data=True)
-data_input = ''  # '' = NLTK's Gutenberg corpus; else comma-separated prepare.py --input paths
+# 'nltk_mix': NLTK's Gutenberg, Brown (15 genres), webtext, State of the Union and inaugural corpora,
+# one JSONL file per source, one document per line, split by document (about 65 val documents of 5
+# sources); '' = NLTK's Gutenberg books alone (2 val documents); else comma-separated prepare.py --input paths
+data_input = 'nltk_mix'
 build_data = True
 plain_data_dir = ''  # baseline_plain: data_dir's documents and split prepared with --tokenization plain; '' = data_dir + '_plain' (built on first use)
 # the model every run trains (train.py's keys)
@@ -74,16 +77,19 @@ weight_decay = 0.1
 gradient_accumulation_steps = 1
 launcher = ''  # prefix for train.py instead of the python running experiments, e.g. 'torchrun --standalone --nproc_per_node=8'
 train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
-# efficiency: the arms of ARMS below, each trained in eff_dir/<arm>
-eff_runs = 'baseline,lime,lime_causal,lime1,lime1_predict,shuffled,baseline_seed2,baseline_plain'
+marginal_k = 16  # train.py's: a self-predicting run's val_nll before its last evaluation is the top-k bound
+# efficiency: the arms of ARMS below, each trained in eff_dir/<arm> (seed i > 1: eff_dir/<arm>_seed<i>)
+eff_runs = 'baseline,lime_causal,lime1_predict,predict_token_classes,predict_random_classes,aux_loss'
+eff_seeds = 1  # seeds per arm (seed, seed + 1, ...; arm runs of the same seed index share init and batches)
+eff_archs = ''  # '' = arch; or comma-separated, e.g. 'gpt2,gemma': each arch's runs in eff_dir/<arch>/
+eff_boot = 2000  # bootstrap resamples (seeds and val documents) behind every standard error
 eff_dir = 'out-bench-eff'  # each run trains in eff_dir/<run> (also the downstream runs)
 eff_reuse = True  # skip a run whose eff_dir/<run> finished with identical arguments
 eff_parallel = 1  # training processes at once (CPU: 2 one-thread runs beat 1 two-thread run)
-marginal_positions = 1024  # lime1_predict: val positions where the bound is compared with the next-tag marginal
 plot = True  # eff_dir/curves.png when matplotlib is installed
 # downstream: train ds_runs on data_dir (the default corpus plus generated arithmetic problems, none of
 # them a test problem), then score each with harness.py's offline tasks under every tag policy it has
-ds_runs = 'baseline,lime_causal,lime1,lime1_predict,baseline_seed2'
+ds_runs = 'baseline,lime_causal,lime1,lime1_predict'
 ds_task_dir = 'tasks/lime'  # built here (harness.py --build_tasks) when missing
 ds_tasks = 'lime_cloze,lime_arithmetic,lime_arithmetic_hinted,lime_arithmetic_ll'
 ds_arith_problems = 20000  # arithmetic problems mixed into the training corpus (50 per document)
@@ -122,7 +128,7 @@ def configure(argv):
 # Every experiment picks its runs from here by name.
 
 ARMS = {
-    'baseline': dict(metadata='', label='baseline'),
+    'baseline': dict(metadata='', label='baseline', tagger=False),
     'lime': dict(metadata='pos,ner', label='LIME (full tags)'),
     'lime_causal': dict(metadata='pos_causal,ner_causal', label='LIME (causal tags)'),
     # downstream labels it by its tags alone: which tags it reads is the policy column's business
@@ -133,7 +139,16 @@ ARMS = {
                           label='LIME+1, self-predicted tags (causal)'),
     'lime1_predict_full': dict(metadata='pos,ner', meta_predict=True, label='LIME+1, self-predicted tags (full)'),
     'shuffled': dict(metadata='pos,ner', meta_shuffle=True, label='shuffled tags (control)'),
-    'baseline_seed2': dict(metadata='', seed_offset=1, label='baseline, seed 2'),
+    # the controls that say what the self-predicting model's gain is made of (train.py's meta_classes):
+    # its streams replaced by each token's majority tags in the train split (a lookup table, no tagger),
+    # or by those classes moved to other tokens at random (same class sizes, no linguistic meaning);
+    # and the tag heads' loss alone, the tags adding nothing to the input (meta_weight 0)
+    'predict_token_classes': dict(metadata='pos_causal,ner_causal', meta_predict=True, meta_classes='token',
+                                  label='self-predicted, context-free classes (control)', tagger=False),
+    'predict_random_classes': dict(metadata='pos_causal,ner_causal', meta_predict=True, meta_classes='random',
+                                   label='self-predicted, random classes (control)', tagger=False),
+    'aux_loss': dict(metadata='pos_causal,ner_causal', meta_predict=True, meta_weight=0.0,
+                     label='tag loss only, no tags in (control)', tagger=False),
     # the tokenization itself: GPT-2's own encoding of the same documents (its own data dir), compared by val_bpb
     'baseline_plain': dict(metadata='', tokenization='plain', label='baseline, plain tokenization'),
 }
@@ -177,13 +192,14 @@ def ensure_plain_dataset(C, info):
     return p
 
 
-def train_args(C, name, out_dir):
-    """train.py's arguments for arm name, trained in out_dir: the arm's changes over the shared settings."""
+def train_args(C, name, out_dir, seed_index=0):
+    """train.py's arguments for arm name, trained in out_dir with seed C.seed + seed_index: the arm's
+    changes over the shared settings."""
     spec = ARMS[name]
     data = plain_dir(C) if spec.get('tokenization') == 'plain' else C.data_dir
     args = dict(data_dir=os.path.abspath(data), out_dir=os.path.abspath(out_dir),
                 metadata=spec.get('metadata', ''), meta_shift=spec.get('meta_shift', 0),
-                meta_shuffle=spec.get('meta_shuffle', False), seed=C.seed + spec.get('seed_offset', 0),
+                meta_shuffle=spec.get('meta_shuffle', False), seed=C.seed + seed_index,
                 n_layer=C.n_layer, n_head=C.n_head, n_embd=C.n_embd, block_size=C.block_size,
                 batch_size=C.batch_size, **arch_args(C), bias=C.bias, dropout=C.dropout,
                 gradient_accumulation_steps=C.gradient_accumulation_steps, max_iters=C.max_iters,
@@ -194,25 +210,30 @@ def train_args(C, name, out_dir):
     if name == 'lime1' and C.lime1_meta_dropout > 0:
         args['meta_dropout'] = C.lime1_meta_dropout
     if spec.get('meta_predict'):
-        args.update(meta_predict=True, meta_inject_layer=C.meta_inject_layer)
+        args.update(meta_predict=True, meta_inject_layer=C.meta_inject_layer, marginal_k=C.marginal_k)
+    for k in ('meta_classes', 'meta_weight'):
+        if k in spec:
+            args[k] = spec[k]
     return [f"--{k}={v}" for k, v in args.items()]
 
 
 def train_runs(C, jobs):
     """Train runs with train.py in subprocesses (own processes: no state leaks between runs, and
     train.py stays the single source of truth for training), eff_parallel at a time.
-    jobs: [(name, out_dir)]. Returns {name: (log rows, wall s)}. A finished run with identical
-    arguments is reused when eff_reuse (bench_args.json in its out_dir records them)."""
+    jobs: [(name, out_dir)] or [(name, out_dir, seed index, C of the arch)]. Returns {out_dir: (log
+    rows, wall s)}. A finished run with identical arguments is reused when eff_reuse (bench_args.json
+    in its out_dir records them)."""
     done, todo = {}, []
-    for name, out_dir in jobs:
-        args = train_args(C, name, out_dir)
+    for job in jobs:
+        name, out_dir, i, Ca = (tuple(job) + (0, C))[:4]
+        args = train_args(Ca, name, out_dir, i)
         stamp, log_path = os.path.join(out_dir, 'bench_args.json'), os.path.join(out_dir, 'log.jsonl')
         if C.eff_reuse and os.path.isfile(stamp) and os.path.isfile(log_path):
             prev = json.load(open(stamp))
             rows = read_log(log_path)
             if prev.get('args') == args and rows and rows[-1]['iter'] == C.max_iters:
                 print(f"{name}: reusing the finished run in {out_dir}", flush=True)
-                done[name] = (rows, prev.get('wall_s'))
+                done[out_dir] = (rows, prev.get('wall_s'))
                 continue
         todo.append((name, out_dir, args))
     env = dict(os.environ)
@@ -243,9 +264,10 @@ def train_runs(C, jobs):
                 fail(f"train.py failed for run '{name}' (exit {p.returncode}); log {out_dir}/train.log:\n{tail}")
             write_json(os.path.join(out_dir, 'bench_args.json'), dict(args=args, wall_s=wall))
             rows = read_log(os.path.join(out_dir, 'log.jsonl'))
-            print(f"{name}: val loss {rows[-1]['val_loss']:.4f}, acc {rows[-1]['val_acc']:.4f} ({wall:.0f}s)",
-                  flush=True)
-            done[name] = (rows, wall)
+            nll = rows[-1].get('val_nll')
+            print(f"{out_dir}: val loss {rows[-1]['val_loss']:.4f}, val_nll "
+                  f"{'n/a' if nll is None else f'{nll:.4f}'}, acc {rows[-1]['val_acc']:.4f} ({wall:.0f}s)", flush=True)
+            done[out_dir] = (rows, wall)
     return done
 
 
@@ -328,82 +350,6 @@ def reach_cell(r, key):
     if r.get('other_tokens') and key != 'frac_tokens_to_baseline_bpb':
         return 'n/a'
     return 'never' if r[key] is None else f"{100 * r[key]:.1f}%"
-
-
-@torch.no_grad()
-def predict_marginal(C, run_dir):
-    """How loose is the bound? At the last position of marginal_positions val windows, the bound's
-    term (-log p(data's next tags) - log p(next token | them)) next to the one-step marginal
-    -log sum_v p(v) p(next token | v) over the next tags v of the marginalised streams (all streams
-    jointly when their tag vocabularies multiply to <= 512, else the smallest stream), rerunning
-    blocks k+1..L once per v. The past tags are the data's in both; with causal streams they are a
-    function of the past tokens, so the marginal is the exact NLL of the next token under the
-    model with its next tags summed out (a language model; generation would pay a forward of
-    blocks k+1..L per value). For scale, the same positions under the honest runs of eff_dir
-    (baseline, LIME causal) where they have checkpoints."""
-    import itertools
-    import torch.nn.functional as F
-    from common import Split, eval_starts  # train.py's val windows: the ones its evaluation scores
-    model, ck = load_model(run_dir, C.device)
-    cfg = model.config
-    streams, n_tags, T = list(cfg.meta_streams), cfg.meta_n_tags, cfg.block_size
-    val = Split(ck['config']['data_dir'], 'val', streams, 0)
-    marg = streams if math.prod(n_tags) <= 512 else [streams[int(np.argmin(n_tags))]]
-    combos = list(itertools.product(*[range(n) for s, n in zip(streams, n_tags) if s in marg]))
-    cols = {s: torch.tensor([c[j] for c in combos], device=C.device) for j, s in enumerate(marg)}
-    bound, marginal, tag_part = [], [], []
-    starts = list(eval_starts(val.n, T, C.marginal_positions))
-    for i in starts:
-        x, y, meta = val.windows([i], T)
-        nxt = val.next_tags([i], T)
-        x, meta = x.to(C.device), {k: v.to(C.device) for k, v in meta.items()}
-        nxt = {k: v.to(C.device) for k, v in nxt.items()}
-        # the candidate tags matter only at the last position: run the prefix once into a KV cache,
-        # then the last position once, its upper blocks once per candidate (a batch of len(combos))
-        cache = model.new_kv_cache(1)
-        model.forward_predict(x[:, :-1], {s: v[:, :-1] for s, v in meta.items()},
-                              {s: v[:, :-1] for s, v in nxt.items()}, kv_cache=cache)
-        cache.k, cache.v = cache.k.repeat(1, len(combos), 1, 1, 1), cache.v.repeat(1, len(combos), 1, 1, 1)
-        nm = {s: nxt[s][:, -1:].repeat(len(combos), 1) for s in streams}
-        for s in marg:
-            nm[s][:, -1] = cols[s]
-        logits, _, tag_logits, _ = model.forward_predict(x[:, -1:], {s: v[:, -1:] for s, v in meta.items()}, nm,
-                                                         kv_cache=cache, start_pos=T - 1)
-        logp_tag = {s: F.log_softmax(tl[0, -1].float(), -1) for s, tl in zip(streams, tag_logits)}
-        logp_tok = F.log_softmax(logits[:, -1].float(), -1)[:, int(y[0, -1])]
-        lp = sum(logp_tag[s][cols[s]] for s in marg)
-        fixed = sum(logp_tag[s][int(nxt[s][0, -1])] for s in streams if s not in marg)
-        k = combos.index(tuple(int(nxt[s][0, -1]) for s in marg))
-        bound.append(-float(lp[k] + fixed + logp_tok[k]))
-        tag_part.append(-float(lp[k] + fixed))
-        marginal.append(-float(torch.logsumexp(lp + logp_tok, 0) + fixed))
-    same = {}  # honest runs at the same positions (same data dir: same val tokens)
-    for name in ('baseline', 'lime_causal'):
-        path = os.path.join(os.path.dirname(run_dir), name, 'ckpt.pt')
-        if not os.path.isfile(path):
-            continue
-        m, ckr = load_model(path, C.device)
-        if ckr['config']['data_dir'] != ck['config']['data_dir']:
-            continue
-        sp = Split(ckr['config']['data_dir'], 'val', list(m.config.meta_streams), 0)
-        nll = []
-        for i in starts:
-            x, y, meta = sp.windows([i], T)
-            logits, _ = m(x.to(C.device), {k: v.to(C.device) for k, v in meta.items()} or None)
-            nll.append(-float(F.log_softmax(logits[0, -1].float(), -1)[int(y[0, -1])]))
-        # paired by position: the standard error of the mean difference says whether it is noise
-        diff = np.array(marginal) - np.array(nll)
-        same[name] = dict(nll=float(np.mean(nll)), marginal_minus=float(diff.mean()),
-                          se=float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None)
-    res = dict(positions=len(bound), marginalised=marg, values=len(combos), bound=float(np.mean(bound)),
-               marginal=float(np.mean(marginal)), tag_cost=float(np.mean(tag_part)),
-               gap=float(np.mean(bound) - np.mean(marginal)), same_positions=same)
-    print(f"\nbound vs one-step marginal over the next {'/'.join(marg)} tags ({len(combos)} values), "
-          f"{res['positions']} val positions: bound {res['bound']:.4f} (of it tags {res['tag_cost']:.4f}), "
-          f"marginal {res['marginal']:.4f}, gap {res['gap']:.4f} nats/token" +
-          ''.join(f"; {n} at the same positions {v['nll']:.4f} (marginal minus it {v['marginal_minus']:+.4f}, "
-                  f"s.e. {v['se'] or 0:.4f})" for n, v in same.items()))
-    return res
 
 
 def draw_curves(logs, baseline, path):
@@ -504,8 +450,156 @@ def run_curves(C, run_dirs):
     return dict(runs=runs, baseline=baseline, plot=png, run_dirs=[os.path.abspath(d) for d in run_dirs])
 
 
+NLTK_MIX = ('gutenberg', 'brown', 'webtext', 'state_union', 'inaugural')
+
+
+def nltk_mix_docs(d):
+    """data_input='nltk_mix': NLTK's corpora as documents, d/<source>.jsonl, one {"text": ...} per line
+    (a Gutenberg book, a Brown text, a webtext file, a speech). Brown is stored tokenized: its
+    paragraphs are detokenized (NLTK's Treebank detokenizer) into running text."""
+    import nltk.corpus as nc
+    from nltk.tokenize.treebank import TreebankWordDetokenizer
+    detok = TreebankWordDetokenizer().detokenize
+    tmp = f"{d}.tmp-{os.getpid()}"
+    os.makedirs(tmp)
+    for src in NLTK_MIX:
+        corpus = getattr(nc, src)
+        with open(os.path.join(tmp, src + '.jsonl'), 'w', encoding='utf-8') as f:
+            for fid in corpus.fileids():
+                if src == 'brown':
+                    text = '\n\n'.join(' '.join(detok(s) for s in p) for p in corpus.paras(fid))
+                else:
+                    text = corpus.raw(fid)
+                f.write(json.dumps({'text': text}) + '\n')
+    if os.path.isdir(d):  # an older partial build of ours (the name is data_dir's + '-docs')
+        import shutil
+        shutil.rmtree(d)
+    os.replace(tmp, d)
+
+
+def val_sources(C, info):
+    """{source: val documents} of an nltk_mix dataset (prepare.py's record split, common.record_in_val)."""
+    from common import record_in_val
+    docs = C.data_dir.rstrip('/') + '-docs'
+    out = {}
+    for src in NLTK_MIX:
+        path = os.path.join(docs, src + '.jsonl')
+        if os.path.isfile(path):
+            n = sum(1 for _ in open(path, encoding='utf-8'))
+            out[src] = sum(record_in_val(src, i, info['seed'], info['val_fraction']) for i in range(n))
+    return out
+
+
+def ensure_eff_dataset(C):
+    """data_dir, built on first use: from the nltk_mix documents, NLTK's Gutenberg, or data_input's paths."""
+    if C.data_input != 'nltk_mix' or os.path.isfile(os.path.join(C.data_dir, 'meta.json')):
+        return ensure_dataset(C)
+    if not C.build_data:
+        fail(f"{C.data_dir}/meta.json: not found (set --build_data=True)")
+    docs = C.data_dir.rstrip('/') + '-docs'
+    nltk_mix_docs(docs)
+    return build_dataset(C.data_dir, ['--ner', 'binary', '--tags', 'full,causal', '--tokenizer', C.data_tokenizer,
+                                      '--input', docs])
+
+
+def run_name(name, i):
+    """The run directory's name of arm name's seed index i: name, name_seed2, name_seed3, ..."""
+    return name if i == 0 else f"{name}_seed{i + 1}"
+
+
+def read_docs(run_dir):
+    """val_docs.json of a finished run: per val document, the sums behind its last val_nll and val_loss."""
+    path = os.path.join(run_dir, 'val_docs.json')
+    if not os.path.isfile(path):
+        fail(f"{path}: not found (written by train.py at each evaluation; rerun the arm)")
+    d = json.load(open(path))
+    return d
+
+
+def boot_se(A, N, boot, seed=0):
+    """Mean over seeds of sum(A[s]) / sum(N), and its standard error over seeds and documents: a
+    bootstrap that resamples the seeds (rows of A) and, independently, the documents (columns, the
+    same ones for every seed: they are the same tokens), boot times. A: (seeds, docs) per-document
+    NLL sums (or paired differences of them), N: (docs,) target tokens."""
+    A, N = np.asarray(A, dtype=np.float64), np.asarray(N, dtype=np.float64)
+    mean = float((A.sum(1) / N.sum()).mean())
+    if boot <= 0 or A.size < 2:
+        return mean, None
+    rng = np.random.default_rng(seed)
+    S, D = A.shape
+    stats = np.empty(boot)
+    for b in range(boot):
+        si, di = rng.integers(S, size=S), rng.integers(D, size=D)
+        stats[b] = (A[np.ix_(si, di)].sum(1) / N[di].sum()).mean()
+    return mean, float(stats.std(ddof=1))
+
+
+def decomposition(C, names, dirs, logs, walls):
+    """The comparison table of one arch: per arm, val_nll (mean over seeds, s.e. over seeds and
+    documents), its paired difference with the baseline (same seed index, same documents), the
+    fraction of the baseline's tokens at which each seed first reaches the baseline's mean final
+    val_nll (mean and s.e. over seeds), whether a tagger is needed at inference, and the share of
+    each run's wall time spent evaluating."""
+    docs = {n: [read_docs(d) for d in dirs[n]] for n in names}
+    base = docs['baseline']
+    N = np.asarray(base[0]['doc_tokens'])
+    target = float(np.mean([logs[d][-1]['val_nll'] for d in dirs['baseline']]))
+    base_tokens = logs[dirs['baseline'][0]][-1]['tokens']
+    B = np.array([x['doc_nll'] for x in base])
+    rows = []
+    for n in names:
+        if any(x['doc_nll'] is None for x in docs[n]):
+            rows.append(dict(arm=n, label=ARMS[n]['label'], reads_future=True))
+            continue
+        if any(list(x['doc_tokens']) != list(N) for x in docs[n]):
+            fail(f"{dirs[n][0]}: its val windows differ from the baseline's (another data_dir or eval config?)")
+        A = np.array([x['doc_nll'] for x in docs[n]])
+        mean, se = boot_se(A, N, C.eff_boot)
+        S = min(len(A), len(B))
+        delta, dse = boot_se(A[:S] - B[:S], N, C.eff_boot) if n != 'baseline' else (None, None)
+        reach = [first_reach(logs[d], 'val_nll', target, lambda v, t: v <= t) for d in dirs[n]]
+        got = [r / base_tokens for r in reach if r is not None]
+        share = [sum(r.get('val_eval_s') or 0 for r in logs[d]) / walls[d] for d in dirs[n] if walls.get(d)]
+        rows.append(dict(
+            arm=n, label=ARMS[n]['label'], reads_future=False, seeds=len(A), val_nll=mean, val_nll_se=se,
+            val_nll_seeds=(A.sum(1) / N.sum()).tolist(), delta=delta, delta_se=dse,
+            reach_frac=float(np.mean(got)) if got else None,
+            reach_frac_se=float(np.std(got, ddof=1) / math.sqrt(len(got))) if len(got) > 1 else None,
+            reached=len(got), val_nll_kind=docs[n][0]['val_nll_kind'],
+            tagger=ARMS[n].get('tagger', True), eval_share=float(np.mean(share)) if share else None,
+            wall_s=float(np.mean([walls[d] for d in dirs[n] if walls.get(d)] or [float('nan')]))))
+    return dict(rows=rows, baseline_final_val_nll=target, docs=len(N), tokens=int(N.sum()),
+                seeds=len(B))
+
+
+def print_decomposition(dec):
+    fmt = lambda m, s: '-' if m is None else f"{m:+.4f}" + (f" ± {s:.4f}" if s is not None else '')
+    cells = []
+    for r in dec['rows']:
+        if r['reads_future']:
+            cells.append(dict(label=r['label'], nll='reads the future', delta='n/a', reach='n/a', tagger='yes'))
+            continue
+        reach = ('never' if not r['reached'] else f"{100 * r['reach_frac']:.1f}%"
+                 + (f" ± {100 * r['reach_frac_se']:.1f}" if r['reach_frac_se'] is not None else '')
+                 + (f" ({r['reached']}/{r['seeds']} seeds)" if r['reached'] < r['seeds'] else ''))
+        cells.append(dict(label=r['label'], nll=fmt(r['val_nll'], r['val_nll_se']).lstrip('+'),
+                          delta='' if r['arm'] == 'baseline' else fmt(r['delta'], r['delta_se']),
+                          reach='' if r['arm'] == 'baseline' else reach, tagger='yes' if r['tagger'] else 'no',
+                          kind=r['val_nll_kind'], share=r['eval_share'], wall=r['wall_s']))
+    table(cells, [('label', 'arm', ''), ('nll', 'val_nll ± s.e.', ''), ('delta', 'Δ vs baseline (paired)', ''),
+                  ('reach', "tokens to baseline's final", ''), ('tagger', 'tagger at inference', ''),
+                  ('kind', 'val_nll', ''), ('share', 'eval share', '.2f'), ('wall', 'wall s', '.0f')])
+    print(f"{dec['seeds']} seed(s) per arm, {dec['docs']} val documents, {dec['tokens']:,} target tokens; "
+          "s.e.: bootstrap over seeds and documents; Δ: paired by seed index and document (same tokens). "
+          "val_nll: NLL per token from the past alone (self-predicting arms: the exact marginal over their "
+          "next tags). tokens to baseline's final: fraction of the baseline's training tokens at which an arm "
+          "first reaches the baseline's mean final val_nll (earlier evaluations of self-predicting arms use the "
+          "top-k bound, which is >= the marginal: a conservative figure).")
+
+
 def run_efficiency(C):
-    info = ensure_dataset(C)
+    from types import SimpleNamespace
+    info = ensure_eff_dataset(C)
     names = [n for n in C.eff_runs.split(',') if n]
     for n in names:
         if n not in ARMS:
@@ -516,15 +610,57 @@ def run_efficiency(C):
         for s in ARMS[n]['metadata'].split(','):
             if s and s not in info['streams']:
                 fail(f"{C.data_dir}: stream '{s}' missing for run '{n}' (prepare.py --tags full,causal)")
+    if C.eff_seeds < 1:
+        fail(f"eff_seeds={C.eff_seeds}: must be >= 1")
     names = ['baseline'] + [n for n in names if n != 'baseline']
     plain = [n for n in names if ARMS[n].get('tokenization') == 'plain']
     plain_info = ensure_plain_dataset(C, info) if plain else None
-    logs, walls = {}, {}
+    archs = [a for a in (C.eff_archs or C.arch).split(',') if a]
+    for a in archs:
+        if a not in ('gpt2', 'gemma'):
+            fail(f"eff_archs: unknown arch {a!r} ('gpt2', 'gemma')")
+    sources = val_sources(C, info) if C.data_input == 'nltk_mix' else {}
+    if sources:
+        print(f"{C.data_dir}: {info.get('val_docs')} val documents: "
+              + ', '.join(f"{k} {v}" for k, v in sources.items()), flush=True)
     t0 = time.time()
-    res = train_runs(C, [(n, os.path.join(C.eff_dir, n)) for n in names])
-    for n in names:
-        logs[n], walls[n] = res[n]
-    runs = summarize_runs(logs, walls, other_tokens=plain)
+    out = {}
+    for arch in archs:
+        Ca = SimpleNamespace(**{**vars(C), 'arch': arch})
+        root = os.path.join(C.eff_dir, arch) if len(archs) > 1 else C.eff_dir
+        dirs = {n: [os.path.join(root, run_name(n, i)) for i in range(C.eff_seeds)] for n in names}
+        res = train_runs(C, [(n, dirs[n][i], i, Ca) for i in range(C.eff_seeds) for n in names])
+        logs, walls = {d: r[0] for d, r in res.items()}, {d: r[1] for d, r in res.items()}
+        first = {n: logs[dirs[n][0]] for n in names}  # seed 0: the per-run table and the curves
+        runs = summarize_runs(first, {n: walls[dirs[n][0]] for n in names}, other_tokens=plain)
+        print(f"\n{arch}, seed {C.seed}:")
+        print_runs(runs)
+        honest = [n for n in names if n not in plain]
+        dec = decomposition(C, honest, dirs, logs, walls)
+        print(f"\n{arch}: what the gain is made of")
+        print_decomposition(dec)
+        png = None
+        if C.plot:
+            png = draw_curves(first, 'baseline', os.path.join(root, 'curves.png'))
+        out[arch] = dict(runs=runs, decomposition=dec, baseline_final_tokens=first['baseline'][-1]['tokens'],
+                         eff_dir=root, plot=png, run_dirs=dirs,
+                         tokens_per_iter=first['baseline'][-1]['tokens'] // max(C.max_iters, 1),
+                         train_args=train_args(Ca, 'baseline', 'OUT'))
+    return dict(archs=out, data_dir=C.data_dir, tokenizer=info.get('tokenizer'), vocab_size=info.get('vocab_size'),
+                train_tokens=info.get('train_tokens'), val_tokens=info.get('val_tokens'),
+                val_docs=info.get('val_docs'), val_sources=sources, seeds=C.eff_seeds,
+                plain_data_dir=plain_dir(C) if plain else None,
+                plain_train_tokens=plain_info.get('train_tokens') if plain_info else None,
+                max_iters=C.max_iters, wall_s=time.time() - t0,
+                notes=("frac_tokens_to_baseline_*: fraction of the baseline's training tokens at which the run "
+                       "first reaches the baseline's final value (linear interpolation between eval points): "
+                       "_nll and _acc_honest on what the run could compute from the past alone (None for runs "
+                       "that read the future: reads_future), _loss and _acc the paper's metric on val_loss and "
+                       "val_acc whatever the run reads. decomposition: the arms over seeds, with standard "
+                       "errors over seeds and val documents (see print_decomposition)."))
+
+
+def print_runs(runs):
     rows = [dict(run=ARMS[n]['label'], **{k: v for k, v in r.items() if k != 'curve'},
                  **{k + '_cell': reach_cell(r, k) for k in ('frac_tokens_to_baseline_nll',
                                                             'frac_tokens_to_baseline_acc_honest',
@@ -532,7 +668,6 @@ def run_efficiency(C):
                                                             'frac_tokens_to_baseline_acc',
                                                             'frac_tokens_to_baseline_bpb')})
             for n, r in runs.items()]
-    print()
     table(rows, [('run', 'run', ''), ('final_val_loss', 'val loss', '.4f'), ('final_val_nll', 'val_nll', '.4f'),
                  ('final_val_bpb', 'val_bpb', '.4f'), ('final_val_bytes_per_token', 'bytes/token', '.3f'),
                  ('frac_tokens_to_baseline_bpb_cell', 'to base bpb', ''),
@@ -543,33 +678,13 @@ def run_efficiency(C):
                  ('frac_tokens_to_baseline_acc_honest_cell', 'to base acc (past only)', ''),
                  ('frac_tokens_to_baseline_loss_cell', 'to base loss (paper)', ''),
                  ('frac_tokens_to_baseline_acc_cell', 'to base acc (paper)', ''), ('wall_s', 'wall s', '.0f')])
-    print("val_nll: NLL per token of the val text as a generative model of text alone (or its upper bound); "
-          "'-' (and n/a) for runs that read tags depending on tokens they have not seen (full tags, LIME+1's "
-          "oracle next-token tags, shuffled tags). 'to base ...': fraction of the baseline's tokens to reach its "
-          "final value; the paper's columns use val_loss/val_acc whatever the run reads (a meta_predict run's "
-          "val_loss/val_acc are read with the data's next tags). '-' = never reached. val_bpb: val_nll in bits per "
-          "UTF-8 byte of the val targets, the one number comparable across tokenizations: baseline_plain (GPT-2's "
-          "own encoding of the same documents, same tokens per iteration) is compared on it alone.")
-    marginal = None
-    if 'lime1_predict' in names and C.marginal_positions > 0:
-        marginal = predict_marginal(C, os.path.join(C.eff_dir, 'lime1_predict'))
-    png = None
-    if C.plot:
-        png = draw_curves({n: logs[n] for n in names}, 'baseline', os.path.join(C.eff_dir, 'curves.png'))
-    return dict(runs=runs, marginal=marginal, baseline_final_tokens=logs['baseline'][-1]['tokens'],
-                data_dir=C.data_dir,
-                tokenizer=info.get('tokenizer'), vocab_size=info.get('vocab_size'),
-                train_tokens=info.get('train_tokens'), eff_dir=C.eff_dir, plot=png,
-                tokens_per_iter=logs['baseline'][-1]['tokens'] // max(C.max_iters, 1),
-                plain_data_dir=plain_dir(C) if plain else None,
-                plain_train_tokens=plain_info.get('train_tokens') if plain_info else None,
-                max_iters=C.max_iters, wall_s=time.time() - t0, train_args=train_args(C, 'baseline', 'OUT'),
-                notes=("frac_tokens_to_baseline_*: fraction of the baseline's training tokens at which the run "
-                       "first reaches the baseline's final value (linear interpolation between eval points): "
-                       "_nll and _acc_honest on what the run could compute from the past alone (None for runs "
-                       "that read the future: reads_future), _loss and _acc the paper's metric on val_loss and "
-                       "val_acc whatever the run reads; baseline_seed2 shows run-to-run noise. marginal: the "
-                       "lime1_predict bound against the one-step marginal over its next tags."))
+    print("val_nll: NLL per token of the val text as a generative model of text alone (self-predicting runs: "
+          "the marginal over their next tags); '-' (and n/a) for runs that read tags depending on tokens they "
+          "have not seen (full tags, LIME+1's oracle next-token tags, shuffled tags). 'to base ...': fraction of "
+          "the baseline's tokens to reach its final value; the paper's columns use val_loss/val_acc whatever the "
+          "run reads (a meta_predict run's val_loss/val_acc are read with the data's next tags). '-' = never "
+          "reached. val_bpb: val_nll in bits per UTF-8 byte of the val targets, the one number comparable across "
+          "tokenizations: baseline_plain is compared on it alone.")
 
 
 # -----------------------------------------------------------------------------
@@ -579,7 +694,7 @@ def ensure_ckpt(C, run_dir, name):
     if os.path.isfile(run_dir) or os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):  # a checkpoint file, or a run
         return
     print(f"{run_dir}/ckpt.pt not found: training run '{name}' now", flush=True)
-    ensure_dataset(C)
+    ensure_eff_dataset(C)
     train_runs(C, [(name, run_dir)])
 
 
@@ -800,6 +915,7 @@ def run_downstream(C):
             fail(f"ds_runs: {n!r} is not a run downstream can score "
                  f"({', '.join(k for k, v in ARMS.items() if not v.get('tokenization') and not v.get('meta_shuffle'))})")
     res = train_runs(C, [(n, os.path.join(C.eff_dir, n)) for n in names])
+    res = {n: res[os.path.join(C.eff_dir, n)] for n in names}
     t_train = time.time() - t0
     tasks = [t for t in C.ds_tasks.split(',') if t]
     rows, kinds = [], {}

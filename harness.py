@@ -15,9 +15,17 @@ Tag policies: what the model is fed at every position, printed with every result
            position whose next token is in the context gets that token's causal tags, a scored
            position (its next token is the continuation's) gets <unk>; generation takes the task's
            hints (gen_kwargs 'hints', sample.py's syntax), <unk> elsewhere.
-  predict  meta_predict models (their default): a log-likelihood is the honest bound, the heads'
-           log-probability of the text's causal next tags plus the token log-probability given
-           them; generation draws the heads' own tags (argmax when greedy), hints override them.
+  predict  meta_predict models (their default): own tags causal; a log-likelihood is the model's
+           marginal, log p(token | past) with the token's next tags summed out,
+           log sum_g p(g | past) p(token | past, g) over every combination g of every stream's tags
+           (model.marginal; the past's next tags are the text's causal tags): the exact likelihood of
+           the text, comparable with the baseline's. marginal_k=k > 0 sums over the heads' top k
+           combinations and the text's own only: cheaper, and minus it an upper bound on the NLL
+           (printed 'top-k bound'). A model trained on full tags (a stream not *_causal) gets the
+           joint bound instead, the heads' log-probability of the text's causal next tags plus the
+           token log-probability given them (printed 'joint bound'). Printed beside every result:
+           'exact marginal', 'top-k bound' or 'joint bound'. is_greedy and generation follow the
+           heads' own tags (argmax when greedy), hints override them.
   oracle   LIME+1 / meta_predict read the continuation's own next-token tags (the tag kind the
            model was trained on, over context and continuation): reads the future, marked ORACLE
            in every output, never the default; log-likelihoods only (generation has no reference).
@@ -52,6 +60,10 @@ tag_policy = ''  # '' = the model's default (causal; predict for meta_predict); 
 limit = 0  # examples per task; 0 = all
 num_fewshot = -1  # -1 = the task's default
 batch_size = 16  # rows per forward pass (log-likelihoods)
+# predict policy (meta_predict models on causal tags): 0 = the exact marginal (next tags summed out over
+# every tag combination); k > 0 = the top-k bound (over the heads' k likeliest combinations and the text's
+# own: cheaper; minus it is an upper bound on the NLL)
+marginal_k = 0
 bootstrap_iters = 1000  # lm-eval's bootstrap for the stderr of non-mean metrics (perplexity)
 device = 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
@@ -87,9 +99,10 @@ def configure(argv):
 def check_config(cfg):
     """Ranges of the options: one line naming the allowed range (a LimeError), before any work."""
     from common import check_device, check_range
-    for k in ('limit', 'bootstrap_iters', 'seed', 'task_seed'):
+    for k in ('limit', 'bootstrap_iters', 'seed', 'task_seed', 'marginal_k'):
         check_range(cfg, k, cfg[k] >= 0, 'an integer >= 0' + (' (0: all examples)' if k == 'limit' else
-                                                             ' (0: no stderr)' if k == 'bootstrap_iters' else ''))
+                                                             ' (0: no stderr)' if k == 'bootstrap_iters' else
+                                                             ' (0: the exact marginal)' if k == 'marginal_k' else ''))
     check_range(cfg, 'num_fewshot', cfg['num_fewshot'] >= -1, "an integer >= 0, or -1 for the task's default")
     for k in ('batch_size', 'cloze_n', 'cloze_min_words', 'arith_n'):
         check_range(cfg, k, cfg[k] >= 1, 'an integer >= 1')
@@ -134,11 +147,31 @@ def require_lm_eval():
     return lm_eval
 
 
-def policy_label(policy, kind):
+JOINT_BOUND = 'joint bound (full tags: the marginal would read the future)'
+
+
+def likelihood_kind(policy, kind, streams, marginal_k=0):
+    """What a log-likelihood under the predict policy is: 'exact marginal', 'top-k bound (k=K)' or the
+    joint bound (a stream not causal); None for the other policies (the log-likelihood given the tags)."""
+    if kind != 'predict' or policy != 'predict':
+        return None
+    if not all(is_causal(s) for s in streams):
+        return JOINT_BOUND
+    return 'exact marginal' if not marginal_k else f'top-k bound (k={marginal_k})'
+
+
+def policy_label(policy, kind, ll_kind=None):
     if kind == 'baseline':
         return 'causal (baseline: no tags)'
+    if policy == 'predict':  # ll_kind: likelihood_kind's
+        if ll_kind == 'exact marginal':
+            detail = 'next tags summed out, log sum_g p(g | past) p(token | past, g)'
+        elif ll_kind and ll_kind.startswith('top-k'):
+            detail = "next tags summed over the heads' top k combinations and the text's own: an upper bound on the NLL"
+        else:
+            ll_kind, detail = ll_kind or 'joint bound', 'tag log-prob + token log-prob: an upper bound on the NLL'
+        return f"predict ({ll_kind}: {detail})"
     return {'causal': 'causal', 'unk': 'unk (every tag <unk>)',
-            'predict': 'predict (honest bound: tag log-prob + token log-prob)',
             'oracle': "ORACLE (reads the continuation's own tags)"}[policy]
 
 
@@ -159,11 +192,14 @@ class Scorer:
     """A checkpoint, its tokenizer and a tag policy: log-likelihoods of (context, continuation)
     token lists and greedy generation, with the tags the policy promises."""
 
-    def __init__(self, out_dir, policy='', device='cpu', batch_size=16, dtype='float32', err=None):
+    def __init__(self, out_dir, policy='', device='cpu', batch_size=16, dtype='float32', err=None, marginal_k=0):
         self.err = err or sys.stderr
         self.model, ckpt = common.load_model(out_dir, device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             fail(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(marginal_k, bool) or not isinstance(marginal_k, (int, np.integer)) or marginal_k < 0:
+            fail(f"marginal_k must be an integer >= 0 (0: the exact marginal), got {marginal_k!r}")
+        self.marginal_k = int(marginal_k)
         self.out_dir, self.device, self.batch_size = out_dir, device, int(batch_size)
         cfg = self.model.config
         self.streams = cfg.input_streams
@@ -200,7 +236,9 @@ class Scorer:
     def set_policy(self, policy):
         """Switch the tag policy ('' = the model's default); the model stays loaded."""
         self.policy = self.check_policy(policy)
-        self.label = policy_label(self.policy, self.kind)
+        k = self.marginal_k if self.marginal_k < math.prod(self.model.config.meta_n_tags) else 0  # k >= all: exact
+        self.ll_kind = likelihood_kind(self.policy, self.kind, self.streams, k)
+        self.label = policy_label(self.policy, self.kind, self.ll_kind)
         self.oracle = self.policy == 'oracle'
 
     def check_policy(self, policy):
@@ -291,7 +329,9 @@ class Scorer:
     def forward_rows(self, rows):
         """rows: (tokens, meta, next, n): inputs tokens[:-1] with their tags, targets tokens[1:], the
         last n scored. Batched, longest first, right-padded (causal attention: padding after a
-        position changes nothing at it). predict: adds the heads' log-probs of the next tags."""
+        position changes nothing at it). predict policy: the model's marginal (next tags summed out,
+        exactly or over the top marginal_k), or for full-tag models the joint bound (the heads'
+        log-probs of the text's next tags added)."""
         model, dev = self.model, self.model.lm_head.weight.device
         out = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -314,13 +354,15 @@ class Scorer:
             x, y = x.to(dev), y.to(dev)
             meta = {s: v.to(dev) for s, v in meta.items()}
             nxt = {s: v.to(dev) for s, v in nxt.items()}
-            tag_lp = None
+            tag_lp = marg = None
             with self.ctx:
                 if self.kind == 'predict':
                     logits, _, tag_logits, _ = model.forward_predict(x, meta, nxt, targets=y)
-                    if self.policy == 'predict':
+                    if self.ll_kind == JOINT_BOUND:
                         tag_lp = sum(F.log_softmax(tl.float(), -1).gather(-1, nxt[s].unsqueeze(-1)).squeeze(-1)
                                      for s, tl in zip(self.streams, tag_logits))
+                    elif self.policy == 'predict':  # padded targets (-1) read as 0: never summed below
+                        marg = model.marginal(x, meta, nxt, y.clamp(min=0), top_k=self.marginal_k)
                 else:
                     logits, _ = model(x, meta if self.streams else None, targets=y)
             logp = F.log_softmax(logits.float(), -1)
@@ -329,7 +371,10 @@ class Scorer:
                 L = len(tok) - 1
                 pos = slice(L - n, L)
                 tgt = y[r, pos]
-                ll = logp[r, pos].gather(-1, tgt.unsqueeze(-1)).sum()
+                if marg is not None:
+                    ll = marg[r, pos].float().sum()
+                else:
+                    ll = logp[r, pos].gather(-1, tgt.unsqueeze(-1)).sum()
                 if tag_lp is not None:
                     ll = ll + tag_lp[r, pos].sum()
                 greedy = bool((logp[r, pos].argmax(-1) == tgt).all())
@@ -417,10 +462,11 @@ def lm_class():
         (self.tag_policy, self.policy_label: printed with every result by harness.py)."""
 
         def __init__(self, out_dir='out', tag_policy='', device='cpu', batch_size=16, dtype='float32',
-                     scorer=None, **unused):
+                     scorer=None, marginal_k=0, **unused):
             super().__init__()
             device = device or 'cpu'  # simple_evaluate(model='lime') passes device=None
-            self.scorer = scorer or Scorer(out_dir, tag_policy, device, int(batch_size or 16), dtype or 'float32')
+            self.scorer = scorer or Scorer(out_dir, tag_policy, device, int(batch_size or 16), dtype or 'float32',
+                                           marginal_k=int(marginal_k or 0))
             self.tag_policy, self.policy_label = self.scorer.policy, self.scorer.label
             self._device = device
 
@@ -747,7 +793,8 @@ def evaluate(lm, task_names, task_dir='', limit=0, num_fewshot=-1, bootstrap_ite
 
 def lime_info(s, skipped=()):
     return dict(out_dir=s.out_dir, model=KIND_NAMES[s.kind], streams=s.streams, tag_policy=s.policy,
-                policy_label=s.label, oracle=s.oracle, block_size=s.block_size, skipped_tasks=list(skipped),
+                policy_label=s.label, likelihood=s.ll_kind, marginal_k=s.marginal_k, oracle=s.oracle,
+                block_size=s.block_size, skipped_tasks=list(skipped),
                 tokenizer=s.text.md.TOKENIZER, tokenization=s.text.tokenization)
 
 
@@ -762,7 +809,8 @@ def print_results(res, out=None):
     num = lambda v: f"{v:.4f}" if abs(v) < 1e5 else f"{v:.3e}"
     for task, metric, v, se in rows:
         print(f"  {task:<{w}}  {metric:<{mw}}  {num(v):>10}" + (f" ± {num(se)}" if se is not None else '')
-              + f"  [tags: {info['tag_policy']}{', ORACLE' if info['oracle'] else ''}]", file=out)
+              + f"  [tags: {info['tag_policy']}{', ' + info['likelihood'] if info.get('likelihood') else ''}"
+              f"{', ORACLE' if info['oracle'] else ''}]", file=out)
     if not rows:
         print(f"  (no task ran: {', '.join(info['skipped_tasks'])} skipped)", file=out)
 
@@ -779,7 +827,7 @@ def run(cfg, out=None):
     path = results_path(cfg)
     check_writable(path)
     torch.manual_seed(cfg['seed'])
-    first = Scorer(cfg['out_dir'], '', cfg['device'], cfg['batch_size'], cfg['dtype'])
+    first = Scorer(cfg['out_dir'], '', cfg['device'], cfg['batch_size'], cfg['dtype'], marginal_k=cfg['marginal_k'])
     lm_class()  # lm-eval missing: one line
     pols = [p.strip() for p in cfg['tag_policy'].split(',') if p.strip()] or [first.policy]
     if pols == ['all']:

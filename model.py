@@ -192,6 +192,37 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def candidates(self, x, u, rope=None):
+        """Attention of K candidate inputs per position: u (B, T, K, C) at position t reads the keys and
+        values of x (B, T, C) at positions s < t and its own at t, as if each candidate were x_t in the
+        sequence x. (meta_predict's marginal: the upper blocks of every candidate next tag of every
+        position at once, the past's own next tags in x.) Returns the output for u, (B, T, K, C)."""
+        B, T, K, C = u.size()
+        kv = self.n_kv_head * self.hs
+        _, kx, vx = self.c_attn(x).split([self.n_embd, kv, kv], dim=2)
+        qu, ku, vu = self.c_attn(u).split([self.n_embd, kv, kv], dim=3)
+        kx = kx.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        vx = vx.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)
+        qu = qu.view(B, T, K, self.n_head, self.hs).permute(0, 3, 1, 2, 4)  # (B, nh, T, K, hs)
+        ku = ku.view(B, T, K, self.n_kv_head, self.hs).permute(0, 3, 1, 2, 4)
+        vu = vu.view(B, T, K, self.n_kv_head, self.hs).permute(0, 3, 1, 2, 4)
+        if rope is not None:
+            cos, sin = rope
+            kx = apply_rotary(kx, cos, sin)
+            qu, ku = apply_rotary(qu, cos[:, None], sin[:, None]), apply_rotary(ku, cos[:, None], sin[:, None])
+        rep = self.n_head // self.n_kv_head  # grouped-query attention: query head h reads key/value head h // rep
+        if rep > 1:
+            kx, vx, ku, vu = (t.repeat_interleave(rep, dim=1) for t in (kx, vx, ku, vu))
+        scale = 1.0 / math.sqrt(self.hs)
+        past = torch.einsum('bhtkd,bhsd->bhtks', qu, kx) * scale  # (B, nh, T, K, T)
+        seen = torch.ones(T, T, dtype=torch.bool, device=u.device).tril(diagonal=-1)  # s < t
+        past = past.masked_fill(~seen[:, None, :], float('-inf'))
+        own = (qu * ku).sum(-1, keepdim=True) * scale
+        a = torch.cat([past, own], dim=-1).float().softmax(-1).type_as(u)
+        y = torch.einsum('bhtks,bhsd->bhtkd', a[..., :T], vx) + a[..., T:] * vu
+        y = y.permute(0, 2, 3, 1, 4).reshape(B, T, K, C)
+        return self.c_proj(y)
+
 
 class MLP(nn.Module):
     """gpt2: c_proj(gelu(c_fc(x))). gemma (GeGLU): c_fc holds the gate and up projections side by
@@ -228,6 +259,12 @@ class Block(nn.Module):
     def forward(self, x, rope=None, kv_cache=None, start_pos=0):
         x = x + self.attn(self.ln_1(x), rope, kv_cache, start_pos)
         return x + self.mlp(self.ln_2(x))
+
+    def candidates(self, x, u, rope=None):
+        """The block's output for candidate inputs u (B, T, K, C) beside the sequence x (B, T, C): see
+        CausalSelfAttention.candidates (eval only: no dropout)."""
+        u = u + self.attn.candidates(self.ln_1(x), self.ln_1(u), rope)
+        return u + self.mlp(self.ln_2(u))
 
 
 class GPT(nn.Module):
@@ -355,13 +392,73 @@ class GPT(nn.Module):
             if choose is None:
                 raise ValueError("a meta_predict model needs the next token's tags: next_meta or choose")
             next_meta = choose(tag_logits)
-        x = h
+        logits, loss = self.upper(self.add_next(h, next_meta), targets, kv_cache, start_pos)
+        return logits, loss, tag_logits, h
+
+    MARGINAL_CHUNK = 1 << 24  # logits values per candidate chunk of marginal() (64 MiB in float32)
+
+    @torch.no_grad()
+    def marginal(self, idx, meta, next_meta, targets, top_k=0):
+        """log p(targets_t | past) of a meta_predict model with position t's next tags summed out,
+        log sum_g p(g | past) p(targets_t | past, g), g over every combination of every stream's tags
+        (top_k=0: the exact sum), or over the top_k combinations by the heads' joint probability plus the
+        data's own (a part of the sum, so minus it is an upper bound on the NLL: an honest bound).
+        next_meta {stream: (B, T)}: the data's next tags, read at positions s < t (the past's own tags,
+        a function of the tokens up to t when the streams are causal; the caller's to check). Every
+        candidate of every position goes through blocks k+1..L at once (Block.candidates), in chunks
+        of MARGINAL_CHUNK logits; the lower blocks and the data's path run once. Returns (B, T) float32."""
+        cfg = self.config
+        assert cfg.meta_predict, "marginal() is the self-predicting (meta_predict) model's likelihood"
+        h = self.lower(idx, meta)
+        B, T, _ = h.shape
+        upper = self.transformer.h[self.n_lower:]
+        rope = self.rope(0, T)
+        tag_lp = [F.log_softmax(head(h).float(), -1) for head in self.tag_head]  # (B, T, n_d) each
+        x, xs = self.add_next(h, next_meta), []
+        for block in upper:  # the data's path: the inputs of each upper block, which candidates read
+            xs.append(x)
+            x = block(x, rope)
+        n = torch.tensor(cfg.meta_n_tags, device=idx.device)
+        G = math.prod(cfg.meta_n_tags)
+        radix = torch.cat([torch.cumprod(n.flip(0), 0).flip(0)[1:], n.new_ones(1)])  # combination c -> digits
+        digits = lambda c: [(c // r) % m for r, m in zip(radix, n)]
+        out = torch.empty(B, T, device=idx.device)
+        for b in range(B):
+            if top_k and top_k < G:
+                joint = sum(lp[b][:, d] for lp, d in zip(tag_lp, digits(torch.arange(G, device=idx.device))))
+                top = joint.topk(top_k, dim=-1).indices  # (T, k)
+                data = sum(next_meta[s][b] * r for s, r in zip(cfg.meta_streams, radix))  # (T,)
+                cand = torch.cat([top, data[:, None]], 1)  # the data's combination, counted once
+                dup = (top == data[:, None]).any(-1)
+            else:
+                cand = torch.arange(G, device=idx.device).expand(T, G)
+                dup = None
+            acc = torch.full((T,), float('-inf'), device=idx.device)
+            K = cand.size(1)
+            step = max(1, self.MARGINAL_CHUNK // (T * cfg.vocab_size))
+            for c0 in range(0, K, step):
+                c = cand[:, c0:c0 + step]
+                lp = sum(tl[b].gather(1, d) for tl, d in zip(tag_lp, digits(c)))  # (T, kc)
+                if dup is not None and c0 + step >= K:
+                    lp[:, -1] = lp[:, -1].masked_fill(dup, float('-inf'))
+                u = h[b, :, None] + self.add_next(0, dict(zip(cfg.meta_streams, digits(c))))
+                u = u[None]
+                for block, xb in zip(upper, xs):
+                    u = block.candidates(xb[b:b + 1], u, rope)
+                logits = self.lm_head(self.transformer.ln_f(u[0])).float()  # (T, kc, V)
+                tok = targets[b][:, None, None].expand(T, logits.size(1), 1)
+                lp = lp + logits.gather(-1, tok)[..., 0] - logits.logsumexp(-1)
+                acc = torch.logaddexp(acc, lp.logsumexp(-1))
+            out[b] = acc
+        return out
+
+    def add_next(self, x, next_meta):
+        """x + sum_d w_d * N_d(next_meta_d): the next token's tags, added after block k (meta_predict)."""
         for name, w, emb in zip(self.config.meta_streams, self.config.meta_weight, self.meta_next_emb):
             if name not in next_meta:
                 raise ValueError(f"missing next-token metadata stream '{name}'")
             x = x + w * emb(next_meta[name])
-        logits, loss = self.upper(x, targets, kv_cache, start_pos)
-        return logits, loss, tag_logits, h
+        return x
 
     def argmax_tags(self, tag_logits):
         """choose for forward_predict: each stream's most likely next tag (the model's own, from the past alone)."""

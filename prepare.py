@@ -36,7 +36,6 @@ import queue
 import shutil
 import signal
 import socket
-import hashlib
 import argparse
 import platform
 import traceback
@@ -47,7 +46,8 @@ from functools import lru_cache
 import numpy as np
 
 import metadata as md
-from common import MAX_DOC_BYTES, SURROGATE, LimeError, decode_text, fail, pid_alive  # MAX_DOC_BYTES: see --max_doc_bytes
+from common import (MAX_DOC_BYTES, SURROGATE, LimeError, decode_text, fail, pid_alive,  # MAX_DOC_BYTES: see --max_doc_bytes
+                    record_in_val)
 
 # -----------------------------------------------------------------------------
 # config
@@ -406,10 +406,6 @@ def file_val_set(units, val_fraction, seed):
     n = len(whole)
     n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n > 1 else 0
     return {whole[i] for i in np.random.default_rng(seed).permutation(n)[:n_val].tolist()}
-
-def record_in_val(key, index, seed, val_fraction):
-    h = hashlib.blake2b(f'{seed}\0{key}\0{index}'.encode('utf-8', 'surrogateescape'), digest_size=8)
-    return int.from_bytes(h.digest(), 'big') < val_fraction * 2 ** 64
 
 def documents(units, mine, args, hf):
     """(unit number, name, split, text) of this shard's documents, read lazily in order."""

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (Split, append_log, autocast, check_device, check_range, coerce, configure, eval_starts, fail,
+                    window_docs,
                     first_line, id_limits, load_checkpoint, load_meta, lock_out_dir, remove_temps, resolve_dtype,
-                    run_main, save_checkpoint, trim_log, unlock_out_dir, write_atomic)
+                    run_main, save_checkpoint, trim_log, unlock_out_dir, write_atomic, write_json)
 from metadata import UNK, is_causal  # UNK: the tag id of missing metadata, in every stream
 from model import GPT, GPTConfig
 
@@ -66,6 +67,8 @@ meta_shuffle = False  # leakage control: read each stream through a fixed permut
 meta_predict = False  # LIME+1 without an oracle: the model predicts the next token's tags itself (meta_shift 0)
 meta_inject_layer = 0  # meta_predict: tag heads read block k's output, the next tags are added after it; 0 = n_layer // 2
 meta_loss_weight = 1.0  # meta_predict: loss = token CE + meta_loss_weight * sum over streams of tag CE
+meta_classes = 'data'  # what the streams hold: 'data' (the tags); the controls 'token' (each token's majority tags in the train split, a lookup) or 'random' (those classes moved to other tokens at random, same class sizes)
+marginal_k = 16  # meta_predict on causal streams: val_nll before the last evaluation is the top-k (plus the data's tags) bound of the marginal; 0 = exact every time (the last evaluation always is); see docs/training.md
 meta_cooldown = 0.0  # the last fraction of max_iters trains without metadata (the tables add nothing), same lr schedule; 0 = off
 # model
 arch = 'gpt2'  # 'gpt2' (learned positions, LayerNorm, GELU) or 'gemma' (rotary, RMSNorm, GeGLU, GQA, no biases)
@@ -123,6 +126,10 @@ def check_config(c):
     check_range(c, 'meta_shift', c['meta_shift'] in (0, 1), '0 (LIME) or 1 (LIME+1)')
     check_range(c, 'meta_loss_weight', c['meta_loss_weight'] >= 0, '>= 0')
     check_range(c, 'keep_checkpoints', c['keep_checkpoints'] >= 0, 'an integer >= 0')
+    check_range(c, 'meta_classes', c['meta_classes'] in ('data', 'token', 'random'), "'data', 'token' or 'random'")
+    check_range(c, 'meta_classes', c['meta_classes'] == 'data' or (c['metadata'].strip() and not c['meta_shuffle']),
+                "'data' without metadata streams or with meta_shuffle (the classes replace the streams' tags)")
+    check_range(c, 'marginal_k', c['marginal_k'] >= 0, 'an integer >= 0 (0: the exact marginal at every evaluation)')
     check_range(c, 'meta_cooldown', 0.0 <= c['meta_cooldown'] < 1.0, 'in [0, 1) (a fraction of max_iters; 0 = off)')
     # a meta_predict model already runs on the tags it predicts itself; without them it would lose its heads' point
     check_range(c, 'meta_cooldown', not (c['meta_cooldown'] and c['meta_predict']),
@@ -196,7 +203,7 @@ def apply_meta_dropout(meta, masks):
 
 @torch.no_grad()
 def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False, first_tag_nll=None,
-             token_bytes=None, no_tags=False):
+             token_bytes=None, no_tags=False, nll_rule=None, marginal_k=0, docs=None, n_docs=1):
     """Summed over the windows: loss, next-token accuracy, and accuracy on targets that start a word
     (word tag B) vs continue one (I); <pad>/<space>/<unk> targets are left out of that split.
     meta_predict models also get each stream's next-tag loss and accuracy (fed the data's next tags,
@@ -206,13 +213,23 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
     each window's first position, which no head predicts: added to the bound when given. val_acc of
     a meta_predict model is read with the data's next tags (an oracle); val_acc_own with the heads'
     own argmax tags (from the past alone). token_bytes: UTF-8 bytes per token id (see
-    token_byte_lengths); val_bytes_per_token is the mean over the windows' targets."""
+    token_byte_lengths); val_bytes_per_token is the mean over the windows' targets.
+    nll_rule (see nll_rule): how val_nll is computed; 'marginal': -log of the model's marginal over
+    the next tags (GPT.marginal: exact with marginal_k=0, else the top-k bound), val_marginal_s its
+    time. docs: the document of each window (window_docs), n_docs of them: doc_nll, doc_loss and
+    doc_tokens are the per-document sums behind val_nll and val_loss (lists), for the statistics
+    that count documents."""
     cfg = model.config
     heads = list(cfg.meta_streams) if cfg.meta_predict else []
+    marginal = nll_rule == 'marginal' and not no_tags
+    # a model whose next tags add nothing (meta_weight 0) has its marginal equal to its token loss
+    marginal_free = marginal and not any(cfg.meta_weight)
     model.eval()
     # loss, n, correct, start_ok, start_n, cont_ok, cont_n, first-tag cost, correct with own tags,
-    # target bytes, then (tag CE, tag ok) per stream
-    s = torch.zeros(10 + 2 * len(heads), dtype=torch.float64, device=device)
+    # target bytes, honest NLL (val_nll's sum), then (tag CE, tag ok) per stream
+    s = torch.zeros(11 + 2 * len(heads), dtype=torch.float64, device=device)
+    per_doc = torch.zeros(3, n_docs, dtype=torch.float64, device=device)  # nll, loss, tokens
+    t_marg = 0.0
     for j in range(0, len(starts), bs):
         chunk = starts[j:j + bs]
         x, y, meta = split.windows(chunk, T)
@@ -228,7 +245,8 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
             else:
                 logits, _ = model(x, meta, targets=y)
         logits = logits.float()
-        s[0] += F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction='sum').double()
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction='none').view(y.shape).double()
+        s[0] += ce.sum()
         s[1] += y.numel()
         ok = logits.argmax(-1) == y
         s[2] += ok.sum()
@@ -237,31 +255,53 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
             start, cont = w == word_ids[0], w == word_ids[1]
             s[3] += (ok & start).sum(); s[4] += start.sum()
             s[5] += (ok & cont).sum(); s[6] += cont.sum()
+        nll = ce.clone()  # the honest NLL per position where the rule has one (else: the loss, unused)
         for d, (name, tl) in enumerate(zip(heads, tag_logits if heads else [])):
             tl = tl.float()
-            s[10 + 2 * d] += F.cross_entropy(tl.view(-1, tl.size(-1)), nxt[name].view(-1), reduction='sum').double()
-            s[11 + 2 * d] += (tl.argmax(-1) == nxt[name]).sum()
+            tce = F.cross_entropy(tl.view(-1, tl.size(-1)), nxt[name].view(-1), reduction='none').view(y.shape)
+            s[11 + 2 * d] += tce.sum().double()
+            s[12 + 2 * d] += (tl.argmax(-1) == nxt[name]).sum()
+            if nll_rule == 'val_loss_bound':
+                nll += tce.double()
         if token_bytes is not None:
             s[9] += token_bytes[y.cpu()].sum()
         if first_tag_nll:
-            s[7] += sum(first_tag_nll[k][meta[k][:, 0].cpu()].sum() for k in first_tag_nll)
+            first = sum(first_tag_nll[k][meta[k][:, 0].cpu()] for k in first_tag_nll).to(device)
+            s[7] += first.sum()
+            if nll_rule == 'val_loss_bound':
+                nll[:, 0] += first
+        if marginal and not marginal_free:
+            t0 = time.time()
+            with ctx:
+                nll = -model.marginal(x, meta, nxt, y, top_k=marginal_k).double()
+            t_marg += time.time() - t0
+        s[10] += nll.sum()
+        if docs is not None:
+            d = torch.tensor(docs[j:j + bs], device=device)
+            per_doc[0].index_add_(0, d, nll.sum(1))
+            per_doc[1].index_add_(0, d, ce.sum(1))
+            per_doc[2].index_add_(0, d, torch.full((len(chunk),), float(T), dtype=torch.float64, device=device))
     if ddp:
         torch.distributed.all_reduce(s)
+        torch.distributed.all_reduce(per_doc)
     model.train()
     s = s.tolist()
     loss = s[0] / s[1]
     out = dict(val_loss=loss, val_ppl=math.exp(min(loss, 700)), val_acc=s[2] / s[1],
                val_acc_word_start=None, val_acc_word_cont=None, val_tag_loss=None, val_loss_bound=None,
-               val_acc_own=None, val_bytes_per_token=s[9] / s[1] if token_bytes is not None else None)
+               val_acc_own=None, val_bytes_per_token=s[9] / s[1] if token_bytes is not None else None,
+               val_nll_sum=s[10] / s[1], val_marginal_s=t_marg if marginal else None)
     if word_ids is not None:
         out['val_acc_word_start'] = s[3] / s[4] if s[4] else None
         out['val_acc_word_cont'] = s[5] / s[6] if s[6] else None
     if heads:
-        out['val_tag_loss'] = sum(s[10 + 2 * d] for d in range(len(heads))) / s[1]
+        out['val_tag_loss'] = sum(s[11 + 2 * d] for d in range(len(heads))) / s[1]
         out['val_loss_bound'] = loss + out['val_tag_loss'] + s[7] / s[1]
         out['val_acc_own'] = s[8] / s[1]
         for d, name in enumerate(heads):
-            out[f'val_tag_acc_{name}'] = s[11 + 2 * d] / s[1]
+            out[f'val_tag_acc_{name}'] = s[12 + 2 * d] / s[1]
+    if docs is not None:
+        out['doc_nll'], out['doc_loss'], out['doc_tokens'] = per_doc.tolist()
     return out
 
 
@@ -290,17 +330,22 @@ def bits_per_byte(nll, bytes_per_token):
     return nll / (math.log(2) * bytes_per_token)
 
 
-def nll_rule(streams, shift, predict, shuffle):
-    """How val_nll (the NLL per token of the val text under the model as a generative model of
-    text alone, or an upper bound of it) is read off an evaluation row, or None where the model
-    reads tags that depend on tokens it has not seen: 'val_loss' (baseline; LIME on causal streams
-    only), 'val_loss_bound' (meta_predict: it pays for every next tag it reads), None (full
-    streams, LIME+1 fed the data's next tags, shuffled tags)."""
+def nll_rule(streams, shift, predict, shuffle, classes='data'):
+    """How val_nll, the NLL per token of the val text under the model as a generative model of text
+    alone (or an upper bound of it), is computed, or None where the model reads tags that depend on
+    tokens it has not seen: 'val_loss' (baseline; LIME on causal streams, or on token classes:
+    meta_classes), 'marginal' (meta_predict on those: the next tags summed out, GPT.marginal),
+    'val_loss_bound' (meta_predict on full streams: the joint bound, which pays for every tag it
+    reads; their marginal would read the future), None (full streams, LIME+1 fed the data's next
+    tags, shuffled tags)."""
     if shuffle:
         return None
-    if not streams or predict:
-        return 'val_loss' if not streams else 'val_loss_bound'
-    return 'val_loss' if shift == 0 and all(is_causal(s) for s in streams) else None
+    if not streams:
+        return 'val_loss'
+    past_only = classes != 'data' or all(is_causal(s) for s in streams)
+    if predict:
+        return 'marginal' if past_only else 'val_loss_bound'
+    return 'val_loss' if shift == 0 and past_only else None
 
 
 def first_tag_costs(split, streams, n_tags, sample=1 << 20):
@@ -315,6 +360,34 @@ def first_tag_costs(split, streams, n_tags, sample=1 << 20):
         arr = np.memmap(split.paths[s], dtype=np.uint16, mode='r')
         counts = np.bincount(arr[::max(1, len(arr) // sample)], minlength=n)[:n] + 1.0
         out[s] = torch.from_numpy(-np.log(counts / counts.sum()))
+    return out
+
+
+def token_classes(split, streams, n_tags, vocab_size, mode, seed, sample=1 << 24):
+    """The control arms' streams (meta_classes): {stream: (vocab_size,) tag ids}, each token's
+    majority tag combination over the streams in the train split ('token': a lookup table, no
+    tagger at test time; from about `sample` evenly spaced positions; a token never seen gets the
+    commonest combination), or those classes moved to other tokens by a seeded permutation of the
+    token ids ('random': the same class sizes, no linguistic meaning)."""
+    n = len(np.memmap(split.tok_path, dtype=np.uint16, mode='r'))
+    pick = slice(None, None, max(1, n // sample))
+    tok = np.memmap(split.tok_path, dtype=np.uint16, mode='r')[pick].astype(np.int64)
+    combo = np.zeros_like(tok)
+    for s, m in zip(streams, n_tags):
+        combo = combo * m + np.memmap(split.paths[s], dtype=np.uint16, mode='r')[pick]
+    G = math.prod(n_tags)
+    keys, counts = np.unique(tok * G + combo, return_counts=True)
+    # per token, its most frequent combination (ties: the smallest id): sort by token, then count
+    order = np.lexsort((-counts, keys // G))
+    keys = keys[order]
+    first = np.r_[True, keys[1:] // G != keys[:-1] // G]
+    table = np.full(vocab_size, np.bincount(combo, minlength=G).argmax(), dtype=np.int64)
+    table[keys[first] // G] = keys[first] % G
+    if mode == 'random':
+        table = table[np.random.default_rng(seed).permutation(vocab_size)]
+    out = {}
+    for s, m in reversed(list(zip(streams, n_tags))):
+        out[s], table = table % m, table // m
     return out
 
 
@@ -471,6 +544,7 @@ def resume_conflicts(ckpt, cfg, explicit):
     fixed = {k: a.get(k, DEFAULTS[k]) for k in MODEL_KEYS}
     fixed.update(metadata=list(a['meta_streams']), meta_shift=a['meta_shift'], meta_weight=list(a['meta_weight']),
                  meta_shuffle=ckpt['config'].get('meta_shuffle', False),
+                 meta_classes=ckpt['config'].get('meta_classes', 'data'),
                  **{k: a.get(k, DEFAULTS[k]) for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight')})
     given = dict(cfg, metadata=[s.strip() for s in cfg['metadata'].split(',') if s.strip()])
     w = cfg['meta_weight']
@@ -694,16 +768,25 @@ def open_data(C, cfg, S, ckpt):
     shuffle_seed = C.seed if C.meta_shuffle else None
     train_split = Split(C.data_dir, 'train', streams, C.meta_shift, shuffle_seed,
                         limits=id_limits(C.data_dir, 'train', info, streams))
+    classes = None
+    if C.meta_classes != 'data':  # the control arms: the streams become functions of the token
+        classes = token_classes(train_split, streams, model_config.meta_n_tags, info['vocab_size'],
+                                C.meta_classes, C.seed)
+        train_split.classes = classes
     val_split = Split(C.data_dir, 'val', streams, C.meta_shift, shuffle_seed, word_tags=word_ids,
-                      limits=id_limits(C.data_dir, 'val', info, streams))
+                      limits=id_limits(C.data_dir, 'val', info, streams), classes=classes)
     for sp in (train_split, val_split):
         if sp.n < C.block_size + 2:
             fail(f"{sp.tok_path}: {sp.n} tokens, too few for block_size {C.block_size}")
+    # the fixed validation windows, shared out between the val documents (common.eval_starts)
+    ends = val_split.doc_ends(info.get('eot_token'))
+    starts = eval_starts(val_split.n, C.block_size, C.eval_iters * C.batch_size, ends)
+    docs = window_docs(starts, ends)
     return SimpleNamespace(
         streams=streams, info=info, fingerprint=fingerprint, model_config=model_config, word_ids=word_ids,
         train=train_split, val=val_split,
-        val_windows=eval_starts(val_split.n, C.block_size, C.eval_iters * C.batch_size)[S.rank::S.world],
-        nll_key=nll_rule(streams, C.meta_shift, C.meta_predict, C.meta_shuffle),
+        val_windows=starts[S.rank::S.world], val_docs=docs[S.rank::S.world], n_docs=max(docs) + 1,
+        nll_key=nll_rule(streams, C.meta_shift, C.meta_predict, C.meta_shuffle, C.meta_classes),
         first_tags=(first_tag_costs(train_split, streams, [len(info['streams'][s]['tags']) for s in streams])
                     if C.meta_predict else None),
         token_bytes=token_byte_lengths(info))
@@ -799,18 +882,35 @@ def eval_step(C, cfg, S, D, R, lr):
     tps = n_it * S.tokens_per_iter / dt if n_it else None
     mfu = R.raw_model.estimate_mfu(C.batch_size * S.accum, dt / n_it, C.peak_flops) if n_it else None
     # ranks may hold different numbers of windows, so evaluate outside DDP's forward and all-reduce sums
+    # the marginal (meta_predict, causal streams): exact at the last evaluation, else the top-k bound
+    k = 0 if R.iter_num >= C.max_iters or C.eval_only else C.marginal_k
+    t_eval = time.time()
     res = evaluate(R.model.module if S.ddp else R.model, D.val, D.val_windows, C.block_size, C.batch_size,
                    S.ctx, C.device, D.word_ids, S.ddp, D.first_tags, D.token_bytes,
-                   no_tags=R.raw_model.config.meta_cooled)
+                   no_tags=R.raw_model.config.meta_cooled, nll_rule=D.nll_key, marginal_k=k,
+                   docs=D.val_docs, n_docs=D.n_docs)
+    res['val_eval_s'] = time.time() - t_eval
     # evaluated without tags (cooldown): a plain language model's NLL, whatever tags it trained on
     res['val_no_tags'] = R.raw_model.config.meta_cooled
-    res['val_nll'] = res['val_loss'] if res['val_no_tags'] else res[D.nll_key] if D.nll_key else None
+    nll_sum = res.pop('val_nll_sum')
+    docs = {key: res.pop(key) for key in ('doc_nll', 'doc_loss', 'doc_tokens')}
+    if res['val_no_tags']:
+        res['val_nll'], res['val_nll_kind'] = res['val_loss'], 'exact'
+    elif D.nll_key is None:
+        res['val_nll'], res['val_nll_kind'] = None, None
+        docs['doc_nll'] = None
+    else:
+        res['val_nll'] = nll_sum
+        res['val_nll_kind'] = ('joint bound' if D.nll_key == 'val_loss_bound' else
+                               f'top-{k} bound' if D.nll_key == 'marginal' and k and any(D.model_config.meta_weight)
+                               else 'exact')
     res['val_bpb'] = bits_per_byte(res['val_nll'], res['val_bytes_per_token'])
     row = dict(iter=R.iter_num, tokens=R.iter_num * S.tokens_per_iter, lr=lr, train_loss=train_loss, **res,
                tokens_per_sec=tps, mfu=mfu, elapsed_s=time.time() - R.t_start)
     fmt = lambda v: 'n/a' if v is None else f"{v:.4f}"
     S.log(f"step {R.iter_num}: train loss {fmt(train_loss)}, val loss {res['val_loss']:.4f}, "
-          f"val_nll {fmt(res['val_nll'])} (bpb {fmt(res['val_bpb'])})"
+          f"val_nll {fmt(res['val_nll'])}{' (' + res['val_nll_kind'] + ')' if res['val_nll_kind'] else ''} "
+          f"(bpb {fmt(res['val_bpb'])})"
           + (f" (bound: tag loss {res['val_tag_loss']:.4f})" if C.meta_predict else "")
           + (" (no tags: cooldown)" if res['val_no_tags'] else "")
           + f", ppl {res['val_ppl']:.2f}, acc {res['val_acc']:.4f} (word start {fmt(res['val_acc_word_start'])}, "
@@ -820,6 +920,10 @@ def eval_step(C, cfg, S, D, R, lr):
         return
     if S.master:
         append_log(S.log_path, row)
+        # the last evaluation's numbers per val document: what comparisons resample (experiments.py)
+        write_json(os.path.join(C.out_dir, 'val_docs.json'),
+                   dict(iter=R.iter_num, tokens=row['tokens'], val_nll_kind=res['val_nll_kind'],
+                        windows=C.eval_iters * C.batch_size, **docs))
         if R.wb is not None:
             R.wb.log({k: v for k, v in row.items() if v is not None}, step=R.iter_num)
     # the loss the run minimises: meta_predict models also pay for their tags

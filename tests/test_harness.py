@@ -1,6 +1,7 @@
 """harness.py (issue 13): tag policies, the lm-eval model against direct forward passes, rolling
 windows, stop strings, the offline task builder, and an lm-eval run end to end."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ KINDS = {  # name: (streams, meta_shift, meta_predict)
     'lime1': (('pos', 'ner'), 1, False),
     'lime1_causal': (('pos_causal', 'ner_causal'), 1, False),
     'predict': (('pos_causal', 'ner_causal'), 0, True),
+    'predict_full': (('pos', 'ner'), 0, True),  # trained on full tags: the joint bound, not the marginal
 }
 
 
@@ -114,9 +116,9 @@ def test_each_policy_gives_its_tags(ckpts):
     for st in meta:
         assert np.array_equal(meta[st], C[base(st)][1:])
 
-    s = harness.Scorer(ckpts['predict'])  # own tags causal, next tags the text's causal tags (paid)
+    s = harness.Scorer(ckpts['predict'])  # own tags causal, next tags the text's causal tags (the past's)
     meta, nxt = s.policy_inputs(seq, n)
-    assert s.policy == 'predict' and 'bound' in s.label
+    assert s.policy == 'predict' and 'exact marginal' in s.label and s.ll_kind == 'exact marginal'
     for st in s.streams:
         assert np.array_equal(meta[st], C[base(st)][:P]) and np.array_equal(nxt[st], C[base(st)][1:])
     meta, nxt = harness.Scorer(ckpts['predict'], 'unk').policy_inputs(seq, n)
@@ -172,8 +174,20 @@ def direct_ll(model, seq, n_cont, meta=None, nxt=None, pay=False):
     return float(lp + tag_lp), greedy
 
 
+def direct_marginal(model, seq, n_cont, meta, nxt, top_k=0):
+    """The sum of model.marginal over the last n_cont tokens of seq (next tags summed out), one row
+    over the last block_size inputs, no padding."""
+    T = model.config.block_size
+    lo = max(0, len(seq) - 1 - T)
+    x, y = torch.tensor([seq[lo:-1]]), torch.tensor([seq[lo + 1:]])
+    m = {s: torch.from_numpy(np.asarray(v[lo:]))[None] for s, v in meta.items()}
+    nx = {s: torch.from_numpy(np.asarray(v[lo:]))[None] for s, v in nxt.items()}
+    return float(model.marginal(x, m, nx, y, top_k=top_k)[0, -n_cont:].double().sum())
+
+
 @pytest.mark.parametrize('kind,policy', [('baseline', ''), ('lime', 'causal'), ('lime1', 'causal'),
-                                         ('lime1', 'oracle'), ('predict', 'predict'), ('predict', 'oracle')])
+                                         ('lime1', 'oracle'), ('predict', 'predict'), ('predict', 'oracle'),
+                                         ('predict_full', 'predict')])
 def test_loglikelihood_equals_a_forward_pass(ckpts, kind, policy):
     lm_eval_or_skip()
     from lm_eval.api.instance import Instance
@@ -200,10 +214,14 @@ def test_loglikelihood_equals_a_forward_pass(ckpts, kind, policy):
             if policy == 'causal':
                 for s in streams:
                     meta[s][len(c) - 1:] = UNK
-        elif kind == 'predict':
+        elif kind.startswith('predict'):  # causal tags, also for the model trained on full tags
             meta = {s: C[base(s)][:-1] for s in streams}
             nxt = {s: C[base(s)][1:] for s in streams}
+        # predict: the joint bound (the heads pay for the text's next tags) for the full-tag model only
         want, want_greedy = direct_ll(model, seq, n, meta, nxt, pay=policy == 'predict')
+        if (kind, policy) == ('predict', 'predict'):  # causal streams: the marginal
+            assert ll > want + 1e-3, (ctx, cont)  # more than the joint bound: the other tags count too
+            want = direct_marginal(model, seq, n, meta, nxt)
         assert ll == pytest.approx(want, abs=1e-4), (ctx, cont)
         if policy != 'predict':  # predict: greedy means generation with the heads' own tags (below)
             assert greedy == want_greedy
@@ -245,10 +263,65 @@ def test_loglikelihood_rolling_is_the_sum_over_windows(ckpts, kind):
         assert doc[end - len(pred):end] == pred
         meta = {s: C[base(s)][:end - 1] for s in streams} if streams else None
         nxt = {s: C[base(s)][1:end] for s in streams} if kind == 'predict' else None
-        total += direct_ll(model, doc[:end], len(pred), meta, nxt, pay=kind == 'predict')[0]
+        total += (direct_marginal(model, doc[:end], len(pred), meta, nxt) if kind == 'predict' else
+                  direct_ll(model, doc[:end], len(pred), meta, nxt)[0])
         done += len(pred)
     assert done == len(tokens)
     assert got == pytest.approx(total, abs=1e-3)
+
+
+def test_predict_scores_the_marginal_exact_or_top_k(ckpts, capsys):
+    # padded rows of several lengths in one batch (-1 targets), a row longer than block_size, a one-token context
+    s = harness.Scorer(ckpts['predict'], batch_size=4)
+    text, model = s.text, s.model
+    pairs = [(text.encode(CTX), text.encode(CONT)), (text.encode(LONG), text.encode(' again')),
+             (text.encode('The ship was'), text.encode(' late')), ([text.eot], text.encode('The ship'))]
+    G = math.prod(model.config.meta_n_tags)
+    assert G == 48 * 6  # every combination of PTB tags and binary NER tags (with the special tags)
+    exact = [ll for ll, _ in s.loglikelihood(pairs)]
+    s3 = harness.Scorer(ckpts['predict'], batch_size=4, marginal_k=3)
+    top3 = [ll for ll, _ in s3.loglikelihood(pairs)]
+    assert s.ll_kind == 'exact marginal' and s3.ll_kind == 'top-k bound (k=3)' and 'top-k bound' in s3.label
+    for (ctx, cont), e, b in zip(pairs, exact, top3):
+        seq, n = ctx + cont, len(cont)
+        C = causal(seq)
+        meta = {st: C[base(st)][:-1] for st in s.streams}
+        nxt = {st: C[base(st)][1:] for st in s.streams}
+        assert e == pytest.approx(direct_marginal(model, seq, n, meta, nxt), abs=1e-5)
+        assert b == pytest.approx(direct_marginal(model, seq, n, meta, nxt, top_k=3), abs=1e-5)
+        joint = direct_ll(model, seq, n, meta, nxt, pay=True)[0]  # the data's combination alone
+        assert joint - 1e-5 <= b <= e + 1e-5 and b < e - 1e-4  # joint <= top-3 bound <= exact
+    # k at least the number of combinations: the exact sum, and said so
+    sG = harness.Scorer(ckpts['predict'], batch_size=4, marginal_k=G)
+    assert sG.ll_kind == 'exact marginal'
+    assert [ll for ll, _ in sG.loglikelihood(pairs)] == pytest.approx(exact, abs=1e-5)
+    # the kind is printed with the policy and beside every result line
+    res = dict(results={'lime_cloze': {'acc,none': 0.5, 'acc_stderr,none': 0.1, 'perplexity,none': 9.0}})
+    for sc, kind in ((s, 'exact marginal'), (s3, 'top-k bound (k=3)'),
+                     (harness.Scorer(ckpts['predict_full']), harness.JOINT_BOUND)):
+        harness.print_results(dict(res, lime=harness.lime_info(sc)))
+        lines = capsys.readouterr().out.splitlines()
+        assert f'tag policy: predict ({kind}: ' in lines[0]
+        assert len(lines) == 4 and all(l.endswith(f'[tags: predict, {kind}]') for l in lines[1:]), lines
+    assert harness.lime_info(s3)['likelihood'] == 'top-k bound (k=3)' and harness.lime_info(s3)['marginal_k'] == 3
+    harness.print_results(dict(res, lime=harness.lime_info(harness.Scorer(ckpts['predict'], 'unk'))))
+    assert all(l.endswith('[tags: unk]') for l in capsys.readouterr().out.splitlines()[1:])
+    with pytest.raises(common.LimeError, match='marginal_k must be an integer >= 0'):
+        harness.Scorer(ckpts['predict'], marginal_k=-1)
+
+
+def test_predict_on_full_tags_keeps_the_joint_bound(ckpts):
+    # a meta_predict model trained on full tags: its marginal is not a likelihood of the text, the joint bound is kept
+    s = harness.Scorer(ckpts['predict_full'], marginal_k=3)
+    assert s.policy == 'predict' and s.ll_kind == harness.JOINT_BOUND and 'joint bound (full tags' in s.label
+    text = s.text
+    ctx, cont = text.encode(CTX), text.encode(CONT)
+    seq = ctx + cont
+    C = causal(seq)
+    meta = {st: C[base(st)][:-1] for st in s.streams}
+    nxt = {st: C[base(st)][1:] for st in s.streams}
+    (ll, _), = s.loglikelihood([(ctx, cont)])
+    assert ll == pytest.approx(direct_ll(s.model, seq, len(cont), meta, nxt, pay=True)[0], abs=1e-4)
 
 
 # --- generation ---------------------------------------------------------------------------
@@ -422,6 +495,7 @@ BAD_OPTIONS = [
     ('--arith_n=-5', 'arith_n must be an integer >= 1, got -5'),
     ('--cloze_max_words=10', 'cloze_max_words must be an integer >= cloze_min_words=30, got 10'),
     ('--device=gpu', "device must be cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ('--marginal_k=-1', 'marginal_k must be an integer >= 0 (0: the exact marginal), got -1'),
 ]
 
 

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -561,3 +562,190 @@ def test_gemma_bf16_autocast_forward_backward():
         _, loss = m(idx, meta, targets=idx)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+# --- meta_predict: the marginal likelihood, next tags summed out (GPT.marginal) --------------------
+
+MV, MT = 11, 8  # vocabulary and block size of the marginal's tiny models
+
+
+def marginal_model(arch, n_tags=(3, 4), seed=0):
+    """A tiny meta_predict model (3 blocks, next tags injected after block 1; gemma: multi-query) whose
+    tag heads and next-tag tables are scaled up, so the next tags matter: each candidate next tag gives
+    the token another distribution, and a candidate that read the data's own tag would be caught."""
+    kw = dict(arch='gemma', n_kv_head=1) if arch == 'gemma' else {}
+    m = build(seed, block_size=MT, vocab_size=MV, n_layer=3, n_head=2, n_embd=16, meta_predict=True,
+              meta_inject_layer=1, meta_streams=('pos', 'ner'), meta_n_tags=n_tags, **kw)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for e in m.meta_next_emb:
+            e.weight.copy_(torch.randn(e.weight.shape, generator=g))
+        for head in m.tag_head:
+            head[1].weight.copy_(torch.randn(head[1].weight.shape, generator=g))
+    return m
+
+
+def marginal_batch(m, B=2, T=MT, seed=1):
+    """(idx, meta, next_meta, targets) from token sequences of length T+1: targets are the next tokens."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(MV, (B, T + 1), generator=g)
+    meta = {s: torch.randint(n, (B, T), generator=g) for s, n in zip(m.config.meta_streams, m.config.meta_n_tags)}
+    nxt = {s: torch.randint(n, (B, T), generator=g) for s, n in zip(m.config.meta_streams, m.config.meta_n_tags)}
+    return seq[:, :-1], meta, nxt, seq[:, 1:]
+
+
+def combos(m):
+    return list(itertools.product(*(range(n) for n in m.config.meta_n_tags)))
+
+
+def explicit_terms(m, idx, meta, nxt, targets):
+    """(B, T, G): log p(g | past) + log p(target_t | past, g) at every position t for every combination g
+    of next tags (itertools.product order), each by a plain full forward pass of one row with next_meta
+    at t set to g (no cache, no batching of candidates)."""
+    B, T = idx.shape
+    cs = combos(m)
+    out = torch.empty(B, T, len(cs), dtype=torch.float64)
+    with torch.no_grad():
+        for b in range(B):
+            x, mb = idx[b:b + 1], {s: v[b:b + 1] for s, v in meta.items()}
+            for t in range(T):
+                for c, g in enumerate(cs):
+                    nm = {s: v[b:b + 1].clone() for s, v in nxt.items()}
+                    for s, tag in zip(m.config.meta_streams, g):
+                        nm[s][0, t] = tag
+                    logits, _, tag_logits, _ = m.forward_predict(x, mb, nm, targets=targets[b:b + 1])
+                    lp = F.log_softmax(logits[0, t], -1)[targets[b, t]]
+                    lp = lp + sum(F.log_softmax(tl[0, t], -1)[tag] for tl, tag in zip(tag_logits, g))
+                    out[b, t, c] = lp.double()
+    return out
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_marginal_is_the_explicit_sum_over_every_tag_combination(arch):
+    # the oracle leak (every candidate reading the data's own next tags) would give log p(target | data's
+    # tags) here, since the tag probabilities then sum to 1: far from the explicit sum
+    m = marginal_model(arch)
+    idx, meta, nxt, y = marginal_batch(m)
+    terms = explicit_terms(m, idx, meta, nxt, y)
+    want = terms.logsumexp(-1)
+    got = m.marginal(idx, meta, nxt, y)
+    assert got.shape == (2, MT) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    # the next tags matter: what the oracle leak would return, log p(target | the data's next tags), is far off
+    with torch.no_grad():
+        logits, _, _, _ = m.forward_predict(idx, meta, nxt, targets=y)
+    leak = F.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]
+    assert (leak.double() - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_marginal_sums_to_one_over_the_vocabulary(arch):
+    m = marginal_model(arch, seed=3)
+    idx, meta, nxt, _ = marginal_batch(m, B=1, seed=4)
+    probs = sum(m.marginal(idx, meta, nxt, torch.full_like(idx, v)).double().exp() for v in range(MV))
+    torch.testing.assert_close(probs, torch.ones_like(probs), rtol=0, atol=1e-5)  # at every position
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_marginal_reads_nothing_from_the_target_on(arch):
+    m = marginal_model(arch, seed=5)
+    idx, meta, nxt, y = marginal_batch(m, seed=6)
+    base = m.marginal(idx, meta, nxt, y)
+    g = torch.Generator().manual_seed(7)
+    for t in (0, 3, MT - 1):
+        rnd = lambda v, n, lo: torch.cat([v[:, :lo], torch.randint(n, (v.size(0), v.size(1) - lo), generator=g)], 1)
+        # the target at t and everything after it: later tokens, their tags, the next tags from t on
+        y2 = rnd(y, MV, t)
+        y2[:, t] = (y[:, t] + 1) % MV
+        idx2 = torch.cat([idx[:, :t + 1], y2[:, t:-1]], 1)  # the targets are the next inputs
+        meta2 = {s: rnd(v, n, t + 1) for (s, v), n in zip(meta.items(), (3, 4))}
+        nxt2 = {s: rnd(v, n, t) for (s, v), n in zip(nxt.items(), (3, 4))}
+        for s, n in zip(nxt, (3, 4)):
+            nxt2[s][:, t] = (nxt[s][:, t] + 1) % n  # the data's next tags at t surely changed
+        got = m.marginal(idx2, meta2, nxt2, y2)
+        torch.testing.assert_close(got[:, :t], base[:, :t], rtol=0, atol=1e-6)
+        assert (got[:, t] - base[:, t]).abs().min() > 0  # the target itself does count
+        # the target at t kept, everything after it changed: position t unmoved (the data's next tags at t
+        # are the oracle's: a candidate reading them would move it)
+        y3 = y2.clone()
+        y3[:, t] = y[:, t]
+        idx3 = torch.cat([idx[:, :t + 1], y3[:, t:-1]], 1)
+        got = m.marginal(idx3, meta2, nxt2, y3)
+        torch.testing.assert_close(got[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_marginal_batched_and_chunked_equal_one_row_unchunked(arch):
+    m = marginal_model(arch, seed=8)
+    idx, meta, nxt, y = marginal_batch(m, B=3, seed=9)
+    for k in (0, 2, 5):
+        whole = m.marginal(idx, meta, nxt, y, top_k=k)
+        for b in range(3):
+            one = m.marginal(idx[b:b + 1], {s: v[b:b + 1] for s, v in meta.items()},
+                             {s: v[b:b + 1] for s, v in nxt.items()}, y[b:b + 1], top_k=k)
+            torch.testing.assert_close(one[0], whole[b], rtol=0, atol=1e-6)
+        for per_chunk in (1, 5):  # chunks of 1 and 5 candidates (exact: 12 = 5 + 5 + 2; top-5 + data: 5 + 1)
+            m.MARGINAL_CHUNK = per_chunk * MT * MV
+            torch.testing.assert_close(m.marginal(idx, meta, nxt, y, top_k=k), whole, rtol=0, atol=1e-6)
+            del m.MARGINAL_CHUNK  # back to the class's
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_marginal_top_k_is_a_bound_over_top_k_and_the_data_tags(arch):
+    m = marginal_model(arch, seed=10)
+    idx, meta, nxt, y = marginal_batch(m, seed=11)
+    terms = explicit_terms(m, idx, meta, nxt, y)  # (B, T, 12)
+    exact = m.marginal(idx, meta, nxt, y)
+    with torch.no_grad():
+        _, _, tag_logits, _ = m.forward_predict(idx, meta, nxt, targets=y)
+    cs = torch.tensor(combos(m))
+    joint = sum(F.log_softmax(tl, -1)[..., cs[:, d]] for d, tl in enumerate(tag_logits))  # (B, T, 12)
+    data = nxt['pos'] * 4 + nxt['ner']
+    G = len(cs)
+    for k in (1, 2, 5, G - 1, G, G + 3):
+        m.MARGINAL_CHUNK = 2 * MT * MV  # chunks of 2: the data's combination in a chunk of its own or not
+        got = m.marginal(idx, meta, nxt, y, top_k=k)
+        del m.MARGINAL_CHUNK
+        assert (got <= exact + 1e-6).all(), k  # a part of the sum: minus it bounds the NLL from above
+        if k >= G:
+            torch.testing.assert_close(got, exact, rtol=0, atol=1e-6)
+            continue
+        keep = torch.zeros(joint.shape, dtype=torch.bool)
+        keep.scatter_(-1, joint.topk(k, -1).indices, True)
+        keep.scatter_(-1, data[..., None], True)  # the data's combination, once (a set: no double count)
+        want = terms.masked_fill(~keep, float('-inf')).logsumexp(-1)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+        if k == 1:
+            assert (keep.sum(-1) == 2).any()  # positions where the data's combination is not the top one
+    # k=1 where the top combination IS the data's: exactly that one term (not counted twice)
+    top = {s: tl.argmax(-1) for s, tl in zip(('pos', 'ner'), tag_logits)}  # the heads read no next tags
+    got = m.marginal(idx, meta, top, y, top_k=1)
+    with torch.no_grad():
+        logits, _, tl2, _ = m.forward_predict(idx, meta, top, targets=y)
+    one = F.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0]
+    one = one + sum(F.log_softmax(t, -1).gather(-1, top[s][..., None])[..., 0] for s, t in zip(('pos', 'ner'), tl2))
+    torch.testing.assert_close(got, one, rtol=0, atol=1e-5)
+    assert (m.marginal(idx, meta, top, y) > got + 1e-3).all()  # the other 11 combinations do add
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_marginal_sums_typed_ner_sized_products_exactly(arch):
+    # 49 x 17 = 833 combinations (PTB tags x typed NER tags, with the special tags), many chunks
+    m = marginal_model(arch, n_tags=(49, 17), seed=12)
+    T = 3
+    idx, meta, nxt, y = marginal_batch(m, B=1, T=T, seed=13)
+    m.MARGINAL_CHUNK = 64 * T * MV  # 64 candidates a chunk: 14 chunks, the last one partial
+    got = m.marginal(idx, meta, nxt, y)
+    cs = torch.tensor(combos(m))  # (833, 2)
+    want = torch.empty(T)
+    with torch.no_grad():
+        for t in range(T):  # all 833 candidates at position t as next_meta rows after one prefix
+            nm = {s: v.repeat(len(cs), 1) for s, v in nxt.items()}
+            nm['pos'][:, t], nm['ner'][:, t] = cs[:, 0], cs[:, 1]
+            logits, _, tag_logits, _ = m.forward_predict(idx, meta, nm, targets=y.repeat(len(cs), 1))
+            lp = F.log_softmax(logits[:, t], -1)[:, y[0, t]]
+            lp = lp + sum(F.log_softmax(tl[0, t], -1)[cs[:, d]] for d, tl in enumerate(tag_logits))
+            want[t] = torch.logsumexp(lp, 0)
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-5)
+    k = m.marginal(idx, meta, nxt, y, top_k=40)
+    assert (k[0] <= got[0] + 1e-6).all()
