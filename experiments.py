@@ -32,11 +32,11 @@ import torch
 
 from common import (ROOT, arch_args, autocast, build_dataset, checkpoint_path, configure_mode, ensure_dataset, fail,
                     load_model, read_log, run_main, setup_torch, table, write_atomic, write_json, write_result)
-from metadata import UNK, base_stream
+from metadata import UNK, base_stream, is_causal
 
 # -----------------------------------------------------------------------------
 # default config values
-mode = 'efficiency'  # efficiency | steering | curves | downstream | gpu_check (efficiency, then steering)
+mode = 'efficiency'  # efficiency | tightness | steering | curves | downstream | gpu_check (efficiency, then steering)
 out_json = ''  # '' = out-bench/bench_<mode>.json
 seed = 1337
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -77,7 +77,7 @@ weight_decay = 0.1
 gradient_accumulation_steps = 1
 launcher = ''  # prefix for train.py instead of the python running experiments, e.g. 'torchrun --standalone --nproc_per_node=8'
 train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
-marginal_k = 16  # train.py's: a self-predicting run's val_nll before its last evaluation is the top-k bound
+marginal_k = 8  # train.py's: a self-predicting run's val_nll before its last evaluation is the top-k bound
 # efficiency: the arms of ARMS below, each trained in eff_dir/<arm> (seed i > 1: eff_dir/<arm>_seed<i>)
 eff_runs = 'baseline,lime_causal,lime1_predict,predict_token_classes,predict_random_classes,aux_loss'
 eff_seeds = 1  # seeds per arm (seed, seed + 1, ...; arm runs of the same seed index share init and batches)
@@ -97,6 +97,8 @@ ds_cloze_n = 500  # harness.py cloze_n / arith_n / task_seed for the tasks built
 ds_arith_n = 50
 ds_task_seed = 1234
 ds_limit = 0  # examples per task; 0 = all
+# tightness: python experiments.py --mode=tightness --ckpt_dir=RUN (a self-predicting run on causal streams)
+tight_ks = '1,2,4,8,16,32'  # the top-k bounds measured against the exact marginal, on the run's val windows
 # curves: python experiments.py --mode=curves RUN_DIR [RUN_DIR ...]
 curves_baseline = ''  # the run the others are measured against; '' = the first directory given
 curves_png = 'out-bench/curves.png'
@@ -114,7 +116,7 @@ steer_temperature = 1.0
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items()
             if not k.startswith('_') and isinstance(v, (bool, int, float, str))}
-MODES = ('efficiency', 'steering', 'curves', 'downstream', 'gpu_check')
+MODES = ('efficiency', 'tightness', 'steering', 'curves', 'downstream', 'gpu_check')
 PAPER_FRACTION = 0.4365  # the paper's headline: LIME reaches the baseline's loss with 43.65% of its tokens
 
 
@@ -350,6 +352,57 @@ def reach_cell(r, key):
     if r.get('other_tokens') and key != 'frac_tokens_to_baseline_bpb':
         return 'n/a'
     return 'never' if r[key] is None else f"{100 * r[key]:.1f}%"
+
+
+@torch.no_grad()
+def run_tightness(C):
+    """How tight is the top-k bound, and what does it cost? On the val windows train.py evaluates (its
+    eval config, documents shared out), the self-predicting run's val_nll as the exact marginal and
+    as the top-k bound for each k of tight_ks, each timed against the teacher-forced evaluation (one
+    forward with the data's next tags): the table behind train.py's default marginal_k."""
+    import torch.nn.functional as F
+    from common import Split, eval_starts
+    if not C.ckpt_dir:
+        fail("tightness: give --ckpt_dir=RUN (a self-predicting run: meta_predict on causal streams)")
+    model, ck = load_model(C.ckpt_dir, C.device)
+    cfg, rc = model.config, ck['config']
+    if not cfg.meta_predict or not (rc.get('meta_classes', 'data') != 'data' or all(map(is_causal, cfg.meta_streams))):
+        fail(f"{checkpoint_path(C.ckpt_dir)}: not a self-predicting model on causal streams (no marginal to bound)")
+    val = Split(rc['data_dir'], 'val', list(cfg.meta_streams), 0)
+    info = json.load(open(os.path.join(rc['data_dir'], 'meta.json')))
+    T, bs = cfg.block_size, rc['batch_size']
+    starts = eval_starts(val.n, T, rc['eval_iters'] * bs, val.doc_ends(info.get('eot_token')))
+    if rc.get('meta_classes', 'data') != 'data':
+        fail(f"{C.ckpt_dir}: a meta_classes control run; measure the bound on a run with the data's tags")
+    ks = [int(k) for k in C.tight_ks.split(',') if k.strip()]
+
+    def timed(fn):
+        t0, tot = time.time(), 0.0
+        for j in range(0, len(starts), bs):
+            x, y, meta = val.windows(starts[j:j + bs], T)
+            nxt = val.next_tags(starts[j:j + bs], T)
+            with autocast(C.device, C.dtype):
+                tot += float(fn(x.to(C.device), y.to(C.device), {k: v.to(C.device) for k, v in meta.items()},
+                                {k: v.to(C.device) for k, v in nxt.items()}))
+        return tot / (len(starts) * T), time.time() - t0
+
+    def teacher_forced(x, y, meta, nxt):
+        logits, _, _, _ = model.forward_predict(x, meta, nxt, targets=y)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction='sum')
+
+    loss, t_tf = timed(teacher_forced)
+    exact, t_exact = timed(lambda x, y, m, n: -model.marginal(x, m, n, y).double().sum())
+    rows = [dict(k='exact', val_nll=exact, gap=0.0, s=t_exact, x_tf=t_exact / t_tf)]
+    for k in ks:
+        v, t = timed(lambda x, y, m, n: -model.marginal(x, m, n, y, top_k=k).double().sum())
+        rows.append(dict(k=k, val_nll=v, gap=v - exact, s=t, x_tf=t / t_tf))
+    combos = math.prod(cfg.meta_n_tags)
+    print(f"\n{checkpoint_path(C.ckpt_dir)}: {len(starts)} val windows ({len(starts) * T:,} targets), "
+          f"{combos} tag combinations; teacher-forced evaluation {t_tf:.2f}s (val_loss {loss:.4f})")
+    table(rows, [('k', 'top-k', ''), ('val_nll', 'val_nll', '.4f'), ('gap', 'minus exact', '.4f'),
+                 ('s', 'seconds', '.2f'), ('x_tf', 'x teacher-forced', '.1f')])
+    return dict(ckpt_dir=C.ckpt_dir, windows=len(starts), tokens=len(starts) * T, combinations=combos,
+                teacher_forced_s=t_tf, val_loss=loss, rows=rows, threads=torch.get_num_threads())
 
 
 def draw_curves(logs, baseline, path):
@@ -978,12 +1031,18 @@ def run_downstream(C):
 # gpu_check: the efficiency runs, then steering on their checkpoints (sized by the config file)
 
 def run_gpu_check(C):
+    """The efficiency runs (every arch of eff_archs), then steering on each arch's LIME+1,
+    self-predicting and baseline checkpoints."""
     from types import SimpleNamespace
     t0 = time.time()
     out = dict(efficiency=run_efficiency(C))
     if 'lime1' in C.eff_runs.split(','):
-        out['steering'] = run_steering(SimpleNamespace(**{**vars(C), 'ckpt_dir': os.path.join(C.eff_dir, 'lime1'),
-                                                          'base_ckpt_dir': os.path.join(C.eff_dir, 'baseline')}))
+        out['steering'] = {}
+        for arch, res in out['efficiency']['archs'].items():
+            root = res['eff_dir']
+            out['steering'][arch] = run_steering(SimpleNamespace(**{
+                **vars(C), 'arch': arch, 'ckpt_dir': os.path.join(root, 'lime1'),
+                'base_ckpt_dir': os.path.join(root, 'baseline')}))
     out['wall_s'] = time.time() - t0
     return out
 
@@ -1001,7 +1060,7 @@ def main(argv):
     setup_torch(C)
     t0 = time.time()
     print(f"experiments mode={C.mode} arch={C.arch} device={C.device} dtype={C.dtype} compile={C.compile}", flush=True)
-    run = {'efficiency': run_efficiency, 'steering': run_steering, 'curves': lambda C: run_curves(C, run_dirs),
+    run = {'efficiency': run_efficiency, 'tightness': run_tightness, 'steering': run_steering, 'curves': lambda C: run_curves(C, run_dirs),
            'downstream': run_downstream, 'gpu_check': run_gpu_check}[C.mode]
     write_result(C, cfg, run(C), t0)
 

@@ -68,7 +68,7 @@ meta_predict = False  # LIME+1 without an oracle: the model predicts the next to
 meta_inject_layer = 0  # meta_predict: tag heads read block k's output, the next tags are added after it; 0 = n_layer // 2
 meta_loss_weight = 1.0  # meta_predict: loss = token CE + meta_loss_weight * sum over streams of tag CE
 meta_classes = 'data'  # what the streams hold: 'data' (the tags); the controls 'token' (each token's majority tags in the train split, a lookup) or 'random' (those classes moved to other tokens at random, same class sizes)
-marginal_k = 16  # meta_predict on causal streams: val_nll before the last evaluation is the top-k (plus the data's tags) bound of the marginal; 0 = exact every time (the last evaluation always is); see docs/training.md
+marginal_k = 8  # meta_predict on causal streams: val_nll before the last evaluation is the top-k (plus the data's tags) bound of the marginal; 0 = exact every time (the last evaluation always is); see docs/training.md
 meta_cooldown = 0.0  # the last fraction of max_iters trains without metadata (the tables add nothing), same lr schedule; 0 = off
 # model
 arch = 'gpt2'  # 'gpt2' (learned positions, LayerNorm, GELU) or 'gemma' (rotary, RMSNorm, GeGLU, GQA, no biases)

@@ -1,18 +1,34 @@
 # Gemma-style 1B (arch='gemma'): the paper's 1B scale. Gemma 1 2B's recipe (heads of 256, one shared
 # key/value head, GeGLU 8 x d) at 16 layers and d=1536 (6 query heads), GPT-2's vocabulary, 1024-token window.
-# LIME by default (POS + NER, shift 0); the three arms share everything but the metadata flags:
-#   baseline: --metadata='' --out_dir=out-gemma-1b-baseline
-#   LIME:     (default)
-#   LIME+1:   --meta_shift=1 --out_dir=out-gemma-1b-lime1
+# LIME on causal tags by default (pos_causal,ner_causal: each token's tags computed from the tokens
+# up to it, shift 0). The arms of "what LIME's honest gain is made of" (experiments.py's ARMS) share
+# everything but these flags, one arm a line `#   <arm>: <flags>` (shell syntax, added after this config;
+# tests/test_common.py checks that each line gives its arm):
+#   baseline:               --metadata='' --out_dir=out-gemma-1b-baseline
+#   lime_causal:            # this config's default (out_dir out-gemma-1b-lime-causal)
+#   lime1_predict:          --meta_predict=True --out_dir=out-gemma-1b-lime1-predict
+#   predict_token_classes:  --meta_predict=True --meta_classes=token --out_dir=out-gemma-1b-predict-token-classes
+#   predict_random_classes: --meta_predict=True --meta_classes=random --out_dir=out-gemma-1b-predict-random-classes
+#   aux_loss:               --meta_predict=True --meta_weight=0.0 --out_dir=out-gemma-1b-aux-loss
+#   lime:                   --metadata=pos,ner --out_dir=out-gemma-1b-lime  # reads the future
+#   lime1:                  --metadata=pos,ner --meta_shift=1 --out_dir=out-gemma-1b-lime1  # reads the future
+# lime1_predict: LIME+1 predicting its own next tags (val_nll: the exact marginal over them at the last
+# evaluation, about 200 teacher-forced evaluations' cost; a top-k bound before). Its controls: each token's
+# majority tags (a lookup), those classes moved to random tokens, the tag loss alone (no tags in).
+# lime (the paper's full tags) and lime1 (the paper's oracle LIME+1) read the next words: no val_nll.
+# data_dir: prepare.py --ner binary (the 6 NER tags below) --tags full,causal (full: lime, lime1 only)
 # 8 GPUs: torchrun --standalone --nproc_per_node=8 train.py configs/gemma_1b.py
 # parameters: 1,071,295,488 (meta device); +82,944 with the 48 POS + 6 NER tag tables (0.0077%)
+# the self-predicting arms (tag tables, next-tag tables, tag heads): +251,904 (0.024%); their memory:
+# as below plus under 1 GiB (estimated, not measured: the heads' activations, the exact marginal's
+# buffers at evaluation)
 # tokens/iteration = 8 batch * 128 accum * 1024 block = 1,048,576 (1M); 40,000 iters ~ 42B tokens.
 # memory per GPU under DDP (computed, see README): 22.0 GiB for fp32 weights, gradients, AdamW
 # moments, DDP's gradient buckets and autocast's bf16 weight copies (22 B/param), + 19.1 GiB saved
 # activations for 8 x 1024 tokens, + ~1.7 GiB logits gradient: ~42.7 GiB (an 80 GB H100 or a 48 GB card).
-out_dir = 'out-gemma-1b-lime'
+out_dir = 'out-gemma-1b-lime-causal'
 data_dir = 'data/pretrain'
-metadata = 'pos,ner'
+metadata = 'pos_causal,ner_causal'
 meta_shift = 0
 arch = 'gemma'
 n_layer = 16

@@ -275,6 +275,37 @@ def test_eval_windows_are_fixed_and_in_range():
     assert (min(starts), max(starts)) == (0, 4000 - 33)  # the last window's targets end at the last token
 
 
+def test_eval_windows_are_shared_out_between_documents():
+    # documents of 100, 5000, 101, 14800 and 100 tokens (each ends with its <|endoftext|>)
+    ends = np.array([99, 5099, 5200, 20000, 20100])
+    n, T = 20101, 32
+    for count in (3, 5, 12, 20, 400, 700):
+        starts = common.eval_starts(n, T, count, ends)
+        docs = common.window_docs(starts, ends)
+        assert len(starts) == count and starts == sorted(starts) == common.eval_starts(n, T, count, ends)
+        assert 0 <= min(starts) and max(starts) <= n - T - 1
+        per = np.bincount(docs, minlength=5)
+        room = np.array([3, 156, 3, 462, 3])  # windows each document holds without overlap
+        # as even as the documents allow: those with room left are within one window of each other,
+        # and no full document has more than they do
+        under = per < room
+        if under.any():
+            assert per[under].max() - per[under].min() <= 1 and (per[~under] <= per[under].max()).all()
+        assert per.sum() == count and (count < 5 or (per > 0).all())
+        if count <= sum(room):
+            assert (per <= room).all()
+    assert common.window_docs(common.eval_starts(n, T, 20, ends), ends) == [0] * 3 + [1] * 6 + [2] * 3 + [3] * 5 + [4] * 3
+    # one document (or none known): evenly spaced over the split, as before
+    assert common.eval_starts(4000, 32, 8, np.array([3999])) == common.eval_starts(4000, 32, 8)
+
+
+def test_record_split_rule_is_prepares():
+    # prepare.py's record split (common.record_in_val): seeded, per key and index, about val_fraction
+    got = [common.record_in_val('brown', i, 1337, 0.1) for i in range(2000)]
+    assert got == [common.record_in_val('brown', i, 1337, 0.1) for i in range(2000)]
+    assert 150 < sum(got) < 250 and got != [common.record_in_val('brown', i, 1338, 0.1) for i in range(2000)]
+
+
 def test_meta_shift_alignment(dataset):
     tok = np.fromfile(dataset / 'train.bin', np.uint16)
     pos = np.fromfile(dataset / 'train.pos.bin', np.uint16)
@@ -305,3 +336,55 @@ def test_meta_shuffle(dataset):
     again = common.Split(dataset, 'val', ['pos'], 0, shuffle_seed=7).windows(starts, T)[2]['pos']
     other = common.Split(dataset, 'val', ['pos'], 0, shuffle_seed=8).windows(starts, T)[2]['pos']
     assert torch.equal(m1['pos'], again) and not torch.equal(m1['pos'], other)
+
+
+# --- the GPU configs offer every arm of the comparison ----------------------------------------
+
+# train.py's GPU configs: a family runs every arm of "what LIME's honest gain is made of" on one
+# model and data; each config documents its arms one a line, `#   <arm>: <flags>` (experiments.py's
+# ARMS names; the flags in shell syntax, a trailing `# remark` allowed, added after the config)
+GPU_FAMILIES = {'gpt2_124m': ['gpt2_124m_baseline', 'gpt2_124m_lime', 'gpt2_124m_lime1', 'gpt2_124m_predict'],
+                **{n: [n] for n in ('gpt_500m', 'gpt_1b', 'gpt_2b', 'gemma_500m', 'gemma_1b', 'gemma_2b')}}
+GPU_ARMS = {'baseline', 'lime_causal', 'lime1_predict', 'predict_token_classes', 'predict_random_classes',
+            'aux_loss', 'lime', 'lime1'}
+ARM_KEYS = ('metadata', 'meta_shift', 'meta_predict', 'meta_classes', 'meta_weight', 'meta_shuffle')
+
+
+def documented_arms(path):
+    """{arm: [flags]} from a config's header lines `#   <arm>: <flags>`."""
+    import shlex
+    arms = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r'#   ([a-z0-9_]+):(.*)$', line)
+        if m:
+            assert m[1] not in arms, f"{path.name}: arm {m[1]} documented twice"
+            arms[m[1]] = shlex.split(m[2], comments=True)
+    return arms
+
+
+def test_gpu_configs_document_every_arm_of_the_comparison():
+    import experiments
+    shipped = {p.stem for p in (ROOT / 'configs').glob('*.py') if p.name.startswith(('gpt2_124m_', 'gpt_', 'gemma_'))}
+    assert shipped == {n for names in GPU_FAMILIES.values() for n in names}  # a new GPU config joins a family here
+    for family, names in GPU_FAMILIES.items():
+        runs, shared = {}, []
+        for name in names:
+            path = ROOT / 'configs' / f'{name}.py'
+            default, _ = common.configure([str(path)], train.DEFAULTS)
+            # tags that read the next words only where the config's name says so (the paper's oracle LIME+1)
+            streams = [s.strip() for s in default['metadata'].split(',') if s.strip()]
+            assert 'lime1' in name or all(md.is_causal(s) for s in streams), (name, default['metadata'])
+            arms = documented_arms(path)
+            assert arms, f"{name}: no `#   <arm>: <flags>` lines"
+            for arm, flags in arms.items():
+                assert arm in GPU_ARMS and arm not in runs, (name, arm)
+                cfg, _ = common.configure([str(path)] + flags, train.DEFAULTS)
+                train.check_config(dict(cfg, device='cpu', dtype='float32'))
+                want = {k: experiments.ARMS[arm].get(k, train.DEFAULTS[k]) for k in ARM_KEYS}
+                assert {k: cfg[k] for k in ARM_KEYS} == want, (name, arm, flags)
+                assert (not flags) == (cfg['out_dir'] == default['out_dir']), (name, arm)  # its own, or the default
+                runs[arm] = cfg['out_dir']
+                shared.append({k: v for k, v in cfg.items() if k not in ARM_KEYS + ('out_dir',)})
+        assert set(runs) == GPU_ARMS, (family, GPU_ARMS - set(runs))
+        assert len(set(runs.values())) == len(runs), (family, runs)  # a distinct out_dir per arm
+        assert all(s == shared[0] for s in shared), family  # the arms share everything else: model, data, steps

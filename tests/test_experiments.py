@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,10 @@ from test_bench import tiny_data  # noqa: F401 (a fixture: the tiny dataset, bui
 import experiments
 
 
+EFF_RUNS = ['baseline', 'lime', 'lime_causal', 'lime1', 'lime1_predict', 'predict_token_classes',
+            'predict_random_classes', 'aux_loss', 'shuffled', 'baseline_plain']
+
+
 def run_experiments(cwd, *args, timeout=300):
     return run_script('experiments.py', cwd, *args, timeout=timeout)
 
@@ -26,9 +31,10 @@ def run_experiments(cwd, *args, timeout=300):
 def eff(tiny_data):
     d, data, _ = tiny_data
     out = d / 'eff.json'
-    run_experiments(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}', f'--out_json={out}',
-              '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
-              '--marginal_positions=6', *TINY_MODEL, timeout=900)  # 8 runs and two datasets: slow on a busy box
+    run_experiments(d, '--mode=efficiency', f'--data_dir={data}', f'--data_input={data.parent / "docs"}',
+                    f'--eff_dir={d / "eff"}', f'--out_json={out}', f'--eff_runs={",".join(EFF_RUNS)}',
+                    '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
+                    *TINY_MODEL, timeout=900)  # 10 runs and two datasets: slow on a busy box
     return d, data, load(out)
 
 
@@ -41,6 +47,9 @@ def test_config_errors():
         experiments.configure(['--tp_steps=3'])
     cfg = experiments.configure([str(ROOT / 'configs' / 'quickstart.py'), '--max_iters=2e3'])
     assert cfg['max_iters'] == 2000 and cfg['eff_runs'] == 'baseline,lime,lime_causal,lime1_predict'
+    assert (cfg['data_input'], cfg['eff_seeds'], cfg['eff_archs']) == ('nltk_mix', 1, 'gpt2')
+    cfg = experiments.configure([str(ROOT / 'configs' / 'bench_efficiency_cpu.py')])
+    assert (cfg['eff_seeds'], cfg['eff_archs'], cfg['data_dir']) == (3, 'gpt2,gemma', 'data/nltk_mix_4k')
 
 
 def test_each_shipped_config_is_one_programs():
@@ -79,8 +88,8 @@ def quickstart_args(data, out, metadata, *extra):
             '--meta_shuffle=False', '--seed=1337', '--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=128',
             '--batch_size=8', '--arch=gpt2', '--n_kv_head=0', '--mlp_hidden=0', '--bias=False', '--dropout=0.0',
             '--gradient_accumulation_steps=1', '--max_iters=600', '--lr_decay_iters=600', '--warmup_iters=30',
-            '--learning_rate=0.003', '--min_lr=0.0003', '--weight_decay=0.1', '--eval_interval=50',
-            '--eval_iters=16', '--log_interval=60', '--device=cpu', '--dtype=float32', '--compile=False',
+            '--learning_rate=0.003', '--min_lr=0.0003', '--weight_decay=0.1', '--eval_interval=100',
+            '--eval_iters=3', '--log_interval=60', '--device=cpu', '--dtype=float32', '--compile=False',
             '--always_save_checkpoint=True', '--overwrite=True', *extra]
 
 
@@ -106,22 +115,29 @@ def test_quickstart_train_commands(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments.subprocess, 'Popen', FinishedRun)
     names = C.eff_runs.split(',')
     experiments.train_runs(C, [(n, str(tmp_path / n)) for n in names])
-    data = os.path.abspath('data/gutenberg_4k')
+    data = os.path.abspath('data/nltk_mix_4k')
     assert [c[:2] for c in cmds] == [[sys.executable, str(ROOT / 'train.py')]] * 4
     assert [c[2:] for c in cmds] == [
         quickstart_args(data, tmp_path / 'baseline', ''), quickstart_args(data, tmp_path / 'lime', 'pos,ner'),
         quickstart_args(data, tmp_path / 'lime_causal', 'pos_causal,ner_causal'),
         quickstart_args(data, tmp_path / 'lime1_predict', 'pos_causal,ner_causal', '--meta_predict=True',
-                        '--meta_inject_layer=0')]
+                        '--meta_inject_layer=0', '--marginal_k=8')]
     # the CPU preset's other arms differ from the baseline in their own keys only
     C = types.SimpleNamespace(**experiments.configure([str(ROOT / 'configs' / 'bench_efficiency_cpu.py')]))
     base = experiments.train_args(C, 'baseline', 'OUT')
-    diff = {n: sorted(set(experiments.train_args(C, n, 'OUT')) - set(base)) for n in C.eff_runs.split(',')}
+    diff = {n: sorted(set(experiments.train_args(C, n, 'OUT')) - set(base)) for n in EFF_RUNS}
+    predict = ['--marginal_k=8', '--meta_inject_layer=0', '--meta_predict=True', '--metadata=pos_causal,ner_causal']
     assert diff == {'baseline': [], 'lime': ['--metadata=pos,ner'], 'lime_causal': ['--metadata=pos_causal,ner_causal'],
-                    'lime1': ['--meta_shift=1', '--metadata=pos,ner'],
-                    'lime1_predict': ['--meta_inject_layer=0', '--meta_predict=True', '--metadata=pos_causal,ner_causal'],
-                    'shuffled': ['--meta_shuffle=True', '--metadata=pos,ner'], 'baseline_seed2': ['--seed=1338'],
-                    'baseline_plain': [f"--data_dir={os.path.abspath('data/gutenberg_4k_plain')}"]}
+                    'lime1': ['--meta_shift=1', '--metadata=pos,ner'], 'lime1_predict': predict,
+                    'predict_token_classes': sorted(predict + ['--meta_classes=token']),
+                    'predict_random_classes': sorted(predict + ['--meta_classes=random']),
+                    'aux_loss': sorted(predict + ['--meta_weight=0.0']),
+                    'shuffled': ['--meta_shuffle=True', '--metadata=pos,ner'],
+                    'baseline_plain': [f"--data_dir={os.path.abspath('data/nltk_mix_4k_plain')}"]}
+    # seed index i: seed + i in every arm (the same initial weights and batches across arms)
+    assert sorted(set(experiments.train_args(C, 'lime_causal', 'OUT', 2)) - set(base)) == [
+        '--metadata=pos_causal,ner_causal', '--seed=1339']
+    assert experiments.run_name('aux_loss', 0) == 'aux_loss' and experiments.run_name('aux_loss', 2) == 'aux_loss_seed3'
 
 
 def test_first_reach_interpolates():
@@ -133,9 +149,9 @@ def test_first_reach_interpolates():
 def test_efficiency(eff):
     d, data, res = eff
     assert all_finite(res)
-    runs = res['result']['runs']
-    assert list(runs) == ['baseline', 'lime', 'lime_causal', 'lime1', 'lime1_predict', 'shuffled', 'baseline_seed2',
-                          'baseline_plain']
+    out = res['result']['archs']['gpt2']
+    runs = out['runs']
+    assert list(runs) == EFF_RUNS
     for name, r in runs.items():
         for k in ('final_val_loss', 'final_val_ppl', 'final_val_acc', 'final_val_acc_word_start',
                   'final_val_acc_word_cont'):
@@ -146,7 +162,7 @@ def test_efficiency(eff):
     assert runs['baseline']['frac_tokens_to_baseline_loss'] == pytest.approx(1.0)
     # val_nll exists exactly for the runs that read nothing of the future
     honest = {n for n, r in runs.items() if not r['reads_future']}
-    assert honest == {'baseline', 'lime_causal', 'lime1_predict', 'baseline_seed2', 'baseline_plain'}
+    assert honest == set(EFF_RUNS) - {'lime', 'lime1', 'shuffled'}
     for n, r in runs.items():
         assert (r['final_val_nll'] is None) == r['reads_future'] == (r['final_val_bpb'] is None)
         assert r['final_val_bytes_per_token'] > 0 and r['other_tokens'] == (n == 'baseline_plain')
@@ -154,8 +170,25 @@ def test_efficiency(eff):
             assert r['final_val_bpb'] == pytest.approx(r['final_val_nll'] / (math.log(2) * r['final_val_bytes_per_token']))
         if r['reads_future']:
             assert r['frac_tokens_to_baseline_nll'] is None and experiments.reach_cell(r, 'frac_tokens_to_baseline_nll') == 'n/a'
-    p = runs['lime1_predict']
-    assert p['final_val_nll'] == pytest.approx(p['final_val_loss_bound']) and p['final_val_nll'] > p['final_val_loss']
+    # the self-predicting arms: val_nll is the exact marginal at the end, below the joint bound
+    for n in ('lime1_predict', 'predict_token_classes', 'predict_random_classes'):
+        last = load_log(d / 'eff' / n)[-1]
+        assert last['val_nll_kind'] == 'exact' and last['val_nll'] < last['val_loss_bound']
+    aux = load_log(d / 'eff' / 'aux_loss')[-1]
+    assert aux['val_nll'] == pytest.approx(aux['val_loss'], rel=1e-12)  # meta_weight 0: the tags add nothing
+    # the decomposition: one seed here, so no standard errors; every honest arm paired with the baseline
+    dec = out['decomposition']
+    rows = {r['arm']: r for r in dec['rows']}
+    assert list(rows) == [n for n in EFF_RUNS if n != 'baseline_plain']
+    assert all(rows[n]['reads_future'] for n in ('lime', 'lime1', 'shuffled'))
+    for n in honest - {'baseline_plain'}:
+        r = rows[n]
+        assert r['val_nll'] == pytest.approx(runs[n]['final_val_nll'], rel=1e-9) and r['seeds'] == 1
+        assert r['val_nll_se'] is None and r['tagger'] == (n in ('lime_causal', 'lime1_predict'))
+        if n != 'baseline':
+            assert r['delta'] == pytest.approx(r['val_nll'] - rows['baseline']['val_nll'], abs=1e-9)
+        assert 0 < r['eval_share'] < 1
+    assert dec['baseline_final_val_nll'] == pytest.approx(runs['baseline']['final_val_nll'])
     # the plain-tokenization arm: the same documents and split, GPT-2's own encoding, compared by bpb only
     plain = runs['baseline_plain']
     assert plain['frac_tokens_to_baseline_nll'] is None and plain['frac_tokens_to_baseline_loss'] is None
@@ -169,28 +202,54 @@ def test_efficiency(eff):
     assert res['result']['plain_data_dir'] == str(data) + '_plain'
     args = load(d / 'eff' / 'baseline_plain' / 'bench_args.json')['args']
     assert f'--data_dir={data}_plain' in args
-    m = res['result']['marginal']
-    assert m['positions'] == 6 and m['marginalised'] == ['pos_causal', 'ner_causal'] and m['values'] == 48 * 6
-    assert 0 <= m['gap'] and m['marginal'] <= m['bound'] and 0 < m['tag_cost'] < m['bound']
-    # the honest runs at the same positions, for scale: the baseline's mean is its own loss there
-    same = m['same_positions']
-    assert set(same) == {'baseline', 'lime_causal'} and same['baseline']['se'] > 0
-    assert same['baseline']['marginal_minus'] == pytest.approx(m['marginal'] - same['baseline']['nll'])
-    from common import load_model
-    from common import Split, eval_starts
-    base, _ = load_model(str(d / 'eff' / 'baseline'), 'cpu')
-    sp, nll = Split(str(data), 'val', [], 0), []
-    for i in eval_starts(sp.n, base.config.block_size, 6):
-        x, y, _ = sp.windows([i], base.config.block_size)
-        with torch.no_grad():
-            nll.append(-torch.log_softmax(base(x)[0][0, -1], -1)[y[0, -1]].item())
-    assert same['baseline']['nll'] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert (d / 'eff' / 'lime1' / 'ckpt.pt').exists()
     # a second call reuses the finished runs instead of training again
     r = run_experiments(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "eff"}',
                   f'--out_json={d / "eff2.json"}', '--max_iters=4', '--eval_interval=2', '--eval_iters=2',
                   '--warmup_iters=1', '--plot=False', '--eff_runs=baseline,lime', *TINY_MODEL)
     assert 'reusing' in r.stdout
+
+
+def load_log(run_dir):
+    return experiments.read_log(str(run_dir / 'log.jsonl'))
+
+
+def test_seeds_and_archs(tiny_data):
+    # two seeds of two arms in two archs: the runs' directories, and statistics over seeds and documents
+    d, data, _ = tiny_data
+    out = d / 'seeds.json'
+    run_experiments(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "sa"}', f'--out_json={out}',
+                    '--eff_runs=baseline,lime1_predict', '--eff_seeds=2', '--eff_archs=gpt2,gemma', '--n_kv_head=1',
+                    '--max_iters=4', '--eval_interval=2', '--eval_iters=2', '--warmup_iters=1', '--plot=False',
+                    *TINY_MODEL, timeout=600)
+    res = load(out)['result']
+    assert set(res['archs']) == {'gpt2', 'gemma'} and res['seeds'] == 2
+    for arch in ('gpt2', 'gemma'):
+        dirs = res['archs'][arch]['run_dirs']
+        assert dirs['lime1_predict'] == [str(d / 'sa' / arch / 'lime1_predict'), str(d / 'sa' / arch / 'lime1_predict_seed2')]
+        args = load(d / 'sa' / arch / 'lime1_predict_seed2' / 'bench_args.json')['args']
+        assert '--seed=1338' in args and f'--arch={arch}' in args
+        rows = {r['arm']: r for r in res['archs'][arch]['decomposition']['rows']}
+        finals = {n: [load_log(d / 'sa' / arch / experiments.run_name(n, i))[-1]['val_nll'] for i in range(2)]
+                  for n in rows}
+        for n, r in rows.items():
+            assert r['val_nll_seeds'] == pytest.approx(finals[n], rel=1e-9) and r['val_nll_se'] > 0
+        p = rows['lime1_predict']
+        diffs = [a - b for a, b in zip(finals['lime1_predict'], finals['baseline'])]
+        assert p['delta'] == pytest.approx(sum(diffs) / 2, abs=1e-9) and p['delta_se'] > 0
+
+
+def test_bootstrap_counts_seeds_and_documents():
+    # identical documents and seeds: no spread; the seed-to-seed spread alone shows up, and so does the documents'
+    N = [10.0] * 6
+    assert experiments.boot_se([[20.0] * 6] * 3, N, 500) == (pytest.approx(2.0), pytest.approx(0.0, abs=1e-12))
+    seeds = [[v] * 6 for v in (10.0, 20.0, 30.0)]  # per-seed means 1, 2, 3
+    m, se = experiments.boot_se(seeds, N, 4000)
+    assert m == pytest.approx(2.0) and se == pytest.approx(np.std([1, 2, 3]) / math.sqrt(3), rel=0.15)
+    docs = [[0.0, 10.0, 20.0, 30.0, 40.0, 50.0]] * 3  # per-document means 0 .. 5, the same in every seed
+    m, se = experiments.boot_se(docs, N, 4000)
+    assert m == pytest.approx(2.5) and se == pytest.approx(np.std(np.arange(6)) / math.sqrt(6), rel=0.15)
+    assert experiments.boot_se([[1.0, 2.0]], [1.0, 1.0], 0) == (1.5, None)
 
 
 def test_curves(eff, monkeypatch, capsys):
@@ -236,14 +295,18 @@ def test_gpu_check_plumbing_on_cpu(tiny_data):
     out = d / 'gpu_check.json'
     run_experiments(d, str(ROOT / 'configs' / 'experiments_gpu_check.py'), f'--data_dir={data}',
                     f'--eff_dir={d / "gc"}', f'--out_json={out}', '--max_iters=2', '--eval_interval=2',
-                    '--eval_iters=1', '--eff_runs=baseline,lime1', '--plot=False', '--steer_windows=2',
-                    '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL)
+                    '--eval_iters=1', '--eff_runs=baseline,lime1_predict,lime1', '--eff_seeds=1', '--eff_parallel=1',
+                    '--train_threads=1', '--plot=False', '--steer_windows=2', '--n_kv_head=1',
+                    '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL, timeout=600)
     res = load(out)
     assert res['mode'] == 'gpu_check' and all_finite(res)
     assert set(res['result']) == {'efficiency', 'steering', 'wall_s'}
-    assert set(res['result']['efficiency']['runs']) == {'baseline', 'lime1'}
-    assert res['result']['steering']['generator'].startswith('sample.generate')
-    assert '--compile=False' in load(d / 'gc' / 'lime1' / 'bench_args.json')['args']
+    for arch in ('gpt2', 'gemma'):  # both archs, each steered on its own checkpoints
+        assert set(res['result']['efficiency']['archs'][arch]['runs']) == {'baseline', 'lime1_predict', 'lime1'}
+        steer = res['result']['steering'][arch]
+        assert steer['generator'].startswith('sample.generate') and steer['predict_ckpt_dir'] == str(d / 'gc' / arch / 'lime1_predict')
+        args = load(d / 'gc' / arch / 'lime1' / 'bench_args.json')['args']
+        assert '--compile=False' in args and f'--arch={arch}' in args
 
 
 def test_downstream(tiny_data):
