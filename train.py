@@ -204,21 +204,12 @@ def apply_meta_dropout(meta, masks):
 @torch.no_grad()
 def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False, first_tag_nll=None,
              token_bytes=None, no_tags=False, nll_rule=None, marginal_k=0, docs=None, n_docs=1):
-    """Summed over the windows: loss, next-token accuracy, and accuracy on targets that start a word
-    (word tag B) vs continue one (I); <pad>/<space>/<unk> targets are left out of that split.
-    meta_predict models also get each stream's next-tag loss and accuracy (fed the data's next tags,
-    as in training), val_tag_loss (their sum) and val_loss_bound = val_loss + val_tag_loss: the loss of
-    the model as a generative model of (tags, text), an upper bound on its NLL of the text alone.
-    first_tag_nll: {stream: -log p(tag)} per tag id (see first_tag_costs), the price of the tags of
-    each window's first position, which no head predicts: added to the bound when given. val_acc of
-    a meta_predict model is read with the data's next tags (an oracle); val_acc_own with the heads'
-    own argmax tags (from the past alone). token_bytes: UTF-8 bytes per token id (see
-    token_byte_lengths); val_bytes_per_token is the mean over the windows' targets.
-    nll_rule (see nll_rule): how val_nll is computed; 'marginal': -log of the model's marginal over
-    the next tags (GPT.marginal: exact with marginal_k=0, else the top-k bound), val_marginal_s its
-    time. docs: the document of each window (window_docs), n_docs of them: doc_nll, doc_loss and
-    doc_tokens are the per-document sums behind val_nll and val_loss (lists), for the statistics
-    that count documents."""
+    """One pass over the val windows (starts); the row's numbers (eval_summary says what each is).
+    first_tag_nll: {stream: -log p(tag)} per tag id (first_tag_costs), the bound's price of each
+    window's first tags. token_bytes: UTF-8 bytes per token id (token_byte_lengths). nll_rule (see
+    nll_rule): how val_nll is computed; 'marginal': GPT.marginal, exact with marginal_k=0, else the
+    top-k bound. docs: each window's document (window_docs), of n_docs: doc_nll, doc_loss and
+    doc_tokens are the per-document sums behind val_nll and val_loss, for statistics over documents."""
     cfg = model.config
     heads = list(cfg.meta_streams) if cfg.meta_predict else []
     marginal = nll_rule == 'marginal' and not no_tags
@@ -285,13 +276,27 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
         torch.distributed.all_reduce(s)
         torch.distributed.all_reduce(per_doc)
     model.train()
-    s = s.tolist()
+    out = eval_summary(s.tolist(), heads, word_ids is not None, token_bytes is not None)
+    out['val_marginal_s'] = t_marg if marginal else None
+    if docs is not None:
+        out['doc_nll'], out['doc_loss'], out['doc_tokens'] = per_doc.tolist()
+    return out
+
+
+def eval_summary(s, heads, words, nbytes):
+    """evaluate()'s sums s as the row's numbers. Loss, next-token accuracy, and accuracy on targets
+    that start a word (word tag B) vs continue one (I); <pad>/<space>/<unk> targets are left out of
+    that split. meta_predict models also get each stream's next-tag loss and accuracy (fed the data's
+    next tags, as in training), val_tag_loss (their sum) and val_loss_bound = val_loss + val_tag_loss
+    (+ the first tags' price): the loss of the model as a generative model of (tags, text), an upper
+    bound on its NLL of the text alone. val_acc of a meta_predict model is read with the data's next
+    tags (an oracle); val_acc_own with the heads' own argmax tags (from the past alone).
+    val_bytes_per_token: the mean over the targets. val_nll_sum: the honest NLL per token (nll_rule)."""
     loss = s[0] / s[1]
     out = dict(val_loss=loss, val_ppl=math.exp(min(loss, 700)), val_acc=s[2] / s[1],
                val_acc_word_start=None, val_acc_word_cont=None, val_tag_loss=None, val_loss_bound=None,
-               val_acc_own=None, val_bytes_per_token=s[9] / s[1] if token_bytes is not None else None,
-               val_nll_sum=s[10] / s[1], val_marginal_s=t_marg if marginal else None)
-    if word_ids is not None:
+               val_acc_own=None, val_bytes_per_token=s[9] / s[1] if nbytes else None, val_nll_sum=s[10] / s[1])
+    if words:
         out['val_acc_word_start'] = s[3] / s[4] if s[4] else None
         out['val_acc_word_cont'] = s[5] / s[6] if s[6] else None
     if heads:
@@ -300,8 +305,6 @@ def evaluate(model, split, starts, T, bs, ctx, device, word_ids=None, ddp=False,
         out['val_acc_own'] = s[8] / s[1]
         for d, name in enumerate(heads):
             out[f'val_tag_acc_{name}'] = s[12 + 2 * d] / s[1]
-    if docs is not None:
-        out['doc_nll'], out['doc_loss'], out['doc_tokens'] = per_doc.tolist()
     return out
 
 

@@ -287,10 +287,10 @@ def test_eval_windows_are_shared_out_between_documents():
         per = np.bincount(docs, minlength=5)
         room = np.array([3, 156, 3, 462, 3])  # windows each document holds without overlap
         # as even as the documents allow: those with room left are within one window of each other,
-        # and no full document has more than they do
+        # and no full document has more than one window more than they do
         under = per < room
         if under.any():
-            assert per[under].max() - per[under].min() <= 1 and (per[~under] <= per[under].max()).all()
+            assert per[under].max() - per[under].min() <= 1 and (per[~under] <= per[under].min() + 1).all()
         assert per.sum() == count and (count < 5 or (per > 0).all())
         if count <= sum(room):
             assert (per <= room).all()

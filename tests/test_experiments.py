@@ -41,7 +41,7 @@ def eff(tiny_data):
 def test_config_errors():
     with pytest.raises(SystemExit, match="unknown key 'eff_n_layer'"):  # n_layer is the runs' model: no shadow
         experiments.configure(['--eff_n_layer=3'])
-    with pytest.raises(SystemExit, match='mode must be one of efficiency, steering, curves, downstream, gpu_check'):
+    with pytest.raises(SystemExit, match='mode must be one of efficiency, tightness, steering, curves, downstream, gpu_check'):
         experiments.configure(['--mode=throughput'])
     with pytest.raises(SystemExit, match="unknown key 'tp_steps'"):  # bench.py's
         experiments.configure(['--tp_steps=3'])
@@ -176,7 +176,8 @@ def test_efficiency(eff):
         assert last['val_nll_kind'] == 'exact' and last['val_nll'] < last['val_loss_bound']
     aux = load_log(d / 'eff' / 'aux_loss')[-1]
     assert aux['val_nll'] == pytest.approx(aux['val_loss'], rel=1e-12)  # meta_weight 0: the tags add nothing
-    # the decomposition: one seed here, so no standard errors; every honest arm paired with the baseline
+    # the decomposition: one seed here, so the standard errors count documents only; every honest arm
+    # paired with the baseline
     dec = out['decomposition']
     rows = {r['arm']: r for r in dec['rows']}
     assert list(rows) == [n for n in EFF_RUNS if n != 'baseline_plain']
@@ -184,7 +185,7 @@ def test_efficiency(eff):
     for n in honest - {'baseline_plain'}:
         r = rows[n]
         assert r['val_nll'] == pytest.approx(runs[n]['final_val_nll'], rel=1e-9) and r['seeds'] == 1
-        assert r['val_nll_se'] is None and r['tagger'] == (n in ('lime_causal', 'lime1_predict'))
+        assert r['val_nll_se'] > 0 and r['tagger'] == (n in ('lime_causal', 'lime1_predict'))
         if n != 'baseline':
             assert r['delta'] == pytest.approx(r['val_nll'] - rows['baseline']['val_nll'], abs=1e-9)
         assert 0 < r['eval_share'] < 1
@@ -208,6 +209,22 @@ def test_efficiency(eff):
                   f'--out_json={d / "eff2.json"}', '--max_iters=4', '--eval_interval=2', '--eval_iters=2',
                   '--warmup_iters=1', '--plot=False', '--eff_runs=baseline,lime', *TINY_MODEL)
     assert 'reusing' in r.stdout
+
+
+def test_tightness(eff):
+    # the table behind marginal_k: on the run's own val windows, the exact marginal is its last val_nll,
+    # and every top-k bound is above it
+    d, _, _ = eff
+    out = d / 'tight.json'
+    run_experiments(d, '--mode=tightness', f'--ckpt_dir={d / "eff" / "lime1_predict"}', '--tight_ks=1,2,500',
+                    f'--out_json={out}', '--device=cpu', '--dtype=float32')
+    r = load(out)['result']
+    rows = {x['k']: x for x in r['rows']}
+    assert rows['exact']['val_nll'] == pytest.approx(load_log(d / 'eff' / 'lime1_predict')[-1]['val_nll'], rel=1e-6)
+    assert rows[1]['val_nll'] >= rows[2]['val_nll'] >= rows['exact']['val_nll'] and rows[1]['gap'] > 0
+    assert rows[500]['gap'] == pytest.approx(0, abs=1e-6) and r['combinations'] == 288 and r['windows'] == 8
+    with pytest.raises(SystemExit, match='not a self-predicting model on causal streams'):
+        experiments.run_tightness(types.SimpleNamespace(ckpt_dir=str(d / 'eff' / 'lime_causal'), device='cpu'))
 
 
 def load_log(run_dir):

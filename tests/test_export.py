@@ -289,7 +289,7 @@ def test_cooldown_final_val_nll_is_a_plain_language_models(tmp_path):
     assert ck['model_args']['meta_cooled'] is True
     assert common.load_checkpoint(str(tmp_path / 'a' / 'ckpt_000010.pt'))['model_args']['meta_cooled'] is False
     model = GPT.from_checkpoint(ck).eval()
-    x, y, _ = common.Split(data, 'val', ['pos'], 0).windows(common.eval_starts(4000, 32, 4 * 8), 32)
+    x, y, _ = common.Split(data, 'val', ['pos'], 0).windows(common.eval_starts(4000, 32, 4 * 8, common.Split(data, 'val', [], 0).doc_ends(63)), 32)
     with torch.no_grad():
         logits, _ = model(x, None, targets=y)
     nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)).item()

@@ -306,7 +306,8 @@ def test_meta_predict_config_errors(tmp_path, dataset):
     rows = run(dataset, tmp_path / 'f', '--max_iters=2', '--eval_interval=2', '--metadata=pos',
                '--meta_predict=True', '--meta_inject_layer=1')
     r = rows[-1]
-    assert r['val_loss_bound'] > r['val_loss'] + r['val_tag_loss'] and r['val_nll'] == r['val_loss_bound']
+    assert r['val_loss_bound'] > r['val_loss'] + r['val_tag_loss'] and r['val_nll'] == pytest.approx(r['val_loss_bound'], rel=1e-6)
+    assert r['val_nll_kind'] == 'joint bound'
 
 
 def test_resume_continues_the_same_run(tmp_path, dataset):
@@ -326,7 +327,7 @@ def test_resume_continues_the_same_run(tmp_path, dataset):
     ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)  # all of it: weights, optimizer, rng, config
     assert ckpt['iter_num'] == 20 and ckpt['dataset']['streams']['pos']['tags'][3] == 'T0'
     m = GPT.from_checkpoint(ckpt).eval()
-    x, y, meta = Split(dataset, 'val', ['pos', 'ner'], 0).windows(eval_starts(4000, 32, 4 * 8), 32)
+    x, y, meta = Split(dataset, 'val', ['pos', 'ner'], 0).windows(eval_starts(4000, 32, 4 * 8, Split(dataset, 'val', [], 0).doc_ends(63)), 32)
     with torch.no_grad():
         _, loss = m(x, meta, targets=y)
     assert loss.item() == pytest.approx(resumed[-1]['val_loss'], rel=1e-4)
@@ -370,7 +371,7 @@ def test_compiled_training_step(tmp_path, dataset, arch):
         ckpt = torch.load(tmp_path / 'c' / 'ckpt.pt', weights_only=True)
         m = GPT.from_checkpoint(ckpt).eval()
         assert m.config.arch == 'gemma' and m.config.n_kv_head == 2
-        x, y, meta = Split(dataset, 'val', ['pos'], 0).windows(eval_starts(4000, 32, 8), 32)
+        x, y, meta = Split(dataset, 'val', ['pos'], 0).windows(eval_starts(4000, 32, 8, Split(dataset, 'val', [], 0).doc_ends(63)), 32)
         with torch.no_grad():
             _, loss = m(x, meta, targets=y)
         assert loss.item() == pytest.approx(rows[-1]['val_loss'], rel=1e-4)
@@ -655,7 +656,7 @@ def test_save_leaves_no_temporary_file_and_names_are_per_process(tmp_path, datas
     run(dataset, out, '--max_iters=2', '--eval_interval=1')
     assert len(seen) == 2 and all(len(names) == 1 for names in seen), seen
     assert all(re.fullmatch(rf'\.ckpt\.pt\.{os.getpid()}\.[a-z0-9_]{{8}}\.tmp', n[0]) for n in seen), seen
-    assert sorted(p.name for p in out.iterdir()) == ['ckpt.pt', 'log.jsonl', 'train.lock']
+    assert sorted(p.name for p in out.iterdir()) == ['ckpt.pt', 'log.jsonl', 'train.lock', 'val_docs.json']
 
 
 @contextlib.contextmanager
