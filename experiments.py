@@ -1008,7 +1008,7 @@ def run_downstream(C):
                  ('cloze_ll', 'cloze ll (nats)', '.3f'), ('arith_em', 'arith EM', '.4f'),
                  ('arith_em_hinted', 'arith EM, hint CD', '.4f'), ('arith_ll_acc', 'arith acc (lm-eval)', '.4f')])
     print("tags: causal = the causal tags of the text so far (LIME+1: <unk> at scored positions); predict = the "
-          "model's own next tags (cloze ll: the bound, tag log-prob included); oracle = the continuation's own "
+          "model's own next tags (cloze ll: its marginal over them, harness.py's marginal_k); oracle = the continuation's own "
           "tags (reads the future); unk = every tag <unk>. arith EM: exact match of the generated answer; hint CD: "
           "the first answer token hinted CD (a number, known from the task format); arith acc (lm-eval): the "
           "greedy continuation is the answer ('-': generation has no oracle, hints only for LIME+1/meta_predict).")

@@ -905,8 +905,8 @@ def eval_step(C, cfg, S, D, R, lr):
     else:
         res['val_nll'] = nll_sum
         res['val_nll_kind'] = ('joint bound' if D.nll_key == 'val_loss_bound' else
-                               f'top-{k} bound' if D.nll_key == 'marginal' and k and any(D.model_config.meta_weight)
-                               else 'exact')
+                               f'top-{k} bound' if D.nll_key == 'marginal' and 0 < k < math.prod(D.model_config.meta_n_tags)
+                               and any(D.model_config.meta_weight) else 'exact')
     res['val_bpb'] = bits_per_byte(res['val_nll'], res['val_bytes_per_token'])
     row = dict(iter=R.iter_num, tokens=R.iter_num * S.tokens_per_iter, lr=lr, train_loss=train_loss, **res,
                tokens_per_sec=tps, mfu=mfu, elapsed_s=time.time() - R.t_start)
