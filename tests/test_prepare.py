@@ -47,6 +47,7 @@ def read_dataset(out):
     return meta, data
 
 def docs_of(ids):
+    md.set_tokenizer('gpt2')  # these datasets' (an earlier test module may have left another one set)
     enc = md.encoding()
     return [enc.decode_bytes(ids[a:b].tolist()).decode('utf-8') for a, b in md.split_documents(ids.astype(np.int64))]
 

@@ -246,6 +246,14 @@ def test_meta_classes_controls(tmp_path):
             run(d, tmp_path / 'x', '--max_iters=1', *extra)
 
 
+def test_top_k_covering_every_combination_is_exact(tmp_path):
+    d = causal_named(write_dataset(tmp_path / 'd'))
+    args = ['--max_iters=2', '--eval_interval=1', '--metadata=pos_causal,ner_causal', '--meta_predict=True',
+            '--meta_inject_layer=1']
+    kinds = lambda k: [r['val_nll_kind'] for r in run(d, tmp_path / str(k), *args, f'--marginal_k={k}')]
+    assert kinds(11 * 5) == ['exact'] * 3 and kinds(11 * 5 - 1) == ['top-54 bound'] * 2 + ['exact']
+
+
 def test_tag_loss_alone_is_a_plain_language_model(tmp_path):
     # meta_weight 0: the tags add nothing to the input, the tag heads only train; its marginal is its loss
     d = causal_named(write_dataset(tmp_path / 'd'))
