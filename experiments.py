@@ -78,6 +78,7 @@ gradient_accumulation_steps = 1
 launcher = ''  # prefix for train.py instead of the python running experiments, e.g. 'torchrun --standalone --nproc_per_node=8'
 train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
 marginal_k = 8  # train.py's: a self-predicting run's val_nll before its last evaluation is the top-k bound
+keep_checkpoints = 0  # train.py's: also keep every run's last N evaluation snapshots (ckpt_{iter}.pt: BLiMP against tokens)
 # efficiency: the arms of ARMS below, each trained in eff_dir/<arm> (seed i > 1: eff_dir/<arm>_seed<i>)
 eff_runs = 'baseline,lime_causal,lime1_predict,predict_token_classes,predict_random_classes,aux_loss'
 eff_seeds = 1  # seeds per arm (seed, seed + 1, ...; arm runs of the same seed index share init and batches)
@@ -209,6 +210,8 @@ def train_args(C, name, out_dir, seed_index=0):
                 min_lr=C.min_lr, weight_decay=C.weight_decay, eval_interval=C.eval_interval,
                 eval_iters=C.eval_iters, log_interval=max(C.max_iters // 10, 1), device=C.device,
                 dtype=C.dtype, compile=C.compile, always_save_checkpoint=True, overwrite=True)  # a rerun replaces
+    if C.keep_checkpoints:  # only when asked: the argument list of older runs stays the same (eff_reuse)
+        args['keep_checkpoints'] = C.keep_checkpoints
     if name == 'lime1' and C.lime1_meta_dropout > 0:
         args['meta_dropout'] = C.lime1_meta_dropout
     if spec.get('meta_predict'):
