@@ -98,6 +98,12 @@ ds_cloze_n = 500  # harness.py cloze_n / arith_n / task_seed for the tasks built
 ds_arith_n = 50
 ds_task_seed = 1234
 ds_limit = 0  # examples per task; 0 = all
+# BLiMP (harness.py --tasks=blimp): every run of the efficiency comparison scored on blimp_dir's pairs
+blimp = False
+blimp_dir = 'auto'  # official-format paradigm files; 'auto' = ../shared/blimp/data (published results beside it)
+blimp_limit = 0  # the first N pairs of each paradigm; 0 = all
+blimp_marginal_k = 8  # self-predicting runs: the top-k bound of the marginal (0 = exact: about 30x dearer on CPU)
+blimp_snapshots = False  # also score every kept snapshot (keep_checkpoints) of each arm's first seed: BLiMP against tokens
 # tightness: python experiments.py --mode=tightness --ckpt_dir=RUN (a self-predicting run on causal streams)
 tight_ks = '1,2,4,8,16,32'  # the top-k bounds measured against the exact marginal, on the run's val windows
 # curves: python experiments.py --mode=curves RUN_DIR [RUN_DIR ...]
@@ -698,7 +704,9 @@ def run_efficiency(C):
         png = None
         if C.plot:
             png = draw_curves(first, 'baseline', os.path.join(root, 'curves.png'))
-        out[arch] = dict(runs=runs, decomposition=dec, baseline_final_tokens=first['baseline'][-1]['tokens'],
+        tpi = first['baseline'][-1]['tokens'] // max(C.max_iters, 1)
+        bl = run_blimp(C, honest, dirs, root, tpi) if C.blimp else None
+        out[arch] = dict(runs=runs, decomposition=dec, blimp=bl, baseline_final_tokens=first['baseline'][-1]['tokens'],
                          eff_dir=root, plot=png, run_dirs=dirs,
                          tokens_per_iter=first['baseline'][-1]['tokens'] // max(C.max_iters, 1),
                          train_args=train_args(Ca, 'baseline', 'OUT'))
@@ -714,6 +722,142 @@ def run_efficiency(C):
                        "that read the future: reads_future), _loss and _acc the paper's metric on val_loss and "
                        "val_acc whatever the run reads. decomposition: the arms over seeds, with standard "
                        "errors over seeds and val documents (see print_decomposition)."))
+
+
+# -----------------------------------------------------------------------------
+# BLiMP of every run: accuracy over seeds, paired with the baseline pair by pair
+
+def blimp_scores(C, ckpt):
+    """harness.py's BLiMP of one checkpoint (a run dir or a snapshot file), written beside it and
+    reused while it is newer than the checkpoint and asked with the same settings."""
+    import harness
+    path = ckpt if os.path.isfile(ckpt) else checkpoint_path(ckpt)
+    out = os.path.splitext(path)[0] + '.blimp.json'
+    want = dict(blimp_dir=os.path.abspath(harness.resolve_blimp_dir(C.blimp_dir) or '-'), limit=C.blimp_limit,
+                marginal_k=C.blimp_marginal_k)
+    if os.path.isfile(out) and os.path.getmtime(out) > os.path.getmtime(path):
+        prev = json.load(open(out))
+        if prev.get('want') == want:
+            return prev['blimp']
+    if want['blimp_dir'] == os.path.abspath('-'):
+        fail(f"blimp_dir={C.blimp_dir!r}: no BLiMP files found (../shared/blimp/data, or --blimp_dir=DIR)")
+    cfg = harness.configure([f'--out_dir={path}', '--tasks=blimp', f"--blimp_dir={want['blimp_dir']}",
+                             f'--limit={C.blimp_limit}', f'--marginal_k={C.blimp_marginal_k}', f'--device={C.device}',
+                             f'--dtype={C.dtype}', '--batch_size=64', '--bootstrap_iters=0',
+                             f"--blimp_task_dir={os.path.join(C.eff_dir, 'blimp_tasks')}",
+                             f"--out_json={os.path.splitext(path)[0] + '.harness.json'}"])
+    res = harness.run(cfg)
+    (pol, r), = res.items()  # the model's default policy: causal, or predict (its marginal)
+    b = dict(r['blimp'], policy=pol, likelihood=r['lime'].get('likelihood'), label=r['lime']['policy_label'])
+    write_json(out, dict(want=want, blimp=b))
+    return b
+
+
+def published_blimp(C):
+    """{model: {UID: accuracy}} of the results published with BLiMP (models_summary.jsonl beside the
+    data directory), or {}."""
+    import harness
+    d = harness.resolve_blimp_dir(C.blimp_dir)
+    path = os.path.join(os.path.dirname(os.path.abspath(d)), 'models_summary.jsonl') if d else ''
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    for line in open(path):
+        if line.strip():
+            r = json.loads(line)
+            for m in ('ngram', 'lstm', 'txl', 'gpt2'):
+                if isinstance(r.get(m), (int, float)):
+                    out.setdefault(m, {})[r['UID']] = float(r[m])
+    return out
+
+
+def blimp_compare(C, names, dirs, res):
+    """Per arm: BLiMP overall (the mean of paradigm accuracies; mean over seeds, s.e. over seeds and
+    pairs by bootstrap), its paired difference with the baseline (same seed index, same pairs), the
+    fields and paradigms (mean over seeds)."""
+    b0 = res[dirs['baseline'][0]]
+    uids = sorted(b0['paradigms'])
+    pairs = [(u, i) for u in uids for i in sorted(b0['correct'][u], key=lambda x: (len(x), x))]
+    w = np.array([len(pairs) / (len(uids) * len(b0['correct'][u])) for u, _ in pairs])  # paradigms weigh the same
+    mat = lambda n: np.array([[res[d]['correct'][u][i] for u, i in pairs] for d in dirs[n]], dtype=np.float64) * w
+    ones = np.ones(len(pairs))
+    B = mat('baseline')
+    rows = []
+    for n in names:
+        A = mat(n)
+        mean, se = boot_se(A, ones, C.eff_boot)
+        S = min(len(A), len(B))
+        delta, dse = boot_se(A[:S] - B[:S], ones, C.eff_boot) if n != 'baseline' else (None, None)
+        rs = [res[d] for d in dirs[n]]
+        rows.append(dict(arm=n, label=ARMS[n]['label'], seeds=len(A), overall=mean, overall_se=se,
+                         overall_seeds=[r['overall'] for r in rs], delta=delta, delta_se=dse,
+                         fields={f: float(np.mean([r['fields'][f] for r in rs])) for f in rs[0]['fields']},
+                         paradigms={u: float(np.mean([r['paradigms'][u] for r in rs])) for u in uids},
+                         likelihood=rs[0].get('likelihood'), policy=rs[0].get('policy'),
+                         wall_s=float(np.mean([r.get('wall_s') or 0 for r in rs]))))
+    pub = published_blimp(C)
+    field_of = b0['field_of']
+    published = {m: dict(overall=float(np.mean([v[u] for u in uids])),
+                         fields={f: float(np.mean([v[u] for u in uids if field_of[u] == f])) for f in rows[0]['fields']},
+                         paradigms={u: v[u] for u in uids})
+                 for m, v in pub.items() if all(u in v for u in uids)}
+    return dict(rows=rows, pairs=len(pairs), paradigms=len(uids), published=published, field_of=field_of)
+
+
+PUBLISHED_NAMES = dict(ngram='5-gram', lstm='LSTM', txl='Transformer-XL', gpt2='GPT-2 (1.5B)')
+
+
+def print_blimp(cmp):
+    fields = list(cmp['rows'][0]['fields'])
+    pct = lambda m, s, sign='': '-' if m is None else f"{m:{sign}.4f}" + (f" ± {s:.4f}" if s else '')
+    cells = [dict(label=r['label'], acc=pct(r['overall'], r['overall_se']), delta=pct(r['delta'], r['delta_se'], '+'),
+                  by=r['likelihood'] or r['policy'], **{f: r['fields'][f] for f in fields}) for r in cmp['rows']]
+    cells += [dict(label=f"published: {PUBLISHED_NAMES[m]}", acc=f"{p['overall']:.4f}", delta='', by='',
+                   **{f: p['fields'][f] for f in fields}) for m, p in cmp['published'].items()]
+    table(cells, [('label', 'arm', ''), ('acc', 'BLiMP ± s.e.', ''), ('delta', 'Δ vs baseline (paired)', '')]
+          + [(f, f, '.3f') for f in fields] + [('by', 'scored by', '')])
+    print(f"{cmp['pairs']} pairs in {cmp['paradigms']} paradigms; mean over seeds; s.e.: bootstrap over seeds and "
+          "pairs; Δ paired by seed index and pair. Published models: the same paradigms, all 1,000 pairs each.")
+
+
+def blimp_paradigm_table(cmp):
+    """Markdown: every paradigm's accuracy per arm beside the published models'."""
+    arms, pubs = cmp['rows'], list(cmp['published'])
+    head = ['paradigm', 'field'] + [r['arm'] for r in arms] + [PUBLISHED_NAMES[m] for m in pubs]
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for u in sorted(cmp['field_of'], key=lambda u: (cmp['field_of'][u], u)):
+        lines.append('| ' + ' | '.join([u, cmp['field_of'][u]] + [f"{r['paradigms'][u]:.3f}" for r in arms]
+                                       + [f"{cmp['published'][m]['paradigms'][u]:.3f}" for m in pubs]) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def blimp_curve(C, run_dir, tokens_per_iter):
+    """[(training tokens, BLiMP overall)] over the kept snapshots of a run and its final checkpoint."""
+    import glob
+    pts = []
+    for f in sorted(glob.glob(os.path.join(run_dir, 'ckpt_[0-9]*.pt'))):
+        it = int(os.path.basename(f)[5:-3])
+        pts.append((it * tokens_per_iter, blimp_scores(C, f)['overall']))
+    return pts
+
+
+def run_blimp(C, names, dirs, root, tokens_per_iter):
+    t0 = time.time()
+    res = {d: blimp_scores(C, d) for n in names for d in dirs[n]}
+    cmp = blimp_compare(C, names, dirs, res)
+    print(f"\nBLiMP ({time.time() - t0:.0f}s)")
+    print_blimp(cmp)
+    md_path = os.path.join(root, 'blimp_paradigms.md')
+    write_atomic(md_path, blimp_paradigm_table(cmp))
+    print(f"per paradigm: {md_path}")
+    if C.blimp_snapshots:
+        cmp['curves'] = {n: blimp_curve(C, dirs[n][0], tokens_per_iter) for n in names}
+        for n, pts in cmp['curves'].items():
+            print(f"BLiMP against tokens, {n}: " + ', '.join(f"{t / 1e6:.1f}M {v:.4f}" for t, v in pts))
+    cmp['wall_s'] = time.time() - t0
+    for r in cmp['rows']:
+        r.pop('paradigms')  # in blimp_paradigms.md; the JSON keeps the summary
+    return cmp
 
 
 def print_runs(runs):

@@ -69,6 +69,9 @@ device = 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'
 seed = 1337
 out_json = ''  # '' = out_dir/harness.json; for a checkpoint file out_dir/x.pt: out_dir/x.harness.json
+# BLiMP (--tasks=blimp): one task per paradigm file (<UID>.jsonl, the official format, any subset of pairs)
+blimp_dir = 'auto'  # 'auto' = ../shared/blimp/data beside the repository when present, else lm-eval's own (hub)
+blimp_task_dir = 'tasks/blimp'  # the task configs written for blimp_dir (rewritten on every run)
 # task builder (--build_tasks=True)
 build_tasks = False
 cloze_n = 500  # cloze passages, shared evenly over the five corpora
@@ -178,6 +181,20 @@ def policy_label(policy, kind, ll_kind=None):
 # -----------------------------------------------------------------------------
 # the scorer: tags per policy, log-likelihoods, generation (no lm_eval needed)
 
+_MEMO = {}
+MEMO_MAX = 1 << 19  # entries; BLiMP has 67,000 sentences
+
+
+def memo(key, fn):
+    """fn() once per key in this process: the tokens and causal tags of a text depend only on it and
+    the tokenizer (key holds both), and BLiMP scores the same sentences for every checkpoint of a run."""
+    if key not in _MEMO:
+        if len(_MEMO) >= MEMO_MAX:
+            _MEMO.clear()
+        _MEMO[key] = fn()
+    return _MEMO[key]
+
+
 class UnkTagger:
     """A tagger for sample.generate that gives every token <unk> (the unk policy)."""
 
@@ -224,6 +241,7 @@ class Scorer:
         self.ctx = common.autocast(device, dtype)
         self.cache_dtype = common.torch_dtype(dtype) if device.startswith('cuda') else None
         self.noted = set()
+        self.greedy = True  # False: a meta_predict model's greedy flags are not computed (multiple-choice tasks read none)
         if self.policy == 'causal' and any(not is_causal(s) for s in self.streams):
             self.note(f"note: {out_dir} was trained on full tags ({', '.join(self.streams)}); the causal policy "
                       "feeds it causal tags (full tags of the text would read the continuation)")
@@ -257,9 +275,14 @@ class Scorer:
     # --- tags ---
 
     def causal_tags(self, seq):
-        """{base stream: causal tags of each token of seq} (tags of token t from tokens <= t)."""
-        c = self.text.md.annotate_causal(np.asarray(seq, dtype=np.int64), self.text.ner)
-        return {b: c[b + '_causal'].astype(np.int64) for b in set(self.bases)}
+        """{base stream: causal tags of each token of seq} (tags of token t from tokens <= t); read-only."""
+        def tag():
+            c = self.text.md.annotate_causal(np.asarray(seq, dtype=np.int64), self.text.ner)
+            out = {b: c[b + '_causal'].astype(np.int64) for b in ('pos', 'ner')}
+            for v in out.values():
+                v.flags.writeable = False
+            return out
+        return memo(('causal', self.text.md.TOKENIZER, self.text.ner, tuple(seq)), tag)
 
     def full_tags(self, seq):
         f = self.text.md.annotate_ids(np.asarray(seq, dtype=np.int64), self.text.ner, 'full')
@@ -295,43 +318,63 @@ class Scorer:
 
     # --- log-likelihoods ---
 
-    def row(self, seq, meta, nxt, hi, n):
-        """A forward row ending at seq[hi-1]: the last block_size inputs before it, n scored targets."""
+    def row(self, seq, meta, nxt, hi, n, skip=0):
+        """A forward row ending at seq[hi-1]: the last block_size inputs before it, n scored targets
+        (the first skip of them taken from another row)."""
         if n > self.block_size:
             fail(f"a continuation of {n} tokens is longer than block_size {self.block_size}")
         lo = max(0, hi - 1 - self.block_size)
         sl = slice(lo, hi - 1)
         return (list(seq[lo:hi]), {s: v[sl] for s, v in meta.items()},
-                {s: v[sl] for s, v in nxt.items()} if nxt is not None else None, n)
+                {s: v[sl] for s, v in nxt.items()} if nxt is not None else None, n, skip)
 
     def loglikelihood(self, pairs):
         """[(context ids, continuation ids)] -> [(log-likelihood of the continuation, is_greedy)].
         is_greedy: greedy generation (temperature 0; for meta_predict the heads' argmax tags, which
-        become the token's own tags) would produce the continuation."""
+        become the token's own tags) would produce the continuation.
+        A target's log-probability and greedy flag read only the tokens up to it and the context's
+        length (every policy but oracle, which reads the continuation's tags, and in a row that is
+        not cut to block_size), so requests with the same context length share the values of the
+        targets in their common token prefix: computed once (BLiMP's two sentences of a pair share
+        their first words; for a self-predicting model the marginal is most of the cost)."""
+        seqs = [list(c) + list(k) for c, k in pairs]
+        order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), seqs[i]))
+        skip, prev = [0] * len(pairs), [None] * len(pairs)
+        fits = lambda i: len(seqs[i]) <= self.block_size + 1
+        if self.policy != 'oracle':
+            for last, i in zip(order, order[1:]):  # sorted: the longest shared prefix is a neighbour's
+                n_ctx = len(pairs[i][0])
+                if len(pairs[last][0]) == n_ctx and fits(i) and fits(last):
+                    a, b = seqs[last], seqs[i]
+                    lcp = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+                    skip[i], prev[i] = max(0, lcp - n_ctx), last  # targets n_ctx..lcp-1 are shared
         rows = []
-        for ctx, cont in pairs:
-            seq = list(ctx) + list(cont)
-            meta, nxt = self.policy_inputs(seq, len(ctx))
-            rows.append(self.row(seq, meta, nxt, len(seq), len(cont)))
-        out = self.forward_rows(rows)
-        if self.policy == 'predict':  # the greedy check follows the heads' own tags: generate
-            out = [(ll, self.greedy_continues(ctx, cont)) for (ll, _), (ctx, cont) in zip(out, pairs)]
-        return out
+        for i, (ctx, cont) in enumerate(pairs):
+            meta, nxt = self.policy_inputs(seqs[i], len(ctx))
+            rows.append(self.row(seqs[i], meta, nxt, len(seqs[i]), len(cont), skip[i]))
+        res = self.forward_rows(rows)
+        for i in order:  # a request's shared targets from its neighbour, already complete
+            if skip[i]:
+                k = skip[i]
+                res[i][0][:k], res[i][1][:k] = res[prev[i]][0][:k], res[prev[i]][1][:k]
+        return [(float(lp.sum()), bool(g.all())) for lp, g in res]
 
     def rolling(self, tokens, windows):
         """The log-likelihood of a whole document tokens (prefix token first: tokens[0] is not
         scored), scored in windows [(start, end)] of target indices; tags from the whole document."""
         meta, nxt = self.policy_inputs(tokens, 1)
         rows = [self.row(tokens, meta, nxt, b, b - a) for a, b in windows]
-        return sum(ll for ll, _ in self.forward_rows(rows))
+        return float(sum(lp.sum() for lp, _ in self.forward_rows(rows)))
 
     @torch.no_grad()
     def forward_rows(self, rows):
-        """rows: (tokens, meta, next, n): inputs tokens[:-1] with their tags, targets tokens[1:], the
-        last n scored. Batched, longest first, right-padded (causal attention: padding after a
-        position changes nothing at it). predict policy: the model's marginal (next tags summed out,
-        exactly or over the top marginal_k), or for full-tag models the joint bound (the heads'
-        log-probs of the text's next tags added)."""
+        """rows: (tokens, meta, next, n, skip): inputs tokens[:-1] with their tags, targets tokens[1:],
+        the last n scored, the first skip of those left out (NaN, greedy False). Batched, longest first,
+        right-padded (causal attention: padding after a position changes nothing at it). Returns per
+        row (log-probs (n,), greedy flags (n,)): a flag says the greedy choice at that position is its
+        target. predict policy: the model's marginal (next tags summed out, exactly or over the top
+        marginal_k), or for full-tag models the joint bound (the heads' log-probs of the text's next
+        tags added); its greedy flags follow greedy generation's tags (greedy_path)."""
         model, dev = self.model, self.model.lm_head.weight.device
         out = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -340,18 +383,22 @@ class Scorer:
             T = max(len(rows[i][0]) - 1 for i in idx)
             x = torch.full((len(idx), T), self.text.eot, dtype=torch.long)
             y = torch.full((len(idx), T), -1, dtype=torch.long)
+            scored = torch.zeros((len(idx), T), dtype=torch.bool)  # positions whose target is scored
+            todo = torch.zeros((len(idx), T), dtype=torch.bool)  # ... and not taken from another row
             meta = {s: torch.full((len(idx), T), PAD, dtype=torch.long) for s in self.streams}
             nxt = {s: torch.full((len(idx), T), PAD, dtype=torch.long) for s in self.streams}
             for r, i in enumerate(idx):
-                tok, m, nx, _ = rows[i]
+                tok, m, nx, n, skip = rows[i]
                 L = len(tok) - 1
                 x[r, :L] = torch.tensor(tok[:-1])
                 y[r, :L] = torch.tensor(tok[1:])
+                scored[r, L - n:L] = True
+                todo[r, L - n + skip:L] = True
                 for s in self.streams:
                     meta[s][r, :L] = torch.as_tensor(m[s])
                     if nx is not None:
                         nxt[s][r, :L] = torch.as_tensor(nx[s])
-            x, y = x.to(dev), y.to(dev)
+            x, y, scored, todo = x.to(dev), y.to(dev), scored.to(dev), todo.to(dev)
             meta = {s: v.to(dev) for s, v in meta.items()}
             nxt = {s: v.to(dev) for s, v in nxt.items()}
             tag_lp = marg = None
@@ -361,25 +408,45 @@ class Scorer:
                     if self.ll_kind == JOINT_BOUND:
                         tag_lp = sum(F.log_softmax(tl.float(), -1).gather(-1, nxt[s].unsqueeze(-1)).squeeze(-1)
                                      for s, tl in zip(self.streams, tag_logits))
-                    elif self.policy == 'predict':  # padded targets (-1) read as 0: never summed below
-                        marg = model.marginal(x, meta, nxt, y.clamp(min=0), top_k=self.marginal_k)
+                    elif self.policy == 'predict':  # padded targets (-1) read as 0: never computed
+                        marg = model.marginal(x, meta, nxt, y.clamp(min=0), top_k=self.marginal_k, positions=todo)
+                    greedy_logits = logits
+                    if self.policy == 'predict':  # not asked for: every flag False
+                        greedy_logits = self.greedy_path(x, y, meta, nxt, rows, idx) if self.greedy else None
                 else:
                     logits, _ = model(x, meta if self.streams else None, targets=y)
+                    greedy_logits = logits
             logp = F.log_softmax(logits.float(), -1)
+            greedy = (greedy_logits.argmax(-1) == y).cpu() if greedy_logits is not None else torch.zeros(y.shape, dtype=torch.bool)
+            lps = (marg if marg is not None else logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1))
+            if tag_lp is not None:
+                lps = lps + tag_lp
+            lps = lps.double().cpu()
             for r, i in enumerate(idx):
-                tok, _, _, n = rows[i]
+                tok, _, _, n, skip = rows[i]
                 L = len(tok) - 1
-                pos = slice(L - n, L)
-                tgt = y[r, pos]
-                if marg is not None:
-                    ll = marg[r, pos].float().sum()
-                else:
-                    ll = logp[r, pos].gather(-1, tgt.unsqueeze(-1)).sum()
-                if tag_lp is not None:
-                    ll = ll + tag_lp[r, pos].sum()
-                greedy = bool((logp[r, pos].argmax(-1) == tgt).all())
-                out[i] = (float(ll), greedy)
+                lp, g = lps[r, L - n:L].numpy().copy(), greedy[r, L - n:L].numpy().copy()
+                lp[:skip], g[:skip] = np.nan, False
+                out[i] = (lp, g)
         return out
+
+    def greedy_path(self, x, y, meta, nxt, rows, idx):
+        """A meta_predict model's token logits along the tags greedy generation would feed it: from the
+        context's last position on, each position's next tags are the heads' argmax, which are also
+        the next token's own tags (sample.generate). Each choice reads the one before it: one forward
+        pass per continuation token."""
+        own, nx = {s: v.clone() for s, v in meta.items()}, {s: v.clone() for s, v in nxt.items()}
+        ends = [(len(rows[i][0]) - 1, rows[i][3]) for i in idx]  # (inputs L, scored n) per row
+        for j in range(max(n for _, n in ends) + 1):
+            logits, _, tag_logits, _ = self.model.forward_predict(x, own, nx, targets=y)
+            for r, (L, n) in enumerate(ends):
+                if j < n:
+                    p = L - n + j
+                    for s, tl in zip(self.streams, tag_logits):
+                        nx[s][r, p] = tl[r, p].argmax()
+                        if p + 1 < L:
+                            own[s][r, p + 1] = nx[s][r, p]
+        return logits
 
     # --- generation ---
 
@@ -431,15 +498,6 @@ class Scorer:
         cut = min([text.index(u) for u in until if u in text], default=len(text))
         return text[:cut]
 
-    def greedy_continues(self, ctx, cont):
-        """Whether greedy generation after ctx produces exactly the tokens cont (stops at the first miss)."""
-        cont = list(cont)
-        ctx = list(ctx) or [self.text.eot]
-        r = sample.generate(self.model, ctx, len(cont), 0.0, 1, True, tagger=self.tagger(), ctx=self.ctx,
-                                 cache_dtype=self.cache_dtype, tag_generated=False, meta_temperature=0,
-                                 stop=lambda new: new[-1] != cont[len(new) - 1])
-        return r['tokens'][len(ctx):] == cont
-
 
 # -----------------------------------------------------------------------------
 # the lm-evaluation-harness model (lm_eval imported on first use)
@@ -483,7 +541,8 @@ def lm_class():
             return f"{self.scorer.text.md.TOKENIZER}/{self.scorer.text.tokenization}"
 
         def tok_encode(self, string, add_special_tokens=None, **kwargs):
-            return self.scorer.text.encode(string)  # the checkpoint's tokenizer and tokenization
+            t = self.scorer.text  # the checkpoint's tokenizer and tokenization
+            return list(memo(('encode', t.md.TOKENIZER, t.tokenization, string), lambda: t.encode(string)))
 
         def tok_decode(self, tokens, **kwargs):
             return self.scorer.text.decode(tokens)
@@ -739,6 +798,109 @@ def build_task_dir(task_dir, cloze_n=500, arith_n=50, seed=1234, min_words=30, m
 
 
 # -----------------------------------------------------------------------------
+# BLiMP (Warstadt et al. 2020) from its official files: 67 paradigms of minimal pairs, scored by the
+# paper's simple LM method: the whole sentence's log-probability after the document separator,
+# correct when the grammatical one is the likelier (lm-eval's multiple_choice with an empty context)
+
+BLIMP_GROUP = 'lime_blimp'
+BLIMP_MAX_BYTES = 64 << 20  # an official paradigm file is about 0.4 MB: a larger one is not BLiMP
+
+
+def resolve_blimp_dir(d):
+    """blimp_dir -> the directory of paradigm files, or '' for lm-eval's own tasks (the hub)."""
+    if d == 'auto':
+        d = os.path.join(os.path.dirname(common.ROOT), 'shared', 'blimp', 'data')
+        return d if os.path.isdir(d) else ''
+    if d and not os.path.isdir(d):
+        fail(f"{d}: blimp_dir is not a directory (official BLiMP files, <UID>.jsonl)")
+    return d
+
+
+def read_blimp_file(path):
+    """The pairs of one official-format paradigm file (JSON lines with sentence_good, sentence_bad,
+    UID, pairID, field), checked: one line naming the file and the problem, never a traceback."""
+    if os.path.getsize(path) > BLIMP_MAX_BYTES:
+        fail(f"{path}: {os.path.getsize(path)} bytes, larger than any BLiMP paradigm file")
+    uid, docs, ids = os.path.basename(path)[:-len('.jsonl')], [], set()
+    with open(path, 'rb') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except (ValueError, UnicodeDecodeError) as e:
+                fail(f"{path}: line {n} is not JSON ({str(e).splitlines()[0]})")
+            if not isinstance(d, dict):
+                fail(f"{path}: line {n} is not a JSON object")
+            for k in ('sentence_good', 'sentence_bad', 'UID', 'field'):
+                if not isinstance(d.get(k), str) or not d[k].strip():
+                    fail(f"{path}: line {n}: '{k}' missing or not a non-empty string")
+            if not isinstance(d.get('pairID'), (str, int)) or isinstance(d.get('pairID'), bool):
+                fail(f"{path}: line {n}: 'pairID' missing")
+            if d['UID'] != uid:
+                fail(f"{path}: line {n}: UID '{d['UID']}' is not the file's name")
+            if str(d['pairID']) in ids:
+                fail(f"{path}: line {n}: pairID {d['pairID']} twice")
+            ids.add(str(d['pairID']))
+            docs.append(d)
+    if not docs:
+        fail(f"{path}: no pairs")
+    return docs
+
+
+def build_blimp_tasks(blimp_dir, task_dir):
+    """One lm-eval task per paradigm file of blimp_dir (lime_blimp_<UID>, reading the file itself) and
+    their group lime_blimp (the mean of the paradigms' accuracies, as BLiMP reports). Returns
+    {UID: (field, number of pairs)}."""
+    files = sorted(f for f in os.listdir(blimp_dir) if f.endswith('.jsonl'))
+    if not files:
+        fail(f"{blimp_dir}: no BLiMP paradigm files (<UID>.jsonl)")
+    info = {}
+    for f in files:
+        docs = read_blimp_file(os.path.join(blimp_dir, f))
+        info[f[:-len('.jsonl')]] = (docs[0]['field'].replace('/', '_'), len(docs))  # the files spell syntax_semantics both ways
+    os.makedirs(task_dir, exist_ok=True)
+    for uid in info:
+        cfg = dict(task=f"{BLIMP_GROUP}_{uid}", dataset_path='json',
+                   dataset_kwargs=dict(data_files={'test': os.path.abspath(os.path.join(blimp_dir, uid + '.jsonl'))}),
+                   test_split='test', output_type='multiple_choice', doc_to_text='', doc_to_target=0,
+                   doc_to_choice='{{[sentence_good, sentence_bad]}}',
+                   target_delimiter='',  # the sentence right after the separator, as documents start (lm-eval's own: ' ')
+                   num_fewshot=0, metric_list=[dict(metric='acc', aggregation='mean', higher_is_better=True)],
+                   metadata=dict(version=1.0))
+        write_if_changed(os.path.join(task_dir, f"{BLIMP_GROUP}_{uid}.yaml"), cfg)
+    write_if_changed(os.path.join(task_dir, f"{BLIMP_GROUP}.yaml"), dict(
+        group=BLIMP_GROUP, task=[f"{BLIMP_GROUP}_{u}" for u in info],
+        aggregate_metric_list=[dict(metric='acc', aggregation='mean', weight_by_size=False)], metadata=dict(version=1.0)))
+    for f in os.listdir(task_dir):  # a paradigm no longer in blimp_dir: its task goes
+        if f.startswith(BLIMP_GROUP + '_') and f.endswith('.yaml') and f[len(BLIMP_GROUP) + 1:-5] not in info:
+            os.remove(os.path.join(task_dir, f))
+    return info
+
+
+def write_if_changed(path, cfg):
+    text = f"# written by harness.py for --tasks=blimp\n{yaml_dump(cfg)}\n"
+    if not (os.path.isfile(path) and open(path).read() == text):
+        common.write_atomic(path, text)
+
+
+def blimp_summary(samples, info):
+    """lm-eval's per-pair samples of the paradigm tasks -> {overall: mean of paradigm accuracies,
+    paradigms: {UID: acc}, fields: {field: mean of its paradigms'}, n_pairs, correct: {UID: {pairID:
+    0/1}} (for paired comparisons between models)}."""
+    correct = {uid: {str(x['doc']['pairID']): int(x['acc']) for x in samples[f"{BLIMP_GROUP}_{uid}"]}
+               for uid in info}
+    par = {uid: sum(c.values()) / len(c) for uid, c in correct.items()}
+    fields = {}
+    for uid, (field, _) in info.items():
+        fields.setdefault(field, []).append(par[uid])
+    return dict(overall=sum(par.values()) / len(par), paradigms=par,
+                fields={f: sum(v) / len(v) for f, v in sorted(fields.items())},
+                n_pairs=sum(len(c) for c in correct.values()), field_of={u: f for u, (f, _) in info.items()},
+                correct=correct)
+
+
+# -----------------------------------------------------------------------------
 # running tasks
 
 def metric_rows(results):
@@ -758,14 +920,16 @@ def metric_rows(results):
 
 
 def evaluate(lm, task_names, task_dir='', limit=0, num_fewshot=-1, bootstrap_iters=1000, log_samples=False):
-    """lm_eval.simple_evaluate on an LM from make_lm; the local tasks from task_dir. Returns lm-eval's
+    """lm_eval.simple_evaluate on an LM from make_lm; the local tasks from task_dir (or a list of
+    directories). Returns lm-eval's
     results dict with 'lime' added: checkpoint, model kind, tag policy (and whether it is an oracle)."""
     import logging
     lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
     logging.getLogger('lm_eval').setLevel(logging.WARNING)
     ours = all(t.startswith('lime_') for t in task_names)
-    tm = TaskManager(include_path=task_dir if task_dir and os.path.isdir(task_dir) else None,
+    dirs = [d for d in (task_dir if isinstance(task_dir, (list, tuple)) else [task_dir]) if d and os.path.isdir(d)]
+    tm = TaskManager(include_path=dirs or None,
                      include_defaults=not ours)
     missing = [t for t in task_names if t not in tm.all_tasks]
     if missing:
@@ -783,6 +947,8 @@ def evaluate(lm, task_names, task_dir='', limit=0, num_fewshot=-1, bootstrap_ite
                   "tags need the reference continuation", file=sys.stderr)
     if not task_names:
         return dict(results={}, lime=lime_info(lm.scorer, skipped))
+    # BLiMP alone (multiple choice: log-likelihoods only): no greedy path for a self-predicting model
+    lm.scorer.greedy = not all(t.startswith(BLIMP_GROUP) for t in task_names)
     res = lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=tm, limit=limit or None,
                                   num_fewshot=None if num_fewshot < 0 else num_fewshot,
                                   bootstrap_iters=bootstrap_iters, log_samples=log_samples,
@@ -801,7 +967,7 @@ def lime_info(s, skipped=()):
 def print_results(res, out=None):
     out = out or sys.stdout
     info = res['lime']
-    rows = metric_rows(res['results'])
+    rows = [r for r in metric_rows(res['results']) if not r[0].startswith(BLIMP_GROUP + '_')]  # the group's enough
     w = max([len(t) for t, _, _, _ in rows] + [4])
     mw = max([len(m) for _, m, _, _ in rows] + [6])
     print(f"{info['out_dir']} ({info['model']}{': ' + ','.join(info['streams']) if info['streams'] else ''}), "
@@ -833,7 +999,15 @@ def run(cfg, out=None):
     if pols == ['all']:
         pols = list(POLICIES[first.kind])
     pols = [first.check_policy(p) for p in pols]  # every policy checked before the first evaluation
-    if any(t.startswith('lime_') for t in names) and not os.path.isfile(os.path.join(cfg['task_dir'], 'cloze.jsonl')):
+    blimp = None
+    if 'blimp' in names and resolve_blimp_dir(cfg['blimp_dir']):  # else lm-eval's own blimp (the hub)
+        bdir = resolve_blimp_dir(cfg['blimp_dir'])
+        blimp = build_blimp_tasks(bdir, cfg['blimp_task_dir'])
+        names = [BLIMP_GROUP if n == 'blimp' else n for n in names]
+        print(f"{bdir}: BLiMP, {len(blimp)} paradigms, {sum(n for _, n in blimp.values())} pairs "
+              f"(tasks in {cfg['blimp_task_dir']})", file=out)
+    if any(t.startswith('lime_') and not t.startswith(BLIMP_GROUP) for t in names) \
+            and not os.path.isfile(os.path.join(cfg['task_dir'], 'cloze.jsonl')):
         print(f"{cfg['task_dir']}: no offline tasks yet, building them", file=out)
         build_task_dir(cfg['task_dir'], cfg['cloze_n'], cfg['arith_n'], cfg['task_seed'],
                        cfg['cloze_min_words'], cfg['cloze_max_words'], out)
@@ -841,12 +1015,18 @@ def run(cfg, out=None):
     for p in pols:
         first.set_policy(p)
         t0 = time.time()
-        res = evaluate(make_lm(scorer=first), names, cfg['task_dir'], cfg['limit'], cfg['num_fewshot'],
-                       cfg['bootstrap_iters'])
+        res = evaluate(make_lm(scorer=first), names, [cfg['task_dir'], cfg['blimp_task_dir']], cfg['limit'],
+                       cfg['num_fewshot'], cfg['bootstrap_iters'], log_samples=blimp is not None)
         print_results(res, out)
         results[p] = dict(lime=res['lime'], results=res['results'], n_samples=res.get('n-samples'),
                           configs={k: {kk: str(vv) for kk, vv in v.items()} for k, v in res.get('configs', {}).items()},
                           wall_s=time.time() - t0)
+        if blimp is not None and res.get('samples'):
+            b = results[p]['blimp'] = blimp_summary(res['samples'], blimp)
+            b['wall_s'] = time.time() - t0
+            print(f"  BLiMP overall {b['overall']:.4f} over {len(b['paradigms'])} paradigms ({b['n_pairs']} pairs, "
+                  f"{b['n_pairs'] / b['wall_s']:.0f} pairs/s with lm-eval's overhead); "
+                  + ', '.join(f"{f} {v:.4f}" for f, v in b['fields'].items()), file=out)
     # a full disk (which the check above cannot see coming) is a LimeError naming path
     common.write_json(path, dict(config=cfg, policies=results, time=time.strftime('%Y-%m-%d %H:%M:%S')))
     print(f"wrote {path}", file=out)

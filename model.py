@@ -192,35 +192,39 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def candidates(self, x, u, rope=None):
-        """Attention of K candidate inputs per position: u (B, T, K, C) at position t reads the keys and
-        values of x (B, T, C) at positions s < t and its own at t, as if each candidate were x_t in the
-        sequence x. (meta_predict's marginal: the upper blocks of every candidate next tag of every
-        position at once, the past's own next tags in x.) Returns the output for u, (B, T, K, C)."""
-        B, T, K, C = u.size()
+    def candidates(self, x, u, rope=None, at=None):
+        """Attention of K candidate inputs per position: u (B, P, K, C) at position t = at[p] (default:
+        P = T, at = 0..T-1) reads the keys and values of x (B, T, C) at positions s < t and its own at t,
+        as if each candidate were x_t in the sequence x. (meta_predict's marginal: the upper blocks of
+        every candidate next tag of every position at once, the past's own next tags in x.) Returns the
+        output for u, (B, P, K, C)."""
+        B, P, K, C = u.size()
+        T = x.size(1)
+        at = torch.arange(T, device=u.device) if at is None else at
         kv = self.n_kv_head * self.hs
         _, kx, vx = self.c_attn(x).split([self.n_embd, kv, kv], dim=2)
         qu, ku, vu = self.c_attn(u).split([self.n_embd, kv, kv], dim=3)
         kx = kx.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         vx = vx.view(B, T, self.n_kv_head, self.hs).transpose(1, 2)
-        qu = qu.view(B, T, K, self.n_head, self.hs).permute(0, 3, 1, 2, 4)  # (B, nh, T, K, hs)
-        ku = ku.view(B, T, K, self.n_kv_head, self.hs).permute(0, 3, 1, 2, 4)
-        vu = vu.view(B, T, K, self.n_kv_head, self.hs).permute(0, 3, 1, 2, 4)
+        qu = qu.view(B, P, K, self.n_head, self.hs).permute(0, 3, 1, 2, 4)  # (B, nh, P, K, hs)
+        ku = ku.view(B, P, K, self.n_kv_head, self.hs).permute(0, 3, 1, 2, 4)
+        vu = vu.view(B, P, K, self.n_kv_head, self.hs).permute(0, 3, 1, 2, 4)
         if rope is not None:
             cos, sin = rope
             kx = apply_rotary(kx, cos, sin)
-            qu, ku = apply_rotary(qu, cos[:, None], sin[:, None]), apply_rotary(ku, cos[:, None], sin[:, None])
+            cu, su = cos[at][:, None], sin[at][:, None]
+            qu, ku = apply_rotary(qu, cu, su), apply_rotary(ku, cu, su)
         rep = self.n_head // self.n_kv_head  # grouped-query attention: query head h reads key/value head h // rep
         if rep > 1:
             kx, vx, ku, vu = (t.repeat_interleave(rep, dim=1) for t in (kx, vx, ku, vu))
         scale = 1.0 / math.sqrt(self.hs)
-        past = torch.einsum('bhtkd,bhsd->bhtks', qu, kx) * scale  # (B, nh, T, K, T)
-        seen = torch.ones(T, T, dtype=torch.bool, device=u.device).tril(diagonal=-1)  # s < t
+        past = torch.einsum('bhtkd,bhsd->bhtks', qu, kx) * scale  # (B, nh, P, K, T)
+        seen = torch.arange(T, device=u.device)[None] < at[:, None]  # (P, T): s < t
         past = past.masked_fill(~seen[:, None, :], float('-inf'))
         own = (qu * ku).sum(-1, keepdim=True) * scale
         a = torch.cat([past, own], dim=-1).float().softmax(-1).type_as(u)
         y = torch.einsum('bhtks,bhsd->bhtkd', a[..., :T], vx) + a[..., T:] * vu
-        y = y.permute(0, 2, 3, 1, 4).reshape(B, T, K, C)
+        y = y.permute(0, 2, 3, 1, 4).reshape(B, P, K, C)
         return self.c_proj(y)
 
 
@@ -260,10 +264,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), rope, kv_cache, start_pos)
         return x + self.mlp(self.ln_2(x))
 
-    def candidates(self, x, u, rope=None):
-        """The block's output for candidate inputs u (B, T, K, C) beside the sequence x (B, T, C): see
-        CausalSelfAttention.candidates (eval only: no dropout)."""
-        u = u + self.attn.candidates(self.ln_1(x), self.ln_1(u), rope)
+    def candidates(self, x, u, rope=None, at=None):
+        """The block's output for candidate inputs u (B, P, K, C) at positions at beside the sequence x
+        (B, T, C): see CausalSelfAttention.candidates (eval only: no dropout)."""
+        u = u + self.attn.candidates(self.ln_1(x), self.ln_1(u), rope, at)
         return u + self.mlp(self.ln_2(u))
 
 
@@ -398,7 +402,7 @@ class GPT(nn.Module):
     MARGINAL_CHUNK = 1 << 24  # logits values per candidate chunk of marginal() (64 MiB in float32)
 
     @torch.no_grad()
-    def marginal(self, idx, meta, next_meta, targets, top_k=0):
+    def marginal(self, idx, meta, next_meta, targets, top_k=0, positions=None):
         """log p(targets_t | past) of a meta_predict model with position t's next tags summed out,
         log sum_g p(g | past) p(targets_t | past, g), g over every combination of every stream's tags
         (top_k=0: the exact sum), or over the top_k combinations by the heads' joint probability plus the
@@ -406,7 +410,9 @@ class GPT(nn.Module):
         next_meta {stream: (B, T)}: the data's next tags, read at positions s < t (the past's own tags,
         a function of the tokens up to t when the streams are causal; the caller's to check). Every
         candidate of every position goes through blocks k+1..L at once (Block.candidates), in chunks
-        of MARGINAL_CHUNK logits; the lower blocks and the data's path run once. Returns (B, T) float32."""
+        of MARGINAL_CHUNK logits; the lower blocks and the data's path run once. positions (B, T) bool:
+        compute only there (the rest of the result is NaN; their cost is the candidates'). Returns (B, T)
+        float32."""
         cfg = self.config
         assert cfg.meta_predict, "marginal() is the self-predicting (meta_predict) model's likelihood"
         h = self.lower(idx, meta)
@@ -422,34 +428,40 @@ class GPT(nn.Module):
         G = math.prod(cfg.meta_n_tags)
         radix = torch.cat([torch.cumprod(n.flip(0), 0).flip(0)[1:], n.new_ones(1)])  # combination c -> digits
         digits = lambda c: [(c // r) % m for r, m in zip(radix, n)]
-        out = torch.empty(B, T, device=idx.device)
+        out = torch.full((B, T), float('nan'), device=idx.device)
         for b in range(B):
+            at = torch.arange(T, device=idx.device) if positions is None else positions[b].nonzero()[:, 0]
+            P = at.numel()
+            if P == 0:
+                continue
+            tlp = [lp[b, at] for lp in tag_lp]  # (P, n_d) each
             if top_k and top_k < G:
-                joint = sum(lp[b][:, d] for lp, d in zip(tag_lp, digits(torch.arange(G, device=idx.device))))
-                top = joint.topk(top_k, dim=-1).indices  # (T, k)
-                data = sum(next_meta[s][b] * r for s, r in zip(cfg.meta_streams, radix))  # (T,)
+                joint = sum(lp[:, d] for lp, d in zip(tlp, digits(torch.arange(G, device=idx.device))))
+                top = joint.topk(top_k, dim=-1).indices  # (P, k)
+                data = sum(next_meta[s][b, at] * r for s, r in zip(cfg.meta_streams, radix))  # (P,)
                 cand = torch.cat([top, data[:, None]], 1)  # the data's combination, counted once
                 dup = (top == data[:, None]).any(-1)
             else:
-                cand = torch.arange(G, device=idx.device).expand(T, G)
+                cand = torch.arange(G, device=idx.device).expand(P, G)
                 dup = None
-            acc = torch.full((T,), float('-inf'), device=idx.device)
+            acc = torch.full((P,), float('-inf'), device=idx.device)
             K = cand.size(1)
-            step = max(1, self.MARGINAL_CHUNK // (T * cfg.vocab_size))
+            step = max(1, self.MARGINAL_CHUNK // (P * cfg.vocab_size))
+            tgt = targets[b, at]
             for c0 in range(0, K, step):
                 c = cand[:, c0:c0 + step]
-                lp = sum(tl[b].gather(1, d) for tl, d in zip(tag_lp, digits(c)))  # (T, kc)
+                lp = sum(tl.gather(1, d) for tl, d in zip(tlp, digits(c)))  # (P, kc)
                 if dup is not None and c0 + step >= K:
                     lp[:, -1] = lp[:, -1].masked_fill(dup, float('-inf'))
-                u = h[b, :, None] + self.add_next(0, dict(zip(cfg.meta_streams, digits(c))))
+                u = h[b, at, None] + self.add_next(0, dict(zip(cfg.meta_streams, digits(c))))
                 u = u[None]
                 for block, xb in zip(upper, xs):
-                    u = block.candidates(xb[b:b + 1], u, rope)
-                logits = self.lm_head(self.transformer.ln_f(u[0])).float()  # (T, kc, V)
-                tok = targets[b][:, None, None].expand(T, logits.size(1), 1)
+                    u = block.candidates(xb[b:b + 1], u, rope, at)
+                logits = self.lm_head(self.transformer.ln_f(u[0])).float()  # (P, kc, V)
+                tok = tgt[:, None, None].expand(P, logits.size(1), 1)
                 lp = lp + logits.gather(-1, tok)[..., 0] - logits.logsumexp(-1)
                 acc = torch.logaddexp(acc, lp.logsumexp(-1))
-            out[b] = acc
+            out[b, at] = acc
         return out
 
     def add_next(self, x, next_meta):

@@ -6,6 +6,7 @@ include('bench_efficiency_cpu.py')
 out_json = 'out-bench/bench_efficiency_cpu_6l.json'
 eff_dir = 'out-bench-eff-cpu-6l'
 eff_seeds = 1
+eff_runs = 'baseline,lime_causal,lime1_predict,predict_token_classes'  # the two null controls of the small size (random classes, tag loss alone) left out: CPU time
 eff_archs = 'gpt2'
 n_layer = 6
 n_head = 4  # head size 64

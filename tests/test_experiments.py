@@ -394,3 +394,42 @@ def test_curves_refuse_a_corrupt_line_in_the_middle(tmp_path, bad):
                         f'--out_json={tmp_path / "c.json"}', f'--curves_png={tmp_path / "c.png"}'],
                        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 1 and r.stderr == f'experiments.py: error: {msg}\n' and not (tmp_path / 'c.json').exists(), r.stderr
+
+
+def test_blimp_of_every_arm_paired_with_the_baseline(tiny_data, tmp_path):
+    # two seeds of the baseline and a self-predicting arm, scored on BLiMP-format files with published
+    # results beside them; snapshots give BLiMP against tokens; a rerun reuses every score
+    from test_harness import BLIMP, write_blimp
+    d, data, _ = tiny_data
+    bdir = write_blimp(tmp_path / 'blimp' / 'data')
+    pub = {u: dict(ngram=0.5 + 0.01 * i, lstm=0.6, txl=0.7, gpt2=0.8 + 0.01 * i) for i, u in enumerate(BLIMP)}
+    (tmp_path / 'blimp' / 'models_summary.jsonl').write_text(''.join(json.dumps(dict(UID=u, **v)) + '\n'
+                                                                    for u, v in pub.items()))
+    out, eff_dir = d / 'blimp.json', d / 'bl'
+    args = ['--mode=efficiency', f'--data_dir={data}', f'--eff_dir={eff_dir}', f'--out_json={out}',
+            '--eff_runs=baseline,lime1_predict', '--eff_seeds=2', '--max_iters=4', '--eval_interval=2',
+            '--eval_iters=2', '--warmup_iters=1', '--plot=False', *TINY_MODEL, '--block_size=48', '--blimp=True',
+            f'--blimp_dir={bdir}', '--blimp_marginal_k=0', '--keep_checkpoints=3', '--blimp_snapshots=True']
+    run_experiments(d, *args, timeout=600)
+    res = load(out)['result']['archs']['gpt2']['blimp']
+    rows = {r['arm']: r for r in res['rows']}
+    assert res['pairs'] == sum(len(p) for _, p in BLIMP.values()) and res['paradigms'] == len(BLIMP)
+    own = {n: [load(eff_dir / experiments.run_name(n, i) / 'ckpt.blimp.json')['blimp'] for i in range(2)]
+           for n in rows}
+    for n, r in rows.items():
+        assert r['overall_seeds'] == [b['overall'] for b in own[n]]
+        assert r['overall'] == pytest.approx(np.mean(r['overall_seeds']))
+    assert rows['lime1_predict']['likelihood'] == 'exact marginal' and rows['baseline']['delta'] is None
+    diffs = [a['overall'] - b['overall'] for a, b in zip(own['lime1_predict'], own['baseline'])]
+    assert rows['lime1_predict']['delta'] == pytest.approx(np.mean(diffs), abs=1e-9)
+    assert res['published']['gpt2']['overall'] == pytest.approx(np.mean([v['gpt2'] for v in pub.values()]))
+    assert res['published']['ngram']['fields']['morphology'] == pytest.approx(0.505)
+    table = (eff_dir / 'blimp_paradigms.md').read_text()
+    assert all(f'| {u} | {f} |' in table for u, (f, _) in BLIMP.items())
+    tpi = 4 * 48
+    assert [t for t, _ in res['curves']['baseline']] == [2 * tpi, 4 * tpi]
+    assert res['curves']['baseline'][-1][1] == pytest.approx(own['baseline'][0]['overall'])
+    stamp = os.path.getmtime(eff_dir / 'lime1_predict' / 'ckpt.blimp.json')
+    run_experiments(d, *args, timeout=600)
+    assert os.path.getmtime(eff_dir / 'lime1_predict' / 'ckpt.blimp.json') == stamp
+    assert load(out)['result']['archs']['gpt2']['blimp']['rows'] == res['rows']

@@ -1,5 +1,6 @@
 """harness.py (issue 13): tag policies, the lm-eval model against direct forward passes, rolling
 windows, stop strings, the offline task builder, and an lm-eval run end to end."""
+import io
 import json
 import math
 import os
@@ -539,3 +540,193 @@ def test_a_checkpoint_file_as_out_dir_end_to_end(ckpts, task_dir, tmp_path, caps
     res = json.loads((tmp_path / 'ckpt_000002.harness.json').read_text())
     assert 0 <= res['policies']['causal']['results']['lime_cloze']['acc,none'] <= 1
     assert f"wrote {tmp_path / 'ckpt_000002.harness.json'}" in capsys.readouterr().out
+
+
+# --- BLiMP ----------------------------------------------------------------------------
+
+BLIMP = {  # UID: (field, [(good, bad)]): the official format's fields, written here (no ties by construction)
+    'determiner_noun_agreement_1': ('morphology', [
+        ('Raymond is selling this sketch.', 'Raymond is selling this sketches.'),
+        ('Carl cures those horses.', 'Carl cures that horses.'),
+        ('The boys were walking to those schools.', 'The boys were walking to that schools.'),
+        ('Sarah liked these books.', 'Sarah liked this books.'),
+        ('A man fixed this car.', 'A man fixed these car.'),
+        ('Those dogs ran away.', 'That dogs ran away.')]),
+    'regular_plural_subject_verb_agreement_1': ('morphology', [
+        ('The dogs are barking.', 'The dogs is barking.'),
+        ('Paula references Robert.', 'Paula reference Robert.'),
+        ('The cats were sleeping.', 'The cats was sleeping.'),
+        ('Some teachers have left.', 'Some teachers has left.'),
+        ('This girl is singing.', 'This girl are singing.')]),
+    'wh_questions_object_gap': ('syntax', [
+        ('Who did John see?', 'Who did John see Mary?'),
+        ('What had the man bought?', 'What had the man bought a car?'),
+        ('Which book did Alice read?', 'Which book did Alice read the paper?'),
+        ('Who has Martha helped?', 'Who has Martha helped Tom?')]),
+    'existential_there_quantifiers_1': ('semantics', [
+        ('There was a cat in the garden.', 'There was every cat in the garden.'),
+        ('There were some boys at the party.', 'There were all boys at the party.'),
+        ('There is a book on the table.', 'There is each book on the table.')]),
+}
+
+
+def write_blimp(d, swap=False, keep=None, extra=True):
+    """BLiMP's official format, one file per paradigm; keep: pairIDs to write (in that order)."""
+    os.makedirs(d, exist_ok=True)
+    for uid, (field, pairs) in BLIMP.items():
+        rows = [dict(sentence_good=b if swap else g, sentence_bad=g if swap else b, field=field,
+                     linguistics_term='x', UID=uid, simple_LM_method=True, pairID=str(i))
+                for i, (g, b) in enumerate(pairs)]
+        if keep is not None:
+            rows = [rows[i] for i in keep if i < len(rows)]
+        if not extra:
+            rows = [{k: r[k] for k in ('sentence_good', 'sentence_bad', 'field', 'UID', 'pairID')} for r in rows]
+        (d / f'{uid}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return d
+
+
+@pytest.fixture(scope='module')
+def blimp_ckpts(tmp_path_factory):
+    """Models whose block holds a whole BLiMP sentence in gpt2-512 tokens."""
+    d = tmp_path_factory.mktemp('blimp_models')
+    return {k: make_ckpt(d / k, KINDS[k][0], KINDS[k][1], predict=KINDS[k][2], block_size=64, seed=20 + i)
+            for i, k in enumerate(('baseline', 'lime', 'lime1', 'predict'))}
+
+
+def run_blimp(out_dir, bdir, tmp_path, *flags):
+    out = tmp_path / f'b{len(list(tmp_path.iterdir()))}.json'
+    cfg = harness.configure([f'--out_dir={out_dir}', '--tasks=blimp', f'--blimp_dir={bdir}',
+                             f'--blimp_task_dir={tmp_path / "tasks"}', f'--out_json={out}', '--batch_size=7', *flags])
+    buf = io.StringIO()
+    res = harness.run(cfg, out=buf)
+    assert json.loads(out.read_text())['policies'].keys() == res.keys()
+    return res, buf.getvalue()
+
+
+@pytest.mark.parametrize('kind', ['baseline', 'lime', 'predict'])
+def test_blimp_swapped_sentences_give_one_minus_the_accuracy(blimp_ckpts, tmp_path, kind):
+    lm_eval_or_skip()
+    a, _ = run_blimp(blimp_ckpts[kind], write_blimp(tmp_path / 'a'), tmp_path)
+    b, _ = run_blimp(blimp_ckpts[kind], write_blimp(tmp_path / 'b', swap=True), tmp_path)
+    (pa, ra), = a.items()
+    rb = b[pa]['blimp']
+    ra = ra['blimp']
+    assert ra['n_pairs'] == rb['n_pairs'] == sum(len(p) for _, p in BLIMP.values())
+    for uid in BLIMP:  # pair by pair: exactly the other sentence wins (a tie would count in both)
+        assert {i: 1 - c for i, c in ra['correct'][uid].items()} == rb['correct'][uid]
+        assert rb['paradigms'][uid] == pytest.approx(1 - ra['paradigms'][uid])
+    assert rb['overall'] == pytest.approx(1 - ra['overall'])
+    assert 0 < ra['overall'] < 1  # the test data separates the two (not all one way)
+    mean = lambda f: np.mean([ra['paradigms'][u] for u, (g, _) in BLIMP.items() if g == f])
+    assert ra['fields'] == pytest.approx({f: mean(f) for f in ('morphology', 'semantics', 'syntax')})
+    assert ra['overall'] == pytest.approx(np.mean(list(ra['paradigms'].values())))  # paradigms weigh the same
+
+
+def test_blimp_subset_of_pairs_equals_the_same_pairs_in_the_full_files(blimp_ckpts, tmp_path):
+    lm_eval_or_skip()
+    full, _ = run_blimp(blimp_ckpts['predict'], write_blimp(tmp_path / 'full'), tmp_path)
+    part, _ = run_blimp(blimp_ckpts['predict'], write_blimp(tmp_path / 'part', keep=[4, 1, 3], extra=False), tmp_path)
+    f, p = full['predict']['blimp'], part['predict']['blimp']
+    assert p['n_pairs'] == sum(len([i for i in (4, 1, 3) if i < len(v[1])]) for v in BLIMP.values())
+    for uid in BLIMP:
+        assert p['correct'][uid] == {i: c for i, c in f['correct'][uid].items() if int(i) in (4, 1, 3)}
+
+
+def test_blimp_sentence_score_is_the_log_probability_after_the_separator(blimp_ckpts, tmp_path):
+    """The whole sentence, no leading space, after <|endoftext|>: for a self-predicting model the
+    sum of its per-token marginals (next tags summed out exactly), for LIME with causal tags."""
+    lm_eval_or_skip()
+    from lm_eval.tasks import TaskManager
+    info = harness.build_blimp_tasks(str(write_blimp(tmp_path / 'd')), str(tmp_path / 't'))
+    uid = 'wh_questions_object_gap'
+    for kind in ('predict', 'lime'):
+        lm = harness.make_lm(out_dir=blimp_ckpts[kind])
+        res = harness.evaluate(lm, [f'lime_blimp_{uid}'], str(tmp_path / 't'), log_samples=True)
+        model, text = lm.scorer.model, lm.scorer.text
+        for s in res['samples'][f'lime_blimp_{uid}']:
+            for sent, (ll, _) in zip((s['doc']['sentence_good'], s['doc']['sentence_bad']), s['filtered_resps']):
+                seq = [text.eot] + text.encode(sent)
+                C = causal(seq)
+                meta = {st: C[base(st)][:-1] for st in lm.scorer.streams}
+                nxt = {st: C[base(st)][1:] for st in lm.scorer.streams}
+                want = (direct_marginal(model, seq, len(seq) - 1, meta, nxt) if kind == 'predict'
+                        else direct_ll(model, seq, len(seq) - 1, meta)[0])
+                assert ll == pytest.approx(want, abs=1e-4), sent
+    assert info[uid] == ('syntax', 4)
+
+
+def test_blimp_policies_oracle_marked_and_full_refused(blimp_ckpts, tmp_path):
+    lm_eval_or_skip()
+    bdir = write_blimp(tmp_path / 'd')
+    res, printed = run_blimp(blimp_ckpts['lime1'], bdir, tmp_path, '--tag_policy=causal,oracle')
+    assert set(res) == {'causal', 'oracle'} and res['oracle']['lime']['oracle']
+    assert 'ORACLE' in printed and printed.count('BLiMP overall') == 2
+    res, printed = run_blimp(blimp_ckpts['predict'], bdir, tmp_path)
+    assert res['predict']['lime']['likelihood'] == 'exact marginal' and 'exact marginal' in printed
+    with pytest.raises(common.LimeError, match="'full' is refused"):
+        run_blimp(blimp_ckpts['lime'], bdir, tmp_path, '--tag_policy=full')
+
+
+def test_blimp_reads_official_files_and_refuses_broken_ones(tmp_path):
+    d = write_blimp(tmp_path / 'd', keep=[2, 0])  # any subset of pairIDs, extra keys as in the official files
+    info = harness.build_blimp_tasks(str(d), str(tmp_path / 't'))
+    assert info == {u: (f, min(2, len(p))) for u, (f, p) in BLIMP.items()}
+    assert sorted(os.listdir(tmp_path / 't')) == sorted([f'lime_blimp_{u}.yaml' for u in BLIMP] + ['lime_blimp.yaml'])
+    uid = 'wh_questions_object_gap'
+    good = (d / f'{uid}.jsonl').read_text().splitlines()
+    cases = {'not JSON': '{"sentence_good": ', "'sentence_bad' missing": json.dumps(
+        {k: v for k, v in json.loads(good[0]).items() if k != 'sentence_bad'}),
+        'not the file': json.dumps({**json.loads(good[0]), 'UID': 'other'}), 'twice': good[0]}
+    for msg, line in cases.items():
+        (d / f'{uid}.jsonl').write_text('\n'.join(good + [line]) + '\n')
+        with pytest.raises(common.LimeError, match=msg) as e:
+            harness.build_blimp_tasks(str(d), str(tmp_path / 't'))
+        assert str(d / f'{uid}.jsonl') in str(e.value) and '\n' not in str(e.value)
+    (d / f'{uid}.jsonl').write_text('')
+    with pytest.raises(common.LimeError, match='no pairs'):
+        harness.build_blimp_tasks(str(d), str(tmp_path / 't'))
+    with pytest.raises(common.LimeError, match='not a directory'):
+        harness.resolve_blimp_dir(str(tmp_path / 'missing'))
+    # a paradigm removed from the directory loses its task
+    (d / f'{uid}.jsonl').unlink()
+    harness.build_blimp_tasks(str(d), str(tmp_path / 't'))
+    assert f'lime_blimp_{uid}.yaml' not in os.listdir(tmp_path / 't')
+
+
+@pytest.mark.parametrize('kind,policy,k', [('baseline', '', 0), ('lime', 'causal', 0), ('lime1_causal', 'causal', 0),
+                                           ('lime1', 'oracle', 0), ('predict', 'predict', 0), ('predict', 'predict', 2),
+                                           ('predict_full', 'predict', 0)])
+def test_requests_sharing_a_prefix_score_as_they_do_alone(ckpts, kind, policy, k):
+    """Targets in a prefix two requests share are computed once: the results equal scoring each alone."""
+    s = harness.Scorer(ckpts[kind], policy, batch_size=3, marginal_k=k)
+    e = s.text.encode
+    pairs = [([s.text.eot], e('The ship was late')), ([s.text.eot], e('The ship was early')),
+             ([s.text.eot], e('The ship')), (e('He said'), e(' that the ship was late')),
+             (e('He said that'), e(' the ship was late')), ([s.text.eot], e('The ship was late'))]
+    together = s.loglikelihood(pairs)
+    for p, (ll, g) in zip(pairs, together):
+        (ll1, g1), = s.loglikelihood([p])
+        assert ll == pytest.approx(ll1, abs=1e-5) and g == g1
+
+
+def test_blimp_untrained_model_is_near_chance(tmp_path):
+    """An untrained model (GPT-2 init, the full vocabulary) on the first 20 pairs of every paradigm."""
+    lm_eval_or_skip()
+    src = ROOT.parent / 'shared' / 'blimp' / 'data'
+    if not src.is_dir():
+        pytest.skip('../shared/blimp/data not present')
+    d = tmp_path / 'blimp'
+    d.mkdir()
+    for f in sorted(src.glob('*.jsonl')):
+        (d / f.name).write_text(''.join(f.read_text().splitlines(keepends=True)[:20]))
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257, bias=False))
+    os.makedirs(tmp_path / 'm')
+    torch.save(dict(model=m.state_dict(), model_args=dict(vars(m.config)), config=dict(),
+                    dataset=dict(vocab_size=50257, tokenizer='gpt2', tokenization='lime', ner='binary', eot_token=50256,
+                                 streams={})), tmp_path / 'm' / 'ckpt.pt')
+    res, _ = run_blimp(str(tmp_path / 'm'), d, tmp_path, '--batch_size=64')
+    b = res['causal']['blimp']
+    assert b['n_pairs'] == 20 * 67
+    assert 0.4 < b['overall'] < 0.6, b['overall']

@@ -691,6 +691,22 @@ def test_marginal_batched_and_chunked_equal_one_row_unchunked(arch):
 
 
 @pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
+def test_marginal_at_some_positions_equals_the_whole_marginal_there(arch):
+    # BLiMP scores only the positions a pair does not share: the rest must not change what is computed
+    m = marginal_model(arch, seed=12)
+    idx, meta, nxt, y = marginal_batch(m, B=3, seed=13)
+    g = torch.Generator().manual_seed(14)
+    pos = torch.rand(idx.shape, generator=g) < 0.4
+    pos[1] = False  # a row with nothing to compute
+    pos[2, -1] = True  # the last position (it reads every earlier one)
+    for k in (0, 2):
+        whole = m.marginal(idx, meta, nxt, y, top_k=k)
+        part = m.marginal(idx, meta, nxt, y, top_k=k, positions=pos)
+        torch.testing.assert_close(part[pos], whole[pos], rtol=0, atol=1e-6)
+        assert torch.isnan(part[~pos]).all()
+
+
+@pytest.mark.parametrize('arch', ['gpt2', 'gemma'])
 def test_marginal_top_k_is_a_bound_over_top_k_and_the_data_tags(arch):
     m = marginal_model(arch, seed=10)
     idx, meta, nxt, y = marginal_batch(m, seed=11)
