@@ -10,6 +10,7 @@ and no torch (metadata.py's tagging CLI starts without it): torch, model and met
 inside the functions that need them.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -512,6 +513,52 @@ class Split:
         return np.flatnonzero(np.memmap(self.tok_path, dtype=np.uint16, mode='r') == eot)
 
 
+def data_fingerprint(data_dir, streams):
+    """The dataset's identity: a hash of meta.json (prepare.py writes a new one, with its counts and
+    timings, on every run) and the sizes of the files a run reads. Kept in the checkpoint; compared on
+    resume and at every evaluation, so re-prepared data is noticed instead of silently trained on."""
+    h = hashlib.sha256()
+    path = os.path.join(data_dir, 'meta.json')
+    try:
+        with open(path, 'rb') as f:
+            h.update(f.read())
+        for split in ('train', 'val'):
+            for name in [''] + [f'.{s}' for s in streams]:
+                path = os.path.join(data_dir, f'{split}{name}.bin')
+                h.update(f"{split}{name}:{os.path.getsize(path)};".encode())
+    except OSError as e:
+        fail(f"{path}: cannot read ({e.strerror or e})")
+    return h.hexdigest()[:16]
+
+
+def token_classes(split, streams, n_tags, vocab_size, mode, seed, sample=1 << 24):
+    """The control arms' streams (meta_classes): {stream: (vocab_size,) tag ids}, each token's
+    majority tag combination over the streams in the train split ('token': a lookup table, no
+    tagger at test time; from about `sample` evenly spaced positions; a token never seen gets the
+    commonest combination), or those classes moved to other tokens by a seeded permutation of the
+    token ids ('random': the same class sizes, no linguistic meaning)."""
+    n = len(np.memmap(split.tok_path, dtype=np.uint16, mode='r'))
+    pick = slice(None, None, max(1, n // sample))
+    tok = np.memmap(split.tok_path, dtype=np.uint16, mode='r')[pick].astype(np.int64)
+    combo = np.zeros_like(tok)
+    for s, m in zip(streams, n_tags):
+        combo = combo * m + np.memmap(split.paths[s], dtype=np.uint16, mode='r')[pick]
+    G = math.prod(n_tags)
+    keys, counts = np.unique(tok * G + combo, return_counts=True)
+    # per token, its most frequent combination (ties: the smallest id): sort by token, then count
+    order = np.lexsort((-counts, keys // G))
+    keys = keys[order]
+    first = np.r_[True, keys[1:] // G != keys[:-1] // G]
+    table = np.full(vocab_size, np.bincount(combo, minlength=G).argmax(), dtype=np.int64)
+    table[keys[first] // G] = keys[first] % G
+    if mode == 'random':
+        table = table[np.random.default_rng(seed).permutation(vocab_size)]
+    out = {}
+    for s, m in reversed(list(zip(streams, n_tags))):
+        out[s], table = table % m, table // m
+    return out
+
+
 def torch_from(a):
     import torch
     return torch.from_numpy(np.ascontiguousarray(a).astype(np.int64))
@@ -520,7 +567,6 @@ def torch_from(a):
 def record_in_val(key, index, seed, val_fraction):
     """prepare.py's split of a record (a JSONL line, a parquet or Hugging Face row): in val when
     blake2b-64(f"{seed}\0{key}\0{index}") < val_fraction * 2**64 (see prepare.py)."""
-    import hashlib
     h = hashlib.blake2b(f'{seed}\0{key}\0{index}'.encode('utf-8', 'surrogateescape'), digest_size=8)
     return int.from_bytes(h.digest(), 'big') < val_fraction * 2 ** 64
 
@@ -644,6 +690,15 @@ def load_checkpoint(path, resume=False):
     except ValueError as e:
         bad(str(e))
     check_checkpoint_dataset(ck['dataset'], a, path)
+    cl = ck.get('classes')  # meta_classes control arms: each token's tags, a lookup (a table per stream)
+    if cl is not None:
+        ok = isinstance(cl, dict) and set(cl) == set(a['meta_streams'])
+        for s, n in zip(a['meta_streams'], a['meta_n_tags']):
+            v = cl.get(s) if ok else None
+            ok = ok and isinstance(v, torch.Tensor) and v.dim() == 1 and len(v) == a['vocab_size'] \
+                and not v.is_floating_point() and bool(((v >= 0) & (v < n)).all())
+        if not ok:
+            bad("not a LIME checkpoint written by train.py (classes: not one table of tag ids per stream, vocab_size long)")
     return ck
 
 

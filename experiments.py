@@ -103,7 +103,7 @@ blimp = False
 blimp_dir = 'auto'  # official-format paradigm files; 'auto' = ../shared/blimp/data (published results beside it)
 blimp_limit = 0  # the first N pairs of each paradigm; 0 = all
 blimp_marginal_k = 8  # self-predicting runs: the top-k bound of the marginal (0 = exact: about 30x dearer on CPU)
-blimp_snapshots = False  # also score every kept snapshot (keep_checkpoints) of each arm's first seed: BLiMP against tokens
+blimp_snapshots = ''  # arms (comma-separated) whose first seed's kept snapshots (keep_checkpoints) are scored too: BLiMP against tokens
 # tightness: python experiments.py --mode=tightness --ckpt_dir=RUN (a self-predicting run on causal streams)
 tight_ks = '1,2,4,8,16,32'  # the top-k bounds measured against the exact marginal, on the run's val windows
 # curves: python experiments.py --mode=curves RUN_DIR [RUN_DIR ...]
@@ -674,6 +674,14 @@ def run_efficiency(C):
                 fail(f"{C.data_dir}: stream '{s}' missing for run '{n}' (prepare.py --tags full,causal)")
     if C.eff_seeds < 1:
         fail(f"eff_seeds={C.eff_seeds}: must be >= 1")
+    if C.blimp:
+        import harness
+        if not harness.resolve_blimp_dir(C.blimp_dir):  # an explicit directory that is missing fails here
+            print("note: BLiMP skipped: no files at ../shared/blimp/data (--blimp_dir=DIR names others)", flush=True)
+            C.blimp = False
+    for n in (x for x in C.blimp_snapshots.split(',') if x):
+        if C.blimp and n not in names:
+            fail(f"blimp_snapshots: '{n}' is not one of the arms (eff_runs)")
     names = ['baseline'] + [n for n in names if n != 'baseline']
     plain = [n for n in names if ARMS[n].get('tokenization') == 'plain']
     plain_info = ensure_plain_dataset(C, info) if plain else None
@@ -850,8 +858,9 @@ def run_blimp(C, names, dirs, root, tokens_per_iter):
     md_path = os.path.join(root, 'blimp_paradigms.md')
     write_atomic(md_path, blimp_paradigm_table(cmp))
     print(f"per paradigm: {md_path}")
-    if C.blimp_snapshots:
-        cmp['curves'] = {n: blimp_curve(C, dirs[n][0], tokens_per_iter) for n in names}
+    snap = [n for n in C.blimp_snapshots.split(',') if n]
+    if snap:
+        cmp['curves'] = {n: blimp_curve(C, dirs[n][0], tokens_per_iter) for n in snap}
         for n, pts in cmp['curves'].items():
             print(f"BLiMP against tokens, {n}: " + ', '.join(f"{t / 1e6:.1f}M {v:.4f}" for t, v in pts))
     cmp['wall_s'] = time.time() - t0

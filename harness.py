@@ -211,6 +211,7 @@ class Scorer:
 
     def __init__(self, out_dir, policy='', device='cpu', batch_size=16, dtype='float32', err=None, marginal_k=0):
         self.err = err or sys.stderr
+        self.noted = set()
         self.model, ckpt = common.load_model(out_dir, device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             fail(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -230,6 +231,7 @@ class Scorer:
         for s in self.streams:
             if base_stream(s) not in ('pos', 'ner'):
                 fail(f"{out_dir}: stream '{s}' cannot be computed from text (only pos/ner, full or causal)")
+        self.classes = self.class_tables(ckpt, out_dir)
         self.text = sample.Text(dataset)
         self.vocabs = {s: dataset.get('streams', {}).get(s, {}).get('tags') for s in self.streams}
         for s in self.streams:
@@ -240,11 +242,32 @@ class Scorer:
             fail(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         self.ctx = common.autocast(device, dtype)
         self.cache_dtype = common.torch_dtype(dtype) if device.startswith('cuda') else None
-        self.noted = set()
         self.greedy = True  # False: a meta_predict model's greedy flags are not computed (multiple-choice tasks read none)
         if self.policy == 'causal' and any(not is_causal(s) for s in self.streams):
             self.note(f"note: {out_dir} was trained on full tags ({', '.join(self.streams)}); the causal policy "
                       "feeds it causal tags (full tags of the text would read the continuation)")
+
+    def class_tables(self, ckpt, out_dir):
+        """A meta_classes control (train.py): {stream: (vocab,) tag ids}, each token's class, which the
+        model read instead of tags; None for a model trained on tags. From the checkpoint, or for one
+        written before train.py kept them, recomputed from its data_dir if that is the same data."""
+        mode = (ckpt.get('config') or {}).get('meta_classes', 'data')
+        if mode == 'data':
+            return None
+        if ckpt.get('classes') is not None:
+            return {k: v.numpy().astype(np.int64) for k, v in ckpt['classes'].items()}
+        cfg, streams = ckpt['config'], list(self.model.config.meta_streams)
+        d = cfg.get('data_dir', '')
+        if not (isinstance(d, str) and os.path.isfile(os.path.join(d, 'meta.json'))):
+            fail(f"{out_dir}: a meta_classes='{mode}' control without its class table (older than train.py's "
+                 f"storing it), and its data_dir {d!r} is not here to recompute it from")
+        if ckpt.get('data_fingerprint') != common.data_fingerprint(d, streams):
+            fail(f"{out_dir}: a meta_classes='{mode}' control without its class table, and its data_dir {d} "
+                 "has changed since training: the classes cannot be recomputed")
+        self.note(f"note: {out_dir}: meta_classes='{mode}': the class table recomputed from {d} (as training did)")
+        split = common.Split(d, 'train', streams, 0)
+        return common.token_classes(split, streams, self.model.config.meta_n_tags, ckpt['dataset']['vocab_size'],
+                                    mode, cfg.get('seed', 1337))
 
     def note(self, msg):
         if msg not in self.noted:
@@ -275,7 +298,12 @@ class Scorer:
     # --- tags ---
 
     def causal_tags(self, seq):
-        """{base stream: causal tags of each token of seq} (tags of token t from tokens <= t); read-only."""
+        """{base stream: causal tags of each token of seq} (tags of token t from tokens <= t); read-only.
+        A meta_classes control: each token's class (a lookup, the tags it was trained on)."""
+        if self.classes is not None:
+            a = np.asarray(seq, dtype=np.int64)
+            return {base_stream(s): v[a] for s, v in self.classes.items()}
+
         def tag():
             c = self.text.md.annotate_causal(np.asarray(seq, dtype=np.int64), self.text.ner)
             out = {b: c[b + '_causal'].astype(np.int64) for b in ('pos', 'ner')}
@@ -395,9 +423,9 @@ class Scorer:
                 scored[r, L - n:L] = True
                 todo[r, L - n + skip:L] = True
                 for s in self.streams:
-                    meta[s][r, :L] = torch.as_tensor(m[s])
+                    meta[s][r, :L] = torch.from_numpy(np.array(m[s]))  # a copy: cached tags are read-only
                     if nx is not None:
-                        nxt[s][r, :L] = torch.as_tensor(nx[s])
+                        nxt[s][r, :L] = torch.from_numpy(np.array(nx[s]))
             x, y, scored, todo = x.to(dev), y.to(dev), scored.to(dev), todo.to(dev)
             meta = {s: v.to(dev) for s, v in meta.items()}
             nxt = {s: v.to(dev) for s, v in nxt.items()}
@@ -453,6 +481,9 @@ class Scorer:
     def tagger(self):
         if not self.streams:
             return None
+        if self.classes is not None:
+            fail(f"{self.out_dir}: a meta_classes control model reads token classes, not tags: "
+                 "log-likelihood tasks only (no generation)")
         if self.policy == 'unk':
             return UnkTagger(set(self.bases))
         return self.text.tagger()

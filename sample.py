@@ -333,6 +333,8 @@ def run(cfg, out=None, err=None):
     hint_text = read_text('--hints_file', cfg['hints_file']) if cfg['hints_file'] else utf8_text('--hints', hint_text)
 
     model, ckpt = common.load_model(cfg['out_dir'], dev)
+    if (ckpt.get('config') or {}).get('meta_classes', 'data') != 'data':
+        fail(f"{cfg['out_dir']}: a meta_classes control reads token classes, not tags: score it, do not sample it")
     mcfg = model.config
     streams, shift, predict = mcfg.input_streams, mcfg.meta_shift, mcfg.meta_predict
     dataset = ckpt.get('dataset') or {}

@@ -12,7 +12,6 @@ include('base.py') a config beside it) and --key=value flags override them, in c
 """
 
 import glob
-import hashlib
 import io
 import json
 import math
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Split, append_log, autocast, check_device, check_range, coerce, configure, eval_starts, fail,
+from common import (Split, append_log, data_fingerprint, token_classes, autocast, check_device, check_range, coerce, configure, eval_starts, fail,
                     window_docs,
                     first_line, id_limits, load_checkpoint, load_meta, lock_out_dir, remove_temps, resolve_dtype,
                     run_main, save_checkpoint, trim_log, unlock_out_dir, write_atomic, write_json)
@@ -159,24 +158,6 @@ def check_config(c):
 
 # -----------------------------------------------------------------------------
 # data (the reader, load_meta and Split, is common.py's: other scripts read the same windows)
-
-def data_fingerprint(data_dir, streams):
-    """The dataset's identity: a hash of meta.json (prepare.py writes a new one, with its counts and
-    timings, on every run) and the sizes of the files a run reads. Kept in the checkpoint; compared on
-    resume and at every evaluation, so re-prepared data is noticed instead of silently trained on."""
-    h = hashlib.sha256()
-    path = os.path.join(data_dir, 'meta.json')
-    try:
-        with open(path, 'rb') as f:
-            h.update(f.read())
-        for split in ('train', 'val'):
-            for name in [''] + [f'.{s}' for s in streams]:
-                path = os.path.join(data_dir, f'{split}{name}.bin')
-                h.update(f"{split}{name}:{os.path.getsize(path)};".encode())
-    except OSError as e:
-        fail(f"{path}: cannot read ({e.strerror or e})")
-    return h.hexdigest()[:16]
-
 
 def mix_seed(*keys):
     # torch's CPU generator keeps only 32 bits of a seed, so hash the keys down to 32 well-mixed bits
@@ -363,34 +344,6 @@ def first_tag_costs(split, streams, n_tags, sample=1 << 20):
         arr = np.memmap(split.paths[s], dtype=np.uint16, mode='r')
         counts = np.bincount(arr[::max(1, len(arr) // sample)], minlength=n)[:n] + 1.0
         out[s] = torch.from_numpy(-np.log(counts / counts.sum()))
-    return out
-
-
-def token_classes(split, streams, n_tags, vocab_size, mode, seed, sample=1 << 24):
-    """The control arms' streams (meta_classes): {stream: (vocab_size,) tag ids}, each token's
-    majority tag combination over the streams in the train split ('token': a lookup table, no
-    tagger at test time; from about `sample` evenly spaced positions; a token never seen gets the
-    commonest combination), or those classes moved to other tokens by a seeded permutation of the
-    token ids ('random': the same class sizes, no linguistic meaning)."""
-    n = len(np.memmap(split.tok_path, dtype=np.uint16, mode='r'))
-    pick = slice(None, None, max(1, n // sample))
-    tok = np.memmap(split.tok_path, dtype=np.uint16, mode='r')[pick].astype(np.int64)
-    combo = np.zeros_like(tok)
-    for s, m in zip(streams, n_tags):
-        combo = combo * m + np.memmap(split.paths[s], dtype=np.uint16, mode='r')[pick]
-    G = math.prod(n_tags)
-    keys, counts = np.unique(tok * G + combo, return_counts=True)
-    # per token, its most frequent combination (ties: the smallest id): sort by token, then count
-    order = np.lexsort((-counts, keys // G))
-    keys = keys[order]
-    first = np.r_[True, keys[1:] // G != keys[:-1] // G]
-    table = np.full(vocab_size, np.bincount(combo, minlength=G).argmax(), dtype=np.int64)
-    table[keys[first] // G] = keys[first] % G
-    if mode == 'random':
-        table = table[np.random.default_rng(seed).permutation(vocab_size)]
-    out = {}
-    for s, m in reversed(list(zip(streams, n_tags))):
-        out[s], table = table % m, table // m
     return out
 
 
@@ -787,7 +740,7 @@ def open_data(C, cfg, S, ckpt):
     docs = window_docs(starts, ends)
     return SimpleNamespace(
         streams=streams, info=info, fingerprint=fingerprint, model_config=model_config, word_ids=word_ids,
-        train=train_split, val=val_split,
+        train=train_split, val=val_split, classes=classes,
         val_windows=starts[S.rank::S.world], val_docs=docs[S.rank::S.world], n_docs=max(docs) + 1,
         nll_key=nll_rule(streams, C.meta_shift, C.meta_predict, C.meta_shuffle, C.meta_classes),
         first_tags=(first_tag_costs(train_split, streams, [len(info['streams'][s]['tags']) for s in streams])
@@ -950,6 +903,7 @@ def save_state(cfg, S, D, R):
     ck = dict(model=R.raw_model.state_dict(), optimizer=R.optimizer.state_dict(), model_args=R.model_args,
               iter_num=R.iter_num, best_val_loss=R.best_val_loss, config=cfg, dataset=D.info,
               data_fingerprint=D.fingerprint,
+              classes=({s: torch.from_numpy(v.astype(np.int16)) for s, v in D.classes.items()} if D.classes else None),
               rng=dict(torch=torch.get_rng_state(),
                        cuda=torch.cuda.get_rng_state_all() if S.device_type == 'cuda' else None))
     save_checkpoint(S.ckpt_path, ck)

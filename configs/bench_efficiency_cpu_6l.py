@@ -1,6 +1,6 @@
 # The efficiency preset at a second model size (issue: which way the gain moves as the output
 # layer's bottleneck eases): 6 layers, d=256 (5.7M parameters against 1.3M), the same data, tokens,
-# schedule and arms, one seed, GPT-2 arch.
+# schedule, one seed, GPT-2 arch; the main arms.
 #   python experiments.py configs/bench_efficiency_cpu_6l.py
 include('bench_efficiency_cpu.py')
 out_json = 'out-bench/bench_efficiency_cpu_6l.json'
@@ -11,3 +11,6 @@ eff_archs = 'gpt2'
 n_layer = 6
 n_head = 4  # head size 64
 n_embd = 256
+# BLiMP of every arm (the first 100 pairs of each paradigm: 6,700 pairs)
+blimp = True
+blimp_limit = 100

@@ -15,3 +15,7 @@ warmup_iters = 60
 eval_interval = 300
 eval_iters = 3  # 48 fixed val windows (6,144 targets)
 keep_checkpoints = 10
+# BLiMP of every arm (the first 100 pairs of each paradigm: 6,700 pairs) and of the baseline's snapshots
+blimp = True
+blimp_limit = 100
+blimp_snapshots = 'baseline'

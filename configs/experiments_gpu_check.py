@@ -8,6 +8,9 @@
 #      which reads the future: for the steering part),
 #    2 seeds x 2 archs (gpt2, gemma) x 7 arms = 28 runs of 300 iterations, 4 at a time on the one GPU
 #    (tiny models leave it mostly idle; wall times are then shared-GPU times: costs are bench.py's);
+#    with BLiMP for every run (the first 100 pairs of each paradigm, 6,700 pairs; self-predicting arms by
+#    the top-8 bound of their marginal; BLiMP needs --blimp_dir=DIR where ../shared/blimp/data is not
+#    beside the repository, e.g. a copy carried to the GPU machine as data/blimp);
 # 2) steering on the lime1, lime1_predict and baseline checkpoints.
 # Evaluation: 128 fixed val windows (4 x 32, 32,768 targets) shared out between the val documents: the
 # exact marginal of a self-predicting run at its last evaluation costs about 200 teacher-forced
@@ -45,3 +48,5 @@ learning_rate = 1e-3
 min_lr = 1e-4
 steer_windows = 128
 steer_samples = 32
+blimp = True
+blimp_limit = 100

@@ -68,7 +68,8 @@ def test_each_shipped_config_is_one_programs():
                 pass
         owner[path.name] = ok
     assert owner == {'bench_downstream_cpu.py': ['experiments'], 'bench_efficiency_124m.py': ['experiments'],
-                     'bench_efficiency_cpu.py': ['experiments'], 'bench_gpu_check.py': ['bench'],
+                     'bench_efficiency_cpu.py': ['experiments'], 'bench_efficiency_cpu_6l.py': ['experiments'],
+                     'bench_efficiency_cpu_long.py': ['experiments'], 'bench_gpu_check.py': ['bench'],
                      'bench_throughput_124m.py': ['bench'], 'experiments_gpu_check.py': ['experiments'],
                      'quickstart.py': ['experiments']}
 
@@ -314,7 +315,8 @@ def test_gpu_check_plumbing_on_cpu(tiny_data):
                     f'--eff_dir={d / "gc"}', f'--out_json={out}', '--max_iters=2', '--eval_interval=2',
                     '--eval_iters=1', '--eff_runs=baseline,lime1_predict,lime1', '--eff_seeds=1', '--eff_parallel=1',
                     '--train_threads=1', '--plot=False', '--steer_windows=2', '--n_kv_head=1',
-                    '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL, timeout=600)
+                    '--steer_samples=2', '--steer_prompt=4', '--steer_new_tokens=3', *TINY_MODEL,
+                    '--blimp=False', timeout=600)  # BLiMP in the runner: test_blimp_of_every_arm_...
     res = load(out)
     assert res['mode'] == 'gpu_check' and all_finite(res)
     assert set(res['result']) == {'efficiency', 'steering', 'wall_s'}
@@ -409,7 +411,7 @@ def test_blimp_of_every_arm_paired_with_the_baseline(tiny_data, tmp_path):
     args = ['--mode=efficiency', f'--data_dir={data}', f'--eff_dir={eff_dir}', f'--out_json={out}',
             '--eff_runs=baseline,lime1_predict', '--eff_seeds=2', '--max_iters=4', '--eval_interval=2',
             '--eval_iters=2', '--warmup_iters=1', '--plot=False', *TINY_MODEL, '--block_size=48', '--blimp=True',
-            f'--blimp_dir={bdir}', '--blimp_marginal_k=0', '--keep_checkpoints=3', '--blimp_snapshots=True']
+            f'--blimp_dir={bdir}', '--blimp_marginal_k=0', '--keep_checkpoints=3', '--blimp_snapshots=baseline']
     run_experiments(d, *args, timeout=600)
     res = load(out)['result']['archs']['gpt2']['blimp']
     rows = {r['arm']: r for r in res['rows']}

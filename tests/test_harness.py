@@ -730,3 +730,22 @@ def test_blimp_untrained_model_is_near_chance(tmp_path):
     b = res['causal']['blimp']
     assert b['n_pairs'] == 20 * 67
     assert 0.4 < b['overall'] < 0.6, b['overall']
+
+
+def test_a_token_classes_control_is_scored_with_its_classes(ckpts, tmp_path):
+    """A meta_classes='token' model read each token's class, not its tags: the harness feeds it the same."""
+    ck = torch.load(os.path.join(ckpts['predict'], 'ckpt.pt'), weights_only=True)
+    g = torch.Generator().manual_seed(3)
+    V, n_tags = ck['model_args']['vocab_size'], ck['model_args']['meta_n_tags']
+    ck['classes'] = {s: torch.randint(0, n, (V,), generator=g) for s, n in zip(ck['model_args']['meta_streams'], n_tags)}
+    ck['config']['meta_classes'] = 'token'
+    os.makedirs(tmp_path / 'c')
+    torch.save(ck, tmp_path / 'c' / 'ckpt.pt')
+    s = harness.Scorer(str(tmp_path / 'c'))
+    seq = [s.text.eot] + s.text.encode('The ship was late again')
+    cl = {k: v.numpy()[np.array(seq)] for k, v in ck['classes'].items()}
+    (ll, _), = s.loglikelihood([([s.text.eot], seq[1:])])
+    want = direct_marginal(s.model, seq, len(seq) - 1, {k: v[:-1] for k, v in cl.items()}, {k: v[1:] for k, v in cl.items()})
+    assert ll == pytest.approx(want, abs=1e-4)
+    with pytest.raises(common.LimeError, match='no generation'):
+        s.generate(seq[:3], max_new_tokens=2)

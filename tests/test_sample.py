@@ -320,8 +320,13 @@ def test_cli_errors(tmp_path, capsys):
     base = make_ckpt(tmp_path / 'base')
     lime = make_ckpt(tmp_path / 'lime', ('pos_causal',), 0)
     lime1 = make_ckpt(tmp_path / 'lime1', ('pos_causal', 'ner_causal'), 1)
+    classes = make_ckpt(tmp_path / 'classes', ('pos_causal',), 0)
+    ck = torch.load(os.path.join(classes, 'ckpt.pt'), weights_only=True)
+    ck['config']['meta_classes'] = 'token'  # a control arm: it read token classes, which no tagger gives
+    torch.save(ck, os.path.join(classes, 'ckpt.pt'))
     cases = [
         ([f'--out_dir={tmp_path}/nothing'], 'ckpt.pt: not found'),
+        ([f'--out_dir={classes}'], 'a meta_classes control reads token classes, not tags'),
         ([f'--out_dir={base}', '--hints=CD'], '--hints needs a LIME+1 checkpoint; this one is a baseline'),
         ([f'--out_dir={lime}', '--hints=CD'], '--hints needs a LIME+1 checkpoint (meta_shift=1)'),
         ([f'--out_dir={lime1}', '--hints=CD ZZ'], "hint 2: unknown tag 'ZZ' (valid: #"),
@@ -335,9 +340,9 @@ def test_cli_errors(tmp_path, capsys):
         assert sample.main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and err.startswith('sample.py: error: ') and msg in err, (argv, err)
-    rc, out, err = cli(*cases[3][0])
+    rc, out, err = cli(*cases[4][0])
     lines = err.strip().splitlines()
-    assert rc == 1 and len(lines) == 1 and cases[3][1] in lines[0], err
+    assert rc == 1 and len(lines) == 1 and cases[4][1] in lines[0], err
 
 
 @needs_nltk

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -238,6 +239,28 @@ def test_meta_classes_controls(tmp_path):
     rows = run(d, tmp_path / 't', '--max_iters=4', '--eval_interval=4', '--metadata=pos,ner', '--meta_predict=True',
                '--meta_inject_layer=1', '--meta_classes=token')
     assert rows[-1]['val_nll_kind'] == 'exact' and rows[-1]['val_nll'] < rows[-1]['val_loss_bound']
+    # the checkpoint keeps the table (harness.py scores the model with it); older ones get it recomputed
+    import harness
+    path = str(tmp_path / 't' / 'ckpt.pt')
+    ck = common.load_checkpoint(path)
+    assert all((ck['classes'][s].numpy() == token[s]).all() for s in token)
+    notes = []
+    me = types.SimpleNamespace(model=common.load_model(path)[0], note=notes.append)
+    got = harness.Scorer.class_tables(me, ck, path)
+    assert all((got[s] == token[s]).all() for s in token) and not notes
+    del ck['classes']
+    got = harness.Scorer.class_tables(me, ck, path)
+    assert all((got[s] == token[s]).all() for s in token) and 'recomputed' in notes[0]
+    meta = (d / 'meta.json').read_text()
+    (d / 'meta.json').write_text(meta + ' ')  # re-prepared data: not the classes the model learnt
+    with pytest.raises(common.LimeError, match='has changed since training'):
+        harness.Scorer.class_tables(me, ck, path)
+    (d / 'meta.json').write_text(meta)
+    ck = torch.load(path, weights_only=True)
+    ck['classes']['pos'][3] = 11  # a tag id past the table
+    torch.save(ck, tmp_path / 'bad.pt')
+    with pytest.raises(common.LimeError, match='classes: not one table'):
+        common.load_checkpoint(str(tmp_path / 'bad.pt'))
     for extra, msg in [(['--meta_classes=token'], "meta_classes must be 'data' without metadata streams"),
                        (['--meta_classes=token', '--metadata=pos', '--meta_shuffle=True'], 'with meta_shuffle'),
                        (['--meta_classes=words'], "meta_classes must be 'data', 'token' or 'random'"),
