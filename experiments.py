@@ -158,6 +158,12 @@ ARMS = {
                                    label='self-predicted, random classes (control)', tagger=False),
     'aux_loss': dict(metadata='pos_causal,ner_causal', meta_predict=True, meta_weight=0.0,
                      label='tag loss only, no tags in (control)', tagger=False),
+    # LIME as a training-time accelerator (MeCo-style): tags for all but the last tenth, then none
+    # (train.py's meta_cooldown); the final model is a plain language model, evaluated with no tags
+    'lime_cooldown': dict(metadata='pos,ner', meta_cooldown=0.1, label='LIME (full tags), no-tag cooldown (10%)',
+                          tagger=False),
+    'lime_causal_cooldown': dict(metadata='pos_causal,ner_causal', meta_cooldown=0.1,
+                                 label='LIME (causal tags), no-tag cooldown (10%)', tagger=False),
     # the tokenization itself: GPT-2's own encoding of the same documents (its own data dir), compared by val_bpb
     'baseline_plain': dict(metadata='', tokenization='plain', label='baseline, plain tokenization'),
 }
@@ -222,7 +228,7 @@ def train_args(C, name, out_dir, seed_index=0):
         args['meta_dropout'] = C.lime1_meta_dropout
     if spec.get('meta_predict'):
         args.update(meta_predict=True, meta_inject_layer=C.meta_inject_layer, marginal_k=C.marginal_k)
-    for k in ('meta_classes', 'meta_weight'):
+    for k in ('meta_classes', 'meta_weight', 'meta_cooldown'):
         if k in spec:
             args[k] = spec[k]
     return [f"--{k}={v}" for k, v in args.items()]
@@ -619,7 +625,9 @@ def decomposition(C, names, dirs, logs, walls):
         mean, se = boot_se(A, N, C.eff_boot)
         S = min(len(A), len(B))
         delta, dse = boot_se(A[:S] - B[:S], N, C.eff_boot) if n != 'baseline' else (None, None)
-        reach = [first_reach(logs[d], 'val_nll', target, lambda v, t: v <= t) for d in dirs[n]]
+        # a cooled-down arm is a plain model only after its cooldown: its evaluations without tags alone
+        cooled = lambda d: [r for r in logs[d] if r.get('val_no_tags')] if 'meta_cooldown' in ARMS[n] else logs[d]
+        reach = [first_reach(cooled(d), 'val_nll', target, lambda v, t: v <= t) for d in dirs[n]]
         got = [r / base_tokens for r in reach if r is not None]
         share = [sum(r.get('val_eval_s') or 0 for r in logs[d]) / walls[d] for d in dirs[n] if walls.get(d)]
         rows.append(dict(

@@ -435,3 +435,27 @@ def test_blimp_of_every_arm_paired_with_the_baseline(tiny_data, tmp_path):
     run_experiments(d, *args, timeout=600)
     assert os.path.getmtime(eff_dir / 'lime1_predict' / 'ckpt.blimp.json') == stamp
     assert load(out)['result']['archs']['gpt2']['blimp']['rows'] == res['rows']
+
+
+def test_cooldown_arms_end_as_plain_models(tiny_data):
+    # LIME trained with tags (full or causal), the last tenth without: its final val_nll has no tags, so
+    # it is compared with the baseline's like any plain model; reaching the baseline counts no-tag rows only
+    d, data, _ = tiny_data
+    out = d / 'cool.json'
+    run_experiments(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "cool"}', f'--out_json={out}',
+                    '--eff_runs=baseline,lime_cooldown,lime_causal_cooldown', '--max_iters=10', '--eval_interval=5',
+                    '--eval_iters=2', '--warmup_iters=1', '--plot=False', *TINY_MODEL, timeout=600)
+    res = load(out)['result']['archs']['gpt2']
+    rows = {r['arm']: r for r in res['decomposition']['rows']}
+    for n in ('lime_cooldown', 'lime_causal_cooldown'):
+        args = load(d / 'cool' / n / 'bench_args.json')['args']
+        assert '--meta_cooldown=0.1' in args
+        log = load_log(d / 'cool' / n)
+        assert [r['val_no_tags'] for r in log] == [False, False, True]  # iterations 9-10 cooled
+        assert log[-1]['val_nll'] == log[-1]['val_loss'] and log[-1]['val_nll_kind'] == 'exact'
+        r = rows[n]
+        assert not r['reads_future'] and r['tagger'] is False and r['val_nll_seeds'] == [pytest.approx(log[-1]['val_nll'])]
+        base = load_log(d / 'cool' / 'baseline')[-1]['val_nll']
+        assert r['delta'] == pytest.approx(log[-1]['val_nll'] - base, abs=1e-9)
+        assert r['reached'] == (1 if log[-1]['val_nll'] <= base else 0)  # never from the rows with tags
+    assert load_log(d / 'cool' / 'lime_cooldown')[1]['val_nll'] is None  # full tags read the future
