@@ -1035,8 +1035,9 @@ def run(cfg, out=None):
         bdir = resolve_blimp_dir(cfg['blimp_dir'])
         blimp = build_blimp_tasks(bdir, cfg['blimp_task_dir'])
         names = [BLIMP_GROUP if n == 'blimp' else n for n in names]
-        print(f"{bdir}: BLiMP, {len(blimp)} paradigms, {sum(n for _, n in blimp.values())} pairs "
-              f"(tasks in {cfg['blimp_task_dir']})", file=out)
+        print(f"{bdir}: BLiMP, {len(blimp)} paradigms, {sum(n for _, n in blimp.values())} pairs"
+              + (f", the first {cfg['limit']} of each scored" if cfg['limit'] else '')
+              + f" (tasks in {cfg['blimp_task_dir']})", file=out)
     if any(t.startswith('lime_') and not t.startswith(BLIMP_GROUP) for t in names) \
             and not os.path.isfile(os.path.join(cfg['task_dir'], 'cloze.jsonl')):
         print(f"{cfg['task_dir']}: no offline tasks yet, building them", file=out)
