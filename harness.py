@@ -277,7 +277,10 @@ class Scorer:
     def set_policy(self, policy):
         """Switch the tag policy ('' = the model's default); the model stays loaded."""
         self.policy = self.check_policy(policy)
-        k = self.marginal_k if self.marginal_k < math.prod(self.model.config.meta_n_tags) else 0  # k >= all: exact
+        # k >= every combination: exact; tags that add nothing (meta_weight 0: the tag loss alone) leave the
+        # token's probability the same under every next tag, so the marginal is the plain log-probability
+        self.inert = self.kind == 'predict' and not any(self.model.config.meta_weight)
+        k = self.marginal_k if self.marginal_k < math.prod(self.model.config.meta_n_tags) and not self.inert else 0
         self.ll_kind = likelihood_kind(self.policy, self.kind, self.streams, k)
         self.label = policy_label(self.policy, self.kind, self.ll_kind)
         self.oracle = self.policy == 'oracle'
@@ -436,7 +439,7 @@ class Scorer:
                     if self.ll_kind == JOINT_BOUND:
                         tag_lp = sum(F.log_softmax(tl.float(), -1).gather(-1, nxt[s].unsqueeze(-1)).squeeze(-1)
                                      for s, tl in zip(self.streams, tag_logits))
-                    elif self.policy == 'predict':  # padded targets (-1) read as 0: never computed
+                    elif self.policy == 'predict' and not self.inert:  # padded targets (-1) read as 0: never computed
                         marg = model.marginal(x, meta, nxt, y.clamp(min=0), top_k=self.marginal_k, positions=todo)
                     greedy_logits = logits
                     if self.policy == 'predict':  # not asked for: every flag False

@@ -749,3 +749,19 @@ def test_a_token_classes_control_is_scored_with_its_classes(ckpts, tmp_path):
     assert ll == pytest.approx(want, abs=1e-4)
     with pytest.raises(common.LimeError, match='no generation'):
         s.generate(seq[:3], max_new_tokens=2)
+
+
+def test_tags_that_add_nothing_are_scored_exactly_at_any_k(tmp_path):
+    """meta_weight 0 (the tag loss alone): every next tag gives the token the same probability, so
+    the marginal is the plain log-probability, exact whatever marginal_k (a top-k sum would lose
+    the tags outside the top k)."""
+    d = make_ckpt(tmp_path / 'aux', KINDS['predict'][0], predict=True, block_size=24, meta_weight=(0.0, 0.0))
+    s = harness.Scorer(d, marginal_k=2)
+    assert s.ll_kind == 'exact marginal'
+    seq = [s.text.eot] + s.text.encode('The ship was late again')
+    (ll, _), = s.loglikelihood([([s.text.eot], seq[1:])])
+    C = causal(seq)
+    meta = {st: C[base(st)][:-1] for st in s.streams}
+    nxt = {st: C[base(st)][1:] for st in s.streams}
+    assert ll == pytest.approx(direct_marginal(s.model, seq, len(seq) - 1, meta, nxt), abs=1e-4)
+    assert ll > direct_marginal(s.model, seq, len(seq) - 1, meta, nxt, top_k=2) + 1e-3
