@@ -2,7 +2,7 @@
 # Builds the CPU corpus if it is missing (NLTK's Gutenberg, Brown, webtext, State of the Union and
 # inaugural corpora, split by document; binary NER: works offline with the NLTK data present), trains
 # four small models on the same data, seed, batches and steps, and shows what LIME bought against the
-# baseline: a table and out-quickstart/curves.png. About 8 minutes on 2 cores (2 more to build the data).
+# baseline: a table, out-quickstart/curves.png and BLiMP. About 10 minutes on 2 cores (2 more to build the data).
 #   baseline        no metadata
 #   lime            LIME with full tags (the paper's setting; full tags read the next words)
 #   lime_causal     LIME with causal tags (computed from the past only)
