@@ -644,7 +644,9 @@ def test_blimp_sentence_score_is_the_log_probability_after_the_separator(blimp_c
         res = harness.evaluate(lm, [f'lime_blimp_{uid}'], str(tmp_path / 't'), log_samples=True)
         model, text = lm.scorer.model, lm.scorer.text
         for s in res['samples'][f'lime_blimp_{uid}']:
-            for sent, (ll, _) in zip((s['doc']['sentence_good'], s['doc']['sentence_bad']), s['filtered_resps']):
+            lls = [ll for ll, _ in s['filtered_resps']]
+            assert s['acc'] == float(lls[0] > lls[1])  # correct: the grammatical sentence is the likelier
+            for sent, ll in zip((s['doc']['sentence_good'], s['doc']['sentence_bad']), lls):
                 seq = [text.eot] + text.encode(sent)
                 C = causal(seq)
                 meta = {st: C[base(st)][:-1] for st in lm.scorer.streams}
