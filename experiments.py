@@ -749,14 +749,13 @@ def blimp_scores(C, ckpt):
     import harness
     path = ckpt if os.path.isfile(ckpt) else checkpoint_path(ckpt)
     out = os.path.splitext(path)[0] + '.blimp.json'
-    want = dict(blimp_dir=os.path.abspath(harness.resolve_blimp_dir(C.blimp_dir) or '-'), limit=C.blimp_limit,
+    # run_efficiency has checked that blimp_dir resolves
+    want = dict(blimp_dir=os.path.abspath(harness.resolve_blimp_dir(C.blimp_dir)), limit=C.blimp_limit,
                 marginal_k=C.blimp_marginal_k)
     if os.path.isfile(out) and os.path.getmtime(out) > os.path.getmtime(path):
         prev = json.load(open(out))
         if prev.get('want') == want:
             return prev['blimp']
-    if want['blimp_dir'] == os.path.abspath('-'):
-        fail(f"blimp_dir={C.blimp_dir!r}: no BLiMP files found (../shared/blimp/data, or --blimp_dir=DIR)")
     cfg = harness.configure([f'--out_dir={path}', '--tasks=blimp', f"--blimp_dir={want['blimp_dir']}",
                              f'--limit={C.blimp_limit}', f'--marginal_k={C.blimp_marginal_k}', f'--device={C.device}',
                              f'--dtype={C.dtype}', '--batch_size=64', '--bootstrap_iters=0',

@@ -1034,8 +1034,8 @@ def run(cfg, out=None):
         pols = list(POLICIES[first.kind])
     pols = [first.check_policy(p) for p in pols]  # every policy checked before the first evaluation
     blimp = None
-    if 'blimp' in names and resolve_blimp_dir(cfg['blimp_dir']):  # else lm-eval's own blimp (the hub)
-        bdir = resolve_blimp_dir(cfg['blimp_dir'])
+    bdir = resolve_blimp_dir(cfg['blimp_dir']) if 'blimp' in names else ''
+    if bdir:  # else lm-eval's own blimp (the hub)
         blimp = build_blimp_tasks(bdir, cfg['blimp_task_dir'])
         names = [BLIMP_GROUP if n == 'blimp' else n for n in names]
         print(f"{bdir}: BLiMP, {len(blimp)} paradigms, {sum(n for _, n in blimp.values())} pairs"
