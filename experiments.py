@@ -79,6 +79,7 @@ launcher = ''  # prefix for train.py instead of the python running experiments, 
 train_threads = 0  # OMP_NUM_THREADS for the training subprocesses; 0 = inherit
 marginal_k = 8  # train.py's: a self-predicting run's val_nll before its last evaluation is the top-k bound
 keep_checkpoints = 0  # train.py's: also keep every run's last N evaluation snapshots (ckpt_{iter}.pt: BLiMP against tokens)
+cool_branches = False  # cooldown arms: also cool down from each of their evaluation snapshots before their own cooldown (train.py --branch_from), the same fraction of each branch's budget: the plain model at several budgets
 # efficiency: the arms of ARMS below, each trained in eff_dir/<arm> (seed i > 1: eff_dir/<arm>_seed<i>)
 eff_runs = 'baseline,lime_causal,lime1_predict,predict_token_classes,predict_random_classes,aux_loss'
 eff_seeds = 1  # seeds per arm (seed, seed + 1, ...; arm runs of the same seed index share init and batches)
@@ -222,8 +223,11 @@ def train_args(C, name, out_dir, seed_index=0):
                 min_lr=C.min_lr, weight_decay=C.weight_decay, eval_interval=C.eval_interval,
                 eval_iters=C.eval_iters, log_interval=max(C.max_iters // 10, 1), device=C.device,
                 dtype=C.dtype, compile=C.compile, always_save_checkpoint=True, overwrite=True)  # a rerun replaces
-    if C.keep_checkpoints:  # only when asked: the argument list of older runs stays the same (eff_reuse)
-        args['keep_checkpoints'] = C.keep_checkpoints
+    keep = C.keep_checkpoints
+    if C.cool_branches and 'meta_cooldown' in spec:  # every evaluation's snapshot: the branches start there
+        keep = max(keep, C.max_iters // C.eval_interval + 1)
+    if keep:  # only when asked: the argument list of older runs stays the same (eff_reuse)
+        args['keep_checkpoints'] = keep
     if name == 'lime1' and C.lime1_meta_dropout > 0:
         args['meta_dropout'] = C.lime1_meta_dropout
     if spec.get('meta_predict'):
@@ -237,18 +241,22 @@ def train_args(C, name, out_dir, seed_index=0):
 def train_runs(C, jobs):
     """Train runs with train.py in subprocesses (own processes: no state leaks between runs, and
     train.py stays the single source of truth for training), eff_parallel at a time.
-    jobs: [(name, out_dir)] or [(name, out_dir, seed index, C of the arch)]. Returns {out_dir: (log
-    rows, wall s)}. A finished run with identical arguments is reused when eff_reuse (bench_args.json
-    in its out_dir records them)."""
+    jobs: [(name, out_dir)] or [(name, out_dir, seed index, C of the arch)], or with train.py's
+    arguments last (the cooldown branches). Returns {out_dir: (log rows, wall s)}. A finished run with
+    identical arguments is reused when eff_reuse (bench_args.json in its out_dir records them; a
+    branch also needs its snapshot to be older than that record)."""
     done, todo = {}, []
     for job in jobs:
-        name, out_dir, i, Ca = (tuple(job) + (0, C))[:4]
-        args = train_args(Ca, name, out_dir, i)
+        name, out_dir, i, Ca, args = (tuple(job) + (0, C, None)[len(job) - 2:])[:5]
+        args = args or train_args(Ca, name, out_dir, i)
         stamp, log_path = os.path.join(out_dir, 'bench_args.json'), os.path.join(out_dir, 'log.jsonl')
         if C.eff_reuse and os.path.isfile(stamp) and os.path.isfile(log_path):
             prev = json.load(open(stamp))
             rows = read_log(log_path)
-            if prev.get('args') == args and rows and rows[-1]['iter'] == C.max_iters:
+            want = int(arg_value(args, 'max_iters'))
+            src = arg_value(args, 'branch_from')
+            fresh = not src or (os.path.isfile(src) and os.path.getmtime(src) < os.path.getmtime(stamp))
+            if prev.get('args') == args and rows and rows[-1]['iter'] == want and fresh:
                 print(f"{name}: reusing the finished run in {out_dir}", flush=True)
                 done[out_dir] = (rows, prev.get('wall_s'))
                 continue
@@ -286,6 +294,33 @@ def train_runs(C, jobs):
                   f"{'n/a' if nll is None else f'{nll:.4f}'}, acc {rows[-1]['val_acc']:.4f} ({wall:.0f}s)", flush=True)
             done[out_dir] = (rows, wall)
     return done
+
+
+def arg_value(args, key):
+    """The value of --key=... in a train.py argument list, None if absent."""
+    return next((a.split('=', 1)[1] for a in args if a.startswith(f'--{key}=')), None)
+
+
+def branch_jobs(C, name, run_dir, i, Ca):
+    """The cooldown branches of one cooldown arm's run (cool_branches): from each kept snapshot at
+    iteration b before the run's own cooldown, a new run (train.py --branch_from) whose budget B is
+    b / (1 - meta_cooldown) iterations, the last B - b without tags; the lr schedule, batches and seed
+    continue the run's own. Each gives a plain model at B iterations: [(name, out_dir, i, Ca, args)]."""
+    f = ARMS[name]['meta_cooldown']
+    cool_start = C.max_iters - math.ceil(f * C.max_iters - 1e-9)
+    jobs = []
+    for b in range(C.eval_interval, cool_start, C.eval_interval):
+        snap = os.path.join(run_dir, f'ckpt_{b:06d}.pt')
+        if not os.path.isfile(snap):
+            fail(f"{snap}: missing: the cooldown branches start from the run's kept snapshots (rerun the arm)")
+        budget = round(b / (1 - f))
+        out_dir = f"{run_dir}_branch{b:06d}"
+        args = [a for a in train_args(Ca, name, out_dir, i) if not a.startswith(('--max_iters=', '--meta_cooldown=',
+                                                                                     '--keep_checkpoints='))]
+        args += [f'--branch_from={os.path.abspath(snap)}', f'--max_iters={budget}',
+                 f'--meta_cooldown={(budget - b) / budget!r}', '--keep_checkpoints=0']
+        jobs.append((name, out_dir, i, Ca, args))
+    return jobs
 
 
 def first_reach(rows, key, target, better):
@@ -602,12 +637,13 @@ def boot_se(A, N, boot, seed=0):
     return mean, float(stats.std(ddof=1))
 
 
-def decomposition(C, names, dirs, logs, walls):
+def decomposition(C, names, dirs, logs, walls, budgets=None):
     """The comparison table of one arch: per arm, val_nll (mean over seeds, s.e. over seeds and
     documents), its paired difference with the baseline (same seed index, same documents), the
     fraction of the baseline's tokens at which each seed first reaches the baseline's mean final
     val_nll (mean and s.e. over seeds), whether a tagger is needed at inference, and the share of
-    each run's wall time spent evaluating."""
+    each run's wall time spent evaluating. budgets: {run dir: rows}, a cooldown arm's plain models at
+    several budgets (its branches' last rows, cool_branches): what its 'tokens to reach' reads."""
     docs = {n: [read_docs(d) for d in dirs[n]] for n in names}
     base = docs['baseline']
     N = np.asarray(base[0]['doc_tokens'])
@@ -625,8 +661,10 @@ def decomposition(C, names, dirs, logs, walls):
         mean, se = boot_se(A, N, C.eff_boot)
         S = min(len(A), len(B))
         delta, dse = boot_se(A[:S] - B[:S], N, C.eff_boot) if n != 'baseline' else (None, None)
-        # a cooled-down arm is a plain model only after its cooldown: its evaluations without tags alone
-        cooled = lambda d: [r for r in logs[d] if r.get('val_no_tags')] if 'meta_cooldown' in ARMS[n] else logs[d]
+        # a cooled-down arm is a plain model only after a cooldown: its evaluations without tags, and
+        # the cooled-down branches' (every budget before its own cooldown's)
+        cooled = lambda d: (sorted((budgets or {}).get(d, []) + [r for r in logs[d] if r.get('val_no_tags')],
+                                   key=lambda r: r['tokens']) if 'meta_cooldown' in ARMS[n] else logs[d])
         reach = [first_reach(cooled(d), 'val_nll', target, lambda v, t: v <= t) for d in dirs[n]]
         got = [r / base_tokens for r in reach if r is not None]
         share = [sum(r.get('val_eval_s') or 0 for r in logs[d]) / walls[d] for d in dirs[n] if walls.get(d)]
@@ -640,6 +678,53 @@ def decomposition(C, names, dirs, logs, walls):
             wall_s=float(np.mean([walls[d] for d in dirs[n] if walls.get(d)] or [float('nan')]))))
     return dict(rows=rows, baseline_final_val_nll=target, docs=len(N), tokens=int(N.sum()),
                 seeds=len(B))
+
+
+def cooldown_budgets(C, names, dirs, logs, budgets):
+    """A cooldown arm's plain models at each budget (its branches, then its own end) beside the
+    baseline at the same tokens: val_nll (mean over seeds; s.e. over seeds and documents from each
+    branch's val_docs.json), the baseline's val_nll there (its curve, interpolated between evaluations,
+    same seed index) and the difference (s.e. over seeds only: the baseline's per-document numbers are
+    kept for its last evaluation alone). Budgets before the end have not decayed their lr as far as
+    the baseline's end has (the schedule continues the run's own)."""
+    base = dirs['baseline']
+    at = lambda rows, t: float(np.interp(t, [r['tokens'] for r in rows if r.get('val_nll') is not None],
+                                         [r['val_nll'] for r in rows if r.get('val_nll') is not None]))
+    out = {}
+    for n in names:
+        if 'meta_cooldown' not in ARMS[n] or not all(budgets.get(d) for d in dirs[n]):
+            continue
+        per_seed = [sorted(budgets[d], key=lambda r: r['tokens']) + [dict(logs[d][-1], docs=read_docs(d))]
+                    for d in dirs[n]]
+        rows = []
+        for k in range(len(per_seed[0])):
+            pts = [p[k] for p in per_seed]
+            A = np.array([r['val_nll'] for r in pts])
+            B = np.array([at(logs[b], r['tokens']) for b, r in zip(base, pts)])
+            docs = [r.get('docs') for r in pts]
+            if all(x is not None for x in docs):
+                mean, se = boot_se([x['doc_nll'] for x in docs], docs[0]['doc_tokens'], C.eff_boot)
+            else:
+                mean, se = float(A.mean()), None
+            sem = lambda v: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+            rows.append(dict(iter=pts[0]['iter'], tokens=pts[0]['tokens'], val_nll=mean, val_nll_se=se,
+                             baseline_val_nll=float(B.mean()), delta=float((A - B).mean()), delta_se=sem(A - B),
+                             branched_at=pts[0].get('branched_at')))
+        out[n] = rows
+    return out
+
+
+def print_cooldown_budgets(cb, base_tokens):
+    for n, rows in cb.items():
+        print(f"\n{ARMS[n]['label']}: the plain model at each budget (no tags; Δ against the baseline at the same tokens)")
+        table([dict(budget=f"{r['tokens']:,} ({100 * r['tokens'] / base_tokens:.0f}%)",
+                    start='its own run' if r['branched_at'] is None else f"{r['branched_at']:,}",
+                    nll=f"{r['val_nll']:.4f}" + (f" ± {r['val_nll_se']:.4f}" if r['val_nll_se'] is not None else ''),
+                    base=f"{r['baseline_val_nll']:.4f}",
+                    delta=f"{r['delta']:+.4f}" + (f" ± {r['delta_se']:.4f}" if r['delta_se'] is not None else ''))
+               for r in rows],
+              [('budget', 'tokens (of the baseline\'s)', ''), ('start', 'branched at iter', ''),
+               ('nll', 'val_nll, no tags', ''), ('base', 'baseline there', ''), ('delta', 'Δ (s.e. over seeds)', '')])
 
 
 def print_decomposition(dec):
@@ -709,14 +794,31 @@ def run_efficiency(C):
         dirs = {n: [os.path.join(root, run_name(n, i)) for i in range(C.eff_seeds)] for n in names}
         res = train_runs(C, [(n, dirs[n][i], i, Ca) for i in range(C.eff_seeds) for n in names])
         logs, walls = {d: r[0] for d, r in res.items()}, {d: r[1] for d, r in res.items()}
+        budgets, branch_wall = {}, {}  # cool_branches: each cooldown run's plain models at earlier budgets
+        if C.cool_branches:
+            jobs = {d: branch_jobs(C, n, d, i, Ca) for n in names if 'meta_cooldown' in ARMS[n]
+                    for i, d in enumerate(dirs[n])}
+            got = train_runs(C, [j for js in jobs.values() for j in js])
+            for d, js in jobs.items():
+                # a branch's log starts with the snapshot's evaluation, ends with the plain model's
+                budgets[d] = [dict(got[j[1]][0][-1], branched_at=got[j[1]][0][0]['iter'], docs=read_docs(j[1]))
+                              for j in js]
+                branch_wall[d] = sum(got[j[1]][1] or 0 for j in js)
         first = {n: logs[dirs[n][0]] for n in names}  # seed 0: the per-run table and the curves
         runs = summarize_runs(first, {n: walls[dirs[n][0]] for n in names}, other_tokens=plain)
         print(f"\n{arch}, seed {C.seed}:")
         print_runs(runs)
         honest = [n for n in names if n not in plain]
-        dec = decomposition(C, honest, dirs, logs, walls)
+        dec = decomposition(C, honest, dirs, logs, walls, budgets)
         print(f"\n{arch}: what the gain is made of")
         print_decomposition(dec)
+        if budgets:
+            dec['cooldown_budgets'] = cooldown_budgets(C, honest, dirs, logs, budgets)
+            dec['cooldown_branch_wall_s'] = {n: float(np.mean([branch_wall[d] for d in dirs[n]]))
+                                             for n in dec['cooldown_budgets']}
+            print_cooldown_budgets(dec['cooldown_budgets'], logs[dirs['baseline'][0]][-1]['tokens'])
+            print("cooldown arms' 'tokens to baseline's final' above: interpolated between these budgets; "
+                  "branches' wall s per seed: " + ', '.join(f"{n} {w:.0f}" for n, w in dec['cooldown_branch_wall_s'].items()))
         png = None
         if C.plot:
             png = draw_curves(first, 'baseline', os.path.join(root, 'curves.png'))

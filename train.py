@@ -47,6 +47,7 @@ eval_only = False
 always_save_checkpoint = True  # False: save only when val loss improves (then resume restarts from the best)
 keep_checkpoints = 0  # also keep the last N evaluations' snapshots, out_dir/ckpt_{iter:06d}.pt (and ckpt_best.pt)
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+branch_from = ''  # a checkpoint file (e.g. a kept snapshot): a new run in out_dir continues from its weights, optimizer and iteration, its config with the keys set now on top (a cooldown branched from a snapshot: a smaller max_iters, a meta_cooldown)
 allow_data_change = False  # resume on a data_dir re-prepared since the checkpoint (logged; this resume only)
 # run tracking (optional: pip install wandb); every log.jsonl field goes to wandb
 wandb_log = False
@@ -122,6 +123,8 @@ def check_config(c):
     for k in ('weight_decay', 'grad_clip', 'peak_flops'):
         check_range(c, k, c[k] >= 0, '>= 0' + (' (0 disables clipping)' if k == 'grad_clip' else ''))
     check_range(c, 'init_from', c['init_from'] in ('scratch', 'resume'), "'scratch' or 'resume'")
+    check_range(c, 'branch_from', not (c['branch_from'] and c['init_from'] == 'resume'),
+                "'' with --init_from=resume (a branch is a new run in its own out_dir)")
     check_range(c, 'meta_shift', c['meta_shift'] in (0, 1), '0 (LIME) or 1 (LIME+1)')
     check_range(c, 'meta_loss_weight', c['meta_loss_weight'] >= 0, '>= 0')
     check_range(c, 'keep_checkpoints', c['keep_checkpoints'] >= 0, 'an integer >= 0')
@@ -503,6 +506,9 @@ def resume_conflicts(ckpt, cfg, explicit):
                  meta_classes=ckpt['config'].get('meta_classes', 'data'),
                  **{k: a.get(k, DEFAULTS[k]) for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight')})
     given = dict(cfg, metadata=[s.strip() for s in cfg['metadata'].split(',') if s.strip()])
+    # 0 means the default the model resolves (as GPTConfig does): the same architecture, not a conflict
+    for d in (fixed, given):
+        d['n_kv_head'], d['mlp_hidden'] = d['n_kv_head'] or d['n_head'], d['mlp_hidden'] or 4 * d['n_embd']
     w = cfg['meta_weight']
     given['meta_weight'] = [float(x) for x in w] if isinstance(w, list) else [float(w)] * len(given['metadata'])
     return [f"--{k}={cfg[k]!r} (checkpoint: {fixed[k]!r})" for k in fixed if k in explicit and given[k] != fixed[k]]
@@ -622,8 +628,10 @@ def run(cfg, explicit, stop=None):
 
 
 def resolve_config(cfg, explicit):
-    """The run's config and its checkpoint (None from scratch): a resume continues the checkpoint's
-    run, its config with only the keys set now on top; a scratch run refuses to replace a run unasked."""
+    """The run's config and the checkpoint it starts from (None from scratch): a resume continues the
+    checkpoint's run, a branch starts a new run in out_dir from a checkpoint file (branch_from); both
+    take the checkpoint's config with only the keys set now on top. A new run (scratch or branch)
+    refuses to replace a run unasked."""
     C = SimpleNamespace(**cfg)
     master_env = int(os.environ.get('RANK', 0)) == 0
     ckpt_path = os.path.join(C.out_dir, 'ckpt.pt')
@@ -635,8 +643,13 @@ def resolve_config(cfg, explicit):
                       else "it has no checkpoint to resume; ")
             fail(f"{C.out_dir}: already holds a run ({', '.join(found)}); {resume}replace it with --overwrite=True, "
                  "or choose another --out_dir")
-        return cfg, None
-    if not os.path.isfile(ckpt_path):
+        if not C.branch_from:
+            return cfg, None
+        if os.path.realpath(os.path.dirname(os.path.abspath(C.branch_from))) == os.path.realpath(C.out_dir):
+            # the new run's start would replace the run it branches from (its checkpoint and snapshots)
+            fail(f"{C.branch_from}: a branch starts a new run: give it another --out_dir than the checkpoint's")
+        ckpt_path = C.branch_from
+    elif not os.path.isfile(ckpt_path):
         found = existing_run(C.out_dir)
         fail(f"{ckpt_path}: not found, cannot resume; " + (
              f"{C.out_dir} holds a run that stopped before its first checkpoint ({', '.join(found)}): "
@@ -645,18 +658,25 @@ def resolve_config(cfg, explicit):
     ckpt = load_checkpoint(ckpt_path, resume=True)
     conflicts = resume_conflicts(ckpt, cfg, explicit)
     if conflicts:
-        fail(f"{ckpt_path}: a resume keeps the checkpoint's architecture and metadata, but "
-             f"{', '.join(conflicts)}; drop these flags, or train from scratch in another out_dir")
-    # continue the checkpoint's run: its config, with only the keys set now on top
+        fail(f"{ckpt_path}: a {'branch' if C.branch_from else 'resume'} keeps the checkpoint's architecture and "
+             f"metadata, but {', '.join(conflicts)}; drop these flags, or train from scratch in another out_dir")
+    # continue the checkpoint's run: its config, with only the keys set now on top (a branch: its own
+    # out_dir, branch_from and overwrite, whether given or not)
     old = {k: coerce(k, v, ckpt_path, DEFAULTS) for k, v in ckpt['config'].items() if k in DEFAULTS}
-    cfg = {**DEFAULTS, **old, **{k: cfg[k] for k in explicit}}
+    now = set(explicit) | ({'out_dir', 'branch_from', 'overwrite', 'init_from'} if C.branch_from else set())
+    cfg = {**DEFAULTS, **old, **{k: cfg[k] for k in now}}
     cfg['allow_data_change'] = cfg['allow_data_change'] and 'allow_data_change' in explicit  # this resume only
+    if C.init_from == 'resume':
+        cfg['branch_from'] = ''  # a resumed branch continues from its own ckpt.pt
     for k in MODEL_KEYS + ('meta_shift',):  # the architecture is the checkpoint's (older ones: gpt2)
         cfg[k] = coerce(k, ckpt['model_args'].get(k, DEFAULTS[k]), ckpt_path, DEFAULTS)
     cfg['metadata'] = ','.join(ckpt['model_args']['meta_streams'])
     for k in ('meta_predict', 'meta_inject_layer', 'meta_loss_weight'):  # absent in older checkpoints
         cfg[k] = ckpt['model_args'].get(k, DEFAULTS[k])
     check_config(cfg)  # the merged config, e.g. the checkpoint's device on this machine
+    if C.branch_from and cfg['max_iters'] <= ckpt['iter_num']:
+        fail(f"{ckpt_path}: saved at iter {ckpt['iter_num']}; a branch from it needs --max_iters above that "
+             f"(got {cfg['max_iters']})")
     return cfg, ckpt
 
 
@@ -689,7 +709,8 @@ def setup(C):
                            accum=C.gradient_accumulation_steps // world,  # micro-steps on this rank
                            global_rows=global_rows, tokens_per_iter=tokens_per_iter, log=log,
                            device_type='cuda' if 'cuda' in C.device else 'cpu', ctx=autocast(C.device, C.dtype),
-                           ckpt_path=os.path.join(C.out_dir, 'ckpt.pt'), log_path=os.path.join(C.out_dir, 'log.jsonl'))
+                           ckpt_path=os.path.join(C.out_dir, 'ckpt.pt'), log_path=os.path.join(C.out_dir, 'log.jsonl'),
+                           src_path=C.branch_from or os.path.join(C.out_dir, 'ckpt.pt'))  # what a resume/branch loads
 
 
 def open_data(C, cfg, S, ckpt):
@@ -700,7 +721,7 @@ def open_data(C, cfg, S, ckpt):
     info = load_meta(C.data_dir, streams)
     fingerprint = data_fingerprint(C.data_dir, streams)
     if ckpt is not None:
-        check_resume_data(ckpt, info, streams, S.ckpt_path, os.path.join(C.data_dir, 'meta.json'), fingerprint,
+        check_resume_data(ckpt, info, streams, S.src_path, os.path.join(C.data_dir, 'meta.json'), fingerprint,
                           C.allow_data_change)
     model_args = dict(arch=C.arch, n_layer=C.n_layer, n_head=C.n_head, n_kv_head=C.n_kv_head, n_embd=C.n_embd,
                       mlp_hidden=C.mlp_hidden, block_size=C.block_size,
@@ -758,13 +779,15 @@ def build_model(C, S, D, ckpt):
         try:
             model.load_state_dict(ckpt['model'])
         except (RuntimeError, ValueError, KeyError) as e:
-            fail(f"{S.ckpt_path}: weights do not fit the checkpoint's model_args ({first_line(e)})")
+            fail(f"{S.src_path}: weights do not fit the checkpoint's model_args ({first_line(e)})")
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     model.to(C.device)
     raw_model = model
     # metadata cooldown: the iterations from cool_start on train without tags, and the evaluations after
     # it (of a model trained without them since) run without tags too; meta_cooled is saved in model_args
-    cool_start = C.max_iters - math.ceil(C.meta_cooldown * C.max_iters) if C.meta_cooldown and D.streams else None
+    # (- 1e-9: a fraction given as c / max_iters gives c iterations, not c + 1 by rounding)
+    cool_start = (C.max_iters - math.ceil(C.meta_cooldown * C.max_iters - 1e-9)
+                  if C.meta_cooldown and D.streams else None)
     raw_model.config.meta_cooled = model_args['meta_cooled'] = cool_start is not None and iter_num > cool_start
     scaler = torch.amp.GradScaler(S.device_type, enabled=(C.dtype == 'float16' and S.device_type == 'cuda'))
     optimizer = model.configure_optimizers(C.weight_decay, C.learning_rate, (C.beta1, C.beta2), S.device_type)
@@ -775,7 +798,7 @@ def build_model(C, S, D, ckpt):
             if S.device_type == 'cuda' and ckpt['rng'].get('cuda') is not None:
                 torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            fail(f"{S.ckpt_path}: bad optimizer or RNG state ({first_line(e)})")
+            fail(f"{S.src_path}: bad optimizer or RNG state ({first_line(e)})")
     if C.compile:
         S.log("compiling the model...")
         model = torch.compile(model)

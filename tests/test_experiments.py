@@ -439,23 +439,55 @@ def test_blimp_of_every_arm_paired_with_the_baseline(tiny_data, tmp_path):
 
 def test_cooldown_arms_end_as_plain_models(tiny_data):
     # LIME trained with tags (full or causal), the last tenth without: its final val_nll has no tags, so
-    # it is compared with the baseline's like any plain model; reaching the baseline counts no-tag rows only
+    # it is compared with the baseline's like any plain model; reaching the baseline counts plain models
+    # only: the run's no-tag rows and its branches (cool_branches), cooled down from earlier snapshots
     d, data, _ = tiny_data
     out = d / 'cool.json'
-    run_experiments(d, '--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "cool"}', f'--out_json={out}',
-                    '--eff_runs=baseline,lime_cooldown,lime_causal_cooldown', '--max_iters=10', '--eval_interval=5',
-                    '--eval_iters=2', '--warmup_iters=1', '--plot=False', *TINY_MODEL, timeout=600)
+    args = ['--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "cool"}', f'--out_json={out}',
+            '--eff_runs=baseline,lime_cooldown,lime_causal_cooldown', '--max_iters=10', '--eval_interval=5',
+            '--eval_iters=2', '--warmup_iters=1', '--plot=False', '--cool_branches=True', *TINY_MODEL]
+    run_experiments(d, *args, timeout=600)
     res = load(out)['result']['archs']['gpt2']
     rows = {r['arm']: r for r in res['decomposition']['rows']}
+    base_log = load_log(d / 'cool' / 'baseline')
+    tpi = base_log[-1]['tokens'] // 10
     for n in ('lime_cooldown', 'lime_causal_cooldown'):
-        args = load(d / 'cool' / n / 'bench_args.json')['args']
-        assert '--meta_cooldown=0.1' in args
+        args_n = load(d / 'cool' / n / 'bench_args.json')['args']
+        assert '--meta_cooldown=0.1' in args_n and '--keep_checkpoints=3' in args_n
         log = load_log(d / 'cool' / n)
         assert [r['val_no_tags'] for r in log] == [False, False, True]  # iterations 9-10 cooled
         assert log[-1]['val_nll'] == log[-1]['val_loss'] and log[-1]['val_nll_kind'] == 'exact'
+        # the branch from iter 5: a budget of round(5 / 0.9) = 6 iterations, the last one without tags
+        br = d / 'cool' / f'{n}_branch000005'
+        b_args = load(br / 'bench_args.json')['args']
+        assert f"--branch_from={d / 'cool' / n / 'ckpt_000005.pt'}" in b_args and '--max_iters=6' in b_args
+        assert f'--meta_cooldown={1 / 6!r}' in b_args and '--lr_decay_iters=10' in b_args
+        b_log = load_log(br)
+        assert [(r['iter'], r['val_no_tags']) for r in b_log] == [(5, False), (6, True)]
+        assert b_log[0]['val_loss'] == pytest.approx(log[1]['val_loss'], rel=1e-6)  # the snapshot it started from
         r = rows[n]
         assert not r['reads_future'] and r['tagger'] is False and r['val_nll_seeds'] == [pytest.approx(log[-1]['val_nll'])]
-        base = load_log(d / 'cool' / 'baseline')[-1]['val_nll']
+        base = base_log[-1]['val_nll']
         assert r['delta'] == pytest.approx(log[-1]['val_nll'] - base, abs=1e-9)
-        assert r['reached'] == (1 if log[-1]['val_nll'] <= base else 0)  # never from the rows with tags
+        # reaching the baseline's final: between the plain models at 6 and 10 iterations, never a row with tags
+        pts = [b_log[-1], log[-1]]
+        assert r['reached'] == int(any(p['val_nll'] <= base for p in pts))
+        if r['reached']:
+            assert r['reach_frac'] * base_log[-1]['tokens'] == pytest.approx(
+                experiments.first_reach(pts, 'val_nll', base, lambda v, t: v <= t))
+        cb = res['decomposition']['cooldown_budgets'][n]
+        assert [(c['tokens'], c['branched_at']) for c in cb] == [(6 * tpi, 5), (10 * tpi, None)]
+        assert cb[0]['val_nll'] == pytest.approx(b_log[-1]['val_nll'], abs=1e-6)
+        base6 = base_log[1]['val_nll'] + (base_log[2]['val_nll'] - base_log[1]['val_nll']) / 5
+        assert cb[0]['baseline_val_nll'] == pytest.approx(base6) and cb[1]['baseline_val_nll'] == pytest.approx(base)
+        assert cb[0]['delta'] == pytest.approx(b_log[-1]['val_nll'] - base6)
+    # a second run reuses the branches; a rerun of their source retrains them
+    stamp = d / 'cool' / 'lime_cooldown_branch000005' / 'bench_args.json'
+    t = os.path.getmtime(stamp)
+    run_experiments(d, *args, timeout=600)
+    assert os.path.getmtime(stamp) == t
+    snap = d / 'cool' / 'lime_cooldown' / 'ckpt_000005.pt'
+    os.utime(snap, (t + 10, t + 10))  # as if the source run had been trained again after the branch
+    run_experiments(d, *args, timeout=600)
+    assert os.path.getmtime(stamp) > t
     assert load_log(d / 'cool' / 'lime_cooldown')[1]['val_nll'] is None  # full tags read the future

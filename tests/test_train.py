@@ -364,6 +364,56 @@ def test_resume_continues_the_same_run(tmp_path, dataset):
     assert loss.item() == pytest.approx(resumed[-1]['val_loss'], rel=1e-4)
 
 
+def test_a_branch_is_a_new_run_continuing_a_snapshot(tmp_path, dataset):
+    # the cooldown arms' budgets (experiments.py): short no-tag cooldowns branched from kept snapshots
+    args = ['--metadata=pos,ner', '--meta_dropout=0.1', '--eval_interval=5', '--lr_decay_iters=20', '--max_iters=20',
+            '--keep_checkpoints=10']
+    full = run(dataset, tmp_path / 'a', *args, '--meta_cooldown=0.5')
+    files = lambda d: {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in d.iterdir() if p.name != 'train.lock'}
+    before = files(tmp_path / 'a')
+    snap = str(tmp_path / 'a' / 'ckpt_000010.pt')
+    # a branch at the run's own cooldown start, with its own budget, is the run: same weights at the end
+    same = run(dataset, tmp_path / 'b', f'--branch_from={snap}')
+    assert [(r['iter'], r['val_no_tags']) for r in same] == [(10, False), (15, True), (20, True)]
+    for a, b in zip(full[2:], same):
+        assert a['lr'] == b['lr'] and a['val_loss'] == pytest.approx(b['val_loss'], rel=1e-6)
+    end = lambda d: torch.load(d / 'ckpt.pt', weights_only=True)['model']
+    fa, fb = end(tmp_path / 'a'), end(tmp_path / 'b')
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    # a shorter budget: 3 no-tag iterations from iter 5 on, the lr schedule continuing the source's
+    short = run(dataset, tmp_path / 'c', f'--branch_from={tmp_path / "a" / "ckpt_000005.pt"}', '--max_iters=8',
+                f'--meta_cooldown={3 / 8}')
+    assert [(r['iter'], r['val_no_tags']) for r in short] == [(5, False), (8, True)]
+    assert short[-1]['val_nll'] == short[-1]['val_loss'] and short[-1]['tokens'] == 8 * 8 * 32
+    assert short[0]['val_loss'] == pytest.approx(full[1]['val_loss'], rel=1e-6)  # the snapshot, evaluated again
+    ck = torch.load(tmp_path / 'c' / 'ckpt.pt', weights_only=True)
+    assert ck['config']['branch_from'] == str(tmp_path / 'a' / 'ckpt_000005.pt') and ck['config']['lr_decay_iters'] == 20
+    assert ck['model_args']['meta_cooled'] is True and ck['iter_num'] == 8
+    s5 = torch.load(tmp_path / 'a' / 'ckpt_000005.pt', weights_only=True)['model']
+    assert torch.equal(ck['model']['meta_emb.0.weight'], s5['meta_emb.0.weight'])  # no tags: the tables rest
+    # the source run is untouched, and a branch resumes like any run
+    assert before == files(tmp_path / 'a')
+    more = run(dataset, tmp_path / 'c', '--init_from=resume', '--max_iters=10')
+    assert [r['iter'] for r in more] == [5, 8, 10] and more[-1]['val_no_tags']
+    # what a branch refuses, in one line
+    for extra, msg in [
+            ([f'--out_dir={tmp_path / "a"}', '--overwrite=True'], f"{snap}: a branch starts a new run: give it "
+             "another --out_dir than the checkpoint's"),
+            (['--max_iters=10'], f"{snap}: saved at iter 10; a branch from it needs --max_iters above that (got 10)"),
+            (['--init_from=resume'], "branch_from must be '' with --init_from=resume (a branch is a new run in its "
+             "own out_dir), got " + repr(snap)),
+            (['--n_layer=3'], f"{snap}: a branch keeps the checkpoint's architecture and metadata, but --n_layer=3 "
+             "(checkpoint: 2); drop these flags, or train from scratch in another out_dir")]:
+        with pytest.raises(SystemExit) as e:
+            train.main(TINY + [f'--data_dir={dataset}', f'--out_dir={tmp_path / "d"}', f'--branch_from={snap}', *extra])
+        assert one_line(e) == msg
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + [f'--data_dir={dataset}', f'--out_dir={tmp_path / "d"}', f'--branch_from={tmp_path / "no.pt"}'])
+    assert one_line(e) == f"{tmp_path / 'no.pt'}: not found"
+    assert before == files(tmp_path / 'a')
+    assert not (tmp_path / 'd').exists()
+
+
 GEMMA = ['--arch=gemma', '--n_head=4', '--n_kv_head=2']  # head size 8, grouped-query attention
 
 
