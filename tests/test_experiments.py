@@ -70,7 +70,8 @@ def test_each_shipped_config_is_one_programs():
     assert owner == {'bench_downstream_cpu.py': ['experiments'], 'bench_efficiency_124m.py': ['experiments'],
                      'bench_efficiency_cpu.py': ['experiments'], 'bench_efficiency_cpu_6l.py': ['experiments'],
                      'bench_efficiency_cpu_long.py': ['experiments'], 'bench_gpu_check.py': ['bench'],
-                     'bench_throughput_124m.py': ['bench'], 'experiments_gpu_check.py': ['experiments'],
+                     'bench_throughput_124m.py': ['bench'], 'experiments_blimp_gpu.py': ['experiments'],
+                     'experiments_gpu_check.py': ['experiments'],
                      'quickstart.py': ['experiments']}
 
 
