@@ -165,6 +165,10 @@ ARMS = {
                           tagger=False),
     'lime_causal_cooldown': dict(metadata='pos_causal,ner_causal', meta_cooldown=0.1,
                                  label='LIME (causal tags), no-tag cooldown (10%)', tagger=False),
+    # its control: the tags read through a fixed permutation of positions (same frequencies, aligned
+    # with nothing), then the same cooldown: what extra inputs alone do to the plain model at the end
+    'shuffled_cooldown': dict(metadata='pos,ner', meta_shuffle=True, meta_cooldown=0.1,
+                              label='shuffled tags, no-tag cooldown (control)', tagger=False),
     # the tokenization itself: GPT-2's own encoding of the same documents (its own data dir), compared by val_bpb
     'baseline_plain': dict(metadata='', tokenization='plain', label='baseline, plain tokenization'),
 }

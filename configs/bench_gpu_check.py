@@ -1,6 +1,7 @@
-# One short GPU check, in two commands (together < 8 min on one H200):
+# One short GPU check, in two commands (together < 8 min on one H200), and a third where time allows:
 #   python bench.py configs/bench_gpu_check.py                 # cost: this file
 #   python experiments.py configs/experiments_gpu_check.py     # efficiency runs, then steering
+#   python experiments.py configs/experiments_blimp_gpu.py     # BLiMP where it lifts off (longer runs)
 # This file, the cost part:
 # 1) throughput of baseline / LIME / LIME+1 at GPT-2 small scale (124M, 50257 vocab, block 1024),
 #    bf16 autocast + torch.compile, random tokens (no dataset needed);

@@ -1,15 +1,16 @@
 # BLiMP where it lifts off (issue 24), on one GPU: on 2 CPU cores the baseline's BLiMP stayed within a
 # few points of chance out to 12.3M tokens (docs/results.md "BLiMP"), too close to say anything about
 # LIME. This preset trains the honest arms long enough for a small model to learn some grammar and
-# scores every run on all of BLiMP:
+# scores every run on BLiMP:
 #   python experiments.py configs/experiments_blimp_gpu.py [--blimp_dir=DIR]
 # baseline, LIME with causal tags, LIME+1 predicting its own next tags, and its lookup control, 3 seeds
 # each (12 runs, GPT-2 arch, 4 at a time on the one GPU), 6 layers x 384 (12.3M parameters with the
 # 4096 vocabulary), 19.7M tokens per run (3.6 passes over data/nltk_mix_4k's 5.5M train tokens);
-# BLiMP: every pair of every file in blimp_dir (33,500 in ../shared/blimp/data), self-predicting runs
+# BLiMP: the first 100 pairs of each paradigm (6,700 pairs; blimp_limit=0 scores all), self-predicting runs
 # by their exact marginal (all 288 tag combinations at every position: the CPU's top-8 bound is not
 # needed on a GPU), and the baseline's snapshots (BLiMP against tokens).
-# Not yet measured on a GPU: estimated 10-20 min on one H100. A command stopped by a time limit
+# The GPU check's third command (after bench.py configs/bench_gpu_check.py and experiments.py
+# configs/experiments_gpu_check.py). Not yet measured on a GPU: estimated 10 min on one H100. A command stopped by a time limit
 # continues when run again: finished runs and BLiMP scores are reused (eff_reuse).
 # BLiMP needs --blimp_dir=DIR where ../shared/blimp/data is not beside the repository.
 mode = 'efficiency'
@@ -40,6 +41,6 @@ eval_iters = 4  # 128 fixed val windows
 marginal_k = 16
 keep_checkpoints = 7  # every evaluation's snapshot: BLiMP against tokens (blimp_snapshots)
 blimp = True
-blimp_limit = 0  # all pairs
+blimp_limit = 100
 blimp_marginal_k = 0  # exact
 blimp_snapshots = 'baseline'

@@ -445,14 +445,14 @@ def test_cooldown_arms_end_as_plain_models(tiny_data):
     d, data, _ = tiny_data
     out = d / 'cool.json'
     args = ['--mode=efficiency', f'--data_dir={data}', f'--eff_dir={d / "cool"}', f'--out_json={out}',
-            '--eff_runs=baseline,lime_cooldown,lime_causal_cooldown', '--max_iters=10', '--eval_interval=5',
+            '--eff_runs=baseline,lime_cooldown,lime_causal_cooldown,shuffled_cooldown', '--max_iters=10', '--eval_interval=5',
             '--eval_iters=2', '--warmup_iters=1', '--plot=False', '--cool_branches=True', *TINY_MODEL]
     run_experiments(d, *args, timeout=600)
     res = load(out)['result']['archs']['gpt2']
     rows = {r['arm']: r for r in res['decomposition']['rows']}
     base_log = load_log(d / 'cool' / 'baseline')
     tpi = base_log[-1]['tokens'] // 10
-    for n in ('lime_cooldown', 'lime_causal_cooldown'):
+    for n in ('lime_cooldown', 'lime_causal_cooldown', 'shuffled_cooldown'):
         args_n = load(d / 'cool' / n / 'bench_args.json')['args']
         assert '--meta_cooldown=0.1' in args_n and '--keep_checkpoints=3' in args_n
         log = load_log(d / 'cool' / n)
