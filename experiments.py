@@ -684,6 +684,19 @@ def decomposition(C, names, dirs, logs, walls, budgets=None):
                 seeds=len(B))
 
 
+def train_branches(C, names, dirs, Ca):
+    """Every cooldown run's branches (branch_jobs), trained or reused: ({run dir: the plain models'
+    last log rows, with branched_at and their val_docs}, {run dir: the branches' wall s})."""
+    jobs = {d: branch_jobs(C, n, d, i, Ca) for n in names if 'meta_cooldown' in ARMS[n] for i, d in enumerate(dirs[n])}
+    got = train_runs(C, [j for js in jobs.values() for j in js])
+    budgets, wall = {}, {}
+    for d, js in jobs.items():
+        # a branch's log starts with the snapshot's evaluation, ends with the plain model's
+        budgets[d] = [dict(got[j[1]][0][-1], branched_at=got[j[1]][0][0]['iter'], docs=read_docs(j[1])) for j in js]
+        wall[d] = sum(got[j[1]][1] or 0 for j in js)
+    return budgets, wall
+
+
 def cooldown_budgets(C, names, dirs, logs, budgets):
     """A cooldown arm's plain models at each budget (its branches, then its own end) beside the
     baseline at the same tokens: val_nll (mean over seeds; s.e. over seeds and documents from each
@@ -718,8 +731,8 @@ def cooldown_budgets(C, names, dirs, logs, budgets):
     return out
 
 
-def print_cooldown_budgets(cb, base_tokens):
-    for n, rows in cb.items():
+def print_cooldown_budgets(dec, base_tokens):
+    for n, rows in dec['cooldown_budgets'].items():
         print(f"\n{ARMS[n]['label']}: the plain model at each budget (no tags; Δ against the baseline at the same tokens)")
         table([dict(budget=f"{r['tokens']:,} ({100 * r['tokens'] / base_tokens:.0f}%)",
                     start='its own run' if r['branched_at'] is None else f"{r['branched_at']:,}",
@@ -729,6 +742,8 @@ def print_cooldown_budgets(cb, base_tokens):
                for r in rows],
               [('budget', 'tokens (of the baseline\'s)', ''), ('start', 'branched at iter', ''),
                ('nll', 'val_nll, no tags', ''), ('base', 'baseline there', ''), ('delta', 'Δ (s.e. over seeds)', '')])
+    print("cooldown arms' 'tokens to baseline's final' above: interpolated between these budgets; branches' "
+          "wall s per seed: " + ', '.join(f"{n} {w:.0f}" for n, w in dec['cooldown_branch_wall_s'].items()))
 
 
 def print_decomposition(dec):
@@ -798,16 +813,7 @@ def run_efficiency(C):
         dirs = {n: [os.path.join(root, run_name(n, i)) for i in range(C.eff_seeds)] for n in names}
         res = train_runs(C, [(n, dirs[n][i], i, Ca) for i in range(C.eff_seeds) for n in names])
         logs, walls = {d: r[0] for d, r in res.items()}, {d: r[1] for d, r in res.items()}
-        budgets, branch_wall = {}, {}  # cool_branches: each cooldown run's plain models at earlier budgets
-        if C.cool_branches:
-            jobs = {d: branch_jobs(C, n, d, i, Ca) for n in names if 'meta_cooldown' in ARMS[n]
-                    for i, d in enumerate(dirs[n])}
-            got = train_runs(C, [j for js in jobs.values() for j in js])
-            for d, js in jobs.items():
-                # a branch's log starts with the snapshot's evaluation, ends with the plain model's
-                budgets[d] = [dict(got[j[1]][0][-1], branched_at=got[j[1]][0][0]['iter'], docs=read_docs(j[1]))
-                              for j in js]
-                branch_wall[d] = sum(got[j[1]][1] or 0 for j in js)
+        budgets, branch_wall = train_branches(C, names, dirs, Ca) if C.cool_branches else ({}, {})
         first = {n: logs[dirs[n][0]] for n in names}  # seed 0: the per-run table and the curves
         runs = summarize_runs(first, {n: walls[dirs[n][0]] for n in names}, other_tokens=plain)
         print(f"\n{arch}, seed {C.seed}:")
@@ -820,9 +826,7 @@ def run_efficiency(C):
             dec['cooldown_budgets'] = cooldown_budgets(C, honest, dirs, logs, budgets)
             dec['cooldown_branch_wall_s'] = {n: float(np.mean([branch_wall[d] for d in dirs[n]]))
                                              for n in dec['cooldown_budgets']}
-            print_cooldown_budgets(dec['cooldown_budgets'], logs[dirs['baseline'][0]][-1]['tokens'])
-            print("cooldown arms' 'tokens to baseline's final' above: interpolated between these budgets; "
-                  "branches' wall s per seed: " + ', '.join(f"{n} {w:.0f}" for n, w in dec['cooldown_branch_wall_s'].items()))
+            print_cooldown_budgets(dec, logs[dirs['baseline'][0]][-1]['tokens'])
         png = None
         if C.plot:
             png = draw_curves(first, 'baseline', os.path.join(root, 'curves.png'))
