@@ -885,6 +885,12 @@ def setup_torch(C):
         torch.set_num_threads(C.threads)
 
 
+def cooldown_start(max_iters, fraction):
+    """The first iteration of a metadata cooldown (train.py's meta_cooldown): the last fraction of
+    max_iters, rounded up (- 1e-9: a fraction given as c / max_iters gives c iterations, not c + 1)."""
+    return max_iters - math.ceil(fraction * max_iters - 1e-9)
+
+
 def arch_args(C):
     """The architecture keys of a bench or experiments config, as train.py and GPTConfig take them."""
     return dict(arch=C.arch, n_kv_head=C.n_kv_head if C.arch == 'gemma' else 0, mlp_hidden=C.mlp_hidden)

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from common import (ROOT, arch_args, autocast, build_dataset, checkpoint_path, configure_mode, ensure_dataset, fail,
+from common import (ROOT, arch_args, autocast, build_dataset, checkpoint_path, configure_mode, cooldown_start, ensure_dataset, fail,
                     load_model, read_log, run_main, setup_torch, table, write_atomic, write_json, write_result)
 from metadata import UNK, base_stream, is_causal
 
@@ -311,9 +311,8 @@ def branch_jobs(C, name, run_dir, i, Ca):
     b / (1 - meta_cooldown) iterations, the last B - b without tags; the lr schedule, batches and seed
     continue the run's own. Each gives a plain model at B iterations: [(name, out_dir, i, Ca, args)]."""
     f = ARMS[name]['meta_cooldown']
-    cool_start = C.max_iters - math.ceil(f * C.max_iters - 1e-9)
     jobs = []
-    for b in range(C.eval_interval, cool_start, C.eval_interval):
+    for b in range(C.eval_interval, cooldown_start(C.max_iters, f), C.eval_interval):
         snap = os.path.join(run_dir, f'ckpt_{b:06d}.pt')
         if not os.path.isfile(snap):
             fail(f"{snap}: missing: the cooldown branches start from the run's kept snapshots (rerun the arm)")
@@ -700,7 +699,7 @@ def train_branches(C, names, dirs, Ca):
 def cooldown_budgets(C, names, dirs, logs, budgets):
     """A cooldown arm's plain models at each budget (its branches, then its own end) beside the
     baseline at the same tokens: val_nll (mean over seeds; s.e. over seeds and documents from each
-    branch's val_docs.json), the baseline's val_nll there (its curve, interpolated between evaluations,
+    plain model's val_docs.json), the baseline's val_nll there (its curve, interpolated between evaluations,
     same seed index) and the difference (s.e. over seeds only: the baseline's per-document numbers are
     kept for its last evaluation alone). Budgets before the end have not decayed their lr as far as
     the baseline's end has (the schedule continues the run's own)."""
@@ -718,11 +717,7 @@ def cooldown_budgets(C, names, dirs, logs, budgets):
             pts = [p[k] for p in per_seed]
             A = np.array([r['val_nll'] for r in pts])
             B = np.array([at(logs[b], r['tokens']) for b, r in zip(base, pts)])
-            docs = [r.get('docs') for r in pts]
-            if all(x is not None for x in docs):
-                mean, se = boot_se([x['doc_nll'] for x in docs], docs[0]['doc_tokens'], C.eff_boot)
-            else:
-                mean, se = float(A.mean()), None
+            mean, se = boot_se([r['docs']['doc_nll'] for r in pts], pts[0]['docs']['doc_tokens'], C.eff_boot)
             sem = lambda v: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
             rows.append(dict(iter=pts[0]['iter'], tokens=pts[0]['tokens'], val_nll=mean, val_nll_se=se,
                              baseline_val_nll=float(B.mean()), delta=float((A - B).mean()), delta_se=sem(A - B),

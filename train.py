@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import (Split, append_log, data_fingerprint, token_classes, autocast, check_device, check_range, coerce, configure, eval_starts, fail,
+from common import (Split, append_log, data_fingerprint, token_classes, autocast, check_device, check_range, coerce, configure, cooldown_start, eval_starts, fail,
                     window_docs,
                     first_line, id_limits, load_checkpoint, load_meta, lock_out_dir, remove_temps, resolve_dtype,
                     run_main, save_checkpoint, trim_log, unlock_out_dir, write_atomic, write_json)
@@ -785,9 +785,7 @@ def build_model(C, S, D, ckpt):
     raw_model = model
     # metadata cooldown: the iterations from cool_start on train without tags, and the evaluations after
     # it (of a model trained without them since) run without tags too; meta_cooled is saved in model_args
-    # (- 1e-9: a fraction given as c / max_iters gives c iterations, not c + 1 by rounding)
-    cool_start = (C.max_iters - math.ceil(C.meta_cooldown * C.max_iters - 1e-9)
-                  if C.meta_cooldown and D.streams else None)
+    cool_start = cooldown_start(C.max_iters, C.meta_cooldown) if C.meta_cooldown and D.streams else None
     raw_model.config.meta_cooled = model_args['meta_cooled'] = cool_start is not None and iter_num > cool_start
     scaler = torch.amp.GradScaler(S.device_type, enabled=(C.dtype == 'float16' and S.device_type == 'cuda'))
     optimizer = model.configure_optimizers(C.weight_decay, C.learning_rate, (C.beta1, C.beta2), S.device_type)
