@@ -251,12 +251,18 @@ def remove_temps(d, base=None, only_dead=True):
             pass
 
 
+UMASK = os.umask(0o022)  # read once, at import (the only way to read it), and put back at once
+os.umask(UMASK)
+
+
 def write_atomic(path, data):
     """Write data (bytes, str as UTF-8, or a callable write(f)) to path atomically: into a temporary
     file beside it, unique to this process (.NAME.PID.XXXXXXXX.tmp), fsync, rename over path, fsync
-    the directory. A reader sees the old file or the new one, never half of one. On failure the
-    temporary file is removed and an OSError (a full disk, a read-only directory) is a LimeError
-    naming path. Temporary files that killed writers left for this name are removed first."""
+    the directory. A reader sees the old file or the new one, never half of one. The file gets the
+    mode of the one it replaces, else what open() would give it (0o666 less the umask; mkstemp's own
+    0o600 would hide results from the group). On failure the temporary file is removed and an OSError
+    (a full disk, a read-only directory) is a LimeError naming path. Temporary files that killed
+    writers left for this name are removed first."""
     import tempfile
     d, base = os.path.dirname(path) or '.', os.path.basename(path)
     write = data if callable(data) else (lambda f: f.write(data.encode() if isinstance(data, str) else data))
@@ -264,7 +270,12 @@ def write_atomic(path, data):
     try:
         os.makedirs(d, exist_ok=True)
         remove_temps(d, base)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = 0o666 & ~UMASK
         fd, tmp = tempfile.mkstemp(dir=d, prefix=f'.{base}.{os.getpid()}.', suffix='.tmp')
+        os.fchmod(fd, mode)
         with os.fdopen(fd, 'wb') as f:
             w = _KeepWriteError(f)
             write(w)

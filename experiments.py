@@ -850,17 +850,22 @@ def run_efficiency(C):
 
 def blimp_scores(C, ckpt):
     """harness.py's BLiMP of one checkpoint (a run dir or a snapshot file), written beside it and
-    reused while it is newer than the checkpoint and asked with the same settings."""
+    reused while it is newer than the checkpoint and asked with the same settings (the file keeps
+    one entry per setting: e.g. all pairs by the top-k bound and a subset by the exact marginal)."""
     import harness
     path = ckpt if os.path.isfile(ckpt) else checkpoint_path(ckpt)
     out = os.path.splitext(path)[0] + '.blimp.json'
     # run_efficiency has checked that blimp_dir resolves
     want = dict(blimp_dir=os.path.abspath(harness.resolve_blimp_dir(C.blimp_dir)), limit=C.blimp_limit,
                 marginal_k=C.blimp_marginal_k)
-    if os.path.isfile(out) and os.path.getmtime(out) > os.path.getmtime(path):
-        prev = json.load(open(out))
-        if prev.get('want') == want:
-            return prev['blimp']
+    # the entries written since the checkpoint (read again before writing: a runner beside this one
+    # may have added its own setting meanwhile)
+    entries = lambda: (json.load(open(out)).get('entries', []) if os.path.isfile(out)
+                       and os.path.getmtime(out) > os.path.getmtime(path) else [])
+    plain = lambda w: {k: v for k, v in w.items() if k != 'marginal_k'}
+    for e in entries():  # marginal_k only concerns runs scored by their marginal: a plain model's score stands
+        if e['want'] == want or (e['blimp'].get('policy') != 'predict' and plain(e['want']) == plain(want)):
+            return e['blimp']
     cfg = harness.configure([f'--out_dir={path}', '--tasks=blimp', f"--blimp_dir={want['blimp_dir']}",
                              f'--limit={C.blimp_limit}', f'--marginal_k={C.blimp_marginal_k}', f'--device={C.device}',
                              f'--dtype={C.dtype}', '--batch_size=64', '--bootstrap_iters=0',
@@ -869,7 +874,7 @@ def blimp_scores(C, ckpt):
     res = harness.run(cfg)
     (pol, r), = res.items()  # the model's default policy: causal, or predict (its marginal)
     b = dict(r['blimp'], policy=pol, likelihood=r['lime'].get('likelihood'), label=r['lime']['policy_label'])
-    write_json(out, dict(want=want, blimp=b))
+    write_json(out, dict(entries=[e for e in entries() if e['want'] != want] + [dict(want=want, blimp=b)]))
     return b
 
 

@@ -5,6 +5,7 @@ import ast
 import errno
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -111,6 +112,19 @@ def test_write_atomic_bytes_str_and_callable(tmp_path):
     assert p.read_bytes() == 'é\n'.encode()
     common.write_atomic(str(p), lambda f: f.write(b'abc'))
     assert p.read_bytes() == b'abc' and temps(p.parent) == []
+
+
+def test_write_atomic_gives_the_mode_open_would_and_keeps_a_files_own(tmp_path, monkeypatch):
+    (tmp_path / 'plain').write_bytes(b'')  # open() under the process's umask
+    common.write_atomic(str(tmp_path / 'atomic'), b'')
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)
+    assert mode('atomic') == mode('plain')
+    monkeypatch.setattr(common, 'UMASK', 0o027)
+    common.write_atomic(str(tmp_path / 'group'), b'a')
+    assert mode('group') == 0o640  # not mkstemp's 0o600
+    os.chmod(tmp_path / 'group', 0o604)
+    common.write_atomic(str(tmp_path / 'group'), b'b')  # a file replaced keeps its mode
+    assert mode('group') == 0o604 and (tmp_path / 'group').read_bytes() == b'b'
 
 
 def test_write_atomic_failure_is_one_line_and_leaves_the_old_file(tmp_path):

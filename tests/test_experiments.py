@@ -417,8 +417,8 @@ def test_blimp_of_every_arm_paired_with_the_baseline(tiny_data, tmp_path):
     res = load(out)['result']['archs']['gpt2']['blimp']
     rows = {r['arm']: r for r in res['rows']}
     assert res['pairs'] == sum(len(p) for _, p in BLIMP.values()) and res['paradigms'] == len(BLIMP)
-    own = {n: [load(eff_dir / experiments.run_name(n, i) / 'ckpt.blimp.json')['blimp'] for i in range(2)]
-           for n in rows}
+    own = {n: [load(eff_dir / experiments.run_name(n, i) / 'ckpt.blimp.json')['entries'][-1]['blimp']
+               for i in range(2)] for n in rows}
     for n, r in rows.items():
         assert r['overall_seeds'] == [b['overall'] for b in own[n]]
         assert r['overall'] == pytest.approx(np.mean(r['overall_seeds']))
@@ -432,9 +432,20 @@ def test_blimp_of_every_arm_paired_with_the_baseline(tiny_data, tmp_path):
     tpi = 4 * 48
     assert [t for t, _ in res['curves']['baseline']] == [2 * tpi, 4 * tpi]
     assert res['curves']['baseline'][-1][1] == pytest.approx(own['baseline'][0]['overall'])
-    stamp = os.path.getmtime(eff_dir / 'lime1_predict' / 'ckpt.blimp.json')
+    cache = {n: eff_dir / n / 'ckpt.blimp.json' for n in rows}
+    stamp = {n: os.path.getmtime(f) for n, f in cache.items()}
     run_experiments(d, *args, timeout=600)
-    assert os.path.getmtime(eff_dir / 'lime1_predict' / 'ckpt.blimp.json') == stamp
+    assert {n: os.path.getmtime(f) for n, f in cache.items()} == stamp
+    assert load(out)['result']['archs']['gpt2']['blimp']['rows'] == res['rows']
+    # another marginal_k scores the self-predicting runs again, beside the exact scores; the baseline's stand
+    run_experiments(d, *[a.replace('--blimp_marginal_k=0', '--blimp_marginal_k=8') for a in args], timeout=600)
+    k8 = {r['arm']: r for r in load(out)['result']['archs']['gpt2']['blimp']['rows']}
+    assert k8['lime1_predict']['likelihood'] == 'top-k bound (k=8)' and k8['baseline'] == rows['baseline']
+    assert os.path.getmtime(cache['baseline']) == stamp['baseline'] and len(load(cache['baseline'])['entries']) == 1
+    assert [e['want']['marginal_k'] for e in load(cache['lime1_predict'])['entries']] == [0, 8]
+    stamp = os.path.getmtime(cache['lime1_predict'])
+    run_experiments(d, *args, timeout=600)  # both settings are kept: the exact scores are read again
+    assert os.path.getmtime(cache['lime1_predict']) == stamp
     assert load(out)['result']['archs']['gpt2']['blimp']['rows'] == res['rows']
 
 
