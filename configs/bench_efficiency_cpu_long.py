@@ -1,6 +1,6 @@
 # The efficiency preset's main arms trained five times longer (issue: which way the gain moves as
 # training goes on): 6.1M tokens per run, one seed, GPT-2 arch, evaluated every 0.6M tokens.
-#   python experiments.py configs/bench_efficiency_cpu_long.py
+#   python experiments.py configs/bench_efficiency_cpu_long.py [--eff_seeds=2: a second seed, the first reused]
 # Every evaluation's snapshot is kept (ckpt_{iter}.pt), so BLiMP can be read against training tokens
 # (harness.py --tasks=blimp --ckpt=...). About 70 min on 2 cores (two one-thread runs at a time).
 include('bench_efficiency_cpu.py')
